@@ -1,0 +1,241 @@
+"""Declarative feature, personalization-code and task specifications.
+
+This module deliberately imports nothing heavier than the standard library so that
+data generators and readers can use it without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import enum
+from typing import Mapping, Optional, Sequence, Tuple
+
+__all__ = [
+    "Kind", "Dtype", "Feature", "Task", "PersonalizationCode",
+    "LOG_COLUMNS", "LOG_INT_COLUMNS", "USER_TABLE_COLUMNS", "VIDEO_TABLE_COLUMNS",
+    "FEATURES", "TASKS", "PC", "feature", "features_of_kind", "model_input_features",
+    "raw_example_features", "serving_features", "pc_bucket", "user_group",
+    "NEW_USER_HOURS", "NEW_ITEM_DAYS", "INACTIVE_DEGREES", "USER_GROUPS",
+    "HISTORY_LENGTH", "PADDING_INDEX", "MISSING_VALUE",
+    # Column names the Beam step and readers refer to.
+    "USER_ID", "VIDEO_ID", "DATE", "HOURMIN", "TIME_MS", "TAB", "AUTHOR_ID", "MUSIC_ID",
+    "USER_ACTIVE_DEGREE", "UPLOAD_DT", "VIDEO_DURATION", "TAG", "PLAY_TIME_MS", "DURATION_MS",
+    "AVC", "IS_NEW_USER", "ITEM_AGE_DAYS", "HIST_VIDEO_IDS", "HIST_TAGS", "VIDEO_TAGS",
+    "HOUR", "USER_GROUP", "AVC_BUCKET",
+]
+
+
+class Kind(enum.Enum):
+    CATEGORICAL = "categorical"  # one id per example, looked up in a vocabulary or hashed
+    NUMERIC = "numeric"          # one float per example, z-scored by Transform
+    SEQUENCE = "sequence"        # a variable-length id list (behaviour history), padded
+    PERSONALIZATION = "personalization"  # sources of the personalization code
+    LABEL = "label"              # a task's 0/1 label
+    SLICE = "slice"              # evaluation-only slicing keys; never model inputs
+
+
+class Dtype(enum.Enum):
+    INT64 = "int64"
+    FLOAT32 = "float32"
+    STRING = "string"
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    """One feature of the examples the Beam step writes.
+
+    vocabulary: fixed string values (index 0 is reserved for out-of-vocabulary).
+    hash_buckets: ids are hashed into this many buckets (index 0 reserved for padding).
+    max_length: for SEQUENCE features, the history length kept (most recent first).
+    """
+
+    name: str
+    dtype: Dtype
+    kind: Kind
+    vocabulary: Optional[Tuple[str, ...]] = None
+    hash_buckets: Optional[int] = None
+    max_length: Optional[int] = None
+    embedding_dim: int = 16
+    default: object = None
+    description: str = ""
+
+    @property
+    def cardinality(self) -> int:
+        """Number of indices the model's embedding table needs (including index 0)."""
+        if self.vocabulary is not None:
+            return len(self.vocabulary) + 1
+        if self.hash_buckets is not None:
+            return self.hash_buckets + 1
+        raise ValueError(f"feature {self.name!r} has neither a vocabulary nor hash buckets")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A binary ranking task: its label feature and its weight in the total loss."""
+
+    name: str
+    label: str
+    loss_weight: float = 1.0
+    primary: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PersonalizationCode:
+    """The personalization code: a fixed bucketization of a source feature.
+
+    The boundaries are fixed (not computed from each day's data) so that a PC value
+    means the same thing across daily retrains.
+    """
+
+    source: str
+    boundaries: Tuple[int, ...]
+
+    @property
+    def num_buckets(self) -> int:
+        return len(self.boundaries) + 1
+
+
+# ---------------------------------------------------------------------------
+# Raw input schemas (KuaiRand), as published. Readers accept exactly these.
+# ---------------------------------------------------------------------------
+USER_ID, VIDEO_ID, DATE, HOURMIN, TIME_MS, TAB = "user_id", "video_id", "date", "hourmin", "time_ms", "tab"
+PLAY_TIME_MS, DURATION_MS = "play_time_ms", "duration_ms"
+LOG_COLUMNS: Tuple[str, ...] = (
+    USER_ID, VIDEO_ID, DATE, HOURMIN, TIME_MS, "is_click", "is_like", "is_follow",
+    "is_comment", "is_forward", "is_hate", "long_view", PLAY_TIME_MS, DURATION_MS,
+    "profile_stay_time", "comment_stay_time", "is_profile_enter", "is_rand", TAB,
+)
+# Every log column is an integer in KuaiRand's published files.
+LOG_INT_COLUMNS: Tuple[str, ...] = LOG_COLUMNS
+
+USER_ACTIVE_DEGREE = "user_active_degree"
+USER_TABLE_COLUMNS: Tuple[str, ...] = (
+    USER_ID, USER_ACTIVE_DEGREE, "is_lowactive_period", "is_live_streamer", "is_video_author",
+    "follow_user_num", "follow_user_num_range", "fans_user_num", "fans_user_num_range",
+    "friend_user_num", "friend_user_num_range", "register_days", "register_days_range",
+) + tuple(f"onehot_feat{i}" for i in range(18))
+
+AUTHOR_ID, MUSIC_ID, UPLOAD_DT, VIDEO_DURATION, TAG = "author_id", "music_id", "upload_dt", "video_duration", "tag"
+VIDEO_TABLE_COLUMNS: Tuple[str, ...] = (
+    VIDEO_ID, AUTHOR_ID, "video_type", UPLOAD_DT, "upload_type", "visible_status", VIDEO_DURATION,
+    "server_width", "server_height", MUSIC_ID, "music_type", TAG,
+)
+MISSING_VALUE = -124  # KuaiRand's marker for a missing value
+
+# ---------------------------------------------------------------------------
+# Definitions
+# ---------------------------------------------------------------------------
+NEW_USER_HOURS = 24      # a user is new within this many hours of their first impression
+NEW_ITEM_DAYS = 7        # an item is new within this many days of its upload
+HISTORY_LENGTH = 30      # behaviour-sequence length (the paper's Sec. 3)
+PADDING_INDEX = 0
+INACTIVE_DEGREES: Tuple[str, ...] = ("low_active", "single_low_active", "middle_active")
+USER_GROUPS: Tuple[str, ...] = ("new", "regular", "inactive")
+
+# Columns the Beam step derives.
+AVC, IS_NEW_USER, ITEM_AGE_DAYS = "avc", "is_new_user", "item_age_days"
+HIST_VIDEO_IDS, HIST_TAGS, VIDEO_TAGS, HOUR = "hist_video_ids", "hist_tags", "video_tags", "hour"
+USER_GROUP, AVC_BUCKET = "user_group", "avc_bucket"
+
+_DEGREES = ("full_active", "high_active", "middle_active", "low_active", "single_low_active",
+            "2_14_day_new", "30day_retention", "day_new", "UNKNOWN")
+
+FEATURES: Tuple[Feature, ...] = (
+    # Ids.
+    Feature(USER_ID, Dtype.INT64, Kind.CATEGORICAL, hash_buckets=100_000, embedding_dim=16),
+    Feature(VIDEO_ID, Dtype.INT64, Kind.CATEGORICAL, hash_buckets=50_000, embedding_dim=16),
+    Feature(AUTHOR_ID, Dtype.INT64, Kind.CATEGORICAL, hash_buckets=50_000, embedding_dim=8, default=-1),
+    Feature(MUSIC_ID, Dtype.INT64, Kind.CATEGORICAL, hash_buckets=20_000, embedding_dim=8, default=-1),
+    Feature(TAB, Dtype.INT64, Kind.CATEGORICAL, vocabulary=tuple(str(i) for i in range(15)), embedding_dim=4),
+    Feature(HOUR, Dtype.INT64, Kind.CATEGORICAL, vocabulary=tuple(str(i) for i in range(24)), embedding_dim=4),
+    # User profile (KuaiRand user_features_pure.csv).
+    Feature(USER_ACTIVE_DEGREE, Dtype.STRING, Kind.CATEGORICAL, vocabulary=_DEGREES, embedding_dim=4, default="UNKNOWN"),
+    Feature("is_video_author", Dtype.INT64, Kind.CATEGORICAL, vocabulary=("0", "1"), embedding_dim=2, default=0),
+    Feature("follow_user_num_range", Dtype.STRING, Kind.CATEGORICAL, embedding_dim=4, default="0",
+            vocabulary=("0", "(0,10]", "(10,50]", "(50,100]", "(100,150]", "(150,250]", "(250,500]", "500+")),
+    Feature("fans_user_num_range", Dtype.STRING, Kind.CATEGORICAL, embedding_dim=4, default="0",
+            vocabulary=("0", "[1,10)", "[10,100)", "[100,1k)", "[1k,5k)", "[5k,1w)", "[1w,10w)", "[10w,100w)", "[100w,1000w)")),
+    Feature("register_days_range", Dtype.STRING, Kind.CATEGORICAL, embedding_dim=4, default="UNKNOWN",
+            vocabulary=("8-14", "15-30", "31-60", "61-90", "91-180", "181-365", "366-730", "730+")),
+    # Video (KuaiRand video_features_basic_pure.csv).
+    Feature("video_type", Dtype.STRING, Kind.CATEGORICAL, vocabulary=("NORMAL", "AD"), embedding_dim=2, default="UNKNOWN"),
+    Feature("upload_type", Dtype.STRING, Kind.CATEGORICAL, embedding_dim=4, default="UNKNOWN",
+            vocabulary=("LongImport", "Web", "ShortImport", "Kmovie", "LongPicture", "PictureSet", "LongCamera",
+                        "ShortCamera", "ShareFromOtherApp", "FollowShoot", "AiCutVideo", "PhotoCopy", "LipsSync")),
+    Feature(VIDEO_DURATION, Dtype.FLOAT32, Kind.NUMERIC, default=0.0, description="video length in ms"),
+    Feature(ITEM_AGE_DAYS, Dtype.FLOAT32, Kind.NUMERIC, default=0.0, description="days since upload"),
+    # Behaviour sequences, most recent first; nothing from this or later impressions.
+    Feature(VIDEO_TAGS, Dtype.INT64, Kind.SEQUENCE, hash_buckets=1_000, max_length=4, embedding_dim=8,
+            description="the candidate video's tags"),
+    Feature(HIST_VIDEO_IDS, Dtype.INT64, Kind.SEQUENCE, hash_buckets=50_000, max_length=HISTORY_LENGTH, embedding_dim=16,
+            description="the user's last videos before this impression"),
+    Feature(HIST_TAGS, Dtype.INT64, Kind.SEQUENCE, hash_buckets=1_000, max_length=HISTORY_LENGTH, embedding_dim=8,
+            description="tags of the user's last videos before this impression"),
+    # Personalization-code sources.
+    Feature(AVC, Dtype.INT64, Kind.PERSONALIZATION, default=0,
+            description="Accumulated View Count: the user's impressions before this one since first appearance"),
+    Feature(IS_NEW_USER, Dtype.INT64, Kind.PERSONALIZATION, default=0,
+            description=f"1 within {NEW_USER_HOURS} h of the user's first impression"),
+    # Labels.
+    Feature("long_view", Dtype.INT64, Kind.LABEL, default=0),
+    Feature("is_like", Dtype.INT64, Kind.LABEL, default=0),
+    Feature("is_follow", Dtype.INT64, Kind.LABEL, default=0),
+    Feature("is_click", Dtype.INT64, Kind.LABEL, default=0),
+    # Evaluation slices.
+    Feature(USER_GROUP, Dtype.STRING, Kind.SLICE, vocabulary=USER_GROUPS, default="regular"),
+    Feature(AVC_BUCKET, Dtype.INT64, Kind.SLICE, default=0),
+)
+
+TASKS: Tuple[Task, ...] = (
+    Task("long_view", "long_view", 1.0, primary=True),
+    Task("like", "is_like", 1.0, primary=True),
+    Task("follow", "is_follow", 1.0),
+    Task("click", "is_click", 1.0),
+)
+
+# Log2 buckets: AVC grows fast for active users, and the paper's gates separate
+# the first few dozen impressions most.
+PC = PersonalizationCode(source=AVC, boundaries=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+
+_BY_NAME: Mapping[str, Feature] = {f.name: f for f in FEATURES}
+assert len(_BY_NAME) == len(FEATURES), "duplicate feature names in FEATURES"
+assert all(t.label in _BY_NAME and _BY_NAME[t.label].kind is Kind.LABEL for t in TASKS)
+assert PC.source in _BY_NAME
+
+
+def feature(name: str) -> Feature:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown feature {name!r}; known: {sorted(_BY_NAME)}") from None
+
+
+def features_of_kind(*kinds: Kind) -> Tuple[Feature, ...]:
+    return tuple(f for f in FEATURES if f.kind in kinds)
+
+
+def model_input_features() -> Tuple[Feature, ...]:
+    """Raw features a serving request must carry (no labels, no slice keys)."""
+    return features_of_kind(Kind.CATEGORICAL, Kind.NUMERIC, Kind.SEQUENCE, Kind.PERSONALIZATION)
+
+
+serving_features = model_input_features
+
+
+def raw_example_features() -> Tuple[Feature, ...]:
+    """Every feature of the tf.Examples the Beam step writes."""
+    return FEATURES
+
+
+def pc_bucket(value: int, boundaries: Sequence[int] = PC.boundaries) -> int:
+    """The bucket index tft.apply_buckets gives `value`: the count of boundaries <= value."""
+    return bisect.bisect_right(boundaries, value)
+
+
+def user_group(is_new_user: int, active_degree: str) -> str:
+    if is_new_user:
+        return "new"
+    if active_degree in INACTIVE_DEGREES:
+        return "inactive"
+    return "regular"
