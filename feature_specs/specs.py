@@ -22,7 +22,7 @@ __all__ = [
     "USER_ID", "VIDEO_ID", "DATE", "HOURMIN", "TIME_MS", "TAB", "AUTHOR_ID", "MUSIC_ID",
     "USER_ACTIVE_DEGREE", "UPLOAD_DT", "VIDEO_DURATION", "TAG", "PLAY_TIME_MS", "DURATION_MS",
     "AVC", "IS_NEW_USER", "ITEM_AGE_DAYS", "HIST_VIDEO_IDS", "HIST_TAGS", "VIDEO_TAGS",
-    "HOUR", "USER_GROUP", "AVC_BUCKET",
+    "HOUR", "USER_GROUP", "AVC_BUCKET", "PC_BUCKET", "SEQUENCE_PADDING_VALUE",
 ]
 
 
@@ -137,6 +137,10 @@ USER_GROUPS: Tuple[str, ...] = ("new", "regular", "inactive")
 AVC, IS_NEW_USER, ITEM_AGE_DAYS = "avc", "is_new_user", "item_age_days"
 HIST_VIDEO_IDS, HIST_TAGS, VIDEO_TAGS, HOUR = "hist_video_ids", "hist_tags", "video_tags", "hour"
 USER_GROUP, AVC_BUCKET = "user_group", "avc_bucket"
+# Transformed-feature name of the bucketized personalization code.
+PC_BUCKET = "pc_bucket"
+# Raw-tensor serving requests pad variable-length lists with this value.
+SEQUENCE_PADDING_VALUE = -1
 
 _DEGREES = ("full_active", "high_active", "middle_active", "low_active", "single_low_active",
             "2_14_day_new", "30day_retention", "day_new", "UNKNOWN")

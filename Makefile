@@ -1,0 +1,25 @@
+# Every target runs inside the project's environment (bin/poso-env builds it on first use).
+ENV := bin/poso-env
+PYTEST_ARGS ?=
+
+.PHONY: env demo test test-slow lock clean
+
+env:            ## build (or reuse) the environment
+	$(ENV) true
+
+demo: env       ## synthetic logs -> daily TFX run -> serve -> gRPC and REST predictions
+	bin/poso demo
+
+test: env       ## the default suite (well under 30 minutes)
+	$(ENV) python -m pytest $(PYTEST_ARGS)
+
+test-slow: env  ## the long runs too
+	$(ENV) python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+
+lock:           ## re-resolve requirements.in into requirements.lock (inside the environment)
+	$(ENV) bash -c 'set -e; d=$$(mktemp -d); python -m venv $$d; $$d/bin/pip install -q -r requirements.in; \
+	  { sed -n "1,2p" requirements.lock; $$d/bin/pip freeze; } > requirements.lock.new; rm -rf $$d'
+	mv requirements.lock.new requirements.lock
+
+clean:          ## remove the demo's and tests' outputs (not the environment)
+	rm -rf poso_home .pytest_cache

@@ -1,0 +1,248 @@
+"""AvcExampleGen: one day of raw impression logs -> tf.Examples with AVC, as a TFX component.
+
+For the log date D it reads `INPUT_BASE/logs/D/*.csv|*.parquet` and the user and video
+feature tables, and writes one span (days since 1970-01-01, as TFX's {YYYY}{MM}{DD} spans)
+of gzip TFRecord tf.Examples (split `day`), with every feature of feature_specs: the joined
+user and video features, the user's Accumulated View Count, is_new_user and behaviour
+history. AVC is exact across days because the per-user state is an artifact carried from
+day D-1 to day D (`previous_user_state`), so day D never rereads earlier days.
+
+Bad rows go to the `quarantine` artifact with their file, row number and reason; a day with
+more than `max_bad_row_fraction` bad rows fails with a message naming them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from typing import Any, Dict, List
+
+import apache_beam as beam
+from tfx import types
+from tfx.dsl.components.base import base_beam_component, base_beam_executor, executor_spec
+from tfx.types import artifact_utils, standard_artifacts
+from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
+
+from components import avc, impression_logs
+from feature_specs import specs
+
+SPLIT = "day"
+EXAMPLES_PREFIX = "data_tfrecord"
+STATE_FILE_PREFIX = "user_state"
+QUARANTINE_FILE = "bad_rows.jsonl"
+QUARANTINE_SUMMARY = "summary.json"
+_COUNTER_NAMESPACE = "avc_example_gen"
+_SHOWN_BAD_ROWS = 10
+_EPOCH = datetime.date(1970, 1, 1)
+
+
+def span_of(date: datetime.date) -> int:
+    return (date - _EPOCH).days
+
+
+def date_of(span: int) -> datetime.date:
+    return _EPOCH + datetime.timedelta(days=span)
+
+
+class UserState(types.Artifact):
+    """Per-user AVC, first appearance and history as of the end of `through_date`."""
+
+    TYPE_NAME = "PosoUserState"
+    PROPERTIES = {
+        "span": types.artifact.Property(type=types.artifact.PropertyType.INT),
+        "through_date": types.artifact.Property(type=types.artifact.PropertyType.STRING),
+    }
+
+
+class QuarantinedRows(types.Artifact):
+    """Rows of a day's logs that could not be used, with their reasons."""
+
+    TYPE_NAME = "PosoQuarantinedRows"
+    PROPERTIES = {"span": types.artifact.Property(type=types.artifact.PropertyType.INT)}
+
+
+class AvcExampleGenSpec(ComponentSpec):
+    PARAMETERS = {
+        "input_base": ExecutionParameter(type=str),
+        "date": ExecutionParameter(type=str),
+        "max_bad_row_fraction": ExecutionParameter(type=float),
+    }
+    INPUTS = {"previous_user_state": ChannelParameter(type=UserState, optional=True)}
+    OUTPUTS = {
+        "examples": ChannelParameter(type=standard_artifacts.Examples),
+        "user_state": ChannelParameter(type=UserState),
+        "quarantine": ChannelParameter(type=QuarantinedRows),
+    }
+
+
+class _ValidateRows(beam.DoFn):
+    """Reads one log file and tags each row as a good Impression or a BadRow."""
+
+    def __init__(self, date: datetime.date, known_videos: frozenset):
+        self._date, self._known_videos = date, known_videos
+        self._good = beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, "good_rows")
+        self._bad = beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, "bad_rows")
+
+    def process(self, path: str):
+        for number, fields in impression_logs.read_raw_rows(path):
+            good, bad = impression_logs.validate_row(path, number, fields, self._date, self._known_videos)
+            if bad is not None:
+                self._bad.inc()
+                yield beam.pvalue.TaggedOutput("bad", bad)
+            else:
+                self._good.inc()
+                yield good
+
+
+class _ProcessUser(beam.DoFn):
+    """CoGroupByKey result for one user -> examples (main output) and the new state."""
+
+    def __init__(self, users: Dict[int, Dict[str, str]], videos: Dict[int, Dict[str, str]]):
+        self._users, self._videos = users, videos
+
+    def process(self, keyed):
+        user_id, grouped = keyed
+        impressions = list(grouped["impressions"])
+        states = list(grouped["state"])
+        previous = states[0] if states else None
+        if not impressions:  # not seen today: carry the state over unchanged
+            yield beam.pvalue.TaggedOutput("state", previous)
+            return
+        examples, state = avc.process_user_day(user_id, impressions, previous,
+                                               self._users.get(user_id), self._videos)
+        for example in examples:
+            yield avc.to_tf_example(example).SerializeToString()
+        yield beam.pvalue.TaggedOutput("state", state)
+
+
+def _read_state(pipeline, artifact) -> beam.PCollection:
+    if artifact is None:
+        return pipeline | "NoPreviousState" >> beam.Create([])
+    pattern = os.path.join(artifact.uri, f"{STATE_FILE_PREFIX}*")
+    return (pipeline
+            | "ReadState" >> beam.io.ReadFromText(pattern)
+            | "ParseState" >> beam.Map(lambda line: avc.UserState.from_record(json.loads(line))))
+
+
+class Executor(base_beam_executor.BaseBeamExecutor):
+    """Validates a day's rows, computes AVC with the carried state, writes the span."""
+
+    def Do(self, input_dict: Dict[str, List[types.Artifact]], output_dict: Dict[str, List[types.Artifact]],
+           exec_properties: Dict[str, Any]) -> None:
+        input_base = exec_properties["input_base"]
+        date = datetime.date.fromisoformat(exec_properties["date"])
+        max_bad = float(exec_properties.get("max_bad_row_fraction") or 0.01)
+        previous = _previous_state(input_dict.get("previous_user_state") or [], input_base, date)
+        files = impression_logs.day_files(input_base, date)
+        users = impression_logs.read_table(os.path.join(input_base, impression_logs.USER_TABLE_FILE), specs.USER_ID)
+        videos = impression_logs.read_table(os.path.join(input_base, impression_logs.VIDEO_TABLE_FILE), specs.VIDEO_ID)
+
+        examples = artifact_utils.get_single_instance(output_dict["examples"])
+        state_out = artifact_utils.get_single_instance(output_dict["user_state"])
+        quarantine = artifact_utils.get_single_instance(output_dict["quarantine"])
+
+        pipeline = self._make_beam_pipeline()
+        rows = (pipeline
+                | "LogFiles" >> beam.Create(files)
+                | "Validate" >> beam.ParDo(_ValidateRows(date, frozenset(videos))).with_outputs("bad", main="good"))
+        (rows.bad
+         | "BadRowToJson" >> beam.Map(lambda b: json.dumps({"file": b.file, "row": b.row_number,
+                                                          "reason": b.reason, "raw": b.raw}))
+         | "WriteQuarantine" >> beam.io.WriteToText(os.path.join(quarantine.uri, QUARANTINE_FILE),
+                                                    shard_name_template=""))
+        by_user = {
+            "impressions": rows.good | "KeyImpressions" >> beam.Map(lambda imp: (imp.user_id, imp)),
+            "state": _read_state(pipeline, previous) | "KeyState" >> beam.Map(lambda s: (s.user_id, s)),
+        }
+        processed = (by_user
+                     | "GroupByUser" >> beam.CoGroupByKey()
+                     | "ComputeAvc" >> beam.ParDo(_ProcessUser(users, videos)).with_outputs("state", main="examples"))
+        (processed.examples
+         | "WriteExamples" >> beam.io.WriteToTFRecord(
+             os.path.join(examples.uri, f"Split-{SPLIT}", EXAMPLES_PREFIX),
+             file_name_suffix=".gz", compression_type=beam.io.filesystem.CompressionTypes.GZIP))
+        (processed.state
+         | "StateToJson" >> beam.Map(lambda s: json.dumps(s.to_record()))
+         | "WriteState" >> beam.io.WriteToText(os.path.join(state_out.uri, STATE_FILE_PREFIX),
+                                               file_name_suffix=".jsonl.gz",
+                                               compression_type=beam.io.filesystem.CompressionTypes.GZIP))
+        result = pipeline.run()
+        result.wait_until_finish()
+
+        good = _counter(result, "good_rows")
+        bad_rows = _read_bad_rows(os.path.join(quarantine.uri, QUARANTINE_FILE))
+        summary = {"date": date.isoformat(), "files": files, "good_rows": good, "bad_rows": len(bad_rows),
+                   "reasons": _count_reasons(bad_rows)}
+        with open(os.path.join(quarantine.uri, QUARANTINE_SUMMARY), "w") as f:
+            json.dump(summary, f, indent=2)
+        total = good + len(bad_rows)
+        if total == 0:
+            raise impression_logs.LogFormatError(f"{date.isoformat()}: the log files {files} have no rows")
+        if len(bad_rows) > max_bad * total:
+            shown = "; ".join(f"{b['file']} row {b['row']}: {b['reason']}" for b in bad_rows[:_SHOWN_BAD_ROWS])
+            raise impression_logs.LogFormatError(
+                f"{date.isoformat()}: {len(bad_rows)} of {total} rows are bad "
+                f"({len(bad_rows) / total:.2%} > {max_bad:.2%}); first ones: {shown}. "
+                f"All bad rows with reasons: {os.path.join(quarantine.uri, QUARANTINE_FILE)}")
+
+        span = span_of(date)
+        examples.split_names = artifact_utils.encode_split_names([SPLIT])
+        examples.span = span
+        examples.set_string_custom_property("payload_format", "FORMAT_TF_EXAMPLE")
+        examples.set_string_custom_property("file_format", "tfrecords_gzip")
+        examples.set_int_custom_property("rows", good)
+        state_out.span = span
+        state_out.through_date = date.isoformat()
+        quarantine.span = span
+        quarantine.set_int_custom_property("bad_rows", len(bad_rows))
+
+
+def _previous_state(artifacts, input_base: str, date: datetime.date):
+    wanted = span_of(date) - 1
+    matching = [a for a in artifacts if a.span == wanted]
+    if matching:
+        return max(matching, key=lambda a: a.id)
+    earlier = [d for d in impression_logs.available_dates(input_base) if d < date]
+    if earlier:
+        raise impression_logs.LogFormatError(
+            f"no user state through {date_of(wanted).isoformat()}, but {input_base} has logs from "
+            f"{earlier[0].isoformat()}: days must be ingested in order (poso backfill --from "
+            f"{earlier[0].isoformat()} --to {date.isoformat()}) so that AVC counts every earlier impression")
+    return None  # the first day of the data: every user starts at AVC 0
+
+
+def _counter(result, name: str) -> int:
+    query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(_COUNTER_NAMESPACE).with_name(name))
+    return int(sum(c.committed or c.attempted or 0 for c in query["counters"]))
+
+
+def _read_bad_rows(path: str) -> List[Dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _count_reasons(bad_rows) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for row in bad_rows:
+        kind = row["reason"].split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+class AvcExampleGen(base_beam_component.BaseBeamComponent):
+    """TFX component: one day of impression logs -> a span of tf.Examples with AVC."""
+
+    SPEC_CLASS = AvcExampleGenSpec
+    EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(Executor)
+
+    def __init__(self, input_base: str, date: str, previous_user_state: types.BaseChannel = None,
+                 max_bad_row_fraction: float = 0.01):
+        super().__init__(spec=AvcExampleGenSpec(
+            input_base=input_base, date=date, max_bad_row_fraction=max_bad_row_fraction,
+            previous_user_state=previous_user_state,
+            examples=types.Channel(type=standard_artifacts.Examples),
+            user_state=types.Channel(type=UserState),
+            quarantine=types.Channel(type=QuarantinedRows)))

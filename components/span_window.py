@@ -1,0 +1,100 @@
+"""Resolving the rolling window of daily spans, and the schema-anomalies gate.
+
+`SpanWindowStrategy` is a TFX ResolverStrategy: for every channel it returns the latest
+artifact of each span in [first_span, last_span], oldest first. Given an `anomalies`
+channel too, it leaves out spans whose ExampleValidator found anomalies, and it refuses
+(with the missing or invalid dates named) when fewer than `min_spans` spans remain.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Dict, List, Optional
+
+from tensorflow_metadata.proto.v0 import anomalies_pb2
+from tfx import types
+from tfx.dsl.component.experimental.annotations import InputArtifact
+from tfx.dsl.component.experimental.decorators import component
+from tfx.dsl.components.common import resolver
+from tfx.types import artifact_utils, standard_artifacts
+
+ANOMALIES_FILE = "SchemaDiff.pb"  # what ExampleValidator writes in each Split-* folder
+_EPOCH = datetime.date(1970, 1, 1)
+
+
+class WindowError(RuntimeError):
+    """Not enough valid daily spans to train or evaluate."""
+
+
+def _date(span: int) -> str:
+    return (_EPOCH + datetime.timedelta(days=span)).isoformat()
+
+
+def read_anomalies(artifact: types.Artifact) -> List[str]:
+    """Every anomaly of an ExampleAnomalies artifact as 'split: feature: description'."""
+    found = []
+    for split in artifact_utils.decode_split_names(artifact.split_names):
+        path = os.path.join(artifact.uri, f"Split-{split}", ANOMALIES_FILE)
+        anomalies = anomalies_pb2.Anomalies()
+        with open(path, "rb") as f:
+            anomalies.ParseFromString(f.read())
+        for feature, info in sorted(anomalies.anomaly_info.items()):
+            reasons = "; ".join(r.description or r.short_description for r in info.reason)
+            found.append(f"{split}: feature {feature!r}: {info.short_description or reasons} ({reasons})")
+        if anomalies.HasField("dataset_anomaly_info"):
+            info = anomalies.dataset_anomaly_info
+            found.append(f"{split}: dataset: {info.short_description}")
+    return found
+
+
+def _latest_per_span(artifacts, first: int, last: int) -> Dict[int, types.Artifact]:
+    latest: Dict[int, types.Artifact] = {}
+    for artifact in artifacts:
+        span = artifact.span
+        if first <= span <= last and (span not in latest or artifact.id > latest[span].id):
+            latest[span] = artifact
+    return latest
+
+
+class SpanWindowStrategy(resolver.ResolverStrategy):
+    """The latest artifact per span in [first_span, last_span]; see the module docstring."""
+
+    def __init__(self, first_span: int, last_span: int, min_spans: int = 0, window_name: str = "window"):
+        self._first, self._last, self._min, self._name = first_span, last_span, min_spans, window_name
+
+    def resolve_artifacts(self, store, input_dict: Dict[str, List[types.Artifact]]
+                          ) -> Optional[Dict[str, List[types.Artifact]]]:
+        anomalies = _latest_per_span(input_dict.get("anomalies", []), self._first, self._last)
+        result, problems = {}, []
+        for key, artifacts in input_dict.items():
+            if key == "anomalies":
+                continue
+            latest = _latest_per_span(artifacts, self._first, self._last)
+            if "anomalies" in input_dict:
+                for span in sorted(latest):
+                    if span not in anomalies:
+                        problems.append(f"{_date(span)} was not validated")
+                        del latest[span]
+                    elif read_anomalies(anomalies[span]):
+                        problems.append(f"{_date(span)} has schema anomalies")
+                        del latest[span]
+            result[key] = [latest[s] for s in sorted(latest)]
+            if len(result[key]) < self._min:
+                missing = [_date(s) for s in range(self._first, self._last + 1) if s not in latest]
+                raise WindowError(
+                    f"{self._name}: need at least {self._min} valid daily spans from {_date(self._first)} to "
+                    f"{_date(self._last)}, have {len(result[key])}; missing or invalid: {', '.join(missing)}"
+                    + (f" ({'; '.join(problems)})" if problems else "")
+                    + ". Ingest the missing days (poso backfill) or lower --min-train-days.")
+        result.pop("anomalies", None)
+        return result
+
+
+@component
+def SchemaAnomaliesGate(anomalies: InputArtifact[standard_artifacts.ExampleAnomalies]) -> None:
+    """Stops the run when ExampleValidator found anomalies, naming each one."""
+    found = read_anomalies(anomalies)
+    if found:
+        raise WindowError(f"schema anomalies in the logs of {_date(anomalies.span)} (span {anomalies.span}); "
+                          f"not training on them: " + " | ".join(found))

@@ -1,0 +1,88 @@
+"""Configuration of the daily pipeline, in one place: defaults, paths under --home, thresholds."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from typing import Dict, List, Optional, Tuple
+
+PIPELINE_NAME = "poso_ranking"
+MODEL_NAME = "poso_ranking"          # the serving model name (TF Serving base directory name)
+DEFAULT_HOME = "poso_home"           # relative to the working directory unless absolute
+DEFAULT_DATA = os.path.join(DEFAULT_HOME, "data")
+TRAIN_DAYS = 7                       # the paper's offline protocol: train on 7 days, test on the next
+DEFAULT_VARIANT = "poso_all"
+
+# Blessing. Absolute floors on every task's overall AUC; change thresholds against the last
+# blessed model on the primary tasks' new-user GAUC (the product's promise).
+AUC_FLOOR = 0.5
+MAX_NEW_USER_GAUC_DROP = 0.01
+# TFMA needs this many examples in a slice before a threshold applies to it.
+MIN_SLICE_SIZE = 20
+
+GRPC_PORT, REST_PORT = 8500, 8501    # TF Serving's defaults
+SERVING_HOST = "127.0.0.1"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One daily run: the date evaluated, where data and artifacts live, and how to train."""
+
+    date: datetime.date
+    data_dir: str = DEFAULT_DATA
+    home: str = DEFAULT_HOME
+    train_days: int = TRAIN_DAYS
+    min_train_days: int = TRAIN_DAYS  # refuse to train on fewer spans unless told otherwise
+    variant: str = DEFAULT_VARIANT
+    train_steps: int = 400
+    eval_steps: int = 20
+    batch_size: int = 512
+    model_overrides: Tuple[Tuple[str, object], ...] = ()
+    warm_start: bool = False
+    max_bad_row_fraction: float = 0.01
+    beam_direct_running_mode: str = "multi_processing"
+    beam_num_workers: int = 2
+    extra_beam_args: Tuple[str, ...] = ()
+    metadata_mysql: Optional[Dict[str, object]] = None  # host, port, database, username, password
+    enable_cache: bool = True
+    ingest_only: bool = False
+    infra_validation_requests: int = 16
+
+    @property
+    def home_dir(self) -> str:
+        return os.path.abspath(self.home)
+
+    @property
+    def pipeline_root(self) -> str:
+        return os.path.join(self.home_dir, "pipeline_root")
+
+    @property
+    def metadata_path(self) -> str:
+        return os.path.join(self.home_dir, "metadata.sqlite")
+
+    @property
+    def serving_root(self) -> str:
+        return os.path.join(self.home_dir, "serving")
+
+    @property
+    def serving_model_dir(self) -> str:
+        """TF Serving's base directory for the model: numbered version folders inside."""
+        return os.path.join(self.serving_root, MODEL_NAME)
+
+    @property
+    def models_config_path(self) -> str:
+        return os.path.join(self.serving_root, "models.config")
+
+    @property
+    def schema_path(self) -> str:
+        return os.path.join(self.home_dir, "schema", "schema.pbtxt")
+
+    @property
+    def train_dates(self) -> List[datetime.date]:
+        return [self.date - datetime.timedelta(days=d) for d in range(self.train_days, 0, -1)]
+
+    def beam_pipeline_args(self) -> List[str]:
+        args = [f"--direct_running_mode={self.beam_direct_running_mode}",
+                f"--direct_num_workers={self.beam_num_workers}"]
+        return args + list(self.extra_beam_args)

@@ -1,0 +1,52 @@
+"""TFMA evaluation of a candidate model: metrics per task, slices, and blessing thresholds."""
+
+from __future__ import annotations
+
+import json
+
+import tensorflow_model_analysis as tfma
+
+from feature_specs import specs
+from pipeline import config as config_lib
+
+GAUC_METRIC = "GroupedAUC"  # class in models.metrics (TFMA has no grouped AUC)
+GAUC_MODULE = "models.metrics"
+SLICE_KEYS = (specs.USER_GROUP, specs.AVC_BUCKET)
+
+
+def _metrics(primary: bool):
+    auc_floor = tfma.MetricThreshold(value_threshold=tfma.GenericValueThreshold(
+        lower_bound={"value": config_lib.AUC_FLOOR}))
+    return [
+        tfma.MetricConfig(class_name="ExampleCount"),
+        tfma.MetricConfig(class_name="AUC", threshold=auc_floor),
+        tfma.MetricConfig(class_name="BinaryCrossentropy"),  # log loss
+        tfma.MetricConfig(class_name="MeanLabel"),
+        tfma.MetricConfig(class_name="MeanPrediction"),
+        tfma.MetricConfig(
+            class_name=GAUC_METRIC, module=GAUC_MODULE, config=json.dumps({"group_key": specs.USER_ID}),
+            per_slice_thresholds=[tfma.PerSliceMetricThreshold(
+                slicing_specs=[tfma.SlicingSpec(feature_values={specs.USER_GROUP: "new"})],
+                threshold=tfma.MetricThreshold(change_threshold=tfma.GenericChangeThreshold(
+                    direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+                    absolute={"value": -config_lib.MAX_NEW_USER_GAUC_DROP})))] if primary else []),
+    ]
+
+
+def make_eval_config() -> tfma.EvalConfig:
+    """GAUC, AUC and log loss per task, overall and per user group and AVC bucket.
+
+    Blessing: every task's overall AUC above AUC_FLOOR, and on the primary tasks the new-user
+    GAUC may not drop more than MAX_NEW_USER_GAUC_DROP below the last blessed model's (the
+    first run has no baseline, so only the floors apply).
+    """
+    primary = [t.name for t in specs.TASKS if t.primary]
+    secondary = [t.name for t in specs.TASKS if not t.primary]
+    metrics_specs = [tfma.MetricsSpec(output_names=primary, metrics=_metrics(primary=True))]
+    if secondary:
+        metrics_specs.append(tfma.MetricsSpec(output_names=secondary, metrics=_metrics(primary=False)))
+    return tfma.EvalConfig(
+        model_specs=[tfma.ModelSpec(signature_name="serving_default",
+                                    label_keys={t.name: t.label for t in specs.TASKS})],
+        slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[k]) for k in SLICE_KEYS],
+        metrics_specs=metrics_specs)

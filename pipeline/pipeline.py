@@ -1,0 +1,107 @@
+"""The daily POSO ranking pipeline: one create_pipeline used by every runner.
+
+For the run date D:
+  previous_user_state (state through D-1) -> AvcExampleGen(D) -> StatisticsGen -> ExampleValidator
+  (against the schema derived from feature_specs) -> SchemaAnomaliesGate;
+  training_window (spans D-7..D-1, each validated) -> Transform -> Trainer -> Evaluator on span D
+  (against the last blessed model) + ServingInfraValidator -> Pusher (blessed models only) ->
+  ServingConfigWriter (models.config beside TF Serving's base directory).
+`ingest_only` builds just the first part: how earlier days are ingested in order.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import tensorflow_model_analysis as tfma
+from tfx import v1 as tfx
+
+from components.avc_example_gen import SPLIT, AvcExampleGen, UserState, span_of
+from components.infra_validator import ServingInfraValidator, ServingConfigWriter
+from components.span_window import SchemaAnomaliesGate, SpanWindowStrategy
+from pipeline import config as config_lib
+from pipeline import evaluation
+
+
+def create_pipeline(cfg: config_lib.RunConfig) -> tfx.dsl.Pipeline:
+    span = span_of(cfg.date)
+    previous_state = tfx.dsl.Resolver(
+        strategy_class=SpanWindowStrategy,
+        config={"first_span": span - 1, "last_span": span - 1, "min_spans": 0, "window_name": "user state"},
+        user_state=tfx.dsl.Channel(type=UserState),
+    ).with_id("previous_user_state")
+    example_gen = AvcExampleGen(
+        input_base=cfg.data_dir, date=cfg.date.isoformat(),
+        previous_user_state=previous_state.outputs["user_state"],
+        max_bad_row_fraction=cfg.max_bad_row_fraction)
+    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
+    schema_gen = tfx.components.ImportSchemaGen(schema_file=cfg.schema_path)
+    example_validator = tfx.components.ExampleValidator(
+        statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"])
+    anomalies_gate = SchemaAnomaliesGate(anomalies=example_validator.outputs["anomalies"])
+    components: List = [previous_state, example_gen, statistics_gen, schema_gen, example_validator, anomalies_gate]
+
+    if not cfg.ingest_only:
+        training_window = tfx.dsl.Resolver(
+            strategy_class=SpanWindowStrategy,
+            config={"first_span": span - cfg.train_days, "last_span": span - 1,
+                    "min_spans": cfg.min_train_days, "window_name": "training window"},
+            examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples),
+            anomalies=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ExampleAnomalies),
+        ).with_id("training_window")
+        transform = tfx.components.Transform(
+            examples=training_window.outputs["examples"],
+            schema=schema_gen.outputs["schema"],
+            preprocessing_fn="models.preprocessing.preprocessing_fn",
+            splits_config=tfx.proto.SplitsConfig(analyze=[SPLIT]),
+            materialize=False)
+        transform.add_upstream_node(anomalies_gate)
+        latest_blessed_model = tfx.dsl.Resolver(
+            strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+            model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+            model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+        ).with_id("latest_blessed_model")
+        trainer = tfx.components.Trainer(
+            run_fn="models.trainer.run_fn",
+            examples=training_window.outputs["examples"],
+            transform_graph=transform.outputs["transform_graph"],
+            schema=schema_gen.outputs["schema"],
+            base_model=latest_blessed_model.outputs["model"] if cfg.warm_start else None,
+            train_args=tfx.proto.TrainArgs(splits=[SPLIT], num_steps=cfg.train_steps),
+            eval_args=tfx.proto.EvalArgs(splits=[SPLIT], num_steps=cfg.eval_steps),
+            custom_config={"variant": cfg.variant, "batch_size": cfg.batch_size,
+                           "overrides": dict(cfg.model_overrides)})
+        evaluator = tfx.components.Evaluator(
+            examples=example_gen.outputs["examples"],
+            model=trainer.outputs["model"],
+            baseline_model=latest_blessed_model.outputs["model"],
+            example_splits=[SPLIT],
+            eval_config=evaluation.make_eval_config())
+        infra_validator = ServingInfraValidator(
+            model=trainer.outputs["model"], examples=example_gen.outputs["examples"],
+            num_requests=cfg.infra_validation_requests)
+        pusher = tfx.components.Pusher(
+            model_blessing=evaluator.outputs["blessing"],
+            infra_blessing=infra_validator.outputs["blessing"],
+            push_destination=tfx.proto.PushDestination(
+                filesystem=tfx.proto.PushDestination.Filesystem(base_directory=cfg.serving_model_dir)))
+        config_writer = ServingConfigWriter(
+            pushed_model=pusher.outputs["pushed_model"], models_config_path=cfg.models_config_path,
+            model_name=config_lib.MODEL_NAME, base_path=cfg.serving_model_dir)
+        components += [training_window, transform, latest_blessed_model, trainer, evaluator,
+                       infra_validator, pusher, config_writer]
+
+    return tfx.dsl.Pipeline(
+        pipeline_name=config_lib.PIPELINE_NAME,
+        pipeline_root=cfg.pipeline_root,
+        components=components,
+        enable_cache=cfg.enable_cache,
+        metadata_connection_config=metadata_connection(cfg),
+        beam_pipeline_args=cfg.beam_pipeline_args())
+
+
+def metadata_connection(cfg: config_lib.RunConfig):
+    """sqlite under --home by default (the embedded store); MySQL when configured."""
+    if cfg.metadata_mysql:
+        return tfx.orchestration.metadata.mysql_metadata_connection_config(**cfg.metadata_mysql)
+    return tfx.orchestration.metadata.sqlite_metadata_connection_config(cfg.metadata_path)

@@ -1,0 +1,141 @@
+"""The end-of-run summary: window, rows, metrics per slice, blessed or not and why, pushed version."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional
+
+from tfx import v1 as tfx
+
+from components.avc_example_gen import span_of
+from feature_specs import specs
+from pipeline import config as config_lib
+from pipeline import evaluation
+from pipeline import pipeline as pipeline_lib
+
+_METRICS = ("gauc", "auc", "binary_crossentropy", "example_count")
+
+
+def _latest(store, type_name: str, span: Optional[int] = None):
+    try:
+        artifacts = store.get_artifacts_by_type(type_name)
+    except Exception:
+        return None
+    if span is not None:
+        artifacts = [a for a in artifacts if "span" in a.properties and a.properties["span"].int_value == span]
+    return max(artifacts, key=lambda a: a.id) if artifacts else None
+
+
+def _custom(artifact, key: str, default=None):
+    if artifact is None or key not in artifact.custom_properties:
+        return default
+    value = artifact.custom_properties[key]
+    return value.int_value if value.HasField("int_value") else value.string_value
+
+
+def _metric_rows(eval_uri: str) -> List[Dict[str, object]]:
+    import tensorflow_model_analysis as tfma
+
+    result = tfma.load_eval_result(eval_uri)
+    rows = []
+    for slice_key, by_output in result.slicing_metrics:
+        name = "overall" if not slice_key else ", ".join(f"{k}={v}" for k, v in slice_key)
+        for output, sub_keys in by_output.items():
+            values = sub_keys.get("", {})
+            row = {"slice": name, "task": output}
+            for metric_name, value in values.items():
+                short = metric_name.lower()
+                if short in _METRICS or short == evaluation.GAUC_METRIC.lower():
+                    key = "gauc" if short == evaluation.GAUC_METRIC.lower() else short
+                    row[key] = value.get("doubleValue", value)
+            rows.append(row)
+    return rows
+
+
+def _validation_failures(eval_uri: str) -> List[str]:
+    import tensorflow_model_analysis as tfma
+
+    try:
+        validation = tfma.load_validation_result(eval_uri)
+    except Exception:
+        return []
+    failures = []
+    for per_slice in validation.metric_validations_per_slice:
+        for failure in per_slice.failures:
+            failures.append(f"{failure.metric_key.name} ({failure.metric_key.output_name}) on slice "
+                            f"{per_slice.slice_key or 'overall'}: {failure.message}")
+    return failures
+
+
+def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
+    from tfx.orchestration import metadata
+
+    span = span_of(cfg.date)
+    with metadata.Metadata(pipeline_lib.metadata_connection(cfg)) as m:
+        store = m.store
+        examples = _latest(store, tfx.types.standard_artifacts.Examples.TYPE_NAME, span)
+        evaluation_artifact = _latest(store, tfx.types.standard_artifacts.ModelEvaluation.TYPE_NAME)
+        blessing = _latest(store, tfx.types.standard_artifacts.ModelBlessing.TYPE_NAME)
+        infra = _latest(store, tfx.types.standard_artifacts.InfraBlessing.TYPE_NAME)
+        pushed = _latest(store, tfx.types.standard_artifacts.PushedModel.TYPE_NAME)
+        window = [s for s in range(span - cfg.train_days, span)]
+        train_rows = []
+        for s in window:
+            artifact = _latest(store, tfx.types.standard_artifacts.Examples.TYPE_NAME, s)
+            train_rows.append(_custom(artifact, "rows", 0))
+    summary: Dict[str, object] = {
+        "date": cfg.date.isoformat(),
+        "train_window": [cfg.train_dates[0].isoformat(), cfg.train_dates[-1].isoformat()],
+        "train_rows": sum(train_rows), "eval_rows": _custom(examples, "rows", 0),
+        "blessed": bool(_custom(blessing, "blessed", 0)),
+        "infra_blessed": bool(_custom(infra, "blessed", 0)),
+        "infra_reason": _custom(infra, "reason", ""),
+        "pushed": bool(_custom(pushed, "pushed", 0)),
+        "pushed_version": _custom(pushed, "pushed_version", None),
+        "pushed_destination": _custom(pushed, "pushed_destination", None),
+        "serving_base_directory": cfg.serving_model_dir,
+        "models_config": cfg.models_config_path,
+        "pipeline_root": cfg.pipeline_root,
+        "metadata": cfg.metadata_path,
+    }
+    if evaluation_artifact is not None:
+        summary["evaluation_uri"] = evaluation_artifact.uri
+        summary["metrics"] = _metric_rows(evaluation_artifact.uri)
+        summary["blessing_failures"] = _validation_failures(evaluation_artifact.uri)
+    return summary
+
+
+def format_summary(summary: Dict[str, object]) -> str:
+    lines = [f"Run {summary['date']}: trained on {summary['train_window'][0]}..{summary['train_window'][1]} "
+             f"({summary['train_rows']} impressions), evaluated on {summary['eval_rows']} impressions"]
+    rows = summary.get("metrics") or []
+    if rows:
+        tasks = [t.name for t in specs.TASKS]
+        slices = sorted({r["slice"] for r in rows}, key=lambda s: (s != "overall", s))
+        lines.append(f"  {'slice':28s} " + " ".join(f"{t + ' GAUC/AUC':>18s}" for t in tasks))
+        for name in slices:
+            cells = []
+            for task in tasks:
+                row = next((r for r in rows if r["slice"] == name and r["task"] == task), {})
+                gauc, auc = row.get("gauc"), row.get("auc")
+                fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "  -   "
+                cells.append(f"{fmt(gauc):>8s}/{fmt(auc):<9s}")
+            lines.append(f"  {name:28s} " + " ".join(cells))
+    verdict = "BLESSED" if summary["blessed"] else "NOT blessed"
+    lines.append(f"  Evaluation: {verdict}" + ("" if summary["blessed"] else
+                 ": " + ("; ".join(summary.get("blessing_failures") or []) or "see the evaluation artifact")))
+    lines.append("  Infra validation: " + ("passed" if summary["infra_blessed"] else f"FAILED {summary['infra_reason']}"))
+    if summary["pushed"]:
+        lines.append(f"  Pushed version {summary['pushed_version']} to {summary['pushed_destination']}")
+    else:
+        lines.append("  Not pushed")
+    return "\n".join(lines)
+
+
+def write_summary(summary: Dict[str, object], home: str) -> str:
+    path = os.path.join(os.path.abspath(home), "runs", f"{summary['date']}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    return path

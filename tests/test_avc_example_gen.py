@@ -1,0 +1,226 @@
+"""AvcExampleGen against a brute-force computation on a random multi-day log (real Beam)."""
+
+import csv
+import datetime
+import glob
+import json
+import os
+import random
+
+import pytest
+import tensorflow as tf
+from tfx.dsl.components.base import base_beam_executor
+from tfx.types import standard_artifacts
+
+from components import avc_example_gen, impression_logs
+from components.avc import parse_tags
+from feature_specs import specs
+
+START = datetime.date(2022, 4, 8)
+DAYS = 3
+USERS = 25
+VIDEOS = 40
+
+
+def _day_ms(date):
+    return int(datetime.datetime(date.year, date.month, date.day, tzinfo=datetime.timezone.utc).timestamp() * 1000)
+
+
+def _write_tables(base, rng):
+    with open(os.path.join(base, impression_logs.USER_TABLE_FILE), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(specs.USER_TABLE_COLUMNS)
+        for u in range(USERS - 3):  # a few users have no profile row (new sign-ups)
+            row = {c: 0 for c in specs.USER_TABLE_COLUMNS}
+            row.update({specs.USER_ID: u, specs.USER_ACTIVE_DEGREE: rng.choice(["full_active", "low_active"]),
+                        "follow_user_num_range": "0", "fans_user_num_range": "0", "register_days_range": "730+",
+                        "friend_user_num_range": "0", "is_live_streamer": specs.MISSING_VALUE})
+            w.writerow([row[c] for c in specs.USER_TABLE_COLUMNS])
+    tags = {}
+    with open(os.path.join(base, impression_logs.VIDEO_TABLE_FILE), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(specs.VIDEO_TABLE_COLUMNS)
+        for v in range(VIDEOS):
+            tags[v] = ",".join(str(rng.randrange(60)) for _ in range(rng.randint(0, 3)))
+            row = {c: 0 for c in specs.VIDEO_TABLE_COLUMNS}
+            row.update({specs.VIDEO_ID: v, "video_type": "NORMAL", specs.UPLOAD_DT: "2022-04-01",
+                        "upload_type": "Web", specs.VIDEO_DURATION: 15000.0, specs.TAG: tags[v]})
+            w.writerow([row[c] for c in specs.VIDEO_TABLE_COLUMNS])
+    return tags
+
+
+def _write_day(base, date, rng, rows, extra_lines=()):
+    folder = impression_logs.day_dir(base, date)
+    os.makedirs(folder, exist_ok=True)
+    records = []
+    for _ in range(rows):
+        user = rng.randrange(USERS) if date > START else rng.randrange(USERS - 5)  # some users appear later
+        time_ms = _day_ms(date) + rng.randrange(86_400_000)
+        values = {c: rng.randint(0, 1) for c in specs.LOG_COLUMNS}
+        values.update({specs.USER_ID: user, specs.VIDEO_ID: rng.randrange(VIDEOS), specs.DATE: int(date.strftime("%Y%m%d")),
+                       specs.TIME_MS: time_ms, specs.HOURMIN: 0, specs.PLAY_TIME_MS: 1000, specs.DURATION_MS: 15000,
+                       specs.TAB: rng.randrange(15)})
+        values[specs.HOURMIN] = (time_ms - _day_ms(date)) // 3_600_000 * 100
+        records.append(values)
+    path = os.path.join(folder, "log.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(specs.LOG_COLUMNS)
+        for r in records:
+            w.writerow([r[c] for c in specs.LOG_COLUMNS])
+        for line in extra_lines:
+            f.write(line + "\n")
+    return records
+
+
+def _run_day(base, out, date, previous=None, max_bad=0.01):
+    executor = avc_example_gen.Executor(base_beam_executor.BaseBeamExecutor.Context(
+        beam_pipeline_args=["--direct_running_mode=in_memory"], tmp_dir=os.path.join(out, "tmp")))
+    outputs = {}
+    for key, cls in (("examples", standard_artifacts.Examples), ("user_state", avc_example_gen.UserState),
+                     ("quarantine", avc_example_gen.QuarantinedRows)):
+        artifact = cls()
+        artifact.uri = os.path.join(out, date.isoformat(), key)
+        os.makedirs(artifact.uri, exist_ok=True)
+        outputs[key] = [artifact]
+    executor.Do({"previous_user_state": [previous] if previous else []}, outputs,
+                {"input_base": base, "date": date.isoformat(), "max_bad_row_fraction": max_bad})
+    return outputs
+
+
+def _read_examples(artifact):
+    rows = []
+    for path in glob.glob(os.path.join(artifact.uri, "Split-day", "*.gz")):
+        for record in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+            ex = tf.train.Example.FromString(record.numpy())
+            rows.append({k: list(getattr(v, v.WhichOneof("kind")).value) for k, v in ex.features.feature.items()})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def multi_day(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("logs"))
+    out = str(tmp_path_factory.mktemp("artifacts"))
+    rng = random.Random(7)
+    tags = _write_tables(base, rng)
+    logs = {START + datetime.timedelta(days=d): _write_day(base, START + datetime.timedelta(days=d), rng, 150)
+            for d in range(DAYS)}
+    outputs, previous = {}, None
+    for date in sorted(logs):
+        outputs[date] = _run_day(base, out, date, previous)
+        previous = outputs[date]["user_state"][0]
+    return base, out, tags, logs, outputs
+
+
+def test_avc_history_and_new_user_equal_brute_force_across_days(multi_day):
+    _, _, tags, logs, outputs = multi_day
+    every = [r for date in sorted(logs) for r in logs[date]]
+    expected = {}
+    by_user = {}
+    for r in every:
+        by_user.setdefault(r[specs.USER_ID], []).append(r)
+    for user, rows in by_user.items():
+        rows.sort(key=lambda r: r[specs.TIME_MS])
+        first = rows[0][specs.TIME_MS]
+        for i, r in enumerate(rows):
+            earlier = rows[:i]
+            hist_ids = [e[specs.VIDEO_ID] for e in reversed(earlier)][: specs.HISTORY_LENGTH]
+            hist_tags = [t for e in reversed(earlier) for t in reversed(parse_tags(tags[e[specs.VIDEO_ID]]))][: specs.HISTORY_LENGTH]
+            is_new = int(r[specs.TIME_MS] - first < specs.NEW_USER_HOURS * 3_600_000)
+            expected[(user, r[specs.TIME_MS])] = (i, hist_ids, hist_tags, is_new)
+    seen = 0
+    for date in sorted(logs):
+        for ex in _read_examples(outputs[date]["examples"][0]):
+            user = ex[specs.USER_ID][0]
+            hour = ex[specs.HOUR][0]
+            matches = [k for k in expected if k[0] == user]
+            assert matches
+            # Identify the impression by its AVC: unique per user.
+            avc = ex[specs.AVC][0]
+            key = next(k for k in matches if expected[k][0] == avc)
+            want_avc, want_ids, want_tags, want_new = expected[key]
+            assert ex[specs.HIST_VIDEO_IDS] == want_ids
+            assert ex[specs.HIST_TAGS] == want_tags
+            assert ex[specs.IS_NEW_USER] == [want_new]
+            assert ex[specs.AVC_BUCKET] == [specs.pc_bucket(avc)]
+            assert hour == (key[1] % 86_400_000) // 3_600_000
+            seen += 1
+    assert seen == len(every)
+
+
+def test_no_leakage_history_only_holds_earlier_videos(multi_day):
+    _, _, _, logs, outputs = multi_day
+    last = max(logs)
+    for ex in _read_examples(outputs[last]["examples"][0]):
+        assert len(ex[specs.HIST_VIDEO_IDS]) == min(ex[specs.AVC][0], specs.HISTORY_LENGTH)
+
+
+def test_state_carries_counts(multi_day):
+    _, _, _, logs, outputs = multi_day
+    state = outputs[max(logs)]["user_state"][0]
+    records = []
+    for path in glob.glob(os.path.join(state.uri, "*.gz")):
+        import gzip
+        with gzip.open(path, "rt") as f:
+            records += [json.loads(line) for line in f]
+    counts = {}
+    for date in logs:
+        for r in logs[date]:
+            counts[r[specs.USER_ID]] = counts.get(r[specs.USER_ID], 0) + 1
+    assert {r["user_id"]: r["impressions"] for r in records} == counts
+    assert state.through_date == max(logs).isoformat()
+
+
+def test_artifact_properties(multi_day):
+    _, _, _, logs, outputs = multi_day
+    examples = outputs[START]["examples"][0]
+    assert examples.span == (START - datetime.date(1970, 1, 1)).days
+    assert examples.get_int_custom_property("rows") == len(logs[START])
+
+
+BAD_LINES = {
+    "1,2,3": "expected 19 columns",
+    ",".join(["x"] + ["0"] * 18): "column 'user_id': 'x' is not an integer",
+    ",".join(["-1", "1", "20220411", "0", str(_day_ms(START + datetime.timedelta(days=3))), *["0"] * 14]): "negative value",
+    ",".join(["1", "1", "20220411", "0", "5", *["0"] * 14]): "outside 2022-04-11",
+    ",".join(["1", "99999", "20220411", "0", str(_day_ms(START + datetime.timedelta(days=3)) + 5), *["0"] * 14]): "unknown video",
+}
+
+
+def _copy_base(base, tmp_path):
+    import shutil
+    return shutil.copytree(base, os.path.join(str(tmp_path), "base"))
+
+
+def test_bad_rows_are_quarantined_with_reasons(multi_day, tmp_path):
+    base, out, _, logs, outputs = multi_day
+    base = _copy_base(base, tmp_path)
+    date = START + datetime.timedelta(days=DAYS)
+    _write_day(base, date, random.Random(1), 600, extra_lines=list(BAD_LINES))
+    result = _run_day(base, str(tmp_path), date, outputs[max(logs)]["user_state"][0], max_bad=0.01)
+    quarantine = result["quarantine"][0]
+    with open(os.path.join(quarantine.uri, avc_example_gen.QUARANTINE_FILE)) as f:
+        bad = [json.loads(line) for line in f]
+    assert len(bad) == len(BAD_LINES)
+    for row in bad:
+        assert any(want in row["reason"] for line, want in BAD_LINES.items() if line == row["raw"]), row
+        assert row["row"] > 600 and row["file"].endswith("log.csv")
+    assert len(_read_examples(result["examples"][0])) == 600
+
+
+def test_too_many_bad_rows_fail_naming_file_rows_and_reasons(multi_day, tmp_path):
+    base, out, _, logs, outputs = multi_day
+    base = _copy_base(base, tmp_path)
+    date = START + datetime.timedelta(days=DAYS)
+    _write_day(base, date, random.Random(2), 100, extra_lines=list(BAD_LINES) * 2)
+    with pytest.raises(impression_logs.LogFormatError) as error:
+        _run_day(base, str(tmp_path), date, outputs[max(logs)]["user_state"][0], max_bad=0.01)
+    message = str(error.value)
+    assert "log.csv row 101" in message and "rows are bad" in message and "bad_rows.jsonl" in message
+    assert os.path.exists(os.path.join(str(tmp_path), date.isoformat(), "quarantine", "bad_rows.jsonl"))
+
+
+def test_missing_state_for_a_later_day_is_refused(multi_day, tmp_path):
+    base, _, _, logs, _ = multi_day
+    with pytest.raises(impression_logs.LogFormatError, match="days must be ingested in order"):
+        _run_day(base, str(tmp_path), START + datetime.timedelta(days=1), previous=None)
