@@ -8,10 +8,8 @@ with those requests in assets.extra/tf_serving_warmup_requests into its InfraBle
 is what Pusher pushes (as it does after InfraValidator's make_warmup).
 """
 
-from __future__ import annotations
 
 import glob
-import gzip
 import logging
 import os
 import shutil

@@ -6,7 +6,6 @@ channel too, it leaves out spans whose ExampleValidator found anomalies, and it 
 (with the missing or invalid dates named) when fewer than `min_spans` spans remain.
 """
 
-from __future__ import annotations
 
 import datetime
 import os

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--home", default=f"{config_lib.DEFAULT_HOME}/demo", help="demo workspace (recreated)")
     demo.add_argument("--rows-per-day", type=int, default=4000)
     demo.add_argument("--train-steps", type=int, default=300)
-    demo.add_argument("--beam-mode", default="multi_processing", choices=["multi_processing", "multi_threading", "in_memory"])
+    demo.add_argument("--beam-mode", default="in_memory", choices=["multi_processing", "multi_threading", "in_memory"])
     demo.add_argument("--verbose", action="store_true")
     demo.set_defaults(func=cmd_demo)
 

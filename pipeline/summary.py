@@ -88,6 +88,7 @@ def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
         "date": cfg.date.isoformat(),
         "train_window": [cfg.train_dates[0].isoformat(), cfg.train_dates[-1].isoformat()],
         "train_rows": sum(train_rows), "eval_rows": _custom(examples, "rows", 0),
+        "eval_examples_uri": examples.uri if examples is not None else None,
         "blessed": bool(_custom(blessing, "blessed", 0)),
         "infra_blessed": bool(_custom(infra, "blessed", 0)),
         "infra_reason": _custom(infra, "reason", ""),

@@ -1,0 +1,845 @@
+"""POSO personalized modules and their plain counterparts (Keras 2 layers).
+
+POSO (Dai et al. 2021, "POSO: Personalized Cold Start Modules for Large-scale
+Recommender Systems") multiplies the outputs of ordinary modules by
+*personalized gates*: small networks that read a personalization code `pc`
+(for example user-activity features) and output values in (0, C):
+
+    g(pc) = C * sigmoid(W2 relu(W1 pc + b1) + b2)                        (gate)
+
+With C = 2 an untrained gate outputs about 1, so a POSO module starts out close
+to its plain counterpart and learns per-user-group deviations from it.
+
+Layers here:
+
+* `PersonalizedGate`: the gate above.
+* `MLP` / `PosoMLP` (Eq. 11):      x_{l+1} = g_l(pc) * act(W_l x_l + b_l).
+* `MultiHeadAttention` / `PosoMultiHeadAttention` (Eq. 14): target attention of
+  the non-sequential features over a behaviour sequence, with gated keys and a
+  gated mixture of value projections.
+* `MMoE` / `PosoMMoE` (Eq. 17):    y_t = sum_i softmax(W_t x)_i * g_i(pc) * E_i(x).
+* `FeatureGatedMoE`: a mixture of MLP experts gated on all features, the
+  "all features" baseline of the paper's Table 6 and a drop-in for `MLP`.
+
+Every layer takes `pc` as a keyword argument, so plain and POSO variants are
+interchangeable (plain layers ignore `pc`), and every layer has
+`gates(pc) -> Dict[str, tf.Tensor]` (empty for plain layers) for inspecting the
+personalized gates, e.g. against user activity (the paper's Fig. 4).
+`make_mlp`, `make_attention` and `make_mmoe` build a layer from a kind name.
+"""
+
+import math
+import numbers
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+__all__ = [
+    "PersonalizedGate",
+    "MLP",
+    "PosoMLP",
+    "FeatureGatedMoE",
+    "MultiHeadAttention",
+    "PosoMultiHeadAttention",
+    "MMoE",
+    "PosoMMoE",
+    "make_mlp",
+    "make_attention",
+    "make_mmoe",
+    "MLP_KINDS",
+    "ATTENTION_KINDS",
+    "MMOE_KINDS",
+]
+
+_SERIALIZATION_PACKAGE = "poso"
+
+
+# --------------------------------------------------------------------------
+# Argument and input checks shared by all layers.
+# --------------------------------------------------------------------------
+
+
+def _describe(layer: tf.keras.layers.Layer) -> str:
+    return f"{type(layer).__name__} '{layer.name}'"
+
+
+def _positive_int(value: Any, argument: str, layer: tf.keras.layers.Layer) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(
+            f"{_describe(layer)}: `{argument}` must be a positive integer, got {value!r}."
+        )
+    return int(value)
+
+
+def _positive_float(value: Any, argument: str, layer: tf.keras.layers.Layer) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(
+            f"{_describe(layer)}: `{argument}` must be a positive finite number, "
+            f"got {value!r}."
+        )
+    return float(value)
+
+
+def _positive_int_tuple(
+    values: Any, argument: str, layer: tf.keras.layers.Layer
+) -> Tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ValueError(
+            f"{_describe(layer)}: `{argument}` must be a non-empty sequence of "
+            f"positive integers, got {values!r}."
+        )
+    return tuple(_positive_int(value, argument, layer) for value in values)
+
+
+def _tensor_of_rank(
+    value: Any, rank: int, argument: str, shape_doc: str, layer: tf.keras.layers.Layer
+) -> tf.Tensor:
+    """Converts `value` to a tensor and checks its (static) rank."""
+    tensor = tf.convert_to_tensor(value)
+    if tensor.shape.rank is not None and tensor.shape.rank != rank:
+        raise ValueError(
+            f"{_describe(layer)}: `{argument}` must have shape {shape_doc}, "
+            f"got shape {tensor.shape}."
+        )
+    return tensor
+
+
+def _required_pc(pc: Any, layer: tf.keras.layers.Layer) -> tf.Tensor:
+    if pc is None:
+        raise ValueError(
+            f"{_describe(layer)} needs the personalization code: call it with "
+            "`pc=<tensor of shape [batch, pc_dim]>`."
+        )
+    return _tensor_of_rank(pc, 2, "pc", "[batch, pc_dim]", layer)
+
+
+def _serialize_activation(activation: Any) -> Any:
+    return tf.keras.activations.serialize(activation)
+
+
+# --------------------------------------------------------------------------
+# The personalized gate.
+# --------------------------------------------------------------------------
+
+
+@tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
+class PersonalizedGate(tf.keras.layers.Layer):
+    """Personalized gate: g(pc) = C * sigmoid(W2 relu(W1 pc + b1) + b2).
+
+    Outputs lie in (0, C) (in [0, C] once the sigmoid saturates in floating
+    point). With the default C = 2 an untrained gate outputs about 1, so the
+    gated module starts out as its ungated counterpart.
+
+    Args:
+      units: Width of the gate output (the width of what it scales).
+      hidden_units: Width of the hidden ReLU layer (W1).
+      scale: C, the upper bound of the gate.
+      stop_gradient: Do not back-propagate into `pc`. Use this when `pc`
+        contains ID embeddings that the gate should read but not train.
+
+    Call arguments:
+      pc: Personalization code, [batch, pc_dim].
+
+    Returns:
+      [batch, units] gate values.
+    """
+
+    def __init__(
+        self,
+        units: int,
+        hidden_units: int = 32,
+        scale: float = 2.0,
+        stop_gradient: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.units = _positive_int(units, "units", self)
+        self.hidden_units = _positive_int(hidden_units, "hidden_units", self)
+        self.scale = _positive_float(scale, "scale", self)
+        self.stop_gradient = bool(stop_gradient)
+        self.hidden_layer = tf.keras.layers.Dense(
+            self.hidden_units, activation="relu", name="hidden"
+        )
+        self.logit_layer = tf.keras.layers.Dense(self.units, name="logits")
+
+    def call(self, pc: tf.Tensor) -> tf.Tensor:
+        pc = _tensor_of_rank(pc, 2, "pc", "[batch, pc_dim]", self)
+        pc = tf.cast(pc, self.compute_dtype)
+        if self.stop_gradient:
+            pc = tf.stop_gradient(pc)
+        return self.scale * tf.sigmoid(self.logit_layer(self.hidden_layer(pc)))
+
+    def get_config(self) -> Dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            units=self.units,
+            hidden_units=self.hidden_units,
+            scale=self.scale,
+            stop_gradient=self.stop_gradient,
+        )
+        return config
+
+
+class _PersonalizedGatesMixin:
+    """Gate options shared by the POSO layers: each gate is a `PersonalizedGate`."""
+
+    def _set_gate_options(self, hidden_units: int, scale: float, stop_gradient: bool):
+        self.gate_hidden_units = _positive_int(hidden_units, "gate_hidden_units", self)
+        self.gate_scale = _positive_float(scale, "gate_scale", self)
+        self.gate_stop_gradient = bool(stop_gradient)
+
+    def _make_gate(self, units: int, name: str) -> PersonalizedGate:
+        return PersonalizedGate(
+            units,
+            hidden_units=self.gate_hidden_units,
+            scale=self.gate_scale,
+            stop_gradient=self.gate_stop_gradient,
+            name=name,
+        )
+
+    def _gate_config(self) -> Dict[str, Any]:
+        return {
+            "gate_hidden_units": self.gate_hidden_units,
+            "gate_scale": self.gate_scale,
+            "gate_stop_gradient": self.gate_stop_gradient,
+        }
+
+
+# --------------------------------------------------------------------------
+# MLP and POSO(MLP).
+# --------------------------------------------------------------------------
+
+
+@tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
+class MLP(tf.keras.layers.Layer):
+    """Fully connected stack: x_{l+1} = act(W_l x_l + b_l), l = 0..len(units)-1.
+
+    Every layer, the last included, is activated; the model adds its own
+    output head.
+
+    Args:
+      units: Width of each layer.
+      activation: Activation of every layer (name or callable).
+
+    Call arguments:
+      x: [batch, input_dim].
+      pc: Ignored; accepted so that `MLP` and `PosoMLP` are interchangeable.
+
+    Returns:
+      [batch, units[-1]].
+    """
+
+    def __init__(self, units: Sequence[int], activation: Any = "relu", **kwargs):
+        super().__init__(**kwargs)
+        self.units = _positive_int_tuple(units, "units", self)
+        self.activation = tf.keras.activations.get(activation)
+        self.dense_layers = [
+            tf.keras.layers.Dense(width, activation=self.activation, name=f"dense_{i}")
+            for i, width in enumerate(self.units)
+        ]
+
+    def call(self, x: tf.Tensor, pc: Optional[tf.Tensor] = None) -> tf.Tensor:
+        x = _tensor_of_rank(x, 2, "x", "[batch, input_dim]", self)
+        for index, dense in enumerate(self.dense_layers):
+            x = self._gate_layer_output(index, dense(x), pc)
+        return x
+
+    def _gate_layer_output(self, index: int, outputs: tf.Tensor, pc: Any) -> tf.Tensor:
+        del index, pc  # The plain MLP has no gates.
+        return outputs
+
+    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
+        """Personalized gate outputs by name; the plain MLP has none."""
+        del pc
+        return {}
+
+    def get_config(self) -> Dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            units=list(self.units), activation=_serialize_activation(self.activation)
+        )
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
+class PosoMLP(_PersonalizedGatesMixin, MLP):
+    """POSO(MLP), Eq. 11: x_{l+1} = g_l(pc) * act(W_l x_l + b_l).
+
+    Each layer's activated output is multiplied element-wise by its own
+    `PersonalizedGate` g_l of the same width; all gates read the same raw
+    personalization code.
+
+    Args:
+      units: Width of each layer.
+      activation: Activation of every layer.
+      gate_hidden_units: Hidden width of each gate.
+      gate_scale: C, the gates' upper bound.
+      gate_stop_gradient: Do not back-propagate from the gates into `pc`.
+
+    Call arguments:
+      x: [batch, input_dim].
+      pc: Personalization code, [batch, pc_dim] (required).
+
+    Returns:
+      [batch, units[-1]].
+    """
+
+    def __init__(
+        self,
+        units: Sequence[int],
+        activation: Any = "relu",
+        gate_hidden_units: int = 32,
+        gate_scale: float = 2.0,
+        gate_stop_gradient: bool = False,
+        **kwargs,
+    ):
+        super().__init__(units, activation=activation, **kwargs)
+        self._set_gate_options(gate_hidden_units, gate_scale, gate_stop_gradient)
+        self.layer_gates = [
+            self._make_gate(width, name=f"gate_{i}") for i, width in enumerate(self.units)
+        ]
+
+    def _gate_layer_output(self, index: int, outputs: tf.Tensor, pc: Any) -> tf.Tensor:
+        gate = self.layer_gates[index](_required_pc(pc, self))
+        return gate * outputs
+
+    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
+        """{"layer_<l>": g_l(pc) of shape [batch, units[l]]} for every layer l."""
+        pc = _required_pc(pc, self)
+        return {f"layer_{i}": gate(pc) for i, gate in enumerate(self.layer_gates)}
+
+    def get_config(self) -> Dict[str, Any]:
+        config = super().get_config()
+        config.update(self._gate_config())
+        return config
+
+
+# --------------------------------------------------------------------------
+# Mixtures of experts: MMoE, POSO(MMoE) and the feature-gated MoE.
+# --------------------------------------------------------------------------
+
+
+def _mix_experts(gate_weights: tf.Tensor, expert_outputs: tf.Tensor) -> tf.Tensor:
+    """sum_i w_i E_i: [batch, experts] x [batch, experts, width] -> [batch, width]."""
+    return tf.einsum("be,bed->bd", gate_weights, expert_outputs)
+
+
+@tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
+class MMoE(tf.keras.layers.Layer):
+    """Multi-gate mixture of experts: y_t = sum_i softmax(W_t x)_i E_i(x).
+
+    The experts E_i are `MLP`s shared by all tasks; each task t mixes them with
+    its own softmax gate over the input features (W_t has no bias).
+
+    Args:
+      num_tasks: Number of tasks (outputs).
+      num_experts: Number of experts.
+      expert_units: Layer widths of each expert MLP.
+      activation: Activation of the expert layers.
+
+    Call arguments:
+      x: [batch, input_dim].
+      pc: Ignored; accepted so that `MMoE` and `PosoMMoE` are interchangeable.
+
+    Returns:
+      A list of `num_tasks` tensors, each [batch, expert_units[-1]].
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        num_experts: int = 4,
+        expert_units: Sequence[int] = (64,),
+        activation: Any = "relu",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_tasks = _positive_int(num_tasks, "num_tasks", self)
+        self.num_experts = _positive_int(num_experts, "num_experts", self)
+        self.expert_units = _positive_int_tuple(expert_units, "expert_units", self)
+        self.activation = tf.keras.activations.get(activation)
+        self.experts = [
+            MLP(self.expert_units, activation=self.activation, name=f"expert_{i}")
+            for i in range(self.num_experts)
+        ]
+        self.task_gates = [
+            tf.keras.layers.Dense(self.num_experts, use_bias=False, name=f"task_gate_{t}")
+            for t in range(self.num_tasks)
+        ]
+
+    def call(self, x: tf.Tensor, pc: Optional[tf.Tensor] = None) -> List[tf.Tensor]:
+        x = _tensor_of_rank(x, 2, "x", "[batch, input_dim]", self)
+        expert_outputs = tf.stack([expert(x) for expert in self.experts], axis=1)
+        expert_outputs = self._gate_expert_outputs(expert_outputs, pc)
+        return [
+            _mix_experts(tf.nn.softmax(task_gate(x), axis=-1), expert_outputs)
+            for task_gate in self.task_gates
+        ]
+
+    def _gate_expert_outputs(self, expert_outputs: tf.Tensor, pc: Any) -> tf.Tensor:
+        del pc  # The plain MMoE has no personalized gates.
+        return expert_outputs
+
+    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
+        """Personalized gate outputs by name; the plain MMoE has none."""
+        del pc
+        return {}
+
+    def get_config(self) -> Dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            num_tasks=self.num_tasks,
+            num_experts=self.num_experts,
+            expert_units=list(self.expert_units),
+            activation=_serialize_activation(self.activation),
+        )
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
+class PosoMMoE(_PersonalizedGatesMixin, MMoE):
+    """POSO(MMoE), Eq. 17: y_t = sum_i softmax(W_t x)_i * g_i(pc) * E_i(x).
+
+    Every expert's output is scaled by its own scalar personalized gate g_i(pc)
+    (one `PersonalizedGate` with `num_experts` outputs) before the per-task
+    softmax gates mix the experts.
+
+    Args:
+      num_tasks, num_experts, expert_units, activation: As for `MMoE`.
+      gate_hidden_units: Hidden width of the personalized gate.
+      gate_scale: C, the gate's upper bound.
+      gate_stop_gradient: Do not back-propagate from the gate into `pc`.
+
+    Call arguments:
+      x: [batch, input_dim].
+      pc: Personalization code, [batch, pc_dim] (required).
+
+    Returns:
+      A list of `num_tasks` tensors, each [batch, expert_units[-1]].
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        num_experts: int = 4,
+        expert_units: Sequence[int] = (64,),
+        activation: Any = "relu",
+        gate_hidden_units: int = 32,
+        gate_scale: float = 2.0,
+        gate_stop_gradient: bool = False,
+        **kwargs,
+    ):
+        super().__init__(
+            num_tasks,
+            num_experts=num_experts,
+            expert_units=expert_units,
+            activation=activation,
+            **kwargs,
+        )
+        self._set_gate_options(gate_hidden_units, gate_scale, gate_stop_gradient)
+        self.expert_gate = self._make_gate(self.num_experts, name="expert_gate")
+
+    def _gate_expert_outputs(self, expert_outputs: tf.Tensor, pc: Any) -> tf.Tensor:
+        gate = self.expert_gate(_required_pc(pc, self))  # [batch, experts]
+        return gate[:, :, tf.newaxis] * expert_outputs
+
+    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
+        """{"experts": [g_1(pc), ..., g_N(pc)] of shape [batch, num_experts]}."""
+        return {"experts": self.expert_gate(_required_pc(pc, self))}
+
+    def get_config(self) -> Dict[str, Any]:
+        config = super().get_config()
+        config.update(self._gate_config())
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
+class FeatureGatedMoE(tf.keras.layers.Layer):
+    """Mixture of MLP experts gated on all features: y = sum_i softmax(W_g x)_i E_i(x).
+
+    The "all features" gating baseline of the POSO paper (Table 6): like POSO
+    it mixes several sub-networks, but the gate reads the whole input instead
+    of the personalization code. A drop-in replacement for `MLP`; it is a
+    single-task `MMoE` whose experts have the MLP's widths.
+
+    Args:
+      units: Layer widths of each expert MLP.
+      num_experts: Number of experts.
+      activation: Activation of the expert layers.
+
+    Call arguments:
+      x: [batch, input_dim].
+      pc: Ignored; accepted so that it is interchangeable with `MLP`/`PosoMLP`.
+
+    Returns:
+      [batch, units[-1]].
+    """
+
+    def __init__(
+        self,
+        units: Sequence[int],
+        num_experts: int = 4,
+        activation: Any = "relu",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.units = _positive_int_tuple(units, "units", self)
+        self.num_experts = _positive_int(num_experts, "num_experts", self)
+        self.activation = tf.keras.activations.get(activation)
+        self.mixture = MMoE(
+            num_tasks=1,
+            num_experts=self.num_experts,
+            expert_units=self.units,
+            activation=self.activation,
+            name="mixture",
+        )
+
+    def call(self, x: tf.Tensor, pc: Optional[tf.Tensor] = None) -> tf.Tensor:
+        del pc  # Gated on the features, not on the personalization code.
+        x = _tensor_of_rank(x, 2, "x", "[batch, input_dim]", self)
+        return self.mixture(x)[0]
+
+    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
+        """Personalized gate outputs by name; this layer has none."""
+        del pc
+        return {}
+
+    def get_config(self) -> Dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            units=list(self.units),
+            num_experts=self.num_experts,
+            activation=_serialize_activation(self.activation),
+        )
+        return config
+
+
+# --------------------------------------------------------------------------
+# Multi-head target attention and POSO(MHA).
+# --------------------------------------------------------------------------
+
+
+def _masked_multi_head_attention(
+    queries: tf.Tensor,
+    keys: tf.Tensor,
+    values: tf.Tensor,
+    mask: Optional[tf.Tensor],
+    num_heads: int,
+    head_dim: int,
+) -> tf.Tensor:
+    """Scaled dot-product attention of one query per row over a sequence.
+
+    queries [B, H*d], keys and values [B, L, H*d], mask [B, L] (True = real
+    item) -> [B, H*d], the heads' outputs concatenated. Masked positions get
+    zero weight; a row with no real position gets zeros.
+    """
+    batch_size, length = tf.shape(keys)[0], tf.shape(keys)[1]
+    queries = tf.reshape(queries, [batch_size, num_heads, head_dim])
+    keys = tf.reshape(keys, [batch_size, length, num_heads, head_dim])
+    values = tf.reshape(values, [batch_size, length, num_heads, head_dim])
+    logits = tf.einsum("bhd,blhd->bhl", queries, keys) / tf.cast(
+        math.sqrt(head_dim), queries.dtype
+    )
+    if mask is None:
+        weights = tf.nn.softmax(logits, axis=-1)
+    else:
+        real = tf.cast(mask, tf.bool)
+        # A finite fill (not -inf) keeps the softmax of fully padded rows
+        # NaN-free (it is uniform there); zeroing the padded values then makes
+        # those rows zero, and keeps padding that holds inf/NaN from leaking
+        # through a zero weight (0 * inf = NaN).
+        logits = tf.where(
+            real[:, tf.newaxis, :], logits, tf.constant(logits.dtype.min, logits.dtype)
+        )
+        weights = tf.nn.softmax(logits, axis=-1)
+        values = tf.where(real[:, :, tf.newaxis, tf.newaxis], values, tf.zeros_like(values))
+    outputs = tf.einsum("bhl,blhd->bhd", weights, values)
+    return tf.reshape(outputs, [batch_size, num_heads * head_dim])
+
+
+class _SequenceAttention(tf.keras.layers.Layer):
+    """Shared structure of the attention layers: Q = x W_q, K and V from the sequence.
+
+    Subclasses define how keys and values are projected (`_keys`, `_values`).
+    """
+
+    def __init__(self, num_heads: int = 2, head_dim: int = 16, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = _positive_int(num_heads, "num_heads", self)
+        self.head_dim = _positive_int(head_dim, "head_dim", self)
+        self.query_projection = tf.keras.layers.Dense(
+            self.width, use_bias=False, name="query"
+        )
+        self.key_projection = tf.keras.layers.Dense(self.width, use_bias=False, name="key")
+
+    @property
+    def width(self) -> int:
+        """Width of Q, K, V and of the output: num_heads * head_dim."""
+        return self.num_heads * self.head_dim
+
+    def call(
+        self,
+        query: tf.Tensor,
+        sequence: tf.Tensor,
+        mask: Optional[tf.Tensor] = None,
+        pc: Optional[tf.Tensor] = None,
+    ) -> tf.Tensor:
+        query = _tensor_of_rank(query, 2, "query", "[batch, query_dim]", self)
+        sequence = _tensor_of_rank(
+            sequence, 3, "sequence", "[batch, length, item_dim]", self
+        )
+        if mask is not None:
+            mask = _tensor_of_rank(mask, 2, "mask", "[batch, length] (bool)", self)
+        return _masked_multi_head_attention(
+            self.query_projection(query),
+            self._keys(sequence, pc),
+            self._values(sequence, pc),
+            mask,
+            self.num_heads,
+            self.head_dim,
+        )
+
+    def compute_mask(self, inputs, mask=None):
+        # `mask` masks the sequence, which the output no longer has: the output
+        # is one pooled vector per row. Without this Keras would reject `mask`.
+        return None
+
+    def _keys(self, sequence: tf.Tensor, pc: Any) -> tf.Tensor:
+        raise NotImplementedError
+
+    def _values(self, sequence: tf.Tensor, pc: Any) -> tf.Tensor:
+        raise NotImplementedError
+
+    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
+        """Personalized gate outputs by name; none unless a subclass adds gates."""
+        del pc
+        return {}
+
+    def get_config(self) -> Dict[str, Any]:
+        config = super().get_config()
+        config.update(num_heads=self.num_heads, head_dim=self.head_dim)
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
+class MultiHeadAttention(_SequenceAttention):
+    """Multi-head target attention over a behaviour sequence.
+
+    Q = x W_q, K = S W_k, V = S W_v (no biases); Q, K, V are split into
+    `num_heads` heads of `head_dim`, each head computes
+    softmax(Q_h K_h^T / sqrt(head_dim)) V_h over the real (unmasked) sequence
+    positions, and the heads' outputs are concatenated.
+
+    Args:
+      num_heads: Number of heads.
+      head_dim: Width of each head.
+
+    Call arguments:
+      query: Non-sequential features x, [batch, query_dim].
+      sequence: Behaviour sequence S, [batch, length, item_dim].
+      mask: Optional [batch, length] bool, True for real items. Padded positions
+        do not affect the output; fully padded rows give zeros.
+      pc: Ignored; accepted so that it is interchangeable with
+        `PosoMultiHeadAttention`.
+
+    Returns:
+      [batch, num_heads * head_dim].
+    """
+
+    def __init__(self, num_heads: int = 2, head_dim: int = 16, **kwargs):
+        super().__init__(num_heads=num_heads, head_dim=head_dim, **kwargs)
+        self.value_projection = tf.keras.layers.Dense(
+            self.width, use_bias=False, name="value"
+        )
+
+    def _keys(self, sequence: tf.Tensor, pc: Any) -> tf.Tensor:
+        return self.key_projection(sequence)
+
+    def _values(self, sequence: tf.Tensor, pc: Any) -> tf.Tensor:
+        return self.value_projection(sequence)
+
+
+@tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
+class PosoMultiHeadAttention(_PersonalizedGatesMixin, _SequenceAttention):
+    """POSO(MHA), Eq. 14: multi-head target attention with personalized K and V.
+
+        Q = x W_q
+        K = G_k(pc) * (S W_k)                       (G_k broadcast over positions)
+        V = sum_{i=1..N} g_i(pc) (S W_v^i)
+
+    G_k is a `PersonalizedGate` as wide as the keys; g_1..g_N are the N
+    outputs of one `PersonalizedGate` (scalar per value projection). Attention
+    itself is as in `MultiHeadAttention`.
+
+    Args:
+      num_heads: Number of heads.
+      head_dim: Width of each head.
+      num_value_projections: N, the number of value projections W_v^i.
+      gate_hidden_units: Hidden width of each gate.
+      gate_scale: C, the gates' upper bound.
+      gate_stop_gradient: Do not back-propagate from the gates into `pc`.
+
+    Call arguments:
+      query: Non-sequential features x, [batch, query_dim].
+      sequence: Behaviour sequence S, [batch, length, item_dim].
+      mask: Optional [batch, length] bool, True for real items.
+      pc: Personalization code, [batch, pc_dim] (required).
+
+    Returns:
+      [batch, num_heads * head_dim].
+    """
+
+    def __init__(
+        self,
+        num_heads: int = 2,
+        head_dim: int = 16,
+        num_value_projections: int = 4,
+        gate_hidden_units: int = 32,
+        gate_scale: float = 2.0,
+        gate_stop_gradient: bool = False,
+        **kwargs,
+    ):
+        super().__init__(num_heads=num_heads, head_dim=head_dim, **kwargs)
+        self.num_value_projections = _positive_int(
+            num_value_projections, "num_value_projections", self
+        )
+        self._set_gate_options(gate_hidden_units, gate_scale, gate_stop_gradient)
+        self.value_projections = [
+            tf.keras.layers.Dense(self.width, use_bias=False, name=f"value_{i}")
+            for i in range(self.num_value_projections)
+        ]
+        self.key_gate = self._make_gate(self.width, name="key_gate")
+        self.value_gate = self._make_gate(self.num_value_projections, name="value_gate")
+
+    def _keys(self, sequence: tf.Tensor, pc: Any) -> tf.Tensor:
+        gate = self.key_gate(_required_pc(pc, self))  # [batch, width]
+        return gate[:, tf.newaxis, :] * self.key_projection(sequence)
+
+    def _values(self, sequence: tf.Tensor, pc: Any) -> tf.Tensor:
+        gate = self.value_gate(_required_pc(pc, self))  # [batch, N]
+        projections = tf.stack([project(sequence) for project in self.value_projections], 2)
+        return tf.einsum("bn,blnw->blw", gate, projections)
+
+    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
+        """{"keys": G_k(pc) [batch, num_heads*head_dim], "values": g(pc) [batch, N]}."""
+        pc = _required_pc(pc, self)
+        return {"keys": self.key_gate(pc), "values": self.value_gate(pc)}
+
+    def get_config(self) -> Dict[str, Any]:
+        config = super().get_config()
+        config.update(num_value_projections=self.num_value_projections)
+        config.update(self._gate_config())
+        return config
+
+
+# --------------------------------------------------------------------------
+# Building a layer by kind.
+# --------------------------------------------------------------------------
+
+MLP_KINDS = ("plain", "poso", "moe")
+ATTENTION_KINDS = ("plain", "poso")
+MMOE_KINDS = ("plain", "poso")
+
+
+def _check_kind(kind: str, valid_kinds: Sequence[str], factory: str) -> None:
+    if kind not in valid_kinds:
+        raise ValueError(
+            f"{factory}: unknown kind {kind!r}; valid kinds are {', '.join(valid_kinds)}."
+        )
+
+
+def make_mlp(
+    kind: str,
+    units: Sequence[int],
+    activation: Any = "relu",
+    *,
+    gate_hidden_units: int = 32,
+    gate_scale: float = 2.0,
+    gate_stop_gradient: bool = False,
+    num_experts: int = 4,
+    **layer_kwargs,
+) -> tf.keras.layers.Layer:
+    """Builds an MLP-like layer: "plain" `MLP`, "poso" `PosoMLP`, "moe" `FeatureGatedMoE`.
+
+    Options that the chosen kind does not use (gate options for "plain"/"moe",
+    `num_experts` for "plain"/"poso") are ignored, so callers can pass one set
+    of options whatever the kind. `layer_kwargs` (e.g. `name`) go to the layer.
+    """
+    _check_kind(kind, MLP_KINDS, "make_mlp")
+    if kind == "plain":
+        return MLP(units, activation=activation, **layer_kwargs)
+    if kind == "poso":
+        return PosoMLP(
+            units,
+            activation=activation,
+            gate_hidden_units=gate_hidden_units,
+            gate_scale=gate_scale,
+            gate_stop_gradient=gate_stop_gradient,
+            **layer_kwargs,
+        )
+    return FeatureGatedMoE(
+        units, num_experts=num_experts, activation=activation, **layer_kwargs
+    )
+
+
+def make_attention(
+    kind: str,
+    num_heads: int = 2,
+    head_dim: int = 16,
+    *,
+    num_value_projections: int = 4,
+    gate_hidden_units: int = 32,
+    gate_scale: float = 2.0,
+    gate_stop_gradient: bool = False,
+    **layer_kwargs,
+) -> tf.keras.layers.Layer:
+    """Builds "plain" `MultiHeadAttention` or "poso" `PosoMultiHeadAttention`.
+
+    POSO-only options are ignored for "plain".
+    """
+    _check_kind(kind, ATTENTION_KINDS, "make_attention")
+    if kind == "plain":
+        return MultiHeadAttention(num_heads=num_heads, head_dim=head_dim, **layer_kwargs)
+    return PosoMultiHeadAttention(
+        num_heads=num_heads,
+        head_dim=head_dim,
+        num_value_projections=num_value_projections,
+        gate_hidden_units=gate_hidden_units,
+        gate_scale=gate_scale,
+        gate_stop_gradient=gate_stop_gradient,
+        **layer_kwargs,
+    )
+
+
+def make_mmoe(
+    kind: str,
+    num_tasks: int,
+    num_experts: int = 4,
+    expert_units: Sequence[int] = (64,),
+    activation: Any = "relu",
+    *,
+    gate_hidden_units: int = 32,
+    gate_scale: float = 2.0,
+    gate_stop_gradient: bool = False,
+    **layer_kwargs,
+) -> tf.keras.layers.Layer:
+    """Builds "plain" `MMoE` or "poso" `PosoMMoE`; gate options are ignored for "plain"."""
+    _check_kind(kind, MMOE_KINDS, "make_mmoe")
+    common = dict(
+        num_experts=num_experts, expert_units=expert_units, activation=activation
+    )
+    if kind == "plain":
+        return MMoE(num_tasks, **common, **layer_kwargs)
+    return PosoMMoE(
+        num_tasks,
+        **common,
+        gate_hidden_units=gate_hidden_units,
+        gate_scale=gate_scale,
+        gate_stop_gradient=gate_stop_gradient,
+        **layer_kwargs,
+    )

@@ -1,0 +1,580 @@
+"""Tests for models.layers: POSO modules against their equations and plain counterparts."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import layers
+
+BATCH, INPUT_DIM, PC_DIM, LENGTH, ITEM_DIM = 5, 6, 3, 7, 4
+NUM_HEADS, HEAD_DIM = 2, 3
+
+# Row 0 has padding at the end, row 1 is full, row 2 fully padded, rows 3-4 mixed.
+MASK = np.array(
+    [
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1],
+        [0, 0, 0, 0, 0, 0, 0],
+        [0, 1, 0, 1, 1, 0, 1],
+        [1, 0, 0, 0, 0, 0, 0],
+    ],
+    dtype=bool,
+)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+@pytest.fixture
+def inputs(rng):
+    return {
+        "x": rng.normal(size=(BATCH, INPUT_DIM)).astype(np.float32),
+        "pc": rng.normal(size=(BATCH, PC_DIM)).astype(np.float32),
+        "sequence": rng.normal(size=(BATCH, LENGTH, ITEM_DIM)).astype(np.float32),
+        "mask": MASK,
+    }
+
+
+# ---------------------------------------------------------------------------
+# NumPy references.
+# ---------------------------------------------------------------------------
+
+
+def relu(v):
+    return np.maximum(v, 0.0)
+
+
+def sigmoid(v):
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+def softmax(v, axis=-1):
+    e = np.exp(v - v.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def dense_np(dense, v, activation=None):
+    out = v @ dense.kernel.numpy()
+    if dense.use_bias:
+        out = out + dense.bias.numpy()
+    return activation(out) if activation else out
+
+
+def gate_np(gate, pc):
+    hidden = dense_np(gate.hidden_layer, pc, relu)
+    return gate.scale * sigmoid(dense_np(gate.logit_layer, hidden))
+
+
+def attention_np(q, k, v, mask, num_heads, head_dim):
+    """One query per row; per-head masked softmax; heads concatenated."""
+    batch, length, _ = k.shape
+    q = q.reshape(batch, num_heads, head_dim)
+    k = k.reshape(batch, length, num_heads, head_dim)
+    v = v.reshape(batch, length, num_heads, head_dim)
+    out = np.zeros((batch, num_heads, head_dim))
+    for b in range(batch):
+        real = np.flatnonzero(mask[b])
+        if real.size == 0:
+            continue  # Fully padded row: zeros.
+        for h in range(num_heads):
+            logits = k[b, real, h] @ q[b, h] / np.sqrt(head_dim)
+            out[b, h] = softmax(logits) @ v[b, real, h]
+    return out.reshape(batch, num_heads * head_dim)
+
+
+# ---------------------------------------------------------------------------
+# Helpers.
+# ---------------------------------------------------------------------------
+
+
+def call_layer(layer, inputs, **overrides):
+    """Calls any layer of the module with the arguments it takes."""
+    args = {**inputs, **overrides}
+    if isinstance(layer, layers.PersonalizedGate):
+        return layer(args["pc"])
+    if isinstance(layer, (layers.MultiHeadAttention, layers.PosoMultiHeadAttention)):
+        return layer(args["x"], args["sequence"], mask=args["mask"], pc=args["pc"])
+    return layer(args["x"], pc=args["pc"])
+
+
+def to_numpy(outputs):
+    return [np.asarray(o) for o in tf.nest.flatten(outputs)]
+
+
+def assert_outputs_equal(actual, expected, atol=0.0):
+    actual, expected = to_numpy(actual), to_numpy(expected)
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(a, e, rtol=0.0, atol=atol)
+
+
+def fix_gate_at_one(gate):
+    """Makes the gate output exactly 1: zero last kernel, bias = logit(1 / C)."""
+    kernel = np.zeros_like(gate.logit_layer.kernel.numpy())
+    bias = np.full_like(gate.logit_layer.bias.numpy(), np.log(1.0 / (gate.scale - 1.0)))
+    gate.logit_layer.set_weights([kernel, bias])
+
+
+def randomize_weights(layer, rng):
+    """Replaces every weight (e.g. zero-initialized biases) with random values."""
+    layer.set_weights([rng.normal(size=w.shape).astype(np.float32) for w in layer.get_weights()])
+
+
+# Small, non-default configurations of every layer.
+LAYER_FACTORIES = {
+    "gate": lambda: layers.PersonalizedGate(4, hidden_units=5, scale=3.0),
+    "mlp": lambda: layers.MLP([8, 4], activation="tanh"),
+    "poso_mlp": lambda: layers.PosoMLP([8, 4], gate_hidden_units=5, gate_scale=3.0),
+    "moe": lambda: layers.FeatureGatedMoE([8, 4], num_experts=3),
+    "attention": lambda: layers.MultiHeadAttention(NUM_HEADS, HEAD_DIM),
+    "poso_attention": lambda: layers.PosoMultiHeadAttention(
+        NUM_HEADS, HEAD_DIM, num_value_projections=3, gate_hidden_units=5
+    ),
+    "mmoe": lambda: layers.MMoE(2, num_experts=3, expert_units=(8, 4)),
+    "poso_mmoe": lambda: layers.PosoMMoE(
+        2, num_experts=3, expert_units=(8, 4), gate_stop_gradient=True
+    ),
+}
+
+
+# ---------------------------------------------------------------------------
+# The personalized gate.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [2.0, 3.5])
+def test_gate_matches_equation_and_stays_in_range(inputs, rng, scale):
+    gate = layers.PersonalizedGate(6, hidden_units=5, scale=scale)
+    gate(inputs["pc"])
+    randomize_weights(gate, rng)
+
+    outputs = gate(inputs["pc"]).numpy()
+
+    np.testing.assert_allclose(outputs, gate_np(gate, inputs["pc"]), rtol=1e-5, atol=1e-6)
+    assert outputs.shape == (BATCH, 6)
+    assert np.all(outputs > 0.0) and np.all(outputs < scale)
+
+
+def test_gate_stays_within_bounds_for_huge_inputs(inputs, rng):
+    gate = layers.PersonalizedGate(6, hidden_units=5)
+    gate(inputs["pc"])
+    randomize_weights(gate, rng)
+
+    outputs = gate(inputs["pc"] * 1e6).numpy()
+
+    assert np.all(np.isfinite(outputs))
+    assert np.all(outputs >= 0.0) and np.all(outputs <= 2.0)
+    # Saturated on both sides, so the bounds really are exercised.
+    assert outputs.min() == 0.0 and outputs.max() == 2.0
+
+
+def test_untrained_gate_is_close_to_one(inputs):
+    outputs = layers.PersonalizedGate(6)(inputs["pc"] * 0.01).numpy()
+    np.testing.assert_allclose(outputs, 1.0, atol=0.05)
+
+
+# ---------------------------------------------------------------------------
+# POSO layers against their equations.
+# ---------------------------------------------------------------------------
+
+
+def test_poso_mlp_matches_eq_11(inputs, rng):
+    layer = layers.PosoMLP([8, 5, 4], gate_hidden_units=6)
+    layer(inputs["x"], pc=inputs["pc"])
+    randomize_weights(layer, rng)
+
+    hidden = inputs["x"]
+    for dense, gate in zip(layer.dense_layers, layer.layer_gates):
+        hidden = gate_np(gate, inputs["pc"]) * dense_np(dense, hidden, relu)
+
+    np.testing.assert_allclose(
+        layer(inputs["x"], pc=inputs["pc"]).numpy(), hidden, rtol=1e-5, atol=1e-5
+    )
+    gates = layer.gates(inputs["pc"])
+    assert sorted(gates) == ["layer_0", "layer_1", "layer_2"]
+    for name, gate in zip(sorted(gates), layer.layer_gates):
+        np.testing.assert_allclose(gates[name], gate_np(gate, inputs["pc"]), rtol=1e-5)
+
+
+def test_poso_attention_matches_eq_14(inputs, rng):
+    layer = layers.PosoMultiHeadAttention(NUM_HEADS, HEAD_DIM, num_value_projections=3)
+    call_layer(layer, inputs)
+    randomize_weights(layer, rng)
+    pc, seq = inputs["pc"], inputs["sequence"]
+
+    queries = dense_np(layer.query_projection, inputs["x"])
+    keys = gate_np(layer.key_gate, pc)[:, None, :] * dense_np(layer.key_projection, seq)
+    value_gates = gate_np(layer.value_gate, pc)
+    values = sum(
+        value_gates[:, i, None, None] * dense_np(projection, seq)
+        for i, projection in enumerate(layer.value_projections)
+    )
+    expected = attention_np(queries, keys, values, MASK, NUM_HEADS, HEAD_DIM)
+
+    outputs = call_layer(layer, inputs).numpy()
+
+    assert outputs.shape == (BATCH, NUM_HEADS * HEAD_DIM)
+    np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-5)
+    gates = layer.gates(pc)
+    np.testing.assert_allclose(gates["keys"], gate_np(layer.key_gate, pc), rtol=1e-5)
+    np.testing.assert_allclose(gates["values"], value_gates, rtol=1e-5)
+    assert gates["values"].shape == (BATCH, 3)
+
+
+def test_poso_mmoe_matches_eq_17(inputs, rng):
+    layer = layers.PosoMMoE(num_tasks=2, num_experts=3, expert_units=(8, 4))
+    layer(inputs["x"], pc=inputs["pc"])
+    randomize_weights(layer, rng)
+    x, pc = inputs["x"], inputs["pc"]
+
+    expert_gates = gate_np(layer.expert_gate, pc)  # [B, E]
+    experts = np.stack(
+        [
+            dense_np(expert.dense_layers[1], dense_np(expert.dense_layers[0], x, relu), relu)
+            for expert in layer.experts
+        ],
+        axis=1,
+    )
+    expected = [
+        np.einsum("be,be,bed->bd", softmax(dense_np(task_gate, x)), expert_gates, experts)
+        for task_gate in layer.task_gates
+    ]
+
+    outputs = layer(x, pc=pc)
+
+    assert len(outputs) == 2
+    for output, want in zip(outputs, expected):
+        np.testing.assert_allclose(output.numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.gates(pc)["experts"], expert_gates, rtol=1e-5)
+
+
+def test_feature_gated_moe_matches_equation(inputs, rng):
+    layer = layers.FeatureGatedMoE([8, 4], num_experts=3)
+    layer(inputs["x"])
+    randomize_weights(layer, rng)
+    x = inputs["x"]
+    mixture = layer.mixture
+
+    experts = np.stack(
+        [
+            dense_np(expert.dense_layers[1], dense_np(expert.dense_layers[0], x, relu), relu)
+            for expert in mixture.experts
+        ],
+        axis=1,
+    )
+    weights = softmax(dense_np(mixture.task_gates[0], x))
+    expected = np.einsum("be,bed->bd", weights, experts)
+
+    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert layer.gates(inputs["pc"]) == {}
+
+
+# ---------------------------------------------------------------------------
+# With every gate fixed at 1, POSO layers equal their plain counterparts.
+# ---------------------------------------------------------------------------
+
+
+def _mlp_pair(inputs):
+    poso, plain = layers.PosoMLP([8, 4]), layers.MLP([8, 4])
+    for layer in (poso, plain):
+        call_layer(layer, inputs)
+    for poso_dense, plain_dense in zip(poso.dense_layers, plain.dense_layers):
+        plain_dense.set_weights(poso_dense.get_weights())
+    return poso, plain, poso.layer_gates
+
+
+def _attention_pair(inputs):
+    poso = layers.PosoMultiHeadAttention(NUM_HEADS, HEAD_DIM, num_value_projections=3)
+    plain = layers.MultiHeadAttention(NUM_HEADS, HEAD_DIM)
+    for layer in (poso, plain):
+        call_layer(layer, inputs)
+    plain.query_projection.set_weights(poso.query_projection.get_weights())
+    plain.key_projection.set_weights(poso.key_projection.get_weights())
+    # sum_i W_v^i = W_v exactly: the first projection is W_v, the others zero.
+    plain.value_projection.set_weights(poso.value_projections[0].get_weights())
+    for projection in poso.value_projections[1:]:
+        projection.set_weights([np.zeros_like(w) for w in projection.get_weights()])
+    return poso, plain, [poso.key_gate, poso.value_gate]
+
+
+def _mmoe_pair(inputs):
+    poso = layers.PosoMMoE(2, num_experts=3, expert_units=(8, 4))
+    plain = layers.MMoE(2, num_experts=3, expert_units=(8, 4))
+    for layer in (poso, plain):
+        call_layer(layer, inputs)
+    for poso_part, plain_part in zip(
+        poso.experts + poso.task_gates, plain.experts + plain.task_gates
+    ):
+        plain_part.set_weights(poso_part.get_weights())
+    return poso, plain, [poso.expert_gate]
+
+
+@pytest.mark.parametrize("make_pair", [_mlp_pair, _attention_pair, _mmoe_pair])
+def test_poso_equals_plain_when_gates_are_one(inputs, rng, make_pair):
+    poso, plain, gates = make_pair(inputs)
+    for gate in gates:
+        randomize_weights(gate, rng)
+    # Sanity check: random gates make a difference.
+    assert not np.allclose(
+        to_numpy(call_layer(poso, inputs))[0], to_numpy(call_layer(plain, inputs))[0]
+    )
+
+    for gate in gates:
+        fix_gate_at_one(gate)
+
+    for values in poso.gates(inputs["pc"]).values():
+        np.testing.assert_array_equal(values.numpy(), 1.0)
+    # Same arithmetic, so equal exactly (not merely within tolerance).
+    assert_outputs_equal(call_layer(poso, inputs), call_layer(plain, inputs))
+
+
+def test_plain_layers_have_no_gates(inputs):
+    for layer in (layers.MLP([4]), layers.MultiHeadAttention(), layers.MMoE(2)):
+        assert layer.gates(inputs["pc"]) == {}
+
+
+# ---------------------------------------------------------------------------
+# Masking.
+# ---------------------------------------------------------------------------
+
+ATTENTION_NAMES = ["attention", "poso_attention"]
+
+
+@pytest.mark.parametrize("name", ATTENTION_NAMES)
+def test_padded_positions_do_not_change_attention(inputs, rng, name):
+    layer = LAYER_FACTORIES[name]()
+    before = call_layer(layer, inputs).numpy()
+
+    changed = inputs["sequence"].copy()
+    changed[~MASK] = rng.normal(size=changed[~MASK].shape) * 100.0
+    after = call_layer(layer, inputs, sequence=changed).numpy()
+    changed[~MASK] = np.inf  # Even non-finite padding must not leak.
+    after_inf = call_layer(layer, inputs, sequence=changed).numpy()
+
+    np.testing.assert_array_equal(after, before)
+    np.testing.assert_array_equal(after_inf, before)
+    # Whereas changing a real position does change the output.
+    changed = inputs["sequence"].copy()
+    changed[1, 0] += 1.0
+    assert not np.allclose(call_layer(layer, inputs, sequence=changed).numpy()[1], before[1])
+
+
+@pytest.mark.parametrize("name", ATTENTION_NAMES)
+def test_fully_padded_rows_give_zeros_and_finite_gradients(inputs, name):
+    layer = LAYER_FACTORIES[name]()
+    sequence = tf.constant(inputs["sequence"])
+    with tf.GradientTape() as tape:
+        tape.watch(sequence)
+        outputs = call_layer(layer, inputs, sequence=sequence)
+    gradient = tape.gradient(outputs, sequence).numpy()
+
+    fully_padded = ~MASK.any(axis=1)
+    assert fully_padded.any()
+    np.testing.assert_array_equal(outputs.numpy()[fully_padded], 0.0)
+    assert np.all(np.isfinite(outputs.numpy()))
+    assert np.all(np.isfinite(gradient))
+    assert np.all(np.abs(outputs.numpy()[~fully_padded]).sum(axis=1) > 0.0)
+
+
+def test_attention_without_mask_uses_every_position(inputs):
+    layer = layers.MultiHeadAttention(NUM_HEADS, HEAD_DIM)
+    everything = np.ones_like(MASK)
+    np.testing.assert_allclose(
+        call_layer(layer, inputs, mask=None).numpy(),
+        call_layer(layer, inputs, mask=everything).numpy(),
+        rtol=1e-6,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Stop-gradient on the personalization code.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop_gradient", [True, False])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda sg: layers.PersonalizedGate(4, stop_gradient=sg),
+        lambda sg: layers.PosoMLP([8, 4], gate_stop_gradient=sg),
+        lambda sg: layers.PosoMultiHeadAttention(NUM_HEADS, HEAD_DIM, gate_stop_gradient=sg),
+        lambda sg: layers.PosoMMoE(2, expert_units=(4,), gate_stop_gradient=sg),
+    ],
+    ids=["gate", "poso_mlp", "poso_attention", "poso_mmoe"],
+)
+def test_stop_gradient_blocks_gradient_to_pc(inputs, build, stop_gradient):
+    layer = build(stop_gradient)
+    pc = tf.constant(inputs["pc"])
+    with tf.GradientTape() as tape:
+        tape.watch(pc)
+        outputs = tf.nest.flatten(call_layer(layer, inputs, pc=pc))
+        loss = tf.add_n([tf.reduce_sum(output) for output in outputs])
+    gradient = tape.gradient(loss, pc, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    if stop_gradient:
+        np.testing.assert_array_equal(gradient.numpy(), 0.0)
+    else:
+        assert np.abs(gradient.numpy()).sum() > 0.0
+
+
+# ---------------------------------------------------------------------------
+# Serialization, tf.function and SavedModel.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_FACTORIES))
+def test_config_round_trip(inputs, rng, name):
+    layer = LAYER_FACTORIES[name]()
+    call_layer(layer, inputs)
+    randomize_weights(layer, rng)
+    config = layer.get_config()
+
+    clone = type(layer).from_config(config)
+    deserialized = tf.keras.layers.deserialize(tf.keras.layers.serialize(layer))
+
+    for copy in (clone, deserialized):
+        assert type(copy) is type(layer)
+        assert copy.get_config() == config
+        call_layer(copy, inputs)
+        copy.set_weights(layer.get_weights())
+        assert_outputs_equal(call_layer(copy, inputs), call_layer(layer, inputs))
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_FACTORIES))
+def test_runs_in_tf_function(inputs, name):
+    layer = LAYER_FACTORIES[name]()
+    eager = call_layer(layer, inputs)
+    tensors = {key: tf.constant(value) for key, value in inputs.items()}
+
+    graph = tf.function(lambda args: call_layer(layer, args))(tensors)
+
+    assert_outputs_equal(graph, eager, atol=1e-6)
+
+
+def make_keras_inputs():
+    return {
+        "x": tf.keras.Input((INPUT_DIM,), name="x"),
+        "pc": tf.keras.Input((PC_DIM,), name="pc"),
+        "sequence": tf.keras.Input((LENGTH, ITEM_DIM), name="sequence"),
+        "mask": tf.keras.Input((LENGTH,), dtype=tf.bool, name="mask"),
+    }
+
+
+def test_saved_model_round_trip(inputs, tmp_path):
+    keras_inputs = make_keras_inputs()
+    # Every layer in one model keeps the test fast (one save, one load).
+    outputs = {
+        name: call_layer(factory(), keras_inputs) for name, factory in LAYER_FACTORIES.items()
+    }
+    model = tf.keras.Model(keras_inputs, outputs)
+    expected = model(inputs)
+
+    tf.saved_model.save(model, str(tmp_path / "model"))
+    loaded = tf.saved_model.load(str(tmp_path / "model"))
+
+    restored = loaded({key: tf.constant(value) for key, value in inputs.items()})
+    assert sorted(restored) == sorted(LAYER_FACTORIES)
+    for name in LAYER_FACTORIES:
+        assert_outputs_equal(restored[name], expected[name], atol=1e-6)
+
+
+def test_keras_saved_model_restores_the_layer_classes(inputs, tmp_path):
+    keras_inputs = make_keras_inputs()
+    attention, mmoe = LAYER_FACTORIES["poso_attention"](), LAYER_FACTORIES["poso_mmoe"]()
+    model = tf.keras.Model(
+        keras_inputs,
+        [call_layer(attention, keras_inputs), *call_layer(mmoe, keras_inputs)],
+    )
+
+    model.save(str(tmp_path / "model"))
+    # No custom_objects: the layers are registered as Keras serializables.
+    loaded = tf.keras.models.load_model(str(tmp_path / "model"))
+
+    restored_types = {type(layer) for layer in loaded.layers}
+    assert {layers.PosoMultiHeadAttention, layers.PosoMMoE} <= restored_types
+    assert_outputs_equal(loaded(inputs), model(inputs), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Factories and bad input.
+# ---------------------------------------------------------------------------
+
+
+# Each factory with every option, including those its plain kinds ignore.
+FACTORIES = {
+    "make_mlp": lambda kind: layers.make_mlp(kind, [4], gate_scale=3.0, num_experts=2),
+    "make_attention": lambda kind: layers.make_attention(kind, 2, 3, gate_scale=3.0),
+    "make_mmoe": lambda kind: layers.make_mmoe(kind, 2, gate_scale=3.0),
+}
+
+
+@pytest.mark.parametrize(
+    "factory, kind, expected_type",
+    [
+        ("make_mlp", "plain", layers.MLP),
+        ("make_mlp", "poso", layers.PosoMLP),
+        ("make_mlp", "moe", layers.FeatureGatedMoE),
+        ("make_attention", "plain", layers.MultiHeadAttention),
+        ("make_attention", "poso", layers.PosoMultiHeadAttention),
+        ("make_mmoe", "plain", layers.MMoE),
+        ("make_mmoe", "poso", layers.PosoMMoE),
+    ],
+)
+def test_factories_build_the_requested_kind(inputs, factory, kind, expected_type):
+    layer = FACTORIES[factory](kind)
+    assert type(layer) is expected_type
+    if hasattr(layer, "gate_scale"):
+        assert layer.gate_scale == 3.0
+    call_layer(layer, inputs)  # Plain and POSO are called the same way.
+
+
+@pytest.mark.parametrize(
+    "factory, valid",
+    [
+        (lambda: layers.make_mlp("posso", [4]), "plain, poso, moe"),
+        (lambda: layers.make_attention("moe"), "plain, poso"),
+        (lambda: layers.make_mmoe("moe", 2), "plain, poso"),
+    ],
+)
+def test_factories_reject_unknown_kinds(factory, valid):
+    with pytest.raises(ValueError, match=f"valid kinds are {valid}"):
+        factory()
+
+
+def test_poso_layers_require_pc(inputs):
+    for name in ("poso_mlp", "poso_attention", "poso_mmoe"):
+        with pytest.raises(ValueError, match="needs the personalization code"):
+            call_layer(LAYER_FACTORIES[name](), inputs, pc=None)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: layers.MLP([]), "`units` must be a non-empty sequence"),
+        (lambda: layers.MLP([4, 0]), "`units` must be a positive integer"),
+        (lambda: layers.PosoMLP([4], gate_scale=-1.0), "`gate_scale` must be a positive"),
+        (lambda: layers.PersonalizedGate(4, hidden_units=2.5), "`hidden_units`"),
+        (lambda: layers.MultiHeadAttention(num_heads=0), "`num_heads`"),
+        (lambda: layers.PosoMultiHeadAttention(num_value_projections=0), "num_value_projections"),
+        (lambda: layers.MMoE(num_tasks=0), "`num_tasks`"),
+        (lambda: layers.FeatureGatedMoE([4], num_experts=0), "`num_experts`"),
+    ],
+)
+def test_bad_arguments_are_rejected(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_bad_input_ranks_are_rejected(inputs):
+    attention = layers.PosoMultiHeadAttention(NUM_HEADS, HEAD_DIM, name="history")
+    with pytest.raises(ValueError, match=r"'history': `sequence` must have shape"):
+        call_layer(attention, inputs, sequence=inputs["x"])
+    with pytest.raises(ValueError, match=r"`mask` must have shape"):
+        call_layer(attention, inputs, mask=MASK[:, :, None])
+    with pytest.raises(ValueError, match=r"`pc` must have shape"):
+        call_layer(layers.PosoMLP([4]), inputs, pc=inputs["pc"][:, 0])
+    for layer in (layers.MMoE(2), layers.FeatureGatedMoE([4], name="tower")):
+        with pytest.raises(ValueError, match=rf"'{layer.name}': `x` must have shape"):
+            call_layer(layer, inputs, x=inputs["sequence"])
