@@ -32,7 +32,6 @@ from serving import warmup as warmup_lib
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 STAMPED_MODEL_DIR = "stamped_model"   # where Pusher looks for a model inside an InfraBlessing
 SERVING_SIGNATURE = "serving_default"
-VALIDATION_MODEL_NAME = "infra_validation"
 
 
 def sample_request_examples(examples: types.Artifact, count: int) -> List[bytes]:
@@ -54,7 +53,7 @@ def sample_request_examples(examples: types.Artifact, count: int) -> List[bytes]
     return out
 
 
-def validate_model_in_server(model_dir: str, request_examples: List[bytes]) -> Dict[str, Any]:
+def validate_model_in_server(model_dir: str, model_name: str, request_examples: List[bytes]) -> Dict[str, Any]:
     """Serves `model_dir` with the project's server and checks it answers every request.
 
     Returns a report; raises RuntimeError naming what failed.
@@ -64,10 +63,9 @@ def validate_model_in_server(model_dir: str, request_examples: List[bytes]) -> D
     tasks = [t.name for t in specs.TASKS]
     with tempfile.TemporaryDirectory() as base:
         os.symlink(os.path.abspath(model_dir), os.path.join(base, "1"))
-        handle = server.start_in_background(model_base=base, model_name=VALIDATION_MODEL_NAME,
-                                            grpc_port=0, rest_port=0)
+        handle = server.start_in_background(model_base=base, model_name=model_name, grpc_port=0, rest_port=None)
         try:
-            outputs = client.predict_grpc(f"127.0.0.1:{handle.grpc_port}", VALIDATION_MODEL_NAME,
+            outputs = client.predict_grpc(f"127.0.0.1:{handle.grpc_port}", model_name,
                                           examples=request_examples, signature_name=SERVING_SIGNATURE)
         finally:
             handle.stop()
@@ -84,7 +82,7 @@ def validate_model_in_server(model_dir: str, request_examples: List[bytes]) -> D
 
 
 class ServingInfraValidatorSpec(ComponentSpec):
-    PARAMETERS = {"num_requests": ExecutionParameter(type=int)}
+    PARAMETERS = {"num_requests": ExecutionParameter(type=int), "model_name": ExecutionParameter(type=str)}
     INPUTS = {"model": ChannelParameter(type=standard_artifacts.Model),
               "examples": ChannelParameter(type=standard_artifacts.Examples)}
     OUTPUTS = {"blessing": ChannelParameter(type=standard_artifacts.InfraBlessing)}
@@ -98,12 +96,13 @@ class Executor(base_executor.BaseExecutor):
         blessing = artifact_utils.get_single_instance(output_dict["blessing"])
         model_dir = path_utils.serving_model_path(model.uri, path_utils.is_old_model_artifact(model))
         requests = sample_request_examples(examples, int(exec_properties["num_requests"]))
+        model_name = exec_properties["model_name"]
         stamped = os.path.join(blessing.uri, STAMPED_MODEL_DIR)
         shutil.copytree(model_dir, stamped, dirs_exist_ok=True)
         warmup_lib.write_warmup_requests(os.path.join(stamped, WARMUP_FILE), requests,
-                                         model_name=VALIDATION_MODEL_NAME, signature_name=SERVING_SIGNATURE)
+                                         model_name=model_name, signature_name=SERVING_SIGNATURE)
         try:
-            report = validate_model_in_server(stamped, requests)
+            report = validate_model_in_server(stamped, model_name, requests)
         except Exception as error:  # any failure to load or answer means: not blessed
             logging.error("Infra validation failed for %s: %s", model_dir, error)
             with open(os.path.join(blessing.uri, "INFRA_NOT_BLESSED"), "w") as f:
@@ -124,9 +123,10 @@ class ServingInfraValidator(base_component.BaseComponent):
     SPEC_CLASS = ServingInfraValidatorSpec
     EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(Executor)
 
-    def __init__(self, model: types.BaseChannel, examples: types.BaseChannel, num_requests: int = 16):
+    def __init__(self, model: types.BaseChannel, examples: types.BaseChannel, model_name: str,
+                 num_requests: int = 16):
         super().__init__(spec=ServingInfraValidatorSpec(
-            model=model, examples=examples, num_requests=num_requests,
+            model=model, examples=examples, num_requests=num_requests, model_name=model_name,
             blessing=types.Channel(type=standard_artifacts.InfraBlessing)))
 
 

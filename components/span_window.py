@@ -86,7 +86,9 @@ class SpanWindowStrategy(resolver.ResolverStrategy):
                     f"{_date(self._last)}, have {len(result[key])}; missing or invalid: {', '.join(missing)}"
                     + (f" ({'; '.join(problems)})" if problems else "")
                     + ". Ingest the missing days (poso backfill) or lower --min-train-days.")
-        result.pop("anomalies", None)
+        if "anomalies" in input_dict:  # every input key must be answered; keep the verdicts of the kept spans
+            kept = {a.span for artifacts in result.values() for a in artifacts}
+            result["anomalies"] = [anomalies[s] for s in sorted(kept) if s in anomalies]
         return result
 
 

@@ -2,34 +2,38 @@
 
 from __future__ import annotations
 
-import json
-
+from tfx import v1 as _tfx  # noqa: F401  (registers TFMA's config protos under tfma.*)
 import tensorflow_model_analysis as tfma
 
 from feature_specs import specs
+from models import metrics
 from pipeline import config as config_lib
 
-GAUC_METRIC = "GroupedAUC"  # class in models.metrics (TFMA has no grouped AUC)
-GAUC_MODULE = "models.metrics"
+GAUC_METRIC = metrics.GAUC_NAME  # our TFMA custom metric: TFMA has no grouped AUC
 SLICE_KEYS = (specs.USER_GROUP, specs.AVC_BUCKET)
 
 
 def _metrics(primary: bool):
-    auc_floor = tfma.MetricThreshold(value_threshold=tfma.GenericValueThreshold(
-        lower_bound={"value": config_lib.AUC_FLOOR}))
+    # The floor holds overall only: small slices of a day are too noisy for a hard floor.
+    auc = tfma.MetricConfig(class_name="AUC")
+    auc.per_slice_thresholds.add(
+        slicing_specs=[tfma.SlicingSpec()],
+        threshold=tfma.MetricThreshold(value_threshold=tfma.GenericValueThreshold(
+            lower_bound={"value": config_lib.AUC_FLOOR})))
+    gauc = metrics.gauc_metric_config(group_key=specs.USER_ID)
+    if primary:  # new users' GAUC may not fall much below the last blessed model's
+        gauc.per_slice_thresholds.add(
+            slicing_specs=[tfma.SlicingSpec(feature_values={specs.USER_GROUP: "new"})],
+            threshold=tfma.MetricThreshold(change_threshold=tfma.GenericChangeThreshold(
+                direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+                absolute={"value": -config_lib.MAX_NEW_USER_GAUC_DROP})))
     return [
         tfma.MetricConfig(class_name="ExampleCount"),
-        tfma.MetricConfig(class_name="AUC", threshold=auc_floor),
+        auc,
         tfma.MetricConfig(class_name="BinaryCrossentropy"),  # log loss
         tfma.MetricConfig(class_name="MeanLabel"),
         tfma.MetricConfig(class_name="MeanPrediction"),
-        tfma.MetricConfig(
-            class_name=GAUC_METRIC, module=GAUC_MODULE, config=json.dumps({"group_key": specs.USER_ID}),
-            per_slice_thresholds=[tfma.PerSliceMetricThreshold(
-                slicing_specs=[tfma.SlicingSpec(feature_values={specs.USER_GROUP: "new"})],
-                threshold=tfma.MetricThreshold(change_threshold=tfma.GenericChangeThreshold(
-                    direction=tfma.MetricDirection.HIGHER_IS_BETTER,
-                    absolute={"value": -config_lib.MAX_NEW_USER_GAUC_DROP})))] if primary else []),
+        gauc,
     ]
 
 

@@ -28,7 +28,7 @@ def create_pipeline(cfg: config_lib.RunConfig) -> tfx.dsl.Pipeline:
     previous_state = tfx.dsl.Resolver(
         strategy_class=SpanWindowStrategy,
         config={"first_span": span - 1, "last_span": span - 1, "min_spans": 0, "window_name": "user state"},
-        user_state=tfx.dsl.Channel(type=UserState),
+        user_state=tfx.dsl.Channel(type=UserState, producer_component_id="AvcExampleGen", output_key="user_state"),
     ).with_id("previous_user_state")
     example_gen = AvcExampleGen(
         input_base=cfg.data_dir, date=cfg.date.isoformat(),
@@ -46,8 +46,11 @@ def create_pipeline(cfg: config_lib.RunConfig) -> tfx.dsl.Pipeline:
             strategy_class=SpanWindowStrategy,
             config={"first_span": span - cfg.train_days, "last_span": span - 1,
                     "min_spans": cfg.min_train_days, "window_name": "training window"},
-            examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples),
-            anomalies=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ExampleAnomalies),
+            # Only AvcExampleGen's spans and ExampleValidator's verdicts, from every earlier run.
+            examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples,
+                                     producer_component_id=example_gen.id, output_key="examples"),
+            anomalies=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ExampleAnomalies,
+                                      producer_component_id=example_validator.id, output_key="anomalies"),
         ).with_id("training_window")
         transform = tfx.components.Transform(
             examples=training_window.outputs["examples"],
@@ -79,7 +82,7 @@ def create_pipeline(cfg: config_lib.RunConfig) -> tfx.dsl.Pipeline:
             eval_config=evaluation.make_eval_config())
         infra_validator = ServingInfraValidator(
             model=trainer.outputs["model"], examples=example_gen.outputs["examples"],
-            num_requests=cfg.infra_validation_requests)
+            model_name=config_lib.MODEL_NAME, num_requests=cfg.infra_validation_requests)
         pusher = tfx.components.Pusher(
             model_blessing=evaluator.outputs["blessing"],
             infra_blessing=infra_validator.outputs["blessing"],

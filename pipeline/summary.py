@@ -53,6 +53,11 @@ def _metric_rows(eval_uri: str) -> List[Dict[str, object]]:
     return rows
 
 
+def _slice_value(key) -> str:
+    value = getattr(key, key.WhichOneof("kind"))
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _validation_failures(eval_uri: str) -> List[str]:
     import tensorflow_model_analysis as tfma
 
@@ -63,8 +68,11 @@ def _validation_failures(eval_uri: str) -> List[str]:
     failures = []
     for per_slice in validation.metric_validations_per_slice:
         for failure in per_slice.failures:
-            failures.append(f"{failure.metric_key.name} ({failure.metric_key.output_name}) on slice "
-                            f"{per_slice.slice_key or 'overall'}: {failure.message}")
+            where = ", ".join(f"{key.column}={_slice_value(key)}" for key in per_slice.slice_key.single_slice_keys)
+            where = where or "overall"
+            failures.append(f"{failure.metric_key.name} ({failure.metric_key.output_name}) on {where}: "
+                            f"{failure.metric_value.double_value.value:.4f} "
+                            f"({failure.message or 'threshold not met'})")
     return failures
 
 

@@ -1,0 +1,271 @@
+"""The multi-task ranking model of the POSO paper (Sec. 3), with switchable POSO modules.
+
+    embeddings(categorical ids)  ++ mean(candidate sequences) ++ dense features  = x  (non-sequential)
+    attention(query=x, sequence=[hist_video_ids ; hist_tags] per position, mask=id != 0) = a
+    h      = MLP([x ; a])                       plain | POSO(MLP) | MoE gated on all features
+    h_t    = MMoE(h)_t for every task t         plain | POSO(MMoE)
+    p_t    = sigmoid(tower_t(h_t))              one small tower per task
+
+All POSO modules read the same personalization code `pc`, built from the transformed
+features according to `ModelConfig.pc_source` (see `PC_SOURCES`). The model reads the
+outputs of `models.preprocessing.preprocessing_fn`; feature names come from
+`feature_specs` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+import feature_specs as fs
+from models import layers
+
+__all__ = ["ModelConfig", "VARIANTS", "PC_SOURCES", "make_config", "RankingModel"]
+
+# Sources of the personalization code, each a function of the transformed features:
+PC_SOURCES: Tuple[str, ...] = (
+    "avc_bucket_onehot",     # one-hot of the fixed AVC bucket (the paper's user-activity PC)
+    "avc_bucket_embedding",  # a learned embedding of the AVC bucket
+    "avc_raw",               # log1p(AVC) as one float
+    "is_new_user",           # the 0/1 new-user flag
+    "user_id",               # the user-id embedding, gradient stopped (PC must not train the id)
+    "item_age",              # the item's (z-scored log) age: item cold start
+)
+
+# PC sources that are one transformed float each.
+_SCALAR_PC_SOURCES = {"avc_raw": fs.PC.source, "is_new_user": fs.IS_NEW_USER, "item_age": fs.ITEM_AGE_DAYS}
+
+# The behaviour sequence attention reads: per position, the concatenation of these embeddings.
+BEHAVIOUR_SEQUENCE: Tuple[str, ...] = (fs.HIST_VIDEO_IDS, fs.HIST_TAGS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of `RankingModel`. JSON-friendly (see `to_dict` / `from_dict`).
+
+    mlp / attention / mmoe: module kinds, see `layers.MLP_KINDS` etc.
+    pc_source: one of `PC_SOURCES`.
+    embedding_dim: if set, overrides every feature's `feature_specs` embedding_dim
+      (small models for tests and quick benchmarks).
+    """
+
+    mlp: str = "plain"
+    attention: str = "plain"
+    mmoe: str = "plain"
+    pc_source: str = "avc_bucket_onehot"
+    gate_scale: float = 2.0
+    gate_hidden_units: int = 32
+    gate_stop_gradient: bool = False
+    pc_embedding_dim: int = 8
+    embedding_dim: Optional[int] = None
+    mlp_units: Tuple[int, ...] = (256, 128)
+    num_heads: int = 2
+    head_dim: int = 16
+    num_value_projections: int = 4
+    num_experts: int = 4
+    expert_units: Tuple[int, ...] = (64,)
+    tower_units: Tuple[int, ...] = (32,)
+    learning_rate: float = 1e-3
+
+    def __post_init__(self):
+        for field, kinds in (("mlp", layers.MLP_KINDS), ("attention", layers.ATTENTION_KINDS),
+                             ("mmoe", layers.MMOE_KINDS)):
+            if getattr(self, field) not in kinds:
+                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: expected one of {kinds}")
+        if self.pc_source not in PC_SOURCES:
+            raise ValueError(f"ModelConfig.pc_source={self.pc_source!r}: expected one of {PC_SOURCES}")
+        for field in ("mlp_units", "expert_units", "tower_units"):
+            value = getattr(self, field)
+            if isinstance(value, (str, bytes)) or not all(isinstance(v, int) and v > 0 for v in value):
+                raise ValueError(f"ModelConfig.{field}={value!r}: expected a sequence of positive ints")
+            object.__setattr__(self, field, tuple(value))  # JSON gives lists
+        if self.embedding_dim is not None and self.embedding_dim <= 0:
+            raise ValueError(f"ModelConfig.embedding_dim={self.embedding_dim!r}: "
+                             "expected a positive int or None")
+        if not self.learning_rate > 0:
+            raise ValueError(f"ModelConfig.learning_rate={self.learning_rate!r}: expected > 0")
+
+    @property
+    def uses_poso(self) -> bool:
+        return "poso" in (self.mlp, self.attention, self.mmoe)
+
+    def replace(self, **overrides: Any) -> "ModelConfig":
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known: "
+                             f"{[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+        return cls().replace(**dict(values))
+
+
+VARIANTS: Dict[str, ModelConfig] = {
+    "baseline": ModelConfig(),
+    "moe": ModelConfig(mlp="moe"),
+    "poso_mlp": ModelConfig(mlp="poso"),
+    "poso_mha": ModelConfig(attention="poso"),
+    "poso_mmoe": ModelConfig(mmoe="poso"),
+    "poso_all": ModelConfig(mlp="poso", attention="poso", mmoe="poso"),
+}
+
+
+def make_config(variant: str = "baseline", **overrides: Any) -> ModelConfig:
+    """The named preset `variant` with `overrides` applied."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
+    return VARIANTS[variant].replace(**overrides)
+
+
+def _masked_mean(embedded: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Mean over real positions of [B, L, D] -> [B, D]; all-padding rows give zeros."""
+    weights = tf.cast(mask, embedded.dtype)[:, :, tf.newaxis]
+    return tf.reduce_sum(embedded * weights, axis=1) / tf.maximum(tf.reduce_sum(weights, axis=1), 1.0)
+
+
+class RankingModel(tfrs.Model):
+    """Multi-task ranking model; `call` maps transformed features to {task: probability [B]}."""
+
+    def __init__(self, config: ModelConfig = ModelConfig(), name: str = "ranking_model", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.config = config
+        self._categorical = fs.features_of_kind(fs.Kind.CATEGORICAL)
+        sequences = fs.features_of_kind(fs.Kind.SEQUENCE)
+        self._pooled_sequences = tuple(f for f in sequences if f.name not in BEHAVIOUR_SEQUENCE)
+        self._behaviour = tuple(fs.feature(name) for name in BEHAVIOUR_SEQUENCE)
+        if len({f.max_length for f in self._behaviour}) != 1:
+            raise ValueError(f"behaviour sequences {BEHAVIOUR_SEQUENCE} must share one max_length")
+        # Dense inputs: the z-scored numerics and the personalization sources. The PC sources
+        # are ordinary inputs for every variant, so POSO's gain is not extra information.
+        self._dense = tuple(f.name for f in fs.features_of_kind(fs.Kind.NUMERIC, fs.Kind.PERSONALIZATION))
+
+        self.embeddings = {
+            f.name: tf.keras.layers.Embedding(f.cardinality, config.embedding_dim or f.embedding_dim,
+                                              name=f"{f.name}_embedding")
+            for f in self._categorical + sequences
+        }
+        self.pc_embedding = (tf.keras.layers.Embedding(fs.PC.num_buckets, config.pc_embedding_dim,
+                                                       name="pc_embedding")
+                             if config.pc_source == "avc_bucket_embedding" else None)
+        gate_options = dict(gate_hidden_units=config.gate_hidden_units, gate_scale=config.gate_scale,
+                            gate_stop_gradient=config.gate_stop_gradient)
+        self.attention = layers.make_attention(
+            config.attention, num_heads=config.num_heads, head_dim=config.head_dim,
+            num_value_projections=config.num_value_projections, name="attention", **gate_options)
+        self.mlp = layers.make_mlp(config.mlp, config.mlp_units, num_experts=config.num_experts,
+                                   name="mlp", **gate_options)
+        self.mmoe = layers.make_mmoe(config.mmoe, num_tasks=len(fs.TASKS), num_experts=config.num_experts,
+                                     expert_units=config.expert_units, name="mmoe", **gate_options)
+        self.towers = {
+            task.name: tf.keras.Sequential(
+                # Task-prefixed names: a Sequential builds outside the model's name scope, and
+                # warm starts match variables by name.
+                [tf.keras.layers.Dense(units, activation="relu", name=f"{task.name}_hidden_{i}")
+                 for i, units in enumerate(config.tower_units)]
+                + [tf.keras.layers.Dense(1, activation="sigmoid", name=f"{task.name}_probability")],
+                name=f"{task.name}_tower")
+            for task in fs.TASKS
+        }
+        self.tasks = {
+            task.name: tfrs.tasks.Ranking(
+                loss=tf.keras.losses.BinaryCrossentropy(),
+                metrics=[tf.keras.metrics.AUC(name=f"{task.name}_auc")],
+                name=f"{task.name}_task")
+            for task in fs.TASKS
+        }
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def _non_sequential(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        parts = [self.embeddings[f.name](features[f.name]) for f in self._categorical]
+        for f in self._pooled_sequences:
+            ids = features[f.name]
+            parts.append(_masked_mean(self.embeddings[f.name](ids), ids != fs.PADDING_INDEX))
+        parts.append(tf.stack([tf.cast(features[name], tf.float32) for name in self._dense], axis=1))
+        return tf.concat(parts, axis=1)
+
+    def _behaviour_sequence(self, features: Mapping[str, tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor]:
+        ids = [features[f.name] for f in self._behaviour]
+        sequence = tf.concat([self.embeddings[f.name](x) for f, x in zip(self._behaviour, ids)], axis=-1)
+        mask = tf.reduce_any(tf.stack([x != fs.PADDING_INDEX for x in ids], axis=0), axis=0)
+        return sequence, mask
+
+    def personalization_code(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """The PC all POSO gates read, [B, pc_dim], per `config.pc_source`."""
+        source = self.config.pc_source
+        if source == "avc_bucket_onehot":
+            return tf.one_hot(features[fs.PC_BUCKET], fs.PC.num_buckets, dtype=tf.float32)
+        if source == "avc_bucket_embedding":
+            return self.pc_embedding(features[fs.PC_BUCKET])
+        if source == "user_id":
+            return tf.stop_gradient(self.embeddings[fs.USER_ID](features[fs.USER_ID]))
+        return tf.cast(features[_SCALAR_PC_SOURCES[source]], tf.float32)[:, tf.newaxis]
+
+    # -- forward -------------------------------------------------------------------------
+
+    # Python control flow here and in the layers is static (loops over features and
+    # layers), so AutoGraph has nothing to convert; skipping it makes tracing faster.
+    @tf.autograph.experimental.do_not_convert
+    def call(self, features: Mapping[str, tf.Tensor], training: bool = False) -> Dict[str, tf.Tensor]:
+        missing = sorted(set(self.input_feature_names) - set(features))
+        if missing:
+            raise KeyError(f"RankingModel: transformed features {missing} are missing; "
+                           f"got {sorted(features)}")
+        pc = self.personalization_code(features)
+        non_sequential = self._non_sequential(features)
+        sequence, mask = self._behaviour_sequence(features)
+        attended = self.attention(non_sequential, sequence, mask=mask, pc=pc)
+        hidden = self.mlp(tf.concat([non_sequential, attended], axis=1), pc=pc)
+        per_task = self.mmoe(hidden, pc=pc)
+        return {task.name: tf.squeeze(self.towers[task.name](x), axis=-1)
+                for task, x in zip(fs.TASKS, per_task)}
+
+    @property
+    def input_feature_names(self) -> Tuple[str, ...]:
+        """The transformed features `call` reads."""
+        names = [f.name for f in self._categorical + self._pooled_sequences + self._behaviour]
+        names += list(self._dense) + [fs.PC_BUCKET]
+        return tuple(dict.fromkeys(names))
+
+    def gate_outputs(self, features: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """Every personalized gate's output for a batch: {"<module>_<gate>": [B, units]}.
+
+        Empty for a model without POSO modules. Plot against the PC (e.g. user activity)
+        to reproduce the paper's Fig. 4.
+        """
+        pc = self.personalization_code(features)
+        outputs = {}
+        for module_name, module in (("mlp", self.mlp), ("attention", self.attention), ("mmoe", self.mmoe)):
+            for gate_name, value in module.gates(pc).items():
+                outputs[f"{module_name}_{gate_name}"] = value
+        return outputs
+
+    # -- training ------------------------------------------------------------------------
+
+    def compute_loss(self, features: Mapping[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """Sum over tasks of loss_weight * binary cross-entropy of the task's label."""
+        predictions = self(features, training=training)
+        losses = []
+        for task in fs.TASKS:
+            if task.label not in features:
+                raise KeyError(f"RankingModel.compute_loss: label {task.label!r} of task {task.name!r} "
+                               "is missing from the batch")
+            labels = tf.cast(features[task.label], tf.float32)[:, tf.newaxis]
+            loss = self.tasks[task.name](labels=labels, predictions=predictions[task.name][:, tf.newaxis],
+                                         training=training)
+            losses.append(task.loss_weight * loss)
+        return tf.add_n(losses)
+
+    def get_config(self) -> Dict[str, Any]:
+        return {"config": self.config.to_dict(), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "RankingModel":
+        return cls(ModelConfig.from_dict(config["config"]), name=config.get("name", "ranking_model"))

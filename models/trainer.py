@@ -1,0 +1,234 @@
+"""TFX Trainer module (`run_fn`) and a TFX-free `train_and_export` for benchmarks.
+
+Training reads RAW gzip TFRecord tf.Examples (ExampleGen's output; possibly several
+daily spans), parses them with `preprocessing.raw_feature_spec`, applies the
+tf.Transform graph in the tf.data pipeline, trains a `RankingModel` and exports it
+with `export.export_serving_model`.
+
+`fn_args.custom_config` (all keys optional):
+
+    variant         one of model.VARIANTS (default "baseline")
+    batch_size      default 512
+    epochs          default 1; with TrainArgs.num_steps, the steps are split over the epochs
+    warm_start      default True: start from fn_args.base_model's variables when given
+    shuffle_buffer  default 10000
+    seed            default 0
+    overrides       dict of ModelConfig fields, e.g. {"pc_source": "is_new_user", "learning_rate": 1e-3}
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import tensorflow as tf
+import tensorflow_transform as tft
+from tensorflow.core.framework import summary_pb2
+
+from models import export, preprocessing
+from models.model import ModelConfig, RankingModel, make_config
+
+__all__ = ["run_fn", "train_and_export", "make_dataset", "warm_start", "parse_custom_config",
+           "EpochSummaries", "TrainingResult", "TRAINER_KEYS", "DEFAULT_BATCH_SIZE"]
+
+DEFAULT_BATCH_SIZE = 512
+TRAINER_KEYS = ("variant", "overrides", "batch_size", "epochs", "warm_start", "shuffle_buffer", "seed")
+_MODEL_CONFIG_FILE = "model_config.json"
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainingResult:
+    model: RankingModel
+    history: Dict[str, List[float]]
+    serving_model_dir: str
+    warm_started_variables: int = 0
+
+
+def _list_files(file_patterns: Sequence[str] | str) -> List[str]:
+    patterns = [file_patterns] if isinstance(file_patterns, str) else list(file_patterns)
+    files = set()
+    for pattern in patterns:
+        if tf.io.gfile.isdir(pattern):
+            pattern = os.path.join(pattern, "*")
+        files.update(f for f in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(f))
+    if not files:
+        raise FileNotFoundError(f"no example files match {patterns}")
+    return sorted(files)
+
+
+def make_dataset(file_patterns: Sequence[str] | str, tft_output: tft.TFTransformOutput, batch_size: int,
+                 shuffle: bool = True, repeat: bool = False, shuffle_buffer: int = 10_000,
+                 seed: int = 0) -> tf.data.Dataset:
+    """Batches of transformed features (labels included) from raw gzip TFRecord files."""
+    files = _list_files(file_patterns)
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        dataset = dataset.shuffle(len(files), seed=seed)
+    dataset = dataset.interleave(lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
+                                 cycle_length=min(len(files), 4), num_parallel_calls=tf.data.AUTOTUNE,
+                                 deterministic=not shuffle)
+    if shuffle:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed)
+    if repeat:
+        dataset = dataset.repeat()
+    raw_spec = preprocessing.raw_feature_spec(include_labels=True)
+    transform_layer = tft_output.transform_features_layer()
+    dataset = dataset.batch(batch_size).map(
+        lambda serialized: transform_layer(tf.io.parse_example(serialized, raw_spec)),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+class EpochSummaries(tf.keras.callbacks.Callback):
+    """Writes every epoch's metrics as TensorBoard scalars under <log_dir>/{train,validation}.
+
+    Uses tf.summary.write with the scalars plugin's metadata, so it needs no TensorBoard
+    install (tf.keras.callbacks.TensorBoard does).
+    """
+
+    _SCALAR_METADATA = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+        data_class=summary_pb2.DATA_CLASS_SCALAR)
+
+    def __init__(self, log_dir: str):
+        super().__init__()
+        self.log_dir = log_dir
+        self._writers = {}
+
+    def _writer(self, name: str):
+        if name not in self._writers:
+            self._writers[name] = tf.summary.create_file_writer(os.path.join(self.log_dir, name))
+        return self._writers[name]
+
+    def on_epoch_end(self, epoch: int, logs: Optional[Mapping[str, float]] = None) -> None:
+        for key, value in (logs or {}).items():
+            split, tag = ("validation", key[len("val_"):]) if key.startswith("val_") else ("train", key)
+            with self._writer(split).as_default():
+                tf.summary.write(f"epoch_{tag}", tf.constant(float(value)), step=epoch,
+                                 metadata=self._SCALAR_METADATA)
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs=None) -> None:
+        for writer in self._writers.values():
+            writer.close()
+
+
+def warm_start(model: tf.keras.Model, base_model_dir: Optional[str]) -> int:
+    """Copies variables with the same name and shape from a model exported by `export`.
+
+    `model` must be built. Returns how many variables were restored; 0 (with a log line)
+    when there is no usable base model, e.g. the first run or another architecture.
+    """
+    if not base_model_dir:
+        return 0
+    try:
+        base_variables = tf.saved_model.load(base_model_dir).model_variables
+    except (OSError, ValueError, AttributeError, tf.errors.OpError) as error:
+        _log.warning("warm start skipped: cannot read variables of %s (%s)", base_model_dir, error)
+        return 0
+    names = collections.Counter(variable.name for variable in base_variables)
+    # A name that occurs twice is ambiguous: leave such variables at their initial values.
+    by_name = {variable.name: variable for variable in base_variables if names[variable.name] == 1}
+    restored = 0
+    for variable in model.variables:
+        source = by_name.get(variable.name)
+        if source is not None and source.shape == variable.shape and source.dtype == variable.dtype:
+            variable.assign(source)
+            restored += 1
+    _log.info("warm start from %s: restored %d of %d variables",
+              base_model_dir, restored, len(model.variables))
+    return restored
+
+
+def train_and_export(train_files: Sequence[str] | str, eval_files: Sequence[str] | str,
+                     transform_output_dir: str, serving_model_dir: str,
+                     config: ModelConfig | str | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                     epochs: int = 1, train_steps: Optional[int] = None, eval_steps: Optional[int] = None,
+                     log_dir: Optional[str] = None, base_model: Optional[str] = None,
+                     shuffle_buffer: int = 10_000, seed: int = 0, verbose: int = 2) -> TrainingResult:
+    """Trains a `RankingModel` on raw examples and exports it to `serving_model_dir`.
+
+    config: a ModelConfig, a variant name of `model.VARIANTS`, or None for "baseline".
+    train_steps: total training steps (split over `epochs`, data repeated); None = one
+      pass over the training files per epoch.
+    eval_steps: evaluation steps after each epoch; None = the whole eval set.
+    base_model: a previous export to warm start from (matching variables only).
+    """
+    if isinstance(config, str) or config is None:
+        config = make_config(config or "baseline")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
+    tf.keras.utils.set_random_seed(seed)
+    tft_output = tft.TFTransformOutput(transform_output_dir)
+    repeat = train_steps is not None
+    train_data = make_dataset(train_files, tft_output, batch_size, shuffle=True, repeat=repeat,
+                              shuffle_buffer=shuffle_buffer, seed=seed)
+    eval_data = make_dataset(eval_files, tft_output, batch_size, shuffle=False, repeat=eval_steps is not None)
+
+    model = RankingModel(config)
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate))
+    for batch in train_data.take(1):
+        model(batch)  # build the variables so they can be warm started
+    warm_started = warm_start(model, base_model)
+
+    callbacks = [EpochSummaries(log_dir)] if log_dir else []
+    history = model.fit(
+        train_data, epochs=epochs,
+        steps_per_epoch=math.ceil(train_steps / epochs) if repeat else None,
+        validation_data=eval_data, validation_steps=eval_steps,
+        callbacks=callbacks, verbose=verbose)
+
+    export.export_serving_model(model, tft_output, serving_model_dir)
+    _write_model_config(config, serving_model_dir)
+    return TrainingResult(model, dict(history.history), serving_model_dir, warm_started)
+
+
+def _write_model_config(config: ModelConfig, serving_model_dir: str) -> None:
+    # Next to the SavedModel (assets.extra is ignored by TF Serving): which variant this is.
+    extra_dir = os.path.join(serving_model_dir, "assets.extra")
+    tf.io.gfile.makedirs(extra_dir)
+    with tf.io.gfile.GFile(os.path.join(extra_dir, _MODEL_CONFIG_FILE), "w") as f:
+        f.write(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+
+
+def parse_custom_config(custom_config: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Validates `fn_args.custom_config`; returns trainer options and the ModelConfig."""
+    custom_config = dict(custom_config or {})
+    unknown = sorted(set(custom_config) - set(TRAINER_KEYS))
+    if unknown:
+        raise ValueError(f"custom_config: unknown key(s) {unknown}; known keys are {list(TRAINER_KEYS)} "
+                         "(model hyper-parameters go in 'overrides')")
+    overrides = custom_config.get("overrides") or {}
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"custom_config['overrides'] must be a dict of ModelConfig fields, "
+                         f"got {overrides!r}")
+    return {
+        "config": make_config(custom_config.get("variant") or "baseline", **overrides),
+        "batch_size": int(custom_config.get("batch_size", DEFAULT_BATCH_SIZE)),
+        "epochs": int(custom_config.get("epochs", 1)),
+        "warm_start": bool(custom_config.get("warm_start", True)),
+        "shuffle_buffer": int(custom_config.get("shuffle_buffer", 10_000)),
+        "seed": int(custom_config.get("seed", 0)),
+    }
+
+
+def run_fn(fn_args) -> None:
+    """TFX Trainer entry point (GenericExecutor): see the module docstring for custom_config."""
+    options = parse_custom_config(fn_args.custom_config)
+    result = train_and_export(
+        fn_args.train_files, fn_args.eval_files, fn_args.transform_output or fn_args.transform_graph_path,
+        fn_args.serving_model_dir,
+        options["config"], batch_size=options["batch_size"], epochs=options["epochs"],
+        train_steps=fn_args.train_steps, eval_steps=fn_args.eval_steps, log_dir=fn_args.model_run_dir,
+        base_model=fn_args.base_model if options["warm_start"] else None,
+        shuffle_buffer=options["shuffle_buffer"], seed=options["seed"])
+    _log.info("trained %s (warm started %d variables); final metrics %s", options["config"],
+              result.warm_started_variables, {k: v[-1] for k, v in result.history.items()})

@@ -1,0 +1,471 @@
+"""One loaded SavedModel version and the Predict / Classify / Regress calls on it.
+
+The signatures are read twice from the export: the SignatureDefs of the `serve`
+MetaGraphDef (method names, input and output aliases, dtypes and shapes, exactly what
+GetModelMetadata reports) and the callable concrete functions of `tf.saved_model.load`.
+Requests are validated against the SignatureDef before anything runs, so a wrong input name,
+dtype or shape is an INVALID_ARGUMENT naming the input, not a TensorFlow stack trace.
+
+Classify and Regress follow TensorFlow Serving: the signature's method name must be
+`tensorflow/serving/classify` (outputs `classes` and/or `scores`, [batch, num_classes]) or
+`tensorflow/serving/regress` (output `outputs`, [batch] or [batch, 1]), with one DT_STRING
+input fed the serialized tf.Examples of the request's `Input`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, inference_pb2,
+                                     input_pb2, predict_pb2, regression_pb2)
+
+from serving import errors
+from serving.batching import BatchingOptions, BatchScheduler
+from serving.errors import ServingError
+
+__all__ = [
+    "PREDICT_METHOD", "CLASSIFY_METHOD", "REGRESS_METHOD", "DEFAULT_SIGNATURE",
+    "TensorSpec", "Signature", "SavedModelServable", "read_signature_defs",
+    "serialize_input_examples", "array_from_tensor_proto", "shape_string",
+]
+
+logger = logging.getLogger(__name__)
+
+PREDICT_METHOD = "tensorflow/serving/predict"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+REGRESS_METHOD = "tensorflow/serving/regress"
+DEFAULT_SIGNATURE = "serving_default"
+SERVE_TAG = "serve"
+SIGNATURE_DEF_FIELD = "signature_def"
+
+_CLASSES = "classes"
+_SCORES = "scores"
+_REGRESSION_OUTPUT = "outputs"
+
+
+def shape_string(shape) -> str:
+    """[?,3] style text of a TensorShape (or any sequence of dims)."""
+    shape = tf.TensorShape(shape)
+    if shape.rank is None:
+        return "<unknown rank>"
+    return "[" + ",".join("?" if dim is None else str(dim) for dim in shape.as_list()) + "]"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a signature, as its SignatureDef declares it."""
+
+    alias: str
+    dtype: tf.DType
+    shape: tf.TensorShape
+
+    @classmethod
+    def from_tensor_info(cls, alias: str, info: meta_graph_pb2.TensorInfo) -> "TensorSpec":
+        return cls(alias, tf.as_dtype(info.dtype), tf.TensorShape(info.tensor_shape))
+
+    @property
+    def is_string(self) -> bool:
+        return self.dtype == tf.string
+
+    def accepts_dtype(self, array: np.ndarray) -> bool:
+        if self.is_string:
+            return array.dtype == object or array.dtype.kind == "S"
+        return array.dtype == self.dtype.as_numpy_dtype
+
+    def describe(self) -> str:
+        return f"{self.dtype.name} {shape_string(self.shape)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """A SignatureDef in a form requests can be checked against."""
+
+    name: str
+    method_name: str
+    inputs: Mapping[str, TensorSpec]
+    outputs: Mapping[str, TensorSpec]
+
+    @classmethod
+    def from_proto(cls, name: str, signature_def: meta_graph_pb2.SignatureDef) -> "Signature":
+        return cls(
+            name=name,
+            method_name=signature_def.method_name,
+            inputs={alias: TensorSpec.from_tensor_info(alias, info)
+                    for alias, info in signature_def.inputs.items()},
+            outputs={alias: TensorSpec.from_tensor_info(alias, info)
+                     for alias, info in signature_def.outputs.items()},
+        )
+
+    @property
+    def batchable(self) -> bool:
+        """Every input and output has an unknown leading (batch) dimension."""
+        specs = list(self.inputs.values()) + list(self.outputs.values())
+        return bool(self.inputs) and all(
+            spec.shape.rank is not None and spec.shape.rank >= 1 and spec.shape[0] is None
+            for spec in specs)
+
+
+def read_signature_defs(export_dir: str) -> Dict[str, meta_graph_pb2.SignatureDef]:
+    """The SignatureDefs of the `serve` MetaGraphDef of a SavedModel directory.
+
+    Raises ValueError saying what is wrong with the export.
+    """
+    binary = os.path.join(export_dir, "saved_model.pb")
+    text = os.path.join(export_dir, "saved_model.pbtxt")
+    saved_model = saved_model_pb2.SavedModel()
+    try:
+        if os.path.exists(binary):
+            with open(binary, "rb") as graph_file:
+                saved_model.ParseFromString(graph_file.read())
+        elif os.path.exists(text):
+            with open(text, encoding="utf-8") as graph_file:
+                text_format.Parse(graph_file.read(), saved_model)
+        else:
+            raise ValueError(f"no saved_model.pb or saved_model.pbtxt in {export_dir}")
+    except ValueError:
+        raise
+    except Exception as error:  # DecodeError, ParseError, UnicodeDecodeError, OSError
+        raise ValueError(f"cannot parse the SavedModel graph in {export_dir}: {error}") from error
+    tag_sets = [list(meta_graph.meta_info_def.tags) for meta_graph in saved_model.meta_graphs]
+    exact = [mg for mg in saved_model.meta_graphs if list(mg.meta_info_def.tags) == [SERVE_TAG]]
+    tagged = [mg for mg in saved_model.meta_graphs if SERVE_TAG in mg.meta_info_def.tags]
+    chosen = (exact or tagged or [None])[0]
+    if chosen is None:
+        raise ValueError(
+            f"the SavedModel in {export_dir} has no MetaGraphDef tagged '{SERVE_TAG}' "
+            f"(tag sets: {tag_sets})")
+    return dict(chosen.signature_def)
+
+
+def serialize_input_examples(model_input: input_pb2.Input) -> List[bytes]:
+    """Serialized tf.Examples of a Classify/Regress `Input`; context features are merged in
+    (an example's own feature wins over a context feature of the same name)."""
+    kind = model_input.WhichOneof("kind")
+    if kind == "example_list":
+        examples = list(model_input.example_list.examples)
+        serialized = [example.SerializeToString() for example in examples]
+    elif kind == "example_list_with_context":
+        context = model_input.example_list_with_context.context
+        serialized = []
+        for example in model_input.example_list_with_context.examples:
+            merged = tf.train.Example()
+            merged.CopyFrom(context)
+            for name, feature in example.features.feature.items():
+                merged.features.feature[name].CopyFrom(feature)
+            serialized.append(merged.SerializeToString())
+    else:
+        raise errors.invalid_argument("Input is empty: set example_list or "
+                                      "example_list_with_context")
+    if not serialized:
+        raise errors.invalid_argument(f"Input is empty: {kind} has no examples")
+    return serialized
+
+
+def array_from_tensor_proto(alias: str, proto, spec: Optional[TensorSpec] = None) -> np.ndarray:
+    """A request TensorProto as a numpy array; a dtype other than `spec`'s or a malformed
+    proto is an INVALID_ARGUMENT naming `alias`."""
+    if spec is not None and proto.dtype != spec.dtype.as_datatype_enum:
+        try:
+            sent = tf.as_dtype(proto.dtype).name
+        except TypeError:
+            sent = f"dtype enum {proto.dtype}"
+        raise errors.invalid_argument(
+            f"input '{alias}' expects {spec.dtype.name} but the request has {sent}")
+    try:
+        array = tf.make_ndarray(proto)
+    except Exception as error:
+        raise errors.invalid_argument(f"tensor parsing error: input '{alias}': {error}") from error
+    return np.asarray(array)
+
+
+def _tf_error(error: tf.errors.OpError, what: str) -> ServingError:
+    message = error.message.strip().splitlines()[0] if error.message else type(error).__name__
+    return ServingError(errors.code_from_tf_error(error), f"{what}: {message}")
+
+
+class SavedModelServable:
+    """A SavedModel version ready to answer requests.
+
+    Build with `load`. `run` is the one place a model is called; Predict, Classify, Regress
+    and warm-up all go through it (and through the batcher when batching is on).
+    """
+
+    def __init__(self, model_name: str, version: int, export_dir: str,
+                 signature_defs: Mapping[str, meta_graph_pb2.SignatureDef],
+                 functions: Mapping[str, object], keep_alive: object = None,
+                 batching: Optional[BatchingOptions] = None):
+        self.model_name = model_name
+        self.version = version
+        self.export_dir = export_dir
+        self.signature_defs = dict(signature_defs)
+        self.signatures = {name: Signature.from_proto(name, signature_def)
+                           for name, signature_def in self.signature_defs.items()
+                           if name in functions}
+        self._functions = dict(functions)
+        self._keep_alive = keep_alive  # the loaded object owns the functions' variables
+        self.batcher = (BatchScheduler(self._execute, batching,
+                                       name=f"batch-{model_name}-{version}")
+                        if batching is not None else None)
+        self.warmup_requests_replayed = 0
+
+    @classmethod
+    def load(cls, model_name: str, version: int, export_dir: str,
+             batching: Optional[BatchingOptions] = None) -> "SavedModelServable":
+        """Loads a SavedModel; raises ValueError (or TensorFlow's error) saying why not."""
+        signature_defs = read_signature_defs(export_dir)
+        loaded = tf.saved_model.load(export_dir, tags=[SERVE_TAG])
+        functions = dict(getattr(loaded, "signatures", {}) or {})
+        callable_defs = {name: sd for name, sd in signature_defs.items() if name in functions}
+        if not callable_defs:
+            raise ValueError(f"the SavedModel in {export_dir} has no callable serving signatures "
+                             f"(SignatureDefs: {sorted(signature_defs)})")
+        return cls(model_name, version, export_dir, signature_defs, functions,
+                   keep_alive=loaded, batching=batching)
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+    # -- signatures ---------------------------------------------------------------------
+
+    def signature(self, name: str) -> Signature:
+        """The signature `name` ('' means serving_default); FAILED_PRECONDITION if absent."""
+        name = name or DEFAULT_SIGNATURE
+        try:
+            return self.signatures[name]
+        except KeyError:
+            raise errors.failed_precondition(
+                f"Serving signature key \"{name}\" not found. Model {self.model_name} version "
+                f"{self.version} has signatures: {sorted(self.signatures)}") from None
+
+    def _check_input_names(self, signature: Signature, names: Iterable[str]) -> None:
+        names = set(names)
+        expected = set(signature.inputs)
+        if names != expected:
+            missing, extra = sorted(expected - names), sorted(names - expected)
+            raise errors.invalid_argument(
+                f"inputs do not match signature '{signature.name}': missing {missing}, "
+                f"unexpected {extra}; expected exactly {sorted(expected)}")
+
+    # -- running --------------------------------------------------------------------------
+
+    def run(self, signature_name: str, inputs: Mapping[str, np.ndarray],
+            output_filter: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+        """Validates `inputs` against the signature, runs it, returns {output alias: array}."""
+        signature = self.signature(signature_name)
+        self._check_input_names(signature, inputs)
+        for alias, array in inputs.items():
+            spec = signature.inputs[alias]
+            if not spec.accepts_dtype(array):
+                raise errors.invalid_argument(
+                    f"input '{alias}' of signature '{signature.name}' expects {spec.dtype.name} "
+                    f"but got {array.dtype}")
+            if not spec.shape.is_compatible_with(array.shape):
+                raise errors.invalid_argument(
+                    f"input '{alias}' of signature '{signature.name}' expects shape "
+                    f"{shape_string(spec.shape)} but got {shape_string(array.shape)}")
+        wanted = list(output_filter)
+        for alias in wanted:
+            if alias not in signature.outputs:
+                raise errors.invalid_argument(
+                    f"output tensor alias not found in signature: {alias}. Outputs expected to "
+                    f"be in the set {sorted(signature.outputs)}")
+        if len(set(wanted)) != len(wanted):
+            raise errors.invalid_argument(f"duplicate output tensor alias in {wanted}")
+
+        rows = {array.shape[0] for array in inputs.values() if array.ndim >= 1}
+        if (self.batcher is not None and signature.batchable and len(rows) == 1
+                and all(array.ndim >= 1 for array in inputs.values())):
+            outputs = self.batcher.submit(signature.name, inputs, rows.pop())
+        else:
+            outputs = self._execute(signature.name, inputs)
+        if wanted:
+            outputs = {alias: outputs[alias] for alias in wanted}
+        return outputs
+
+    def _execute(self, signature_name: str,
+                 inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        signature = self.signatures[signature_name]
+        function = self._functions[signature_name]
+        what = f"model {self.model_name} version {self.version} signature '{signature_name}'"
+        try:
+            tensors = {alias: tf.constant(array, dtype=signature.inputs[alias].dtype)
+                       for alias, array in inputs.items()}
+            result = function(**tensors)
+        except tf.errors.OpError as error:
+            raise _tf_error(error, what) from error
+        except (TypeError, ValueError) as error:
+            raise errors.invalid_argument(f"{what}: {error}") from error
+        if not isinstance(result, Mapping):
+            result = {"output_0": result}
+        return {alias: np.asarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor)
+                for alias, tensor in result.items()}
+
+    # -- the PredictionService calls -------------------------------------------------------
+
+    def _model_spec(self, target, signature_name: str) -> None:
+        target.name = self.model_name
+        target.version.value = self.version
+        target.signature_name = signature_name
+
+    def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        signature = self.signature(request.model_spec.signature_name)
+        self._check_input_names(signature, request.inputs.keys())
+        inputs = {alias: array_from_tensor_proto(alias, proto, signature.inputs[alias])
+                  for alias, proto in request.inputs.items()}
+        outputs = self.run(signature.name, inputs, request.output_filter)
+        response = predict_pb2.PredictResponse()
+        self._model_spec(response.model_spec, signature.name)
+        for alias, array in outputs.items():
+            response.outputs[alias].CopyFrom(tf.make_tensor_proto(array))
+        return response
+
+    def _typed_signature(self, signature_name: str, method: str, kind: str) -> Signature:
+        name = signature_name or DEFAULT_SIGNATURE
+        if name not in self.signatures:
+            raise errors.invalid_argument(
+                f"No signature was found with the name: {name}. Model {self.model_name} version "
+                f"{self.version} has signatures: {sorted(self.signatures)}")
+        signature = self.signatures[name]
+        if signature.method_name != method:
+            raise errors.invalid_argument(
+                f"Expected {kind} signature method_name to be {method}. "
+                f"Was: {signature.method_name or '(empty)'} (signature '{name}')")
+        if len(signature.inputs) != 1:
+            raise errors.invalid_argument(
+                f"{kind} signature '{name}' must have exactly one input, has "
+                f"{sorted(signature.inputs)}")
+        spec = next(iter(signature.inputs.values()))
+        if not spec.is_string:
+            raise errors.invalid_argument(
+                f"{kind} signature '{name}' input '{spec.alias}' must be a string tensor of "
+                f"serialized tf.Examples, is {spec.dtype.name}")
+        return signature
+
+    def _run_examples(self, signature: Signature, model_input):
+        """Runs the request's examples; returns (outputs, number of examples)."""
+        serialized = serialize_input_examples(model_input)
+        alias = next(iter(signature.inputs))
+        outputs = self.run(signature.name, {alias: np.array(serialized, dtype=object)})
+        return outputs, len(serialized)
+
+    @staticmethod
+    def _rows(name: str, array: np.ndarray, batch: int, signature: Signature) -> np.ndarray:
+        if array.ndim == 1:
+            array = array[:, None]
+        if array.ndim != 2 or array.shape[0] != batch:
+            raise errors.invalid_argument(
+                f"output '{name}' of signature '{signature.name}' has shape "
+                f"{shape_string(array.shape)}; expected [{batch},num_classes]")
+        return array
+
+    def classify(self, request: classification_pb2.ClassificationRequest
+                 ) -> classification_pb2.ClassificationResponse:
+        signature = self._typed_signature(request.model_spec.signature_name, CLASSIFY_METHOD,
+                                          "classification")
+        if _CLASSES not in signature.outputs and _SCORES not in signature.outputs:
+            raise errors.invalid_argument(
+                f"classification signature '{signature.name}' has neither a '{_CLASSES}' nor a "
+                f"'{_SCORES}' output (has {sorted(signature.outputs)})")
+        outputs, batch = self._run_examples(signature, request.input)
+        classes = outputs.get(_CLASSES)
+        scores = outputs.get(_SCORES)
+        if classes is not None:
+            classes = self._rows(_CLASSES, classes, batch, signature)
+        if scores is not None:
+            scores = self._rows(_SCORES, scores, batch, signature)
+        if classes is not None and scores is not None and classes.shape != scores.shape:
+            raise errors.invalid_argument(
+                f"signature '{signature.name}': classes {shape_string(classes.shape)} and "
+                f"scores {shape_string(scores.shape)} differ in shape")
+        response = classification_pb2.ClassificationResponse()
+        self._model_spec(response.model_spec, signature.name)
+        num_classes = (classes if classes is not None else scores).shape[1]
+        for row in range(batch):
+            classifications = response.result.classifications.add()
+            for column in range(num_classes):
+                entry = classifications.classes.add()
+                if classes is not None:
+                    label = classes[row, column]
+                    entry.label = label.decode("utf-8", "replace") if isinstance(
+                        label, bytes) else str(label)
+                if scores is not None:
+                    entry.score = float(scores[row, column])
+        return response
+
+    def regress(self, request: regression_pb2.RegressionRequest
+                ) -> regression_pb2.RegressionResponse:
+        signature = self._typed_signature(request.model_spec.signature_name, REGRESS_METHOD,
+                                          "regression")
+        if _REGRESSION_OUTPUT not in signature.outputs:
+            raise errors.invalid_argument(
+                f"regression signature '{signature.name}' has no '{_REGRESSION_OUTPUT}' output "
+                f"(has {sorted(signature.outputs)})")
+        outputs, batch = self._run_examples(signature, request.input)
+        values = outputs[_REGRESSION_OUTPUT]
+        if values.ndim == 2 and values.shape[1] == 1:
+            values = values[:, 0]
+        if values.ndim != 1 or values.shape[0] != batch:
+            raise errors.invalid_argument(
+                f"output '{_REGRESSION_OUTPUT}' of signature '{signature.name}' has shape "
+                f"{shape_string(values.shape)}; expected [{batch}] or [{batch},1]")
+        response = regression_pb2.RegressionResponse()
+        self._model_spec(response.model_spec, signature.name)
+        for value in values:
+            response.result.regressions.add().value = float(value)
+        return response
+
+    def multi_inference(self, request: inference_pb2.MultiInferenceRequest
+                        ) -> inference_pb2.MultiInferenceResponse:
+        if not request.tasks:
+            raise errors.invalid_argument("MultiInferenceRequest has no tasks")
+        seen = set()
+        response = inference_pb2.MultiInferenceResponse()
+        for index, task in enumerate(request.tasks):
+            signature_name = task.model_spec.signature_name or DEFAULT_SIGNATURE
+            if signature_name in seen:
+                raise errors.invalid_argument(f"Duplicate evaluation of signature: "
+                                              f"{signature_name} (task {index})")
+            seen.add(signature_name)
+            result = response.results.add()
+            if task.method_name == CLASSIFY_METHOD:
+                sub = classification_pb2.ClassificationRequest(input=request.input)
+                sub.model_spec.CopyFrom(task.model_spec)
+                answer = self.classify(sub)
+                result.classification_result.CopyFrom(answer.result)
+            elif task.method_name == REGRESS_METHOD:
+                sub = regression_pb2.RegressionRequest(input=request.input)
+                sub.model_spec.CopyFrom(task.model_spec)
+                answer = self.regress(sub)
+                result.regression_result.CopyFrom(answer.result)
+            else:
+                raise errors.unimplemented(
+                    f"task {index}: unsupported method_name {task.method_name!r}; "
+                    f"use {CLASSIFY_METHOD} or {REGRESS_METHOD}")
+            result.model_spec.CopyFrom(answer.model_spec)
+        return response
+
+    def metadata(self, metadata_fields: Sequence[str]
+                 ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        if not metadata_fields:
+            raise errors.invalid_argument(
+                "GetModelMetadataRequest must specify at least one metadata_field")
+        for field in metadata_fields:
+            if field != SIGNATURE_DEF_FIELD:
+                raise errors.invalid_argument(
+                    f"Metadata field {field} is not supported; only '{SIGNATURE_DEF_FIELD}'")
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = self.model_name
+        response.model_spec.version.value = self.version
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        for name, signature_def in self.signature_defs.items():
+            signature_map.signature_def[name].CopyFrom(signature_def)
+        response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_map)
+        return response

@@ -1,0 +1,338 @@
+"""A model server speaking TensorFlow Serving's gRPC and REST APIs.
+
+It reads the same base directory (`BASE/NAME/<version>/saved_model.pb`) or models.config as
+`tensorflow_model_server`, so development and tests run against this server while
+production runs the real tensorflow/serving on the same files. The flags are the real
+server's where they overlap:
+
+    python -m serving.server --port=8500 --rest_api_port=8501 \\
+        --model_name=ranker --model_base_path=/models/ranker
+    python -m serving.server --model_config_file=models.config \\
+        --model_config_file_poll_wait_seconds=30 --enable_batching
+
+In-process, for tests and notebooks (port 0 picks a free port):
+
+    with start_server("/models/ranker", "ranker", grpc_port=0, rest_port=0) as server:
+        client.predict_grpc(server.grpc_address, "ranker", examples)
+
+Differences from tensorflow_model_server: the default host is 127.0.0.1, not every
+interface; `--rest_api_port=0` picks a free port (-1 disables REST); requests are limited
+to `--max_request_bytes` over both gRPC (RESOURCE_EXHAUSTED) and REST (413).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from typing import Optional, Sequence
+
+import grpc
+
+from serving import config as config_lib
+from serving.batching import BatchingOptions
+from serving.grpc_service import add_services
+from serving.manager import ModelManager
+from serving.rest import RestApiHandler, RestServer
+
+__all__ = ["ServerOptions", "ModelServer", "start_server", "start_in_background", "serve", "main",
+           "build_arg_parser"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    """How the server listens, polls, batches and shuts down.
+
+    grpc_port / rest_port: 0 picks a free port; rest_port None serves no REST API.
+    max_request_bytes: limit of one request (gRPC message or REST body).
+    file_system_poll_wait_s: seconds between scans of the model base paths (<= 0: only at
+      start).
+    model_config_file_poll_wait_s: seconds between re-reads of the models.config (<= 0:
+      never).
+    batching: batch Predict calls on batchable signatures (None: no batching).
+    """
+
+    host: str = "127.0.0.1"
+    grpc_port: int = 8500
+    rest_port: Optional[int] = 8501
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    grpc_max_threads: int = 16
+    rest_num_threads: int = 8
+    rest_timeout_s: float = 30.0
+    file_system_poll_wait_s: float = 1.0
+    model_config_file_poll_wait_s: float = 0.0
+    batching: Optional[BatchingOptions] = None
+    enable_model_warmup: bool = True
+    warmup_iterations: int = 1
+    shutdown_grace_s: float = 10.0
+
+    def __post_init__(self):
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
+        for name in ("grpc_port", "rest_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {port}")
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ModelServer:
+    """The gRPC and REST front ends over one ModelManager.
+
+    `start()` loads the initial model versions (blocking), then binds; the bound ports are
+    `grpc_port` and `rest_port`. `stop()` stops accepting, lets in-flight requests finish
+    for `shutdown_grace_s`, and unloads the models.
+    """
+
+    def __init__(self, config: config_lib.ModelServerConfig,
+                 options: ServerOptions = ServerOptions(),
+                 config_file: Optional[str] = None):
+        self.options = options
+        self.manager = ModelManager(
+            config,
+            batching=options.batching,
+            enable_warmup=options.enable_model_warmup,
+            warmup_iterations=options.warmup_iterations,
+            poll_interval_s=options.file_system_poll_wait_s,
+            config_file=config_file,
+            config_poll_interval_s=options.model_config_file_poll_wait_s,
+        )
+        self._grpc_server: Optional[grpc.Server] = None
+        self._rest_server: Optional[RestServer] = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self.grpc_port: Optional[int] = None
+        self.rest_port: Optional[int] = None
+
+    @classmethod
+    def for_model(cls, model_base_path: str, model_name: str,
+                  options: ServerOptions = ServerOptions()) -> "ModelServer":
+        """Serves one model's base directory with the latest-version policy."""
+        return cls(config_lib.single_model_config(model_name, model_base_path), options)
+
+    @classmethod
+    def from_config_file(cls, model_config_file: str,
+                         options: ServerOptions = ServerOptions()) -> "ModelServer":
+        return cls(config_lib.load_model_server_config(model_config_file), options,
+                   config_file=model_config_file)
+
+    @property
+    def grpc_address(self) -> str:
+        return _host_port(self.options.host, self.grpc_port)
+
+    @property
+    def rest_url(self) -> Optional[str]:
+        if self.rest_port is None:
+            return None
+        return "http://" + _host_port(self.options.host, self.rest_port)
+
+    def start(self) -> "ModelServer":
+        options = self.options
+        self.manager.start()
+        try:
+            self._grpc_server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=options.grpc_max_threads,
+                                           thread_name_prefix="grpc"),
+                options=[
+                    ("grpc.max_receive_message_length", options.max_request_bytes),
+                    ("grpc.max_send_message_length", -1),
+                    ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared
+                ])
+            add_services(self._grpc_server, self.manager)
+            address = _host_port(options.host, options.grpc_port)
+            try:
+                self.grpc_port = self._grpc_server.add_insecure_port(address)
+            except RuntimeError as error:
+                raise OSError(f"cannot bind gRPC to {address}: {error}") from error
+            if not self.grpc_port:
+                raise OSError(f"cannot bind gRPC to {address}")
+            self._grpc_server.start()
+            logger.info("Serving gRPC on %s", self.grpc_address)
+            if options.rest_port is not None:
+                self._rest_server = RestServer(
+                    RestApiHandler(self.manager), options.host, options.rest_port,
+                    max_request_bytes=options.max_request_bytes,
+                    num_threads=options.rest_num_threads, timeout_s=options.rest_timeout_s,
+                    shutdown_grace_s=options.shutdown_grace_s)
+                self.rest_port = self._rest_server.start()
+                logger.info("Serving REST on %s", self.rest_url)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, grace_s: Optional[float] = None) -> None:
+        """Graceful shutdown; safe to call more than once."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            grace = self.options.shutdown_grace_s if grace_s is None else grace_s
+            logger.info("Shutting down (grace %.1f s)", grace)
+            grpc_done = self._grpc_server.stop(grace) if self._grpc_server else None
+            if self._rest_server is not None:
+                self._rest_server.stop()
+            if grpc_done is not None:
+                grpc_done.wait(grace + 5)
+            self.manager.stop()
+            self._stopped.set()
+            logger.info("Server stopped")
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Blocks until the server is stopped; returns whether it is."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> "ModelServer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _server(model_base: Optional[str], model_name: Optional[str],
+            model_config_file: Optional[str], options: ServerOptions) -> ModelServer:
+    if model_config_file:
+        if model_base:
+            raise ValueError("give a model base path or a model config file, not both")
+        return ModelServer.from_config_file(model_config_file, options)
+    if not model_base or not model_name:
+        raise ValueError("give a model base path and a model name, or a model config file")
+    return ModelServer.for_model(model_base, model_name, options)
+
+
+def start_server(model_base: Optional[str] = None, model_name: Optional[str] = None, *,
+                 model_config_file: Optional[str] = None, **options) -> ModelServer:
+    """Starts a server in background threads and returns it (ports bound, models loaded).
+
+    `options` are ServerOptions fields, e.g. grpc_port=0, rest_port=0.
+    """
+    return _server(model_base, model_name, model_config_file, ServerOptions(**options)).start()
+
+
+start_in_background = start_server
+
+
+def serve(model_base: Optional[str] = None, model_name: Optional[str] = None,
+          grpc_port: int = 8500, rest_port: Optional[int] = 8501, host: str = "127.0.0.1",
+          model_config_file: Optional[str] = None, **options) -> None:
+    """Serves until SIGTERM or SIGINT, then shuts down gracefully (call from the main thread)."""
+    server = _server(model_base, model_name, model_config_file,
+                     ServerOptions(host=host, grpc_port=grpc_port, rest_port=rest_port, **options))
+    stop_requested = threading.Event()
+
+    def on_signal(signum, _frame):
+        logger.info("Received %s; a second signal stops at once", signal.Signals(signum).name)
+        stop_requested.set()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        while not stop_requested.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _bool_flag(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.server",
+        description="Serve SavedModels over TensorFlow Serving's gRPC and REST APIs. Flags "
+                    "are tensorflow_model_server's; each may also be spelled with dashes.")
+
+    def add(flag: str, *aliases: str, **kwargs):
+        dashed = flag.replace("_", "-")
+        names = [flag] + ([dashed] if dashed != flag else []) + list(aliases)
+        parser.add_argument(*names, dest=flag[2:], **kwargs)
+
+    add("--port", "--grpc-port", type=int, default=8500, help="gRPC port (0: any free port)")
+    add("--rest_api_port", "--rest-port", type=int, default=8501,
+        help="REST port (0: any free port, -1: no REST API)")
+    add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    add("--model_name", default="default", help="name of the model (with --model_base_path)")
+    add("--model_base_path", "--model-base", help="directory of the model's numbered versions")
+    add("--model_config_file", "--model-config",
+        help="text-format ModelServerConfig (instead of the two above)")
+    add("--model_config_file_poll_wait_seconds", type=float, default=0.0,
+        help="re-read the config file this often (0: never)")
+    add("--file_system_poll_wait_seconds", type=float, default=1.0,
+        help="scan the base paths for new versions this often")
+    add("--enable_batching", type=_bool_flag, nargs="?", const=True, default=False)
+    add("--max_batch_size", type=int, default=BatchingOptions.max_batch_size)
+    add("--batch_timeout_micros", type=int,
+        default=int(BatchingOptions.batch_timeout_s * 1e6))
+    add("--num_batch_threads", type=int, default=BatchingOptions.num_batch_threads)
+    add("--max_enqueued_batches", type=int, default=BatchingOptions.max_enqueued_batches)
+    add("--enable_model_warmup", type=_bool_flag, nargs="?", const=True, default=True)
+    add("--num_request_iterations_for_warmup", type=int, default=1)
+    add("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest accepted request (gRPC message or REST body)")
+    add("--grpc_max_threads", type=int, default=16)
+    add("--rest_api_num_threads", type=int, default=8)
+    add("--rest_api_timeout_in_ms", type=int, default=30000)
+    add("--shutdown_grace_seconds", type=float, default=10.0)
+    add("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    batching = None
+    if args.enable_batching:
+        batching = BatchingOptions(
+            max_batch_size=args.max_batch_size,
+            batch_timeout_s=args.batch_timeout_micros / 1e6,
+            num_batch_threads=args.num_batch_threads,
+            max_enqueued_batches=args.max_enqueued_batches)
+    try:
+        serve(
+            model_base=None if args.model_config_file else args.model_base_path,
+            model_name=args.model_name,
+            grpc_port=args.port,
+            rest_port=None if args.rest_api_port < 0 else args.rest_api_port,
+            host=args.host,
+            model_config_file=args.model_config_file,
+            max_request_bytes=args.max_request_bytes,
+            grpc_max_threads=args.grpc_max_threads,
+            rest_num_threads=args.rest_api_num_threads,
+            rest_timeout_s=args.rest_api_timeout_in_ms / 1000.0,
+            file_system_poll_wait_s=args.file_system_poll_wait_seconds,
+            model_config_file_poll_wait_s=args.model_config_file_poll_wait_seconds,
+            batching=batching,
+            enable_model_warmup=args.enable_model_warmup,
+            warmup_iterations=args.num_request_iterations_for_warmup,
+            shutdown_grace_s=args.shutdown_grace_seconds,
+        )
+    except (ValueError, OSError) as error:
+        logger.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

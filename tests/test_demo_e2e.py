@@ -1,0 +1,51 @@
+"""End to end: `poso demo` on tiny synthetic data (real TFX, Beam, TensorFlow and servers)."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from components.infra_validator import WARMUP_FILE, sample_request_examples
+from feature_specs import specs
+from pipeline import config as config_lib
+from pipeline import demo
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory):
+    home = str(tmp_path_factory.mktemp("demo"))
+    assert demo.run_demo(home=home, rows_per_day=800, train_steps=20) == 0
+    return home
+
+
+def _pushed_versions(home):
+    base = os.path.join(home, "serving", config_lib.MODEL_NAME)
+    return sorted(p for p in glob.glob(os.path.join(base, "*")) if os.path.basename(p).isdigit())
+
+
+def test_demo_pushes_one_numbered_version_with_a_saved_model(demo_home):
+    versions = _pushed_versions(demo_home)
+    assert len(versions) == 1
+    assert os.path.isfile(os.path.join(versions[0], "saved_model.pb"))
+    assert os.path.isfile(os.path.join(versions[0], WARMUP_FILE))
+    config_text = open(os.path.join(demo_home, "serving", "models.config")).read()
+    assert f'name: "{config_lib.MODEL_NAME}"' in config_text and versions[0].rsplit("/", 1)[0] in config_text
+
+
+def test_pushed_serving_signature_returns_one_probability_per_task_per_row(demo_home):
+    loaded = tf.saved_model.load(_pushed_versions(demo_home)[0])
+    serve = loaded.signatures["serving_default"]
+    examples_dirs = glob.glob(os.path.join(demo_home, "pipeline_root", "AvcExampleGen", "examples", "*"))
+    from tfx.types import artifact_utils, standard_artifacts
+    artifact = standard_artifacts.Examples()
+    artifact.uri = sorted(examples_dirs, key=lambda p: int(os.path.basename(p)))[-1]
+    artifact.split_names = artifact_utils.encode_split_names(["day"])
+    rows = sample_request_examples(artifact, 7)
+    outputs = serve(examples=tf.constant(rows))
+    assert sorted(outputs) == sorted(t.name for t in specs.TASKS)
+    for task, scores in outputs.items():
+        scores = scores.numpy()
+        assert scores.shape == (len(rows),), task
+        assert np.all((scores > 0) & (scores < 1)), task

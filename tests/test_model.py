@@ -1,0 +1,265 @@
+"""RankingModel variants, their SavedModel export (3 signatures) and the TFX trainer module."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_transform as tft
+from tfx.components.trainer.fn_args_utils import FnArgs
+
+import feature_specs as fs
+import raw_examples as rx
+from models import export, model, trainer
+
+# Tiny dimensions so every variant trains and exports in seconds on 2 CPU cores.
+TINY = dict(embedding_dim=4, mlp_units=(16,), expert_units=(8,), tower_units=(4,), num_heads=2, head_dim=4,
+            gate_hidden_units=4, pc_embedding_dim=3, num_experts=2, num_value_projections=2,
+            learning_rate=0.01)
+# Each variant once and each PC source once (PC sources only matter with POSO modules).
+CASES = [
+    ("baseline", "avc_bucket_onehot"),
+    ("moe", "avc_bucket_onehot"),
+    ("poso_mlp", "avc_bucket_embedding"),
+    ("poso_mha", "avc_raw"),
+    ("poso_mmoe", "is_new_user"),
+    ("poso_all", "user_id"),
+    ("poso_all", "item_age"),
+    ("poso_all", "avc_bucket_onehot"),
+]
+LABELS_AND_SLICES = [f.name for f in fs.features_of_kind(fs.Kind.LABEL, fs.Kind.SLICE)]
+TASK_NAMES = {task.name for task in fs.TASKS}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rows, transform_dir = rx.shared_transform(str(tmp_path_factory.getbasetemp()))
+    tft_output = tft.TFTransformOutput(transform_dir)
+    transformed = tft_output.transform_features_layer()(rx.parse_raw(rx.serialize_all(rows)))
+    return dict(rows=rows, transform_dir=transform_dir, tft_output=tft_output, transformed=transformed)
+
+
+_EXPORTS = {}
+
+
+def _train_and_export(case, data, export_root):
+    """Trains `case` for a few steps and exports it; cached per module run."""
+    if case not in _EXPORTS:
+        variant, pc_source = case
+        ranking = model.RankingModel(model.make_config(variant, pc_source=pc_source, **TINY))
+        # Eager steps: tracing a train function costs more than 3 tiny steps (graph-mode
+        # training is covered by the overfit and trainer tests).
+        ranking.compile(optimizer=tf.keras.optimizers.Adam(ranking.config.learning_rate), run_eagerly=True)
+        dataset = tf.data.Dataset.from_tensor_slices(dict(data["transformed"])).batch(64)
+        history = ranking.fit(dataset, epochs=1, steps_per_epoch=3, verbose=0)
+        export_dir = export.export_serving_model(ranking, data["tft_output"],
+                                                 os.path.join(export_root, "_".join(case)))
+        _EXPORTS[case] = (ranking, tf.saved_model.load(export_dir), history.history["loss"])
+    return _EXPORTS[case]
+
+
+@pytest.fixture(scope="module")
+def export_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("exports"))
+
+
+def _numpy(outputs):
+    return {name: value.numpy() for name, value in outputs.items()}
+
+
+def test_cases_cover_every_variant_and_pc_source():
+    assert {variant for variant, _ in CASES} == set(model.VARIANTS)
+    assert {source for variant, source in CASES if model.VARIANTS[variant].uses_poso} == set(model.PC_SOURCES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(case) for case in CASES])
+def test_variant_trains_and_serves_the_same_after_export(case, data, export_root):
+    ranking, loaded, losses = _train_and_export(case, data, export_root)
+    assert np.all(np.isfinite(losses))
+    rows = data["rows"][:40]
+    features = {k: v[:40] for k, v in data["transformed"].items()}
+    eager = _numpy(ranking(features))
+    assert set(eager) == TASK_NAMES
+    for probabilities in eager.values():
+        assert probabilities.shape == (40,) and probabilities.dtype == np.float32
+        assert np.all((probabilities > 0) & (probabilities < 1))
+
+    examples = tf.constant(rx.serialize_all(rows, drop=LABELS_AND_SLICES))
+    from_examples = _numpy(loaded.signatures[export.SERVING_DEFAULT](examples=examples))
+    from_raw = _numpy(loaded.signatures[export.SERVING_RAW](**rx.raw_tensors(rows)))
+    for served in (from_examples, from_raw):
+        assert set(served) == TASK_NAMES
+        for name in TASK_NAMES:
+            assert served[name].shape == (40,) and served[name].dtype == np.float32
+            np.testing.assert_allclose(served[name], eager[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+    gates = _numpy(loaded.signatures[export.GATES](examples=examples))
+    eager_gates = _numpy(ranking.gate_outputs(features))
+    assert set(gates) == {export.PC_OUTPUT} | set(eager_gates)
+    np.testing.assert_allclose(gates[export.PC_OUTPUT], ranking.personalization_code(features).numpy(), atol=1e-6)
+    assert bool(eager_gates) == ranking.config.uses_poso
+    for name, value in eager_gates.items():
+        np.testing.assert_allclose(gates[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert value.shape[0] == 40 and np.all((value > 0) & (value < ranking.config.gate_scale)), name
+
+
+def test_pc_sources_give_their_documented_codes(data):
+    features = {k: v[:8] for k, v in data["transformed"].items()}
+    widths = {}
+    for source in model.PC_SOURCES:
+        ranking = model.RankingModel(model.make_config("poso_all", pc_source=source, **TINY))
+        ranking(features)
+        widths[source] = ranking.personalization_code(features).shape[1]
+    onehot = model.RankingModel(model.make_config("poso_all", **TINY)).personalization_code(features).numpy()
+    np.testing.assert_array_equal(onehot.argmax(axis=1), features[fs.PC_BUCKET].numpy())
+    assert widths == {"avc_bucket_onehot": fs.PC.num_buckets, "avc_bucket_embedding": TINY["pc_embedding_dim"],
+                      "avc_raw": 1, "is_new_user": 1, "user_id": TINY["embedding_dim"], "item_age": 1}
+
+
+def test_user_id_pc_does_not_train_the_user_embedding_through_gates(data):
+    features = {k: v[:16] for k, v in data["transformed"].items()}
+    ranking = model.RankingModel(model.make_config("poso_all", pc_source="user_id", **TINY))
+    ranking(features)
+    user_table = ranking.embeddings[fs.USER_ID].embeddings
+    with tf.GradientTape() as tape:
+        gate_sum = tf.add_n([tf.reduce_sum(g) for g in ranking.gate_outputs(features).values()])
+    assert tape.gradient(gate_sum, user_table) is None
+
+
+def test_tiny_overfit_run_decreases_the_loss(data):
+    batch = {k: v[:32] for k, v in data["transformed"].items()}
+    ranking = model.RankingModel(model.make_config("poso_all", **TINY))
+    ranking.compile(optimizer=tf.keras.optimizers.Adam(0.02))
+    before = float(ranking.compute_loss(batch))
+    history = ranking.fit(tf.data.Dataset.from_tensors(batch).repeat(), epochs=1, steps_per_epoch=20, verbose=0)
+    after = float(ranking.compute_loss(batch))
+    assert np.isfinite(history.history["loss"]).all()
+    assert after < 0.6 * before, (before, after)
+
+
+def test_config_validation_and_round_trip():
+    config = model.make_config("poso_all", pc_source="is_new_user", mlp_units=[8, 4])
+    assert config.mlp_units == (8, 4)
+    assert model.ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="pc_source"):
+        model.make_config("baseline", pc_source="shoe_size")
+    with pytest.raises(ValueError, match="mlp"):
+        model.ModelConfig(mlp="transformer")
+    with pytest.raises(ValueError, match="unknown model variant"):
+        model.make_config("poso_everything")
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        model.make_config("baseline", hidden_units=3)
+
+
+def test_model_names_a_missing_feature(data):
+    features = {k: v[:4] for k, v in data["transformed"].items() if k != fs.USER_ID}
+    with pytest.raises(KeyError, match=fs.USER_ID):
+        model.RankingModel(model.make_config("baseline", **TINY))(features)
+
+
+def test_dense_to_sparse_sequence_matches_example_parsing():
+    padding = fs.SEQUENCE_PADDING_VALUE
+    padded = tf.constant([[5, 0, padding, padding], [padding, padding, padding, padding], [7, padding, 8, 9]],
+                         tf.int64)
+    sparse = export.dense_to_sparse_sequence(padded)
+    np.testing.assert_array_equal(tf.sparse.to_dense(sparse, default_value=-9).numpy(),
+                                  [[5, 0, -9], [-9, -9, -9], [7, 8, 9]])
+
+
+def _reference_export(data, export_root):
+    return _train_and_export(("poso_all", "avc_bucket_onehot"), data, export_root)[1]
+
+
+def test_serving_raw_rejects_bad_payloads(data, export_root):
+    serve_raw = _reference_export(data, export_root).signatures[export.SERVING_RAW]
+    good = rx.raw_tensors(data["rows"][:3])
+    missing = dict(good)
+    del missing[fs.VIDEO_ID]
+    with pytest.raises(TypeError, match=fs.VIDEO_ID):
+        serve_raw(**missing)
+    wrong_dtype = dict(good, **{fs.VIDEO_ID: tf.cast(good[fs.VIDEO_ID], tf.float32)})
+    with pytest.raises((tf.errors.InvalidArgumentError, TypeError, ValueError), match="int64"):
+        serve_raw(**wrong_dtype)
+    short = dict(good, **{fs.AUTHOR_ID: good[fs.AUTHOR_ID][:2]})
+    with pytest.raises(tf.errors.InvalidArgumentError, match=fs.AUTHOR_ID):
+        serve_raw(**short)
+
+
+def test_serving_default_rejects_bad_payloads(data, export_root):
+    serve = _reference_export(data, export_root).signatures[export.SERVING_DEFAULT]
+    missing_feature = rx.serialize_all(data["rows"][:2], drop=LABELS_AND_SLICES + [fs.USER_ACTIVE_DEGREE])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=fs.USER_ACTIVE_DEGREE):
+        serve(examples=tf.constant(missing_feature))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="parse"):
+        serve(examples=tf.constant([b"definitely not a tf.Example"]))
+    # Labels may be present in a request; they are ignored.
+    with_labels = _numpy(serve(examples=tf.constant(rx.serialize_all(data["rows"][:5]))))
+    without = _numpy(serve(examples=tf.constant(rx.serialize_all(data["rows"][:5], drop=LABELS_AND_SLICES))))
+    for name in TASK_NAMES:
+        np.testing.assert_array_equal(with_labels[name], without[name])
+
+
+def _write_spans(root, rows, spans=2):
+    """ExampleGen-like layout: <root>/span-<i>/Split-<split>/data.gz, one dir per daily span."""
+    patterns = {"train": [], "eval": []}
+    for span in range(spans):
+        for split, part in (("train", rows[span::spans][:-8]), ("eval", rows[span::spans][-8:])):
+            directory = os.path.join(root, f"span-{span}", f"Split-{split}")
+            rx.write_gzip_tfrecords(os.path.join(directory, "data_tfrecord-00000-of-00001.gz"), rx.serialize_all(part))
+            patterns[split].append(os.path.join(directory, "*"))
+    return patterns
+
+
+def test_run_fn_trains_on_raw_spans_exports_and_logs(data, tmp_path):
+    patterns = _write_spans(str(tmp_path / "examples"), data["rows"])
+    fn_args = FnArgs(
+        train_files=patterns["train"], eval_files=patterns["eval"], transform_output=data["transform_dir"],
+        serving_model_dir=str(tmp_path / "serving"), model_run_dir=str(tmp_path / "logs"),
+        train_steps=4, eval_steps=1,
+        custom_config={"variant": "poso_mlp", "batch_size": 32, "epochs": 2,
+                       "overrides": dict(TINY, pc_source="is_new_user")})
+    trainer.run_fn(fn_args)
+
+    loaded = tf.saved_model.load(fn_args.serving_model_dir)
+    assert set(loaded.signatures) == set(export.SIGNATURES)
+    served = loaded.signatures[export.SERVING_DEFAULT](examples=tf.constant(rx.serialize_all(data["rows"][:4])))
+    assert set(served) == TASK_NAMES
+    with open(os.path.join(fn_args.serving_model_dir, "assets.extra", "model_config.json")) as f:
+        saved_config = model.ModelConfig.from_dict(json.load(f))
+    assert (saved_config.mlp, saved_config.pc_source) == ("poso", "is_new_user")
+    for split in ("train", "validation"):
+        events = [event for path in tf.io.gfile.glob(os.path.join(fn_args.model_run_dir, split, "events.*"))
+                  for event in tf.compat.v1.train.summary_iterator(path)]
+        losses = {event.step: float(tf.make_ndarray(value.tensor)) for event in events
+                  for value in event.summary.value if value.tag == "epoch_loss"}
+        assert sorted(losses) == [0, 1] and np.isfinite(list(losses.values())).all(), split
+
+
+def test_warm_start_restores_matching_variables_only(data, export_root, tmp_path):
+    case = ("poso_all", "avc_bucket_onehot")
+    base, _, _ = _train_and_export(case, data, export_root)
+    base_dir = os.path.join(export_root, "_".join(case))
+    features = {k: v[:10] for k, v in data["transformed"].items()}
+
+    same = model.RankingModel(base.config)
+    same(features)
+    assert len({variable.name for variable in same.variables}) == len(same.variables)
+    assert trainer.warm_start(same, base_dir) == len(same.variables)
+    for name, value in _numpy(same(features)).items():
+        np.testing.assert_allclose(value, base(features)[name].numpy(), rtol=1e-6, err_msg=name)
+
+    wider = model.RankingModel(base.config.replace(mlp_units=(32,)))
+    wider(features)
+    restored = trainer.warm_start(wider, base_dir)
+    assert 0 < restored < len(wider.variables)
+    assert trainer.warm_start(wider, str(tmp_path / "no_such_model")) == 0
+
+
+def test_custom_config_validation():
+    with pytest.raises(ValueError, match="learning_rate"):
+        trainer.parse_custom_config({"learning_rate": 0.1})  # belongs in overrides
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        trainer.parse_custom_config({"overrides": {"learning_rat": 0.1}})
+    options = trainer.parse_custom_config({"variant": "poso_mha", "batch_size": 16, "overrides": {"head_dim": 2}})
+    assert options["batch_size"] == 16 and options["config"] == model.make_config("poso_mha", head_dim=2)

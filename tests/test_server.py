@@ -1,0 +1,480 @@
+"""The model server's life cycle: version swaps, refusals, warm-up, policies, batching, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import (get_model_status_pb2, model_management_pb2, model_pb2,
+                                     model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc)
+
+from serving import client, config as config_lib, server as server_lib, testing, warmup
+from serving.batching import BatchingOptions
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+END = get_model_status_pb2.ModelVersionStatus.END
+POLL_S = 0.1
+
+
+@pytest.fixture(scope="module")
+def scaled_exports(tmp_path_factory):
+    """{scale: SavedModel dir} of y = scale * x models, exported once per module."""
+    root = tmp_path_factory.mktemp("scaled_exports")
+    return {scale: testing.export_scaled_model(str(root / f"scale_{scale}"), scale)
+            for scale in (1, 2, 3)}
+
+
+def install_version(base: Path, version: int, export_dir: str) -> Path:
+    """Copies an export in as BASE/<version>, atomically (as a deployment should)."""
+    staging = base / f".staging-{version}"
+    shutil.copytree(export_dir, staging)
+    target = base / str(version)
+    os.rename(staging, target)
+    return target
+
+
+def wait_until(predicate, timeout_s=15.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def statuses(server, model):
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = model
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        response = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+            request, timeout=10)
+    return {status.version: status for status in response.model_version_status}
+
+
+def predict_y(stub, model, x, version=None, label=None):
+    """(version that answered, y) of one gRPC Predict on a scaled model."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    if version is not None:
+        request.model_spec.version.value = version
+    if label is not None:
+        request.model_spec.version_label = label
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.asarray(x, np.float32)))
+    response = stub.Predict(request, timeout=10)
+    return response.model_spec.version.value, tf.make_ndarray(response.outputs["y"])
+
+
+def call_count(server, model):
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model
+        request.model_spec.signature_name = "calls"
+        return int(tf.make_ndarray(stub.Predict(request, timeout=10).outputs["calls"]))
+
+
+# -- version swap -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batching", [None, BatchingOptions(max_batch_size=8, batch_timeout_s=0.005,
+                                                            num_batch_threads=2)],
+                         ids=["unbatched", "batched"])
+def test_new_version_swaps_in_with_no_failed_request(tmp_path, scaled_exports, batching):
+    base = tmp_path / "ranker"
+    base.mkdir()
+    install_version(base, 1, scaled_exports[1])
+    server = server_lib.start_server(str(base), "ranker", grpc_port=0, rest_port=0,
+                                     file_system_poll_wait_s=POLL_S, batching=batching)
+    failures, answers = [], {}
+    stop = threading.Event()
+    max_requests_per_worker, deadline = 500, time.monotonic() + 10.0
+
+    def worker(index):
+        x = np.array([1.0, 2.0, 3.0], np.float32) + index
+        seen = answers.setdefault(index, [])
+        rest = client.RestPredictionClient(server.rest_url)
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            for count in range(max_requests_per_worker):
+                if stop.is_set() or time.monotonic() > deadline:
+                    return
+                try:
+                    if count % 2:
+                        y = rest.predict("ranker", {"x": x})["y"]
+                        version = None
+                    else:
+                        version, y = predict_y(stub, "ranker", x)
+                    scale = float(np.round(y[0] / x[0]))
+                    np.testing.assert_allclose(y, scale * x)
+                    assert version in (None, scale)
+                    seen.append(scale)
+                except Exception as error:  # every failure counts; none is expected
+                    failures.append(repr(error))
+
+    workers = [threading.Thread(target=worker, args=(index,)) for index in range(3)]
+    try:
+        for thread in workers:
+            thread.start()
+        wait_until(lambda: all(len(answers.get(i, [])) >= 50 for i in range(3)), 10,
+                   "traffic on version 1")
+        install_version(base, 2, scaled_exports[2])
+        wait_until(lambda: all(answers[i].count(2.0) >= 50 for i in range(3)), 10,
+                   "traffic on version 2")
+    finally:
+        stop.set()
+        for thread in workers:
+            thread.join()
+        server_status = statuses(server, "ranker")
+        server.stop(grace_s=1.0)
+
+    assert failures == []
+    for index, scales in answers.items():
+        assert scales[0] == 1.0 and scales[-1] == 2.0
+        first_new = scales.index(2.0)
+        assert set(scales[first_new:]) == {2.0}, f"worker {index} went back to version 1"
+    assert server_status[2].state == AVAILABLE
+    assert server_status[1].state == END and server_status[1].status.error_code == 0
+
+
+# -- refused versions ---------------------------------------------------------------------------
+
+def test_corrupt_version_is_refused_while_the_previous_keeps_serving(
+        tmp_path, scaled_exports, caplog):
+    base = tmp_path / "ranker"
+    base.mkdir()
+    install_version(base, 1, scaled_exports[1])
+    caplog.set_level(logging.ERROR, logger="serving.manager")
+    with server_lib.start_server(str(base), "ranker", grpc_port=0, rest_port=0,
+                                 file_system_poll_wait_s=POLL_S) as server:
+        staging = base / ".staging-2"
+        testing.write_corrupt_version(str(staging))
+        os.rename(staging, base / "2")
+        wait_until(lambda: 2 in statuses(server, "ranker"), what="version 2 to be tried")
+        wait_until(lambda: statuses(server, "ranker")[2].state == END, what="version 2 refused")
+
+        status = statuses(server, "ranker")
+        assert status[1].state == AVAILABLE
+        assert status[2].status.error_code != 0
+        assert "version 2" in status[2].status.error_message
+        assert any("Refused model ranker version 2" in record.getMessage()
+                   for record in caplog.records)
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            assert predict_y(stub, "ranker", [4.0])[0] == 1
+            # The refusal sticks until the files change: then the version loads.
+            time.sleep(3 * POLL_S)
+            assert statuses(server, "ranker")[2].state == END
+            shutil.rmtree(base / "2")
+            install_version(base, 2, scaled_exports[2])
+            wait_until(lambda: predict_y(stub, "ranker", [4.0])[0] == 2, what="fixed version 2")
+        wait_until(lambda: statuses(server, "ranker")[1].state == END, what="version 1 unloaded")
+
+
+def test_version_whose_warmup_fails_is_refused(tmp_path, scaled_exports):
+    base = tmp_path / "ranker"
+    base.mkdir()
+    install_version(base, 1, scaled_exports[1])
+    bad = tmp_path / "bad_warmup"
+    shutil.copytree(scaled_exports[2], bad)
+    warmup.write_prediction_logs(str(bad), [warmup.predict_log(
+        "ranker", {"x": np.array([[1.0]], np.float32)})])  # rank 2: the signature wants [?]
+    with server_lib.start_server(str(base), "ranker", grpc_port=0, rest_port=None,
+                                 file_system_poll_wait_s=POLL_S) as server:
+        install_version(base, 2, str(bad))
+        wait_until(lambda: statuses(server, "ranker").get(2) is not None
+                   and statuses(server, "ranker")[2].state == END, what="version 2 refused")
+        message = statuses(server, "ranker")[2].status.error_message
+        assert "warm-up record 0" in message and "'x'" in message
+        assert statuses(server, "ranker")[1].state == AVAILABLE
+        assert server.manager.available_versions("ranker") == [1]
+
+
+# -- warm-up -----------------------------------------------------------------------------------
+
+def test_warmup_requests_are_replayed_on_load(tmp_path, scaled_exports):
+    export = tmp_path / "export"
+    shutil.copytree(scaled_exports[3], export)
+    batches = [np.array([1.0, 2.0], np.float32), np.array([5.0], np.float32),
+               np.array([0.0, 0.0, 1.0], np.float32)]
+    path = warmup.write_prediction_logs(
+        str(export), [warmup.predict_log("ranker", {"x": batch}) for batch in batches])
+    assert path == warmup.warmup_file_path(str(export))
+    logs = warmup.read_warmup_requests(str(export))
+    assert [tf.make_ndarray(log.predict_log.request.inputs["x"]).tolist() for log in logs] == [
+        batch.tolist() for batch in batches]
+
+    base = tmp_path / "ranker"
+    base.mkdir()
+    install_version(base, 1, str(export))
+    with server_lib.start_server(str(base), "ranker", grpc_port=0, rest_port=None,
+                                 file_system_poll_wait_s=0, warmup_iterations=2) as server:
+        # The model counts its own calls: 3 records x 2 iterations ran before any traffic.
+        assert call_count(server, "ranker") == 6
+    with server_lib.start_server(str(base), "ranker", grpc_port=0, rest_port=None,
+                                 file_system_poll_wait_s=0, enable_model_warmup=False) as server:
+        assert call_count(server, "ranker") == 0
+
+
+def test_warmup_of_serialized_examples(tmp_path):
+    export = testing.export_contract_model(str(tmp_path / "contract" / "1"))
+    examples = [testing.make_example(float(x), x) for x in range(5)]
+    warmup_file = os.path.join(export, "assets.extra", "tf_serving_warmup_requests")
+    assert warmup.write_warmup_requests(warmup_file, examples, model_name="contract",
+                                        batch_size=2) == warmup_file
+    logs = warmup.read_warmup_requests(export)
+    assert [len(log.predict_log.request.inputs["examples"].string_val) for log in logs] == [2, 2, 1]
+    assert logs[0].predict_log.request.model_spec.signature_name == "serving_default"
+    with server_lib.start_server(str(tmp_path / "contract"), "contract", grpc_port=0,
+                                 rest_port=None, file_system_poll_wait_s=0) as server:
+        servable = server.manager.servable(model_pb2.ModelSpec(name="contract"))
+        assert servable.warmup_requests_replayed == 3
+
+
+def test_corrupt_warmup_file_is_reported(tmp_path):
+    path = Path(warmup.warmup_file_path(str(tmp_path)))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x00" * 40)
+    with pytest.raises(ValueError, match="corrupt warm-up file"):
+        warmup.read_warmup_requests(str(tmp_path))
+
+
+# -- models.config: policies and labels -----------------------------------------------------------
+
+CONFIG = """
+model_config_list {{
+  config {{
+    name: "ranker"  base_path: "{base}"  model_platform: "tensorflow"
+    model_version_policy {{ specific {{ versions: 1 versions: 2 }} }}
+    version_labels {{ key: "stable" value: 1 }}
+    version_labels {{ key: "canary" value: 2 }}
+  }}
+  config {{
+    name: "every_version"  base_path: "{base}"
+    model_version_policy {{ all {{}} }}
+  }}
+  config {{
+    name: "newest_two"  base_path: "{base}"
+    model_version_policy {{ latest {{ num_versions: 2 }} }}
+  }}
+}}
+"""
+
+
+def test_models_config_policies_and_labels(tmp_path, scaled_exports):
+    base = tmp_path / "shared_base"
+    base.mkdir()
+    for version in (1, 2, 3):
+        install_version(base, version, scaled_exports[version])
+    config_file = tmp_path / "models.config"
+    config_file.write_text(CONFIG.format(base=base))
+    with server_lib.start_server(model_config_file=str(config_file), grpc_port=0, rest_port=0,
+                                 file_system_poll_wait_s=0,
+                                 model_config_file_poll_wait_s=POLL_S) as server:
+        assert set(statuses(server, "ranker")) == {1, 2}
+        assert set(statuses(server, "every_version")) == {1, 2, 3}
+        assert set(statuses(server, "newest_two")) == {2, 3}
+
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            assert predict_y(stub, "ranker", [1.0])[0] == 2  # latest of the specific ones
+            assert predict_y(stub, "ranker", [1.0], label="stable")[0] == 1
+            version, y = predict_y(stub, "ranker", [1.5], label="canary")
+            assert version == 2 and y.tolist() == [3.0]
+            with pytest.raises(grpc.RpcError) as caught:
+                predict_y(stub, "ranker", [1.0], label="nightly")
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "nightly" in caught.value.details()
+            with pytest.raises(grpc.RpcError) as caught:
+                predict_y(stub, "ranker", [1.0], version=3)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+            stable = client.predict_rest(server.rest_url, "ranker", {"x": [2.0]},
+                                         version_label="stable")
+            assert stable["y"].tolist() == [2.0]
+
+            # Editing the file moves the label and the policy: picked up by polling.
+            config_file.write_text(CONFIG.format(base=base).replace(
+                "versions: 1 versions: 2", "versions: 2 versions: 3").replace(
+                'key: "stable" value: 1', 'key: "stable" value: 3'))
+            wait_until(lambda: predict_y(stub, "ranker", [1.0], label="stable")[0] == 3,
+                       what="label moved by the config file")
+            wait_until(lambda: statuses(server, "ranker")[1].state == END,
+                       what="version 1 unloaded")
+
+            # And over gRPC: HandleReloadConfigRequest drops two models.
+            reload = model_management_pb2.ReloadConfigRequest()
+            reload.config.CopyFrom(config_lib.parse_model_server_config(
+                CONFIG.format(base=base)))
+            del reload.config.model_config_list.config[1:]
+            model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
+                reload, timeout=30)
+            assert server.manager.model_names() == ["ranker"]
+            assert predict_y(stub, "ranker", [1.0], label="stable")[0] == 1
+            with pytest.raises(grpc.RpcError) as caught:
+                predict_y(stub, "every_version", [1.0])
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_invalid_config_is_refused_with_its_location(tmp_path):
+    with pytest.raises(ValueError, match="models.config"):
+        config_lib.load_model_server_config(
+            _write(tmp_path / "models.config", "model_config_list {"))
+    with pytest.raises(ValueError, match="duplicate model name 'a'"):
+        config_lib.parse_model_server_config(
+            'model_config_list { config { name: "a" base_path: "/x" } '
+            'config { name: "a" base_path: "/y" } }')
+    assert server_lib.main(["--model_config_file", str(tmp_path / "models.config"),
+                            "--port", "0", "--rest_api_port", "-1"]) == 2
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("policy, expected", [
+    ("", {5}),
+    ("model_version_policy { latest { num_versions: 2 } }", {5, 3}),
+    ("model_version_policy { all {} }", {1, 3, 5}),
+    ("model_version_policy { specific { versions: 1 versions: 4 } }", {1}),
+])
+def test_version_policies(policy, expected):
+    config = config_lib.parse_model_server_config(
+        f'model_config_list {{ config {{ name: "m" base_path: "/m" {policy} }} }}')
+    model = config.model_config_list.config[0]
+    assert config_lib.aspired_versions([1, 3, 5], model) == expected
+
+
+# -- batching ----------------------------------------------------------------------------------
+
+def test_batching_merges_concurrent_requests(tmp_path, scaled_exports):
+    base = tmp_path / "ranker"
+    base.mkdir()
+    install_version(base, 1, scaled_exports[3])
+    batching = BatchingOptions(max_batch_size=64, batch_timeout_s=0.05, num_batch_threads=1)
+    with server_lib.start_server(str(base), "ranker", grpc_port=0, rest_port=None,
+                                 file_system_poll_wait_s=0, batching=batching) as server:
+        barrier = threading.Barrier(8)
+        results, failures = {}, []
+
+        def send(index):
+            x = np.arange(index + 1, dtype=np.float32) + 10 * index
+            try:
+                with grpc.insecure_channel(server.grpc_address) as channel:
+                    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+                    barrier.wait()
+                    results[index] = (x, predict_y(stub, "ranker", x)[1])
+            except Exception as error:
+                failures.append(repr(error))
+
+        threads = [threading.Thread(target=send, args=(index,)) for index in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        for x, y in results.values():  # each caller got its own rows back
+            np.testing.assert_allclose(y, 3.0 * x)
+        # The model counts its calls: 8 requests arrived within one timeout, so fewer ran.
+        assert call_count(server, "ranker") < 8
+        batcher = server.manager.servable(model_pb2.ModelSpec(name="ranker")).batcher
+        assert batcher.requests_run == 8 and batcher.batches_run < 8
+
+
+# -- the process: binding and graceful shutdown ----------------------------------------------------
+
+def test_binds_loopback_by_default(tmp_path, scaled_exports):
+    base = tmp_path / "ranker"
+    base.mkdir()
+    install_version(base, 1, scaled_exports[1])
+    with server_lib.start_in_background(model_base=str(base), model_name="ranker", grpc_port=0,
+                                        rest_port=0, file_system_poll_wait_s=0) as server:
+        assert server.grpc_address.startswith("127.0.0.1:")
+        assert server.rest_url.startswith("http://127.0.0.1:")
+        with pytest.raises(OSError):  # a taken port is an error, not a shared socket
+            server_lib.start_server(str(base), "ranker", grpc_port=server.grpc_port,
+                                    rest_port=None, file_system_poll_wait_s=0)
+
+
+def test_stop_lets_in_flight_requests_finish(tmp_path, scaled_exports):
+    base = tmp_path / "ranker"
+    base.mkdir()
+    install_version(base, 1, scaled_exports[2])
+    # A long batch timeout holds each request in the server while stop() begins.
+    batching = BatchingOptions(max_batch_size=1000, batch_timeout_s=1.0, num_batch_threads=1)
+    server = server_lib.start_server(str(base), "ranker", grpc_port=0, rest_port=0,
+                                     file_system_poll_wait_s=0, batching=batching,
+                                     enable_model_warmup=False)
+    results = {}
+
+    def over_grpc():
+        results["grpc"] = client.predict_grpc(server.grpc_address, "ranker", {"x": [1.0]})
+
+    def over_rest():
+        rest = client.RestPredictionClient(server.rest_url)
+        rest.signature_def("ranker")  # metadata first, so only the predict is in flight
+        started.set()
+        results["rest"] = rest.predict("ranker", {"x": [2.0]})
+
+    started = threading.Event()
+    threads = [threading.Thread(target=over_grpc), threading.Thread(target=over_rest)]
+    for thread in threads:
+        thread.start()
+    started.wait(10)
+    time.sleep(0.3)  # both predicts are now waiting in the batcher
+    stopped_at = time.monotonic()
+    server.stop(grace_s=5.0)
+    for thread in threads:
+        thread.join(10)
+    assert results["grpc"]["y"].tolist() == [2.0]
+    assert results["rest"]["y"].tolist() == [4.0]
+    assert time.monotonic() - stopped_at < 5.0
+    with pytest.raises(client.ServingClientError):  # and nothing is accepted any more
+        client.predict_grpc(server.grpc_address, "ranker", {"x": [1.0]}, timeout=2)
+
+
+def test_sigterm_shuts_down_gracefully(tmp_path, scaled_exports):
+    base = tmp_path / "ranker"
+    base.mkdir()
+    install_version(base, 1, scaled_exports[2])
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", "--port=0", "--rest-port=0",
+         "--model_name=ranker", f"--model-base-path={base}", "--shutdown_grace_seconds=2"],
+        stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+    log_lines = []
+    try:
+        rest_url = None
+        deadline = time.monotonic() + 90
+        while rest_url is None and time.monotonic() < deadline:
+            line = process.stderr.readline()
+            if not line:
+                break
+            log_lines.append(line)
+            found = re.search(r"Serving REST on (http://\S+)", line)
+            rest_url = found.group(1) if found else None
+        assert rest_url, "".join(log_lines[-20:])
+        assert client.predict_rest(rest_url, "ranker", {"x": [1.5]})["y"].tolist() == [3.0]
+        process.send_signal(signal.SIGTERM)
+        _, remaining = process.communicate(timeout=30)
+        log_lines.append(remaining)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, "".join(log_lines[-20:])
+    log = "".join(log_lines)
+    assert "Received SIGTERM" in log and "Server stopped" in log
