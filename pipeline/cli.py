@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic_logs.add_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
+    schedule = commands.add_parser("schedule", help="print or install the daily trigger (cron or systemd)")
+    from pipeline import schedule as schedule_lib
+    schedule_lib.add_arguments(schedule)
+    schedule.set_defaults(func=schedule_lib.run)
+
     serve = commands.add_parser("serve", help="serve pushed models over TF Serving's gRPC and REST APIs",
                                 add_help=False)
     serve.add_argument("server_args", nargs=argparse.REMAINDER)

@@ -7,6 +7,7 @@ import datetime
 import os
 from typing import Dict, List, Optional, Tuple
 
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE_NAME = "poso_ranking"
 MODEL_NAME = "poso_ranking"          # the serving model name (TF Serving base directory name)
 DEFAULT_HOME = "poso_home"           # relative to the working directory unless absolute
@@ -83,6 +84,12 @@ class RunConfig:
         return [self.date - datetime.timedelta(days=d) for d in range(self.train_days, 0, -1)]
 
     def beam_pipeline_args(self) -> List[str]:
+        """DirectRunner on both cores by default; for a remote runner (--runner=DataflowRunner,
+        FlinkRunner, SparkRunner via --beam-arg) workers get this project through setup.py."""
         args = [f"--direct_running_mode={self.beam_direct_running_mode}",
-                f"--direct_num_workers={self.beam_num_workers}"]
-        return args + list(self.extra_beam_args)
+                f"--direct_num_workers={self.beam_num_workers}"] + list(self.extra_beam_args)
+        runners = [a.split("=", 1)[1] for a in args if a.startswith("--runner=")]
+        remote = runners and runners[-1] not in ("DirectRunner", "direct")
+        if remote and not any(a.startswith("--setup_file") for a in args):
+            args.append(f"--setup_file={os.path.join(PROJECT_DIR, 'setup.py')}")
+        return args

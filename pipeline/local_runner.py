@@ -105,3 +105,5 @@ def setup_logging(verbose: bool = False) -> None:
     stderr.setLevel(logging.INFO if verbose else logging.WARNING)
     stderr.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(stderr)
+    if not verbose:  # TensorFlow's logger has a handler of its own; keep it to real problems
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)

@@ -14,7 +14,7 @@ from pipeline import config as config_lib
 from pipeline import evaluation
 from pipeline import pipeline as pipeline_lib
 
-_METRICS = ("gauc", "auc", "binary_crossentropy", "example_count")
+_METRICS = ("gauc", "auc", "binary_crossentropy", "example_count", "mean_label")
 
 
 def _latest(store, type_name: str, span: Optional[int] = None):
@@ -128,6 +128,8 @@ def format_summary(summary: Dict[str, object]) -> str:
             for task in tasks:
                 row = next((r for r in rows if r["slice"] == name and r["task"] == task), {})
                 gauc, auc = row.get("gauc"), row.get("auc")
+                if row.get("mean_label") in (0.0, 1.0):  # one class only: AUC is undefined, not 0
+                    auc = None
                 fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "  -   "
                 cells.append(f"{fmt(gauc):>8s}/{fmt(auc):<9s}")
             lines.append(f"  {name:28s} " + " ".join(cells))
