@@ -80,14 +80,14 @@ def process_user_day(user_id: int, impressions: Iterable[Impression], state: Opt
     """
     ordered = sorted(impressions, key=lambda imp: imp.sort_key)
     if state is None:
-        state = UserState(user_id, 0, ordered[0].values[specs.TIME_MS] if ordered else 0)
+        state = UserState(user_id, 0, ordered[0].value(specs.TIME_MS) if ordered else 0)
     profile = {f.name: _profile_value(f, user_row) for f in USER_PROFILE_FEATURES}
     count, first_seen = state.impressions, state.first_seen_ms
     hist_ids, hist_tags = list(state.history_video_ids), list(state.history_tags)
     examples = []
     for imp in ordered:
-        time_ms = imp.values[specs.TIME_MS]
-        video_id = imp.values[specs.VIDEO_ID]
+        time_ms = imp.value(specs.TIME_MS)
+        video_id = imp.value(specs.VIDEO_ID)
         video = videos.get(video_id)
         tags = parse_tags(video.get(specs.TAG, "")) if video else []
         upload = _upload_ms(video) if video else None
@@ -95,8 +95,8 @@ def process_user_day(user_id: int, impressions: Iterable[Impression], state: Opt
         example = {
             specs.USER_ID: user_id,
             specs.VIDEO_ID: video_id,
-            specs.TAB: imp.values[specs.TAB],
-            specs.HOUR: imp.values[specs.HOURMIN] // 100,
+            specs.TAB: imp.value(specs.TAB),
+            specs.HOUR: imp.value(specs.HOURMIN) // 100,
             **profile,
             **{f.name: _profile_value(f, video) for f in VIDEO_PROFILE_FEATURES},
             specs.ITEM_AGE_DAYS: max(0.0, (time_ms - upload) / DAY_MS) if upload is not None else 0.0,
@@ -105,7 +105,7 @@ def process_user_day(user_id: int, impressions: Iterable[Impression], state: Opt
             specs.HIST_TAGS: list(hist_tags),
             specs.AVC: count,
             specs.IS_NEW_USER: is_new,
-            **{f.name: int(imp.values[f.name] > 0) for f in LABEL_FEATURES},
+            **{f.name: int(imp.value(f.name) > 0) for f in LABEL_FEATURES},
             specs.USER_GROUP: specs.user_group(is_new, str(profile.get(specs.USER_ACTIVE_DEGREE, ""))),
             specs.AVC_BUCKET: specs.pc_bucket(count),
         }
@@ -117,18 +117,38 @@ def process_user_day(user_id: int, impressions: Iterable[Impression], state: Opt
 
 
 def to_tf_example(values: Mapping[str, object]):
-    """Serializable tf.train.Example with every feature of feature_specs.FEATURES."""
+    """One tf.train.Example with every feature of feature_specs.FEATURES (for tests and tools)."""
     import tensorflow as tf
 
-    example = tf.train.Example()
+    return tf.train.Example.FromString(encode_examples([values])[0])
+
+
+_ARROW_TYPES = {specs.Dtype.INT64: "int64", specs.Dtype.FLOAT32: "float32", specs.Dtype.STRING: "large_binary"}
+
+
+def encode_examples(rows: Sequence[Mapping[str, object]]) -> List[bytes]:
+    """Serialized tf.Examples for many rows at once.
+
+    Builds one Arrow record batch (a list column per feature) and lets tfx_bsl's C++ encoder
+    write the tf.Examples: about 10x faster than filling protos from Python.
+    """
+    import numpy as np
+    import pyarrow as pa
+    from tfx_bsl.coders import example_coder
+
+    columns = {}
     for feat in specs.FEATURES:
-        value = values[feat.name]
-        items = value if feat.kind is specs.Kind.SEQUENCE else [value]
-        target = example.features.feature[feat.name]
-        if feat.dtype is specs.Dtype.INT64:
-            target.int64_list.value.extend(int(v) for v in items)
-        elif feat.dtype is specs.Dtype.FLOAT32:
-            target.float_list.value.extend(float(v) for v in items)
+        kind = getattr(pa, _ARROW_TYPES[feat.dtype])()
+        if feat.kind is specs.Kind.SEQUENCE:
+            lists = [row[feat.name] for row in rows]
+            offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum([len(v) for v in lists], out=offsets[1:])
+            values = pa.array([v for items in lists for v in items], type=kind)
         else:
-            target.bytes_list.value.extend(str(v).encode() for v in items)
-    return example
+            offsets = np.arange(len(rows) + 1, dtype=np.int64)
+            items = [row[feat.name] for row in rows]
+            if feat.dtype is specs.Dtype.STRING:
+                items = [str(v).encode() for v in items]
+            values = pa.array(items, type=kind)
+        columns[feat.name] = pa.LargeListArray.from_arrays(pa.array(offsets), values)
+    return example_coder.RecordBatchToExamples(pa.RecordBatch.from_pydict(columns))

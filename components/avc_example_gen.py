@@ -34,6 +34,8 @@ QUARANTINE_FILE = "bad_rows.jsonl"
 QUARANTINE_SUMMARY = "summary.json"
 _COUNTER_NAMESPACE = "avc_example_gen"
 _SHOWN_BAD_ROWS = 10
+_CHUNK_ROWS = 100_000   # rows grouped by user before the shuffle
+_ENCODE_BATCH = 4_096   # examples encoded to tf.Example at once
 _EPOCH = datetime.date(1970, 1, 1)
 
 
@@ -77,7 +79,11 @@ class AvcExampleGenSpec(ComponentSpec):
 
 
 class _ValidateRows(beam.DoFn):
-    """Reads one log file and tags each row as a good Impression or a BadRow."""
+    """Reads one log file; yields (user_id, [Impression, ...]) per chunk of rows, and bad rows.
+
+    Grouping a chunk's rows by user here keeps the number of elements Beam shuffles close to the
+    number of users rather than of rows.
+    """
 
     def __init__(self, date: datetime.date, known_videos: frozenset):
         self._date, self._known_videos = date, known_videos
@@ -85,25 +91,38 @@ class _ValidateRows(beam.DoFn):
         self._bad = beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, "bad_rows")
 
     def process(self, path: str):
+        by_user: Dict[int, List] = {}
+        in_chunk = 0
         for number, fields in impression_logs.read_raw_rows(path):
             good, bad = impression_logs.validate_row(path, number, fields, self._date, self._known_videos)
             if bad is not None:
                 self._bad.inc()
                 yield beam.pvalue.TaggedOutput("bad", bad)
-            else:
-                self._good.inc()
-                yield good
+                continue
+            self._good.inc()
+            by_user.setdefault(good.user_id, []).append(good)
+            in_chunk += 1
+            if in_chunk >= _CHUNK_ROWS:
+                yield from by_user.items()
+                by_user, in_chunk = {}, 0
+        yield from by_user.items()
 
 
 class _ProcessUser(beam.DoFn):
-    """CoGroupByKey result for one user -> examples (main output) and the new state."""
+    """CoGroupByKey result for one user -> serialized examples (main output) and the new state.
+
+    Examples are encoded in batches (see avc.encode_examples), flushed at the end of each bundle.
+    """
 
     def __init__(self, users: Dict[int, Dict[str, str]], videos: Dict[int, Dict[str, str]]):
         self._users, self._videos = users, videos
 
+    def start_bundle(self):
+        self._pending: List[Dict[str, Any]] = []
+
     def process(self, keyed):
         user_id, grouped = keyed
-        impressions = list(grouped["impressions"])
+        impressions = [imp for chunk in grouped["impressions"] for imp in chunk]
         states = list(grouped["state"])
         previous = states[0] if states else None
         if not impressions:  # not seen today: carry the state over unchanged
@@ -111,9 +130,17 @@ class _ProcessUser(beam.DoFn):
             return
         examples, state = avc.process_user_day(user_id, impressions, previous,
                                                self._users.get(user_id), self._videos)
-        for example in examples:
-            yield avc.to_tf_example(example).SerializeToString()
+        self._pending.extend(examples)
+        if len(self._pending) >= _ENCODE_BATCH:
+            yield from avc.encode_examples(self._pending)
+            self._pending = []
         yield beam.pvalue.TaggedOutput("state", state)
+
+    def finish_bundle(self):
+        if self._pending:
+            for record in avc.encode_examples(self._pending):
+                yield beam.transforms.window.GlobalWindows.windowed_value(record)
+            self._pending = []
 
 
 def _read_state(pipeline, artifact) -> beam.PCollection:
@@ -152,7 +179,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
          | "WriteQuarantine" >> beam.io.WriteToText(os.path.join(quarantine.uri, QUARANTINE_FILE),
                                                     shard_name_template=""))
         by_user = {
-            "impressions": rows.good | "KeyImpressions" >> beam.Map(lambda imp: (imp.user_id, imp)),
+            "impressions": rows.good,
             "state": _read_state(pipeline, previous) | "KeyState" >> beam.Map(lambda s: (s.user_id, s)),
         }
         processed = (by_user

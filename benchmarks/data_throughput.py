@@ -1,0 +1,100 @@
+"""Throughput of the synthetic generator and of the AVC Beam step (AvcExampleGen) on DirectRunner.
+
+    bin/poso-env python -m benchmarks.data_throughput --rows 1000000
+
+Prints rows/s and peak memory (resident set size of this process and its Beam worker processes,
+sampled every 0.2 s). Two days are generated; day 2 is the one measured, so the carried user state
+of day 1 is read as in a real daily run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import tempfile
+import threading
+import time
+
+import psutil
+
+START = datetime.date(2022, 4, 8)
+
+
+class PeakMemory:
+    """Samples the RSS of this process plus all its children until stopped."""
+
+    def __init__(self, interval: float = 0.2):
+        self.peak, self._interval, self._stop = 0, interval, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me] + me.children(recursive=True):
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self._interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _run_avc_day(data: str, out: str, date: datetime.date, previous, mode: str, workers: int):
+    from tfx.dsl.components.base import base_beam_executor
+    from tfx.types import standard_artifacts
+
+    from components import avc_example_gen
+
+    executor = avc_example_gen.Executor(base_beam_executor.BaseBeamExecutor.Context(
+        beam_pipeline_args=[f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"],
+        tmp_dir=os.path.join(out, "tmp")))
+    outputs = {}
+    for key, cls in (("examples", standard_artifacts.Examples), ("user_state", avc_example_gen.UserState),
+                     ("quarantine", avc_example_gen.QuarantinedRows)):
+        artifact = cls()
+        artifact.uri = os.path.join(out, f"{mode}-{date.isoformat()}", key)
+        os.makedirs(artifact.uri, exist_ok=True)
+        outputs[key] = [artifact]
+    executor.Do({"previous_user_state": [previous] if previous else []}, outputs,
+                {"input_base": data, "date": date.isoformat(), "max_bad_row_fraction": 0.01})
+    return outputs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="impressions per day")
+    parser.add_argument("--modes", default="multi_processing,in_memory")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    from components import synthetic_logs
+
+    with tempfile.TemporaryDirectory() as work:
+        data = os.path.join(work, "data")
+        started = time.perf_counter()
+        synthetic_logs.generate(data, START, 2, seed=1, impressions_per_day=args.rows)
+        seconds = time.perf_counter() - started
+        print(f"generator: {2 * args.rows:,} rows in {seconds:.1f} s = {2 * args.rows / seconds:,.0f} rows/s (goal >= 200,000)")
+        for mode in args.modes.split(","):
+            day1 = _run_avc_day(data, work, START, None, mode, args.workers)
+            with PeakMemory() as memory:
+                started = time.perf_counter()
+                _run_avc_day(data, work, START + datetime.timedelta(days=1), day1["user_state"][0], mode, args.workers)
+                seconds = time.perf_counter() - started
+            print(f"AvcExampleGen ({mode}, {args.workers} workers): {args.rows:,} rows in {seconds:.1f} s = "
+                  f"{args.rows / seconds:,.0f} rows/s, peak memory {memory.peak / 2**30:.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
