@@ -54,10 +54,11 @@ def _run_config(args, date: datetime.date) -> config_lib.RunConfig:
 
 
 def _print_result(result, home: str) -> None:
-    from pipeline import summary
+    from pipeline import report, summary
 
     print(summary.format_summary(result))
     print(f"  Summary: {summary.write_summary(result, home)}")
+    print(f"  Report:  {report.write_report(result, home)}")
 
 
 def cmd_run(args) -> int:

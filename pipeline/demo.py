@@ -37,7 +37,7 @@ def run_demo(home: str, rows_per_day: int, train_steps: int, verbose: bool = Fal
              beam_mode: str = "in_memory") -> int:
     from components import synthetic_logs
     from components.infra_validator import sample_request_examples
-    from pipeline import local_runner, summary
+    from pipeline import local_runner, report, summary
     from serving import client, instances, server
 
     started = time.time()
@@ -55,6 +55,7 @@ def run_demo(home: str, rows_per_day: int, train_steps: int, verbose: bool = Fal
     result = local_runner.run_day(cfg)
     print(summary.format_summary(result), flush=True)
     summary.write_summary(result, home)
+    report_path = report.write_report(result, home)
     if not result["pushed"]:
         print("The model was not pushed, so there is nothing to serve; see the reasons above.")
         return 1
@@ -85,7 +86,7 @@ def run_demo(home: str, rows_per_day: int, train_steps: int, verbose: bool = Fal
     print(f"\nDone in {time.time() - started:.0f} s. Artifacts:\n"
           f"  logs:              {data}\n  pipeline root:     {cfg.pipeline_root}\n"
           f"  metadata (sqlite): {cfg.metadata_path}\n  served model:      {result['pushed_destination']}\n"
-          f"  models.config:     {cfg.models_config_path}\n  run summary:       {os.path.join(home, 'runs')}\n"
+          f"  models.config:     {cfg.models_config_path}\n  run report:        {report_path}\n"
           f"Serve it again: bin/poso serve --model-config {cfg.models_config_path}")
     return 0
 

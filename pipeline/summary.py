@@ -34,10 +34,10 @@ def _custom(artifact, key: str, default=None):
     return value.int_value if value.HasField("int_value") else value.string_value
 
 
-def _metric_rows(eval_uri: str) -> List[Dict[str, object]]:
+def _metric_rows(eval_uri: str, model_name: Optional[str] = None) -> List[Dict[str, object]]:
     import tensorflow_model_analysis as tfma
 
-    result = tfma.load_eval_result(eval_uri)
+    result = tfma.load_eval_result(eval_uri, model_name=model_name)
     rows = []
     for slice_key, by_output in result.slicing_metrics:
         name = "overall" if not slice_key else ", ".join(f"{k}={v}" for k, v in slice_key)
@@ -87,6 +87,7 @@ def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
         blessing = _latest(store, tfx.types.standard_artifacts.ModelBlessing.TYPE_NAME)
         infra = _latest(store, tfx.types.standard_artifacts.InfraBlessing.TYPE_NAME)
         pushed = _latest(store, tfx.types.standard_artifacts.PushedModel.TYPE_NAME)
+        model = _latest(store, tfx.types.standard_artifacts.Model.TYPE_NAME)
         window = [s for s in range(span - cfg.train_days, span)]
         train_rows = []
         for s in window:
@@ -107,11 +108,16 @@ def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
         "models_config": cfg.models_config_path,
         "pipeline_root": cfg.pipeline_root,
         "metadata": cfg.metadata_path,
+        "candidate_model_dir": os.path.join(model.uri, "Format-Serving") if model is not None else None,
     }
     if evaluation_artifact is not None:
         summary["evaluation_uri"] = evaluation_artifact.uri
         summary["metrics"] = _metric_rows(evaluation_artifact.uri)
         summary["blessing_failures"] = _validation_failures(evaluation_artifact.uri)
+        try:  # present when the Evaluator compared against a last blessed model
+            summary["baseline_metrics"] = _metric_rows(evaluation_artifact.uri, model_name="baseline")
+        except Exception:
+            summary["baseline_metrics"] = None
     return summary
 
 

@@ -49,3 +49,12 @@ def test_pushed_serving_signature_returns_one_probability_per_task_per_row(demo_
         scores = scores.numpy()
         assert scores.shape == (len(rows),), task
         assert np.all((scores > 0) & (scores < 1)), task
+
+
+def test_demo_writes_the_run_report_with_its_plots(demo_home):
+    folder = os.path.join(demo_home, "runs", (demo.START + __import__("datetime").timedelta(days=demo.DAYS - 1)).isoformat())
+    page = open(os.path.join(folder, "report.html")).read()
+    for image in ("gauc_by_group.png", "metrics_by_avc.png", "gates_by_avc.png"):
+        assert f'src="{image}"' in page
+        assert os.path.getsize(os.path.join(folder, image)) > 1000
+    assert "BLESSED" in page and "Pushed version" in page
