@@ -722,8 +722,14 @@ class PosoMultiHeadAttention(_PersonalizedGatesMixin, _SequenceAttention):
 
     def _values(self, sequence: tf.Tensor, pc: Any) -> tf.Tensor:
         gate = self.value_gate(_required_pc(pc, self))  # [batch, N]
-        projections = tf.stack([project(sequence) for project in self.value_projections], 2)
-        return tf.einsum("bn,blnw->blw", gate, projections)
+        # sum_i g_i (S W_v^i) = S (sum_i g_i W_v^i): mixing the N kernels per example first and
+        # projecting once costs N + L instead of N * L kernel-sized products.
+        for project in self.value_projections:
+            if not project.built:
+                project.build(sequence.shape)
+        kernels = tf.stack([project.kernel for project in self.value_projections])  # [N, item_dim, width]
+        mixed = tf.einsum("bn,ndw->bdw", gate, kernels)
+        return tf.einsum("bld,bdw->blw", sequence, mixed)
 
     def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
         """{"keys": G_k(pc) [batch, num_heads*head_dim], "values": g(pc) [batch, N]}."""

@@ -57,7 +57,9 @@ class ModelConfig:
     mmoe: str = "plain"
     pc_source: str = "avc_bucket_onehot"
     gate_scale: float = 2.0
-    gate_hidden_units: int = 32
+    # The gates read a small code (a 12-bucket one-hot by default): 8 hidden units suffice, and
+    # keep the gates' parameters small next to the 256- and 128-wide layers they scale.
+    gate_hidden_units: int = 8
     gate_stop_gradient: bool = False
     pc_embedding_dim: int = 8
     embedding_dim: Optional[int] = None

@@ -326,8 +326,9 @@ def test_poso_equals_plain_when_gates_are_one(inputs, rng, make_pair):
 
     for values in poso.gates(inputs["pc"]).values():
         np.testing.assert_array_equal(values.numpy(), 1.0)
-    # Same arithmetic, so equal exactly (not merely within tolerance).
-    assert_outputs_equal(call_layer(poso, inputs), call_layer(plain, inputs))
+    # Equal up to float32 rounding: POSO(MHA) mixes its value kernels before projecting, which
+    # orders the sums differently from the plain layer's single projection.
+    assert_outputs_equal(call_layer(poso, inputs), call_layer(plain, inputs), atol=1e-6, rtol=1e-5)
 
 
 def test_plain_layers_have_no_gates(inputs):

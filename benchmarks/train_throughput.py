@@ -1,0 +1,245 @@
+"""Train-step throughput (examples/s) of the model variants, measured side by side.
+
+    bin/poso-env python -m benchmarks.train_throughput [--steps 30] [--batch-size 512] [--repeats 5]
+        [--variants baseline,poso_all] [--warmup 5] [--config JSON] [--json OUT]
+
+Every variant of `models.model.VARIANTS` (or --variants) is built with the same
+hyper-parameters (the default `ModelConfig`, or --config overrides), compiled as the trainer
+compiles it (Adam) and trained with Keras' own train function (`make_train_function`, what
+`fit` runs per step) on the same in-memory batches of random transformed features (valid per
+`feature_specs`; see `models.model_summary.random_transformed_features`). The data pipeline
+is therefore not measured, only the training step.
+
+Each variant first runs --warmup steps (the first traces the step function); those are not
+timed. Then --repeats rounds each time --steps steps of every variant, one variant after the
+other in a rotated order, so that load from other processes on a shared machine falls on
+all variants alike. Per variant: the median and the min-max spread over rounds of the time
+per step, and the median examples/s. The step-time ratio of POSO(all) to the baseline is the
+median over rounds of the ratio within a round (paired, so a slow round slows both).
+The figures are printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+DISTINCT_BATCHES = 8  # the batches cycle; more distinct rows than this buys nothing for timing
+BASELINE, POSO_ALL = "baseline", "poso_all"
+STEP_TIME_GOAL, PARAMETER_GOAL = 1.05, 1.10
+
+
+def _variant_list(value: str) -> List[str]:
+    from models import model as model_lib
+
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in model_lib.VARIANTS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"--variants: unknown or no variant(s) {unknown or value!r}; "
+                                         f"known: {', '.join(model_lib.VARIANTS)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--variants: {value!r} names a variant twice")
+    return names
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
+    return number
+
+
+def _config_overrides(value: str) -> Dict[str, Any]:
+    from models import model as model_lib
+
+    try:
+        overrides = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"--config is not valid JSON ({error}): {value!r}") from None
+    if not isinstance(overrides, dict):
+        raise argparse.ArgumentTypeError(f"--config must be a JSON object of ModelConfig fields, got {value!r}")
+    kinds = sorted(set(overrides) & {"mlp", "attention", "mmoe"})
+    if kinds:
+        raise argparse.ArgumentTypeError(f"--config must not set module kinds {kinds}: the variants set them")
+    try:
+        model_lib.ModelConfig.from_dict(overrides)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"--config: {error}") from None
+    return overrides
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=_positive_int, default=30, help="timed steps per variant per round")
+    parser.add_argument("--batch-size", type=_positive_int, default=512, help="examples per step (trainer default)")
+    parser.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds, interleaved across variants")
+    parser.add_argument("--warmup", type=_non_negative_int, default=5,
+                        help="untimed steps per variant before the rounds (the first one traces)")
+    parser.add_argument("--variants", type=_variant_list, default=None, metavar="A,B,...",
+                        help="variants to measure (default: all of models.model.VARIANTS)")
+    parser.add_argument("--config", type=_config_overrides, default=None, metavar="JSON",
+                        help="ModelConfig overrides for every variant, e.g. '{\"gate_hidden_units\": 8}'")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the initial weights")
+    parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the results here")
+
+
+class _Trainee:
+    """One variant: its model, its Keras train function and an iterator over the shared batches."""
+
+    def __init__(self, name: str, overrides: Mapping[str, Any], dataset, seed: int):
+        import tensorflow as tf
+
+        from models import model as model_lib
+        from models import model_summary
+
+        tf.keras.utils.set_random_seed(seed)
+        self.name = name
+        self.model = model_lib.RankingModel(model_lib.make_config(name, **overrides))
+        self.model.compile(optimizer=tf.keras.optimizers.Adam(self.model.config.learning_rate))
+        self.batches = iter(dataset)
+        self.train_function = self.model.make_train_function()
+        started = time.perf_counter()
+        self.step()  # builds the variables and traces the step
+        self.first_step_seconds = time.perf_counter() - started
+        self.parameters = model_summary.parameter_counts(self.model)
+
+    def step(self) -> float:
+        logs = self.train_function(self.batches)
+        return float(logs["loss"])  # fetching the loss waits for the step to finish
+
+
+def measure(variants: Sequence[str], *, steps: int = 30, batch_size: int = 512, repeats: int = 5,
+            warmup: int = 5, overrides: Optional[Mapping[str, Any]] = None, seed: int = 0,
+            log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Times training steps of `variants` side by side; returns JSON-friendly results (see `run`)."""
+    import tensorflow as tf
+
+    from models import model_summary
+
+    if not variants:
+        raise ValueError("measure: no variants to measure")
+    overrides = dict(overrides or {})
+    features = model_summary.random_transformed_features(batch_size * DISTINCT_BATCHES, seed=seed)
+    dataset = tf.data.Dataset.from_tensor_slices(features).batch(batch_size, drop_remainder=True).cache().repeat()
+
+    trainees = []
+    for name in variants:
+        trainee = _Trainee(name, overrides, dataset, seed)
+        for _ in range(max(warmup - 1, 0)):
+            trainee.step()
+        log(f"  {name}: built, traced and warmed up in {trainee.first_step_seconds:.1f} s (first step)")
+        trainees.append(trainee)
+
+    step_seconds: Dict[str, List[float]] = {name: [] for name in variants}
+    for round_index in range(repeats):
+        shift = round_index % len(trainees)
+        for trainee in trainees[shift:] + trainees[:shift]:
+            started = time.perf_counter()
+            for _ in range(steps):
+                loss = trainee.step()
+            step_seconds[trainee.name].append((time.perf_counter() - started) / steps)
+            if loss != loss:  # NaN: the timing would be meaningless
+                raise FloatingPointError(f"variant {trainee.name!r}: the loss became NaN")
+        log(f"  round {round_index + 1}/{repeats} done")
+
+    results = {}
+    for trainee in trainees:
+        times = step_seconds[trainee.name]
+        median = statistics.median(times)
+        results[trainee.name] = dict(
+            step_ms_median=1e3 * median, step_ms_min=1e3 * min(times), step_ms_max=1e3 * max(times),
+            step_ms_rounds=[1e3 * t for t in times],
+            examples_per_second_median=batch_size / median,
+            first_step_seconds=trainee.first_step_seconds,
+            dense_params=trainee.parameters["Dense network"], params=trainee.parameters["Whole model"])
+    comparison = None
+    if BASELINE in results and POSO_ALL in results:
+        paired = [poso / base for poso, base in zip(step_seconds[POSO_ALL], step_seconds[BASELINE])]
+        comparison = dict(
+            step_time_ratio=statistics.median(paired),
+            step_time_ratio_min=min(paired), step_time_ratio_max=max(paired),
+            dense_params_ratio=results[POSO_ALL]["dense_params"] / results[BASELINE]["dense_params"],
+            params_ratio=results[POSO_ALL]["params"] / results[BASELINE]["params"])
+    return dict(
+        settings=dict(variants=list(variants), steps=steps, batch_size=batch_size, repeats=repeats, warmup=warmup,
+                      overrides=overrides, seed=seed, cpu_count=os.cpu_count(), tensorflow=tf.__version__),
+        variants=results, poso_all_vs_baseline=comparison)
+
+
+def format_results(results: Mapping[str, Any]) -> str:
+    settings = results["settings"]
+    header = ["variant", "dense params", "step ms (median)", "spread (min-max)", "examples/s (median)",
+              f"vs {BASELINE}"]
+    base = results["variants"].get(BASELINE)
+    lines = []
+    for name, r in results["variants"].items():
+        relative = f"{r['step_ms_median'] / base['step_ms_median']:.3f}" if base else "n/a"
+        lines.append([name, f"{r['dense_params']:,}", f"{r['step_ms_median']:.1f}",
+                      f"{r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}", f"{r['examples_per_second_median']:,.0f}",
+                      relative])
+    widths = [max(len(line[i]) for line in [header] + lines) for i in range(len(header))]
+
+    def render(cells):
+        return "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(cells))
+
+    text = [f"Train-step throughput: batch {settings['batch_size']}, {settings['steps']} timed steps x "
+            f"{settings['repeats']} interleaved rounds per variant, {settings['warmup']} warm-up steps, "
+            f"{settings['cpu_count']} CPU cores, TF {settings['tensorflow']}"
+            + (f", overrides {json.dumps(settings['overrides'])}" if settings["overrides"] else ""),
+            "", render(header), "-" * len(render(header))]
+    text += [render(line) for line in lines]
+    text.append("")
+    comparison = results["poso_all_vs_baseline"]
+    if comparison is None:
+        text.append(f"(no POSO(all) vs baseline ratios: measure both {POSO_ALL} and {BASELINE} for them)")
+    else:
+        text.append(f"POSO(all) vs baseline step time: {comparison['step_time_ratio']:.3f} (goal <= {STEP_TIME_GOAL}) "
+                    f"[paired per round; range {comparison['step_time_ratio_min']:.3f}-"
+                    f"{comparison['step_time_ratio_max']:.3f}]")
+        text.append(f"POSO(all) vs baseline parameters: {comparison['dense_params_ratio']:.3f} (goal <= "
+                    f"{PARAMETER_GOAL}) dense network; {comparison['params_ratio']:.3f} with embedding tables")
+    return "\n".join(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    from models import model as model_lib
+
+    variants = args.variants or list(model_lib.VARIANTS)
+    print(f"Measuring {', '.join(variants)} ...", flush=True)
+    results = measure(variants, steps=args.steps, batch_size=args.batch_size, repeats=args.repeats,
+                      warmup=args.warmup, overrides=args.config, seed=args.seed,
+                      log=lambda message: print(message, flush=True))
+    print()
+    print(format_results(results))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="poso bench train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,428 @@
+"""Parameters and FLOPs of the ranking model's modules, plain vs POSO (the POSO paper's Table 1).
+
+    bin/poso-env python -m models.model_summary [--variant-pair baseline,poso_all] [--config JSON] [--json]
+
+Two `RankingModel`s are built, the "plain" and the "POSO" variant of the pair (by default
+`baseline` and `poso_all`), with every other hyper-parameter equal: the default
+`ModelConfig`, or `config` overrides. For each module (MLP, MHA, MMoE, the task towers),
+for the dense network (their sum), for the embedding tables and for the whole model the
+table gives both variants' parameters and FLOPs and the relative increase.
+
+Parameters are read from the built Keras layers (`count_params()`); the whole model's count
+is `model.trainable_weights` and must equal the sum of the parts, so the table cannot miss
+a sub-module. The embedding tables (every feature's table and, with
+`pc_source="avc_bucket_embedding"`, the PC embedding) dwarf the dense network, so the
+overhead is given both for the dense network (what POSO adds to) and for the whole model.
+
+FLOPs are multiply-adds (MACs) per example of the forward pass, counted analytically from
+the built layers' weight shapes and the behaviour-sequence length L:
+
+* a Dense kernel [n_in, n_out] costs n_in * n_out per position it is applied at: once per
+  example, or L times for the attention's key and value projections;
+* attention: L * width for the scores Q K^T and L * width for the weighted sum of values;
+* a personalized gate costs its two kernels (pc_dim * h + h * units); applying it costs one
+  multiply per gated element (units for a POSO(MLP) layer, L * width for POSO(MHA)'s keys,
+  num_experts * expert width for POSO(MMoE)); POSO(MHA) mixes its N value kernels per
+  example (N * item_dim * width) and then projects the sequence once (L * item_dim * width);
+* an MMoE costs its experts, its task gates' kernels and T * num_experts * expert width
+  for mixing the experts; the feature-gated MoE is a one-task MMoE;
+* embedding lookups and the one-hot PC cost 0; the masked mean of a pooled (candidate)
+  sequence costs max_length * embedding_dim.
+
+Not counted: bias adds, activations, sigmoid/softmax, the 1/sqrt(d) scaling, masking,
+concatenation and reshapes (a few per output element, the same order for both variants),
+and the backward pass (about twice the forward MACs for either variant). TensorFlow's
+graph profiler (`tf.compat.v1.profiler` on a frozen concrete function) was not used: on
+TF 2.21 it counts MatMul but has no FLOP statistics for Einsum, which computes the
+attention scores, the value mixture and the expert mixtures here, so it undercounts
+exactly the parts POSO changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import tensorflow as tf
+
+import feature_specs as fs
+from models import layers
+from models import model as model_lib
+
+__all__ = [
+    "DEFAULT_VARIANT_PAIR", "MODULE_ROWS", "ROWS", "summarize", "format_table", "parameter_counts",
+    "module_flops", "random_transformed_features", "build_model", "add_arguments", "run", "main",
+]
+
+DEFAULT_VARIANT_PAIR: Tuple[str, str] = ("baseline", "poso_all")
+# Table rows: the modules POSO can replace, then the rest of the model.
+MODULE_ROWS: Tuple[str, ...] = ("MLP", "MHA", "MMoE")
+ROWS: Tuple[str, ...] = MODULE_ROWS + ("Towers", "Dense network", "Embedding tables", "Whole model")
+_MODULE_ATTRIBUTES = {"MLP": "mlp", "MHA": "attention", "MMoE": "mmoe"}
+_KIND_FIELDS = ("mlp", "attention", "mmoe")
+_LABELS = {"baseline": "plain", "moe": "MoE", "poso_mlp": "POSO(MLP)", "poso_mha": "POSO(MHA)",
+           "poso_mmoe": "POSO(MMoE)", "poso_all": "POSO(all)"}
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: random but valid transformed features.
+# --------------------------------------------------------------------------------------------
+
+
+def random_transformed_features(batch_size: int, seed: int = 0,
+                                include_labels: bool = True) -> Dict[str, tf.Tensor]:
+    """A random batch shaped like `models.preprocessing.preprocessing_fn`'s outputs.
+
+    Derived from `feature_specs` only: categorical ids in [0, cardinality) (0 = out of
+    vocabulary, hashed ids from 1), z-scores for numerics, sequences of random length
+    padded with `PADDING_INDEX`, a log-uniform AVC with its log1p value and its PC bucket,
+    0/1 flags and labels. Enough to build the model and time training steps; the values
+    carry no signal.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"random_transformed_features: batch_size must be a positive int, got {batch_size!r}")
+    rng = np.random.default_rng(seed)
+    features: Dict[str, np.ndarray] = {}
+    for feature in fs.features_of_kind(fs.Kind.CATEGORICAL):
+        low = 0 if feature.vocabulary is not None else 1
+        features[feature.name] = rng.integers(low, feature.cardinality, size=batch_size, dtype=np.int64)
+    for feature in fs.features_of_kind(fs.Kind.NUMERIC):
+        features[feature.name] = rng.standard_normal(batch_size).astype(np.float32)
+    for feature in fs.features_of_kind(fs.Kind.SEQUENCE):
+        ids = rng.integers(1, feature.cardinality, size=(batch_size, feature.max_length), dtype=np.int64)
+        lengths = rng.integers(0, feature.max_length + 1, size=batch_size)
+        ids[np.arange(feature.max_length)[np.newaxis, :] >= lengths[:, np.newaxis]] = fs.PADDING_INDEX
+        features[feature.name] = ids
+    for feature in fs.features_of_kind(fs.Kind.PERSONALIZATION):
+        if feature.name == fs.PC.source:
+            counts = np.floor(np.exp(rng.uniform(0.0, math.log(2 * fs.PC.boundaries[-1]), batch_size))) - 1
+            features[feature.name] = np.log1p(counts).astype(np.float32)
+            features[fs.PC_BUCKET] = np.array([fs.pc_bucket(int(c)) for c in counts], dtype=np.int64)
+        else:
+            features[feature.name] = rng.integers(0, 2, size=batch_size).astype(np.float32)
+    if include_labels:
+        for feature in fs.features_of_kind(fs.Kind.LABEL):
+            features[feature.name] = rng.integers(0, 2, size=batch_size).astype(np.float32)
+    return {name: tf.constant(value) for name, value in features.items()}
+
+
+def build_model(config: model_lib.ModelConfig) -> model_lib.RankingModel:
+    """A `RankingModel` of `config` with its variables created (called on 2 random rows)."""
+    ranking = model_lib.RankingModel(config)
+    ranking(random_transformed_features(2, include_labels=False))
+    return ranking
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters.
+# --------------------------------------------------------------------------------------------
+
+
+def _embedding_layers(ranking: model_lib.RankingModel) -> List[tf.keras.layers.Layer]:
+    tables = list(ranking.embeddings.values())
+    if ranking.pc_embedding is not None:
+        tables.append(ranking.pc_embedding)
+    return tables
+
+
+def parameter_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
+    """Parameters of a built `RankingModel` by row of `ROWS` (all rows but the sums are parts).
+
+    Raises if the parts do not add up to the model's trainable weights (a sub-module this
+    summary does not know about).
+    """
+    if not ranking.built:
+        raise ValueError("parameter_counts: the model is not built; call it on a batch first (see build_model)")
+    counts = {row: getattr(ranking, attribute).count_params() for row, attribute in _MODULE_ATTRIBUTES.items()}
+    counts["Towers"] = sum(tower.count_params() for tower in ranking.towers.values())
+    counts["Dense network"] = sum(counts[row] for row in MODULE_ROWS + ("Towers",))
+    counts["Embedding tables"] = sum(table.count_params() for table in _embedding_layers(ranking))
+    counts["Whole model"] = int(sum(np.prod(weight.shape) for weight in ranking.trainable_weights))
+    if counts["Whole model"] != counts["Dense network"] + counts["Embedding tables"]:
+        raise RuntimeError(
+            f"parameter_counts: the model has {counts['Whole model']} trainable parameters but its known "
+            f"parts ({', '.join(ROWS[:4])}, embedding tables) have "
+            f"{counts['Dense network'] + counts['Embedding tables']}; a sub-module of RankingModel is "
+            "missing from models.model_summary")
+    return counts
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs (multiply-adds per example; the counting rule is in the module docstring).
+# --------------------------------------------------------------------------------------------
+
+
+def _dense_macs(dense: tf.keras.layers.Layer, positions: int = 1) -> int:
+    if not isinstance(dense, tf.keras.layers.Dense):
+        raise TypeError(f"expected a Dense layer, got {type(dense).__name__} '{dense.name}'")
+    if not dense.built:
+        raise ValueError(f"Dense layer '{dense.name}' is not built; build the model before counting FLOPs")
+    return positions * int(np.prod(dense.kernel.shape))
+
+
+def _gate_macs(gate: layers.PersonalizedGate) -> int:
+    return _dense_macs(gate.hidden_layer) + _dense_macs(gate.logit_layer)
+
+
+def _mlp_macs(mlp: layers.MLP, length: int) -> int:
+    del length
+    return sum(_dense_macs(dense) for dense in mlp.dense_layers)
+
+
+def _poso_mlp_macs(mlp: layers.PosoMLP, length: int) -> int:
+    # Each layer's gate, plus one multiply per gated output element.
+    return _mlp_macs(mlp, length) + sum(_gate_macs(gate) + gate.units for gate in mlp.layer_gates)
+
+
+def _mmoe_macs(mmoe: layers.MMoE, length: int) -> int:
+    expert_width = mmoe.expert_units[-1]
+    experts = sum(module_flops(expert, length) for expert in mmoe.experts)
+    task_gates = sum(_dense_macs(gate) for gate in mmoe.task_gates)
+    return experts + task_gates + mmoe.num_tasks * mmoe.num_experts * expert_width
+
+
+def _poso_mmoe_macs(mmoe: layers.PosoMMoE, length: int) -> int:
+    gated_elements = mmoe.num_experts * mmoe.expert_units[-1]
+    return _mmoe_macs(mmoe, length) + _gate_macs(mmoe.expert_gate) + gated_elements
+
+
+def _feature_gated_moe_macs(moe: layers.FeatureGatedMoE, length: int) -> int:
+    return module_flops(moe.mixture, length)
+
+
+def _attention_core_macs(attention, length: int) -> int:
+    # Query projection (once), key projection (per position), scores and weighted sum.
+    return (_dense_macs(attention.query_projection) + _dense_macs(attention.key_projection, length)
+            + 2 * length * attention.width)
+
+
+def _attention_macs(attention: layers.MultiHeadAttention, length: int) -> int:
+    return _attention_core_macs(attention, length) + _dense_macs(attention.value_projection, length)
+
+
+def _poso_attention_macs(attention: layers.PosoMultiHeadAttention, length: int) -> int:
+    # The layer mixes its N value kernels per example (N kernel-sized products), then projects
+    # the sequence once with the mixed kernel (L kernel-sized products).
+    kernel = _dense_macs(attention.value_projections[0])
+    projections = length * kernel
+    value_mixture = attention.num_value_projections * kernel
+    gated_keys = length * attention.width
+    gates = _gate_macs(attention.key_gate) + _gate_macs(attention.value_gate)
+    return _attention_core_macs(attention, length) + projections + value_mixture + gated_keys + gates
+
+
+# Exact types: a new subclass must get its own rule rather than silently inherit one.
+_FLOP_RULES: Dict[type, Callable[[Any, int], int]] = {
+    layers.MLP: _mlp_macs,
+    layers.PosoMLP: _poso_mlp_macs,
+    layers.FeatureGatedMoE: _feature_gated_moe_macs,
+    layers.MMoE: _mmoe_macs,
+    layers.PosoMMoE: _poso_mmoe_macs,
+    layers.MultiHeadAttention: _attention_macs,
+    layers.PosoMultiHeadAttention: _poso_attention_macs,
+}
+
+
+def module_flops(module: tf.keras.layers.Layer, sequence_length: int) -> int:
+    """Multiply-adds per example of a built module from `models.layers` (see the module docstring)."""
+    rule = _FLOP_RULES.get(type(module))
+    if rule is None:
+        raise TypeError(f"module_flops: no FLOP counting rule for {type(module).__name__} '{module.name}'; "
+                        f"known: {sorted(cls.__name__ for cls in _FLOP_RULES)}")
+    return rule(module, sequence_length)
+
+
+def _behaviour_length() -> int:
+    return fs.feature(model_lib.BEHAVIOUR_SEQUENCE[0]).max_length
+
+
+def flop_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
+    """Multiply-adds per example of a built `RankingModel` by row of `ROWS`."""
+    length = _behaviour_length()
+    counts = {row: module_flops(getattr(ranking, attribute), length)
+              for row, attribute in _MODULE_ATTRIBUTES.items()}
+    counts["Towers"] = sum(_dense_macs(layer) for tower in ranking.towers.values() for layer in tower.layers)
+    counts["Dense network"] = sum(counts[row] for row in MODULE_ROWS + ("Towers",))
+    # Lookups are free; the masked mean of each pooled (non-behaviour) sequence is not.
+    pooled = [f for f in fs.features_of_kind(fs.Kind.SEQUENCE) if f.name not in model_lib.BEHAVIOUR_SEQUENCE]
+    counts["Embedding tables"] = sum(f.max_length * ranking.embeddings[f.name].output_dim for f in pooled)
+    counts["Whole model"] = counts["Dense network"] + counts["Embedding tables"]
+    return counts
+
+
+# --------------------------------------------------------------------------------------------
+# Summary and table.
+# --------------------------------------------------------------------------------------------
+
+
+def _shared_overrides(config: Union[None, model_lib.ModelConfig, Mapping[str, Any]]) -> Dict[str, Any]:
+    """The hyper-parameters both variants share; module kinds come from the variant pair."""
+    if config is None:
+        return {}
+    if isinstance(config, model_lib.ModelConfig):
+        values = config.to_dict()
+    elif isinstance(config, Mapping):
+        values = dict(config)
+        model_lib.ModelConfig.from_dict(values)  # unknown fields or bad values fail here, clearly
+    else:
+        raise TypeError(f"summarize: config must be a ModelConfig, a mapping of ModelConfig overrides or None, "
+                        f"got {type(config).__name__}")
+    return {key: value for key, value in values.items() if key not in _KIND_FIELDS}
+
+
+def _check_pair(variant_pair: Sequence[str]) -> Tuple[str, str]:
+    if isinstance(variant_pair, str) or len(variant_pair) != 2:
+        raise ValueError(f"variant pair must be two variant names (plain, POSO), got {variant_pair!r}")
+    for name in variant_pair:
+        if name not in model_lib.VARIANTS:
+            raise ValueError(f"unknown model variant {name!r} in the variant pair; known: {sorted(model_lib.VARIANTS)}")
+    return tuple(variant_pair)
+
+
+def _increase_pct(before: int, after: int) -> Optional[float]:
+    return None if before == 0 else 100.0 * (after - before) / before
+
+
+def summarize(config: Union[None, model_lib.ModelConfig, Mapping[str, Any]] = None,
+              variant_pair: Sequence[str] = DEFAULT_VARIANT_PAIR) -> Dict[str, Any]:
+    """Parameters and FLOPs per row of `ROWS` for the two variants of `variant_pair`.
+
+    config: the shared hyper-parameters, a `ModelConfig` or a mapping of its fields
+      (None = defaults). Its module kinds (mlp/attention/mmoe) are ignored: they come from
+      the variants of the pair.
+
+    Returns a JSON-friendly dict: "variants" {"plain": name, "poso": name}, "configs" (both
+    full configs), "sequence_length", "pc_dim", "rows" {row: {"plain_params", "poso_params",
+    "params_increase_pct", "plain_flops", "poso_flops", "flops_increase_pct"}} in `ROWS`
+    order, and "overhead" {"dense_params_pct", "params_pct", "flops_pct"} of POSO over plain
+    (dense network params, whole-model params, whole-model FLOPs).
+    """
+    plain_name, poso_name = _check_pair(variant_pair)
+    shared = _shared_overrides(config)
+    measured = {}
+    for role, name in (("plain", plain_name), ("poso", poso_name)):
+        ranking = build_model(model_lib.make_config(name, **shared))
+        pc_dim = int(ranking.personalization_code(random_transformed_features(1, include_labels=False)).shape[1])
+        measured[role] = dict(config=ranking.config.to_dict(), params=parameter_counts(ranking),
+                              flops=flop_counts(ranking), pc_dim=pc_dim)
+    rows = {}
+    for row in ROWS:
+        plain_params, poso_params = measured["plain"]["params"][row], measured["poso"]["params"][row]
+        plain_flops, poso_flops = measured["plain"]["flops"][row], measured["poso"]["flops"][row]
+        rows[row] = dict(plain_params=plain_params, poso_params=poso_params,
+                         params_increase_pct=_increase_pct(plain_params, poso_params),
+                         plain_flops=plain_flops, poso_flops=poso_flops,
+                         flops_increase_pct=_increase_pct(plain_flops, poso_flops))
+    return dict(
+        variants=dict(plain=plain_name, poso=poso_name),
+        configs={role: measured[role]["config"] for role in ("plain", "poso")},
+        sequence_length=_behaviour_length(),
+        pc_dim=measured["poso"]["pc_dim"],
+        rows=rows,
+        overhead=dict(dense_params_pct=rows["Dense network"]["params_increase_pct"],
+                      params_pct=rows["Whole model"]["params_increase_pct"],
+                      flops_pct=rows["Whole model"]["flops_increase_pct"]),
+    )
+
+
+def _label(variant: str) -> str:
+    return _LABELS.get(variant, variant)
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:+.1f}%"
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The summary as a text table (the paper's Table 1 layout), ending with the overhead line."""
+    plain, poso = _label(summary["variants"]["plain"]), _label(summary["variants"]["poso"])
+    config = summary["configs"]["poso"]
+    header = ["module", f"{plain} params", f"{poso} params", "+%", f"{plain} FLOPs", f"{poso} FLOPs", "+%"]
+    lines = [[row, f"{v['plain_params']:,}", f"{v['poso_params']:,}", _pct(v["params_increase_pct"]),
+              f"{v['plain_flops']:,}", f"{v['poso_flops']:,}", _pct(v["flops_increase_pct"])]
+             for row, v in summary["rows"].items()]
+    widths = [max(len(line[i]) for line in [header] + lines) for i in range(len(header))]
+
+    def render(cells):
+        return "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(cells))
+
+    rule = "-" * len(render(header))
+    overhead = summary["overhead"]
+    text = [
+        f"Parameters and FLOPs per module: {plain} = {summary['variants']['plain']}, "
+        f"{poso} = {summary['variants']['poso']}",
+        f"FLOPs = forward multiply-adds per example (behaviour sequence length {summary['sequence_length']}); "
+        "embedding lookups count 0.",
+        f"Gates: pc_source={config['pc_source']} (pc_dim {summary['pc_dim']}), "
+        f"gate_hidden_units={config['gate_hidden_units']}.",
+        "",
+        render(header),
+        rule,
+    ]
+    for line in lines:
+        if line[0] == "Dense network":
+            text.append(rule)
+        text.append(render(line))
+    text += [
+        "",
+        f"{poso} vs {plain}: {_pct(overhead['dense_params_pct'])} parameters, {_pct(overhead['flops_pct'])} FLOPs "
+        f"(dense network; whole model with embedding tables: {_pct(overhead['params_pct'])} parameters)",
+    ]
+    return "\n".join(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: `poso model-summary`.
+# --------------------------------------------------------------------------------------------
+
+
+def _variant_pair_argument(value: str) -> Tuple[str, str]:
+    try:
+        return _check_pair([part.strip() for part in value.split(",")])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _config_argument(value: str) -> Dict[str, Any]:
+    try:
+        overrides = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"--config is not valid JSON ({error}): {value!r}") from None
+    if not isinstance(overrides, dict):
+        raise argparse.ArgumentTypeError(f"--config must be a JSON object of ModelConfig fields, got {value!r}")
+    try:
+        model_lib.ModelConfig.from_dict(overrides)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"--config: {error}") from None
+    return overrides
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant-pair", type=_variant_pair_argument, default=DEFAULT_VARIANT_PAIR,
+                        metavar="PLAIN,POSO",
+                        help=f"the two variants to compare (default: {','.join(DEFAULT_VARIANT_PAIR)}); "
+                             f"known: {', '.join(model_lib.VARIANTS)}")
+    parser.add_argument("--config", type=_config_argument, default=None, metavar="JSON",
+                        help='ModelConfig overrides shared by both variants, e.g. \'{"gate_hidden_units": 8}\'')
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = summarize(args.config, args.variant_pair)
+    print(json.dumps(summary, indent=2) if args.json else format_table(summary))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="poso model-summary", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
