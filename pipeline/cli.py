@@ -131,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic_logs.add_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
+    summary = commands.add_parser("model-summary", help="parameters and FLOPs per module, plain vs POSO (Table 1)")
+    from models import model_summary
+    model_summary.add_arguments(summary)
+    summary.set_defaults(func=model_summary.run)
+
+    bench = commands.add_parser("bench", help="benchmarks (print figures; loopback only)")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    from benchmarks import train_throughput
+    train = benches.add_parser("train", help="train-step throughput per model variant")
+    train_throughput.add_arguments(train)
+    train.set_defaults(func=train_throughput.run)
+
     schedule = commands.add_parser("schedule", help="print or install the daily trigger (cron or systemd)")
     from pipeline import schedule as schedule_lib
     schedule_lib.add_arguments(schedule)

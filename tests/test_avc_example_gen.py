@@ -224,3 +224,22 @@ def test_missing_state_for_a_later_day_is_refused(multi_day, tmp_path):
     base, _, _, logs, _ = multi_day
     with pytest.raises(impression_logs.LogFormatError, match="days must be ingested in order"):
         _run_day(base, str(tmp_path), START + datetime.timedelta(days=1), previous=None)
+
+
+def test_parquet_logs_give_the_same_examples_as_csv(multi_day, tmp_path):
+    import shutil
+
+    import pyarrow.csv as pv
+    import pyarrow.parquet as pq
+
+    base, _, _, _, outputs = multi_day
+    parquet_base = shutil.copytree(base, os.path.join(str(tmp_path), "parquet"))
+    folder = impression_logs.day_dir(parquet_base, START)
+    pq.write_table(pv.read_csv(os.path.join(folder, "log.csv")), os.path.join(folder, "log.parquet"))
+    os.remove(os.path.join(folder, "log.csv"))
+    from_parquet = _run_day(parquet_base, str(tmp_path), START)
+    key = lambda ex: (ex[specs.USER_ID][0], ex[specs.AVC][0])
+    csv_rows = sorted(_read_examples(outputs[START]["examples"][0]), key=key)
+    parquet_rows = sorted(_read_examples(from_parquet["examples"][0]), key=key)
+    assert len(parquet_rows) == len(csv_rows) > 0
+    assert parquet_rows == csv_rows
