@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import apache_beam as beam
 from tfx import types
@@ -114,8 +114,10 @@ class _ProcessUser(beam.DoFn):
     Examples are encoded in batches (see avc.encode_examples), flushed at the end of each bundle.
     """
 
-    def __init__(self, users: Dict[int, Dict[str, str]], videos: Dict[int, Dict[str, str]]):
+    def __init__(self, users: Dict[int, Dict[str, str]], videos: Dict[int, Dict[str, str]],
+                 users_path: str = impression_logs.USER_TABLE_FILE, videos_path: str = impression_logs.VIDEO_TABLE_FILE):
         self._users, self._videos = users, videos
+        self._users_path, self._videos_path = users_path, videos_path
 
     def start_bundle(self):
         self._pending: List[Dict[str, Any]] = []
@@ -128,13 +130,40 @@ class _ProcessUser(beam.DoFn):
         if not impressions:  # not seen today: carry the state over unchanged
             yield beam.pvalue.TaggedOutput("state", previous)
             return
-        examples, state = avc.process_user_day(user_id, impressions, previous,
-                                               self._users.get(user_id), self._videos)
+        user_row = self._users.get(user_id)
+        try:
+            examples, state = avc.process_user_day(user_id, impressions, previous, user_row, self._videos)
+        except ValueError as error:
+            # A feature table is shared by every day: name the cell instead of failing mid-Beam on
+            # a bare "could not convert string to float".
+            raise impression_logs.LogFormatError(
+                self._bad_table_cell(user_id, user_row, impressions) or str(error)) from error
         self._pending.extend(examples)
         if len(self._pending) >= _ENCODE_BATCH:
             yield from avc.encode_examples(self._pending)
             self._pending = []
         yield beam.pvalue.TaggedOutput("state", state)
+
+    def _bad_table_cell(self, user_id: int, user_row, impressions) -> Optional[str]:
+        """'file: key id: column: value' of the first feature-table value of this user's day that
+        cannot be read as its feature's dtype, or None."""
+        rows = [(self._users_path, specs.USER_ID, user_id, user_row, avc.USER_PROFILE_FEATURES)]
+        for video_id in sorted({imp.value(specs.VIDEO_ID) for imp in impressions}):
+            rows.append((self._videos_path, specs.VIDEO_ID, video_id, self._videos.get(video_id),
+                         avc.VIDEO_PROFILE_FEATURES + (specs.feature(specs.VIDEO_TAGS),)))
+        for path, key, key_value, row, features in rows:
+            for feature in features:
+                column = specs.TAG if feature.name == specs.VIDEO_TAGS else feature.name
+                try:
+                    if feature.name == specs.VIDEO_TAGS:
+                        avc.parse_tags((row or {}).get(specs.TAG, ""))
+                    else:
+                        avc._profile_value(feature, row)  # the very parse process_user_day does
+                except ValueError:
+                    return (f"{path}: {key} {key_value}: column {column!r} holds {row.get(column)!r}, "
+                            f"which is not {feature.dtype.value} (feature_specs declares {feature.name!r} "
+                            f"{feature.dtype.value}); fix the table or the spec")
+        return None
 
     def finish_bundle(self):
         if self._pending:
@@ -162,8 +191,10 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         max_bad = float(exec_properties.get("max_bad_row_fraction") or 0.01)
         previous = _previous_state(input_dict.get("previous_user_state") or [], input_base, date)
         files = impression_logs.day_files(input_base, date)
-        users = impression_logs.read_table(os.path.join(input_base, impression_logs.USER_TABLE_FILE), specs.USER_ID)
-        videos = impression_logs.read_table(os.path.join(input_base, impression_logs.VIDEO_TABLE_FILE), specs.VIDEO_ID)
+        users_path = os.path.join(input_base, impression_logs.USER_TABLE_FILE)
+        videos_path = os.path.join(input_base, impression_logs.VIDEO_TABLE_FILE)
+        users = impression_logs.read_table(users_path, specs.USER_ID)
+        videos = impression_logs.read_table(videos_path, specs.VIDEO_ID)
 
         examples = artifact_utils.get_single_instance(output_dict["examples"])
         state_out = artifact_utils.get_single_instance(output_dict["user_state"])
@@ -184,7 +215,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         }
         processed = (by_user
                      | "GroupByUser" >> beam.CoGroupByKey()
-                     | "ComputeAvc" >> beam.ParDo(_ProcessUser(users, videos)).with_outputs("state", main="examples"))
+                     | "ComputeAvc" >> beam.ParDo(_ProcessUser(users, videos, users_path, videos_path)).with_outputs("state", main="examples"))
         (processed.examples
          | "WriteExamples" >> beam.io.WriteToTFRecord(
              os.path.join(examples.uri, f"Split-{SPLIT}", EXAMPLES_PREFIX),

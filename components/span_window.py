@@ -1,9 +1,15 @@
-"""Resolving the rolling window of daily spans, and the schema-anomalies gate.
+"""Resolving by daily span: the training window, the baseline model, and the anomalies gate.
 
 `SpanWindowStrategy` is a TFX ResolverStrategy: for every channel it returns the latest
 artifact of each span in [first_span, last_span], oldest first. Given an `anomalies`
 channel too, it leaves out spans whose ExampleValidator found anomalies, and it refuses
 (with the missing or invalid dates named) when fewer than `min_spans` spans remain.
+
+`BaselineModelStrategy` returns the model blessed by the latest evaluation of a day before
+`evaluation_span`: the model the run for that day is compared against. Unlike TFX's
+LatestBlessedModelStrategy it does not depend on runs of later days or on the run's own
+result, so a rerun of a day (after a crash, or in a backfill) resolves the same baseline,
+finds the Evaluator and Pusher cached, and pushes nothing twice.
 """
 
 
@@ -11,6 +17,7 @@ import datetime
 import os
 from typing import Dict, List, Optional
 
+from ml_metadata.proto import metadata_store_pb2
 from tensorflow_metadata.proto.v0 import anomalies_pb2
 from tfx import types
 from tfx.dsl.component.experimental.annotations import InputArtifact
@@ -90,6 +97,51 @@ class SpanWindowStrategy(resolver.ResolverStrategy):
             kept = {a.span for artifacts in result.values() for a in artifacts}
             result["anomalies"] = [anomalies[s] for s in sorted(kept) if s in anomalies]
         return result
+
+
+def _evaluation_spans(store, blessings: List[types.Artifact]) -> Dict[int, int]:
+    """{blessing id: span of the Examples its Evaluator read} from MLMD lineage."""
+    events = store.get_events_by_artifact_ids([b.id for b in blessings])
+    producer = {e.artifact_id: e.execution_id for e in events if e.type == metadata_store_pb2.Event.OUTPUT}
+    inputs: Dict[int, List[int]] = {}
+    for event in store.get_events_by_execution_ids(sorted(set(producer.values()))):
+        if event.type == metadata_store_pb2.Event.INPUT:
+            inputs.setdefault(event.execution_id, []).append(event.artifact_id)
+    examples_type = store.get_artifact_type(standard_artifacts.Examples.TYPE_NAME).id
+    wanted = sorted({a for ids in inputs.values() for a in ids})
+    span_of_examples = {a.id: a.properties["span"].int_value for a in store.get_artifacts_by_id(wanted)
+                        if a.type_id == examples_type and "span" in a.properties}
+    spans = {}
+    for blessing_id, execution_id in producer.items():
+        found = [span_of_examples[a] for a in inputs.get(execution_id, []) if a in span_of_examples]
+        if found:
+            spans[blessing_id] = max(found)
+    return spans
+
+
+class BaselineModelStrategy(resolver.ResolverStrategy):
+    """The model blessed on the latest evaluation day before `evaluation_span`; see the module docstring.
+
+    Inputs `model` (Model) and `model_blessing` (ModelBlessing); both outputs are empty when no
+    earlier day blessed a model (the first run is judged by the absolute thresholds only).
+    Among blessings of the same day (reruns), the latest model wins.
+    """
+
+    def __init__(self, evaluation_span: int):
+        self._span = evaluation_span
+
+    def resolve_artifacts(self, store, input_dict: Dict[str, List[types.Artifact]]
+                          ) -> Optional[Dict[str, List[types.Artifact]]]:
+        models = {m.id: m for m in input_dict["model"]}
+        blessings = [b for b in input_dict["model_blessing"]
+                     if b.get_int_custom_property("blessed") == 1
+                     and b.get_int_custom_property("current_model_id") in models]
+        spans = _evaluation_spans(store, blessings) if blessings else {}
+        earlier = [b for b in blessings if spans.get(b.id, self._span) < self._span]
+        if not earlier:
+            return {"model": [], "model_blessing": []}
+        best = max(earlier, key=lambda b: (spans[b.id], b.get_int_custom_property("current_model_id")))
+        return {"model": [models[best.get_int_custom_property("current_model_id")]], "model_blessing": [best]}
 
 
 @component

@@ -726,7 +726,11 @@ class PosoMultiHeadAttention(_PersonalizedGatesMixin, _SequenceAttention):
         # projecting once costs N + L instead of N * L kernel-sized products.
         for project in self.value_projections:
             if not project.built:
-                project.build(sequence.shape)
+                # Built here, not by __call__, so open its scope by hand: without it every
+                # kernel would be named "<attention>/kernel" and checkpoints could not tell
+                # them apart.
+                with tf.name_scope(project.name):
+                    project.build(sequence.shape)
         kernels = tf.stack([project.kernel for project in self.value_projections])  # [N, item_dim, width]
         mixed = tf.einsum("bn,ndw->bdw", gate, kernels)
         return tf.einsum("bld,bdw->blw", sequence, mixed)

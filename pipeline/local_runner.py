@@ -11,9 +11,10 @@ import dataclasses
 import datetime
 import logging
 import os
+import re
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from tfx import v1 as tfx
 
@@ -51,13 +52,88 @@ def ingested_spans(cfg: config_lib.RunConfig) -> set:
         return {a.properties["span"].int_value for a in artifacts if "span" in a.properties}
 
 
+class PipelineRunError(RuntimeError):
+    """A component of a run failed; `component` and `cause` name which and why."""
+
+    def __init__(self, label: str, component: str, cause: str):
+        super().__init__(f"{label}: {component} failed: {cause}")
+        self.label, self.component, self.cause = label, component, cause
+
+
+# The first line of a formatted exception ("package.module.SomeError: message"); in a chained
+# traceback the root cause is printed first.
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*): (.+)$")
+
+
+def _root_cause(traceback_text: str) -> Optional[str]:
+    for line in traceback_text.splitlines():
+        match = _EXCEPTION_LINE.match(line)
+        if match:
+            return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}"
+    return None
+
+
+def _run_contexts(store) -> set:
+    from tfx.dsl.compiler import constants
+
+    try:
+        return {c.id for c in store.get_contexts_by_type(constants.PIPELINE_RUN_CONTEXT_TYPE_NAME)}
+    except Exception:  # a new store: no run yet
+        return set()
+
+
+def _first_failure(store, known_runs: set) -> Optional[Tuple[str, Optional[str]]]:
+    """(component id, root cause or None) of the first failed execution of the runs not in
+    `known_runs`, or None when every execution of them succeeded."""
+    from ml_metadata.proto import metadata_store_pb2
+    from tfx.dsl.compiler import constants
+    from tfx.orchestration.portable.mlmd import execution_lib
+
+    failed = []
+    for run_id in sorted(_run_contexts(store) - known_runs):
+        failed += [e for e in store.get_executions_by_context(run_id)
+                   if e.last_known_state == metadata_store_pb2.Execution.FAILED]
+    if not failed:
+        return None
+    first = min(failed, key=lambda e: e.id)
+    node_type = store.get_context_type(constants.NODE_CONTEXT_TYPE_NAME).id
+    names = [c.name for c in store.get_contexts_by_execution(first.id) if c.type_id == node_type]
+    component = names[0].split(".", 1)[-1] if names else f"execution {first.id}"
+    result = execution_lib.get_execution_result(first, ignore_parse_errors=True)
+    return component, _root_cause(result.result_message) if result and result.result_message else None
+
+
 def _run(cfg: config_lib.RunConfig, label: str) -> None:
+    """Runs the pipeline once; raises PipelineRunError naming the first component that failed.
+
+    LocalDagRunner raises when an executor fails, but when a resolver fails (say, too few valid
+    days for the training window) it only logs it, records the execution as FAILED and goes on
+    skipping the nodes downstream, so the error users see is some later, unrelated one. MLMD
+    keeps every execution's state and error, so the first failure of this run is read from there.
+    """
+    from tfx.orchestration import metadata
+
+    with metadata.Metadata(pipeline_lib.metadata_connection(cfg)) as m:
+        known_runs = _run_contexts(m.store)
     progress = _ProgressHandler(label)
     logging.getLogger().addHandler(progress)
+    raised: Optional[BaseException] = None
     try:
         tfx.orchestration.LocalDagRunner().run(pipeline_lib.create_pipeline(cfg))
+    except Exception as error:  # pylint: disable=broad-except
+        raised = error
     finally:
         logging.getLogger().removeHandler(progress)
+    with metadata.Metadata(pipeline_lib.metadata_connection(cfg)) as m:
+        failure = _first_failure(m.store, known_runs)
+    if failure is None:
+        if raised is not None:
+            raise raised
+        return
+    component, cause = failure
+    if cause is None:  # the executor that raised: its exception is the cause
+        cause = f"{type(raised).__name__}: {raised}" if raised is not None else "no error message recorded"
+    raise PipelineRunError(label, component, cause) from raised
 
 
 def days_to_ingest(cfg: config_lib.RunConfig) -> List[datetime.date]:

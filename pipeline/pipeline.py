@@ -18,7 +18,7 @@ from tfx import v1 as tfx
 
 from components.avc_example_gen import SPLIT, AvcExampleGen, UserState, span_of
 from components.infra_validator import ServingInfraValidator, ServingConfigWriter
-from components.span_window import SchemaAnomaliesGate, SpanWindowStrategy
+from components.span_window import BaselineModelStrategy, SchemaAnomaliesGate, SpanWindowStrategy
 from pipeline import config as config_lib
 from pipeline import evaluation
 
@@ -59,17 +59,23 @@ def create_pipeline(cfg: config_lib.RunConfig) -> tfx.dsl.Pipeline:
             splits_config=tfx.proto.SplitsConfig(analyze=[SPLIT]),
             materialize=False)
         transform.add_upstream_node(anomalies_gate)
-        latest_blessed_model = tfx.dsl.Resolver(
-            strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
-            model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
-            model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
-        ).with_id("latest_blessed_model")
+        # The model blessed on an earlier day: the Evaluator's baseline and the warm start.
+        # Not "the latest blessed model": that changes with this very run's push, so a rerun
+        # of the day would not find its Evaluator cached (see BaselineModelStrategy).
+        baseline = tfx.dsl.Resolver(
+            strategy_class=BaselineModelStrategy,
+            config={"evaluation_span": span},
+            model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model,
+                                  producer_component_id="Trainer", output_key="model"),
+            model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing,
+                                           producer_component_id="Evaluator", output_key="blessing"),
+        ).with_id("baseline_model")
         trainer = tfx.components.Trainer(
             run_fn="models.trainer.run_fn",
             examples=training_window.outputs["examples"],
             transform_graph=transform.outputs["transform_graph"],
             schema=schema_gen.outputs["schema"],
-            base_model=latest_blessed_model.outputs["model"] if cfg.warm_start else None,
+            base_model=baseline.outputs["model"] if cfg.warm_start else None,
             train_args=tfx.proto.TrainArgs(splits=[SPLIT], num_steps=cfg.train_steps),
             eval_args=tfx.proto.EvalArgs(splits=[SPLIT], num_steps=cfg.eval_steps),
             custom_config={"variant": cfg.variant, "batch_size": cfg.batch_size,
@@ -77,7 +83,7 @@ def create_pipeline(cfg: config_lib.RunConfig) -> tfx.dsl.Pipeline:
         evaluator = tfx.components.Evaluator(
             examples=example_gen.outputs["examples"],
             model=trainer.outputs["model"],
-            baseline_model=latest_blessed_model.outputs["model"],
+            baseline_model=baseline.outputs["model"],
             example_splits=[SPLIT],
             eval_config=evaluation.make_eval_config())
         infra_validator = ServingInfraValidator(
@@ -91,7 +97,7 @@ def create_pipeline(cfg: config_lib.RunConfig) -> tfx.dsl.Pipeline:
         config_writer = ServingConfigWriter(
             pushed_model=pusher.outputs["pushed_model"], models_config_path=cfg.models_config_path,
             model_name=config_lib.MODEL_NAME, base_path=cfg.serving_model_dir)
-        components += [training_window, transform, latest_blessed_model, trainer, evaluator,
+        components += [training_window, transform, baseline, trainer, evaluator,
                        infra_validator, pusher, config_writer]
 
     return tfx.dsl.Pipeline(

@@ -76,18 +76,65 @@ def _validation_failures(eval_uri: str) -> List[str]:
     return failures
 
 
+def _outputs_of_run(store, span: int) -> Dict[str, object]:
+    """Output artifacts, by type name, of the latest pipeline run that evaluated `span`.
+
+    Not simply the latest artifacts of the store: rerunning an earlier day (a resume, a
+    backfill) is all cached and creates none, and must still report that day's evaluation.
+    """
+    from ml_metadata.proto import metadata_store_pb2
+    from tfx.dsl.compiler import constants as compiler_constants
+
+    evaluations = _artifacts(store, tfx.types.standard_artifacts.ModelEvaluation.TYPE_NAME)
+    if not evaluations:
+        return {}
+    evaluators = {e.execution_id for e in store.get_events_by_artifact_ids([a.id for a in evaluations])
+                  if e.type == metadata_store_pb2.Event.OUTPUT}
+    inputs = [(e.artifact_id, e.execution_id) for e in store.get_events_by_execution_ids(sorted(evaluators))
+              if e.type == metadata_store_pb2.Event.INPUT]
+    examples_type = store.get_artifact_type(tfx.types.standard_artifacts.Examples.TYPE_NAME).id
+    span_examples = {a.id for a in store.get_artifacts_by_id(sorted({a for a, _ in inputs}))
+                     if a.type_id == examples_type and "span" in a.properties and a.properties["span"].int_value == span}
+    of_span = {execution for artifact, execution in inputs if artifact in span_examples}
+    done = (metadata_store_pb2.Execution.COMPLETE, metadata_store_pb2.Execution.CACHED)
+    finished = [e.id for e in store.get_executions_by_id(sorted(of_span)) if e.last_known_state in done]
+    if not finished:
+        return {}
+    run_type = store.get_context_type(compiler_constants.PIPELINE_RUN_CONTEXT_TYPE_NAME).id
+    runs = [c for c in store.get_contexts_by_execution(max(finished)) if c.type_id == run_type]
+    if not runs:
+        return {}
+    executions = [e.id for e in store.get_executions_by_context(runs[0].id)]
+    outputs = [e.artifact_id for e in store.get_events_by_execution_ids(executions)
+               if e.type == metadata_store_pb2.Event.OUTPUT]
+    type_names = {t.id: t.name for t in store.get_artifact_types()}
+    by_type: Dict[str, object] = {}
+    for artifact in sorted(store.get_artifacts_by_id(sorted(set(outputs))), key=lambda a: a.id):
+        by_type[type_names[artifact.type_id]] = artifact
+    return by_type
+
+
+def _artifacts(store, type_name: str):
+    try:
+        return store.get_artifacts_by_type(type_name)
+    except Exception:  # the type is registered on first use
+        return []
+
+
 def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
     from tfx.orchestration import metadata
 
     span = span_of(cfg.date)
+    artifacts = tfx.types.standard_artifacts
     with metadata.Metadata(pipeline_lib.metadata_connection(cfg)) as m:
         store = m.store
-        examples = _latest(store, tfx.types.standard_artifacts.Examples.TYPE_NAME, span)
-        evaluation_artifact = _latest(store, tfx.types.standard_artifacts.ModelEvaluation.TYPE_NAME)
-        blessing = _latest(store, tfx.types.standard_artifacts.ModelBlessing.TYPE_NAME)
-        infra = _latest(store, tfx.types.standard_artifacts.InfraBlessing.TYPE_NAME)
-        pushed = _latest(store, tfx.types.standard_artifacts.PushedModel.TYPE_NAME)
-        model = _latest(store, tfx.types.standard_artifacts.Model.TYPE_NAME)
+        examples = _latest(store, artifacts.Examples.TYPE_NAME, span)
+        run = _outputs_of_run(store, span)
+        evaluation_artifact = run.get(artifacts.ModelEvaluation.TYPE_NAME)
+        blessing = run.get(artifacts.ModelBlessing.TYPE_NAME)
+        infra = run.get(artifacts.InfraBlessing.TYPE_NAME)
+        pushed = run.get(artifacts.PushedModel.TYPE_NAME)
+        model = run.get(artifacts.Model.TYPE_NAME)
         window = [s for s in range(span - cfg.train_days, span)]
         train_rows = []
         for s in window:

@@ -30,7 +30,8 @@ import numpy as np
 
 from serving import errors
 
-__all__ = ["BatchingOptions", "BatchScheduler"]
+__all__ = ["BatchingOptions", "BatchScheduler", "parse_batching_parameters",
+           "load_batching_parameters"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,3 +198,92 @@ class BatchScheduler:
         with self._cond:
             self.batches_run += 1
             self.requests_run += len(tasks)
+
+
+# -- TensorFlow Serving's --batching_parameters_file ----------------------------------------
+
+# The BatchingParameters fields tensorflow_model_server reads (session_bundle_config.proto),
+# as (name, wrapper type or scalar kind). The tensorflow-serving-api wheel does not ship that
+# proto, so its text format is parsed with a message type declared here.
+_WRAPPED_FIELDS = (
+    ("max_batch_size", "Int64Value"), ("batch_timeout_micros", "Int64Value"),
+    ("max_enqueued_batches", "Int64Value"), ("num_batch_threads", "Int64Value"),
+    ("thread_pool_name", "StringValue"), ("enable_large_batch_splitting", "BoolValue"),
+    ("max_execution_batch_size", "Int64Value"),
+)
+# Accepted for compatibility but without effect here: batches are never padded (requests
+# whose trailing shapes differ do not share a batch) and run on this server's own threads.
+_IGNORED_FIELDS = ("thread_pool_name", "allowed_batch_sizes", "pad_variable_length_inputs",
+                   "enable_large_batch_splitting", "max_execution_batch_size")
+
+_parameters_class = None
+
+
+def _batching_parameters_class():
+    """A message class with BatchingParameters' field names and types (built once)."""
+    global _parameters_class
+    if _parameters_class is None:
+        from google.protobuf import (descriptor_pb2, descriptor_pool, message_factory,
+                                     wrappers_pb2)
+
+        field = descriptor_pb2.FieldDescriptorProto
+        file_proto = descriptor_pb2.FileDescriptorProto(
+            name="poso/serving/batching_parameters.proto", package="tensorflow.serving",
+            syntax="proto3", dependency=["google/protobuf/wrappers.proto"])
+        message = file_proto.message_type.add(name="BatchingParameters")
+        for number, (name, wrapper) in enumerate(_WRAPPED_FIELDS, start=1):
+            message.field.add(name=name, number=number, label=field.LABEL_OPTIONAL,
+                              type=field.TYPE_MESSAGE, type_name=f".google.protobuf.{wrapper}")
+        message.field.add(name="allowed_batch_sizes", number=len(_WRAPPED_FIELDS) + 1,
+                          label=field.LABEL_REPEATED, type=field.TYPE_INT64)
+        message.field.add(name="pad_variable_length_inputs", number=len(_WRAPPED_FIELDS) + 2,
+                          label=field.LABEL_OPTIONAL, type=field.TYPE_BOOL)
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(descriptor_pb2.FileDescriptorProto.FromString(
+            wrappers_pb2.DESCRIPTOR.serialized_pb))
+        pool.Add(file_proto)
+        _parameters_class = message_factory.GetMessageClass(
+            pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
+    return _parameters_class
+
+
+def parse_batching_parameters(text: str, source: str = "<string>") -> BatchingOptions:
+    """BatchingOptions from a text-format BatchingParameters, TensorFlow Serving's
+    --batching_parameters_file:
+
+        max_batch_size { value: 64 }
+        batch_timeout_micros { value: 2000 }
+        num_batch_threads { value: 2 }
+        max_enqueued_batches { value: 100 }
+
+    Fields left out keep BatchingOptions' defaults; fields this server has no use for
+    (_IGNORED_FIELDS) are accepted and logged. Raises ValueError naming `source`.
+    """
+    from google.protobuf import text_format
+
+    parameters = _batching_parameters_class()()
+    try:
+        text_format.Parse(text, parameters)
+    except text_format.ParseError as error:
+        raise ValueError(f"{source}: not a text-format BatchingParameters: {error}") from error
+    values = {}
+    for name in ("max_batch_size", "num_batch_threads", "max_enqueued_batches"):
+        if parameters.HasField(name):
+            values[name] = getattr(parameters, name).value
+    if parameters.HasField("batch_timeout_micros"):
+        values["batch_timeout_s"] = parameters.batch_timeout_micros.value / 1e6
+    ignored = [name for name in _IGNORED_FIELDS
+               if (parameters.HasField(name) if name in dict(_WRAPPED_FIELDS)
+                   else bool(getattr(parameters, name)))]
+    if ignored:
+        logger.info("%s: %s have no effect on this server", source, ", ".join(ignored))
+    try:
+        return BatchingOptions(**values)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from error
+
+
+def load_batching_parameters(path: str) -> BatchingOptions:
+    """parse_batching_parameters of a file."""
+    with open(path, encoding="utf-8") as parameters_file:
+        return parse_batching_parameters(parameters_file.read(), source=os.fspath(path))

@@ -21,15 +21,17 @@ GetModelMetadata); integer lists of unequal lengths are padded with `pad_value` 
 project's SEQUENCE_PADDING_VALUE, -1). The result is {output name: np.ndarray}.
 
 Failures raise `ServingClientError` carrying the server's canonical code name and message.
-From the command line: `python -m serving.client --help`.
+From the command line: `poso predict --help` (or `python -m serving.client --help`).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import glob
 import json
+import os
 import sys
 import urllib.error
 import urllib.parse
@@ -44,11 +46,14 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2,
                                      prediction_service_pb2_grpc)
 
 from feature_specs import SEQUENCE_PADDING_VALUE
+from serving import instances as instances_lib
 
 __all__ = [
     "ServingClientError", "GrpcPredictionClient", "RestPredictionClient", "predict_grpc",
     "predict_rest", "build_predict_request", "input_arrays", "collect_inputs",
-    "DEFAULT_SIGNATURE", "DEFAULT_EXAMPLES_INPUT", "main",
+    "DEFAULT_SIGNATURE", "DEFAULT_EXAMPLES_INPUT", "JsonRequest", "read_json_request",
+    "raw_feature_inputs", "read_examples", "examples_as_raw_inputs", "format_table",
+    "format_json", "add_arguments", "run", "main",
 ]
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -114,7 +119,10 @@ def _typed_array(name: str, value, dtype: Optional[tf.DType], pad_value) -> np.n
         result = np.empty(len(flat), dtype=object)
         result[:] = flat
         return result.reshape(array.shape)
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except ValueError as error:  # e.g. nested lists of uneven depth
+        raise ValueError(f"input '{name}' is not a rectangular array: {error}") from None
     if dtype is None:  # no signature to go by: TensorFlow's usual dtypes
         kind = array.dtype.kind
         dtype = tf.bool if kind == "b" else tf.int64 if kind in "iu" else tf.float32
@@ -122,6 +130,9 @@ def _typed_array(name: str, value, dtype: Optional[tf.DType], pad_value) -> np.n
     if array.dtype.kind == "f" and np.dtype(target).kind in "iu":
         if not np.all(np.isfinite(array)) or not np.all(np.equal(np.mod(array, 1), 0)):
             raise ValueError(f"input '{name}' expects {dtype.name} but has non-integer values")
+    if array.size and array.dtype.kind in "OUS" and np.dtype(target).kind not in "OUS":
+        raise ValueError(f"input '{name}' expects {dtype.name} but has non-numeric values "
+                         f"such as {array.reshape(-1)[0]!r}")
     return array.astype(target, copy=False)
 
 
@@ -231,12 +242,15 @@ class GrpcPredictionClient:
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as error:
-            raise ServingClientError(error.code().name, error.details() or "") from error
+            details = error.details() or ""
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                details = f"cannot reach {self.address}: {details}"
+            raise ServingClientError(error.code().name, details) from error
 
-    def signature_def(self, model_name: str, signature_name: str = DEFAULT_SIGNATURE,
-                      version: Optional[int] = None, version_label: Optional[str] = None):
-        """The SignatureDef proto of a served signature (GetModelMetadata)."""
-        key = (model_name, signature_name, version, version_label)
+    def signature_defs(self, model_name: str, version: Optional[int] = None,
+                       version_label: Optional[str] = None) -> Dict[str, Any]:
+        """{name: SignatureDef proto} of the served version (GetModelMetadata; cached)."""
+        key = (model_name, version, version_label)
         if key not in self._signatures:
             request = get_model_metadata_pb2.GetModelMetadataRequest()
             request.model_spec.name = model_name
@@ -248,12 +262,25 @@ class GrpcPredictionClient:
             response = self._call(self._stub.GetModelMetadata, request)
             signature_map = get_model_metadata_pb2.SignatureDefMap()
             response.metadata["signature_def"].Unpack(signature_map)
-            if signature_name not in signature_map.signature_def:
-                raise ServingClientError(
-                    "NOT_FOUND", f"model {model_name} has no signature '{signature_name}' "
-                    f"(has {sorted(signature_map.signature_def)})")
-            self._signatures[key] = signature_map.signature_def[signature_name]
+            self._signatures[key] = dict(signature_map.signature_def)
         return self._signatures[key]
+
+    def signature_def(self, model_name: str, signature_name: str = DEFAULT_SIGNATURE,
+                      version: Optional[int] = None, version_label: Optional[str] = None):
+        """The SignatureDef proto of a served signature (GetModelMetadata)."""
+        signatures = self.signature_defs(model_name, version, version_label)
+        if signature_name not in signatures:
+            raise ServingClientError(
+                "NOT_FOUND", f"model {model_name} has no signature '{signature_name}' "
+                f"(has {sorted(signatures)})")
+        return signatures[signature_name]
+
+    def input_types(self, model_name: str, signature_name: str = DEFAULT_SIGNATURE,
+                    version: Optional[int] = None, version_label: Optional[str] = None
+                    ) -> TensorTypes:
+        """{input alias: (dtype, shape as a list or None)} of a served signature."""
+        return _tensor_types(
+            self.signature_def(model_name, signature_name, version, version_label).inputs)
 
     def predict(self, model_name: str, inputs: Optional[Inputs] = None,
                 signature_name: str = DEFAULT_SIGNATURE, version: Optional[int] = None,
@@ -348,22 +375,44 @@ class RestPredictionClient:
                 message = text
             raise ServingClientError(f"HTTP {error.code}", message,
                                      http_status=error.code) from error
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            reason = getattr(error, "reason", error)
+            raise ServingClientError("UNAVAILABLE",
+                                     f"cannot reach {self.base_url}: {reason}") from error
+
+    def signature_defs(self, model_name: str, version: Optional[int] = None,
+                       version_label: Optional[str] = None) -> Dict[str, Mapping[str, Any]]:
+        """{name: JSON SignatureDef} of the served version (GET .../metadata; cached)."""
+        key = (model_name, version, version_label)
+        if key not in self._signatures:
+            answer = self.request("GET", self._model_path(model_name, version, version_label)
+                                  + "/metadata")
+            self._signatures[key] = dict(answer["metadata"]["signature_def"]["signature_def"])
+        return self._signatures[key]
 
     def signature_def(self, model_name: str, signature_name: str = DEFAULT_SIGNATURE,
                       version: Optional[int] = None, version_label: Optional[str] = None
                       ) -> Mapping[str, Any]:
         """The JSON SignatureDef of a served signature (GET .../metadata)."""
-        key = (model_name, signature_name, version, version_label)
-        if key not in self._signatures:
-            answer = self.request("GET", self._model_path(model_name, version, version_label)
-                                  + "/metadata")
-            signatures = answer["metadata"]["signature_def"]["signature_def"]
-            if signature_name not in signatures:
-                raise ServingClientError(
-                    "NOT_FOUND", f"model {model_name} has no signature '{signature_name}' "
-                    f"(has {sorted(signatures)})")
-            self._signatures[key] = signatures[signature_name]
-        return self._signatures[key]
+        signatures = self.signature_defs(model_name, version, version_label)
+        if signature_name not in signatures:
+            raise ServingClientError(
+                "NOT_FOUND", f"model {model_name} has no signature '{signature_name}' "
+                f"(has {sorted(signatures)})")
+        return signatures[signature_name]
+
+    def input_types(self, model_name: str, signature_name: str = DEFAULT_SIGNATURE,
+                    version: Optional[int] = None, version_label: Optional[str] = None
+                    ) -> TensorTypes:
+        """{input alias: (dtype, shape as a list or None)} of a served signature."""
+        infos = self.signature_def(model_name, signature_name, version, version_label)["inputs"]
+        types: TensorTypes = {}
+        for alias, info in infos.items():
+            shape = info.get("tensor_shape", {})
+            dims = None if shape.get("unknown_rank") else [
+                int(dim.get("size", -1)) for dim in shape.get("dim", [])]
+            types[alias] = (tf.as_dtype(types_pb2.DataType.Value(info["dtype"])), dims)
+        return types
 
     @staticmethod
     def _dtypes(tensor_infos: Mapping[str, Any]) -> Dict[str, tf.DType]:
@@ -413,87 +462,422 @@ def predict_rest(address: str, model_name: str, inputs: Optional[Inputs] = None,
 
 # -- command line -------------------------------------------------------------------------
 
-def _read_examples(patterns: Sequence[str], limit: Optional[int]) -> list:
-    files = sorted({path for pattern in patterns for path in glob.glob(pattern)})
-    if not files:
-        raise ValueError(f"no TFRecord files match {list(patterns)}")
+DEFAULT_GRPC_ADDRESS = "127.0.0.1:8500"
+DEFAULT_REST_URL = "http://127.0.0.1:8501"
+# The project's raw-feature signature: what JSON features go to unless told otherwise.
+RAW_SIGNATURE = instances_lib.RAW_SIGNATURE
+
+_TF_SERVING_BODY_KEYS = {"instances", "inputs", "signature_name"}
+_SHAPE_HELP = ('a list of objects (one per row), JSON Lines (one object per line), one object '
+               '(one row), or a TensorFlow Serving request body {"instances": [...]} or '
+               '{"inputs": {...}} (optionally with "signature_name")')
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonRequest:
+    """Raw feature values read from JSON: row-format `rows` or columnar `columns`.
+
+    rows: [{input: value}, ...], or bare values when the signature has one input.
+    columns: {input: [values]}, or the values of a signature's only input.
+    signature_name: the body's "signature_name", if it named one.
+    """
+
+    rows: Optional[list] = None
+    columns: Any = None
+    signature_name: Optional[str] = None
+
+
+def _json_text(source: str) -> Tuple[str, str]:
+    """(text, where) of --json: a JSON string, @FILE or an existing FILE, or - (stdin)."""
+    if source == "-":
+        return sys.stdin.read(), "--json (stdin)"
+    if source.startswith("@") or source.lstrip()[:1] not in ("[", "{"):
+        path = source[1:] if source.startswith("@") else source
+        if not os.path.isfile(path):
+            raise ValueError(f"--json: no such file {path!r} (give a JSON string, a file, "
+                             "@FILE, or - to read standard input)")
+        with open(path, encoding="utf-8") as json_file:
+            return json_file.read(), f"--json file {path}"
+    return source, "--json"
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """A JSON document, or the list of objects of a JSON Lines text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        whole_error = error
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows = []
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            if not rows:  # not JSON Lines either: the whole document's error says more
+                break
+            raise ValueError(f"{where}: line {number}: not JSON ({error.msg} at column "
+                             f"{error.colno})") from None
+        if not isinstance(row, dict):
+            if not rows:
+                break
+            raise ValueError(f"{where}: line {number}: a JSON Lines row must be an object, "
+                             f"got {type(row).__name__}")
+        rows.append(row)
+    if len(rows) > 1 and len(rows) == len(lines):
+        return rows
+    raise ValueError(f"{where}: not JSON ({whole_error.msg} at line {whole_error.lineno} "
+                     f"column {whole_error.colno})")
+
+
+def read_json_request(source: str) -> JsonRequest:
+    """Reads --json SOURCE (see _SHAPE_HELP for the accepted documents)."""
+    text, where = _json_text(source)
+    document = _parse_json(text, where)
+    if isinstance(document, list):
+        if not document:
+            raise ValueError(f"{where}: the list of rows is empty")
+        return JsonRequest(rows=document)
+    if not isinstance(document, dict):
+        raise ValueError(f"{where}: expected {_SHAPE_HELP}; got a JSON {type(document).__name__}")
+    if not {"instances", "inputs"} & set(document):
+        return JsonRequest(rows=[document])
+    if "instances" in document and "inputs" in document:
+        raise ValueError(f'{where}: give "instances" (rows) or "inputs" (columns), not both')
+    unexpected = sorted(set(document) - _TF_SERVING_BODY_KEYS)
+    if unexpected:
+        raise ValueError(f"{where}: unexpected keys {unexpected} in a TensorFlow Serving request "
+                         f"body (allowed: {sorted(_TF_SERVING_BODY_KEYS)})")
+    signature_name = document.get("signature_name")
+    if signature_name is not None and not isinstance(signature_name, str):
+        raise ValueError(f'{where}: "signature_name" must be a string')
+    if "instances" in document:
+        rows = document["instances"]
+        if not isinstance(rows, list) or not rows:
+            raise ValueError(f'{where}: "instances" must be a non-empty list of rows')
+        return JsonRequest(rows=rows, signature_name=signature_name)
+    return JsonRequest(columns=document["inputs"], signature_name=signature_name)
+
+
+def _decode_b64_inputs(value):
+    """TensorFlow Serving's {"b64": "..."} binary values -> bytes, anywhere in `value`."""
+    if isinstance(value, list):
+        return [_decode_b64_inputs(item) for item in value]
+    if isinstance(value, dict) and set(value) == {"b64"}:
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"bad base64 value {value['b64']!r}: {error}") from None
+    return value
+
+
+def _name_mismatch(given, expected) -> str:
+    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    parts = ([f"lacks {missing}"] if missing else []) + (
+        [f"has unexpected {unexpected}"] if unexpected else [])
+    return " and ".join(parts)
+
+
+def raw_feature_inputs(request: JsonRequest, input_types: TensorTypes,
+                       signature_name: str) -> Dict[str, Any]:
+    """{input: values} for a signature from a JsonRequest; names are checked row by row."""
+    names = sorted(input_types)
+    where = f"signature '{signature_name}' (inputs {names})"
+    examples_input = _examples_input(input_types)
+    given = request.columns if isinstance(request.columns, dict) else (
+        request.rows[0] if request.rows and isinstance(request.rows[0], dict) else None)
+    if examples_input is not None and given is not None and examples_input not in given:
+        raise ValueError(f"signature '{signature_name}' takes serialized tf.Examples (input "
+                         f"'{examples_input}'), not raw features: send TFRecords with "
+                         f"--examples, or the features to a raw-feature signature such as "
+                         f"{RAW_SIGNATURE}")
+    if request.rows is not None:
+        rows = request.rows
+        objects = [isinstance(row, dict) for row in rows]
+        if all(objects):
+            for index, row in enumerate(rows):
+                if set(row) != set(names):
+                    raise ValueError(f"row {index} {_name_mismatch(row, names)} for {where}")
+            columns = {name: [row[name] for row in rows] for name in names}
+        elif any(objects):
+            raise ValueError("rows mix objects and bare values; give one object per row")
+        elif len(names) == 1:
+            columns = {names[0]: rows}
+        else:
+            raise ValueError(f"rows are bare values, but {where} has {len(names)} inputs; give "
+                             "one object per row")
+    elif isinstance(request.columns, dict):
+        if set(request.columns) != set(names):
+            raise ValueError(f'"inputs" {_name_mismatch(request.columns, names)} for {where}')
+        columns = dict(request.columns)
+    elif len(names) == 1:
+        columns = {names[0]: request.columns}
+    else:
+        raise ValueError(f'"inputs" must be an object {{input: values}} for {where}')
+    decoded = {}
+    for name, values in columns.items():
+        try:
+            decoded[name] = _decode_b64_inputs(values)
+        except ValueError as error:
+            raise ValueError(f"input '{name}': {error}") from None
+    return decoded
+
+
+def _tfrecord_files(patterns: Sequence[str]) -> list:
+    files = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) or ([pattern] if os.path.exists(pattern) else [])
+        if not matches:
+            raise ValueError(f"--examples: {pattern!r} matches no file")
+        for match in matches:
+            if os.path.isdir(match):  # e.g. an Examples artifact's Split-eval directory
+                found = sorted(os.path.join(root, name) for root, _, names in os.walk(match)
+                               for name in names if not name.startswith("."))
+                if not found:
+                    raise ValueError(f"--examples: directory {match!r} holds no files")
+                files.extend(found)
+            else:
+                files.append(match)
+    return files
+
+
+def _is_gzip(path: str) -> bool:
+    with open(path, "rb") as record_file:
+        return record_file.read(2) == b"\x1f\x8b"
+
+
+def read_examples(patterns: Sequence[str], limit: Optional[int] = None) -> list:
+    """Serialized tf.Examples from TFRecord files, directories or globs (gzip or not; found
+    by content, not by name); at most `limit` (None: all)."""
     examples = []
-    for path in files:
-        compression = "GZIP" if path.endswith(".gz") else None
-        for record in tf.data.TFRecordDataset(path, compression_type=compression):
-            examples.append(record.numpy())
-            if limit is not None and len(examples) >= limit:
-                return examples
+    for path in _tfrecord_files(patterns):
+        compression = "GZIP" if _is_gzip(path) else ""
+        try:
+            for record in tf.data.TFRecordDataset(path, compression_type=compression):
+                serialized = record.numpy()
+                try:
+                    tf.train.Example.FromString(serialized)
+                except Exception:  # protobuf's DecodeError, whose module varies
+                    raise ValueError(f"--examples: record {len(examples)} of {path} is not a "
+                                     "serialized tf.Example") from None
+                examples.append(serialized)
+                if limit is not None and len(examples) >= limit:
+                    return examples
+        except tf.errors.OpError as error:
+            raise ValueError(f"--examples: {path} is not a TFRecord file "
+                             f"({error.message.strip()})") from None
+    if not examples:
+        raise ValueError(f"--examples: no records in {list(patterns)}")
     return examples
 
 
-def _json_argument(text: str):
-    if text.startswith("@"):
-        with open(text[1:], encoding="utf-8") as json_file:
-            return json.load(json_file)
-    return json.loads(text)
+def _example_values(feature: tf.train.Feature) -> list:
+    kind = feature.WhichOneof("kind")
+    return list(getattr(feature, kind).value) if kind else []
 
 
-def _printable(array: np.ndarray):
-    """JSON-ready values: text as strings, other bytes as {"b64": ...}."""
-    if array.dtype != object:
-        return array.tolist()
+def examples_as_raw_inputs(examples: Sequence[bytes], input_types: TensorTypes,
+                           signature_name: str) -> Dict[str, list]:
+    """Decodes tf.Examples into a raw-feature signature's inputs, by feature name: one
+    value per example for [batch] inputs, the value list for [batch, n] inputs."""
+    parsed = [tf.train.Example.FromString(example) for example in examples]
+    columns: Dict[str, list] = {}
+    for alias, (_, dims) in sorted(input_types.items()):
+        scalar = dims is not None and len(dims) == 1
+        values = []
+        for index, example in enumerate(parsed):
+            if alias not in example.features.feature:
+                raise ValueError(f"example {index} has no feature '{alias}', an input of "
+                                 f"signature '{signature_name}'")
+            items = _example_values(example.features.feature[alias])
+            if scalar and len(items) != 1:
+                raise ValueError(f"example {index}: feature '{alias}' has {len(items)} values, "
+                                 f"but signature '{signature_name}' takes one per example")
+            values.append(items[0] if scalar else items)
+        columns[alias] = values
+    return columns
 
-    def text(item):
-        if isinstance(item, list):
-            return [text(sub) for sub in item]
+
+def _examples_input(input_types: TensorTypes) -> Optional[str]:
+    """The input serialized examples go to: a signature's only input, if a string."""
+    if len(input_types) == 1:
+        alias, (dtype, _) = next(iter(input_types.items()))
+        if dtype == tf.string:
+            return alias
+    return None
+
+
+def _output_order(names) -> list:
+    """Task outputs in feature_specs.TASKS order, then the others by name."""
+    from feature_specs import TASKS
+
+    tasks = [task.name for task in TASKS if task.name in names]
+    return tasks + sorted(set(names) - set(tasks))
+
+
+def _printable(value):
+    """A JSON-ready value: text as strings, other bytes as {"b64": ...}."""
+    if isinstance(value, list):
+        return [_printable(item) for item in value]
+    if isinstance(value, bytes):
         try:
-            return item.decode("utf-8")
+            return value.decode("utf-8")
         except UnicodeDecodeError:
-            return {"b64": base64.b64encode(item).decode("ascii")}
-    return text(array.tolist())
+            return {"b64": base64.b64encode(value).decode("ascii")}
+    return value
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m serving.client`: one Predict call; prints {output: values} as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m serving.client", description=(
-        "Send one Predict request to a TensorFlow Serving API (gRPC or REST)."))
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--grpc", metavar="HOST:PORT", help="gRPC address, e.g. 127.0.0.1:8500")
-    where.add_argument("--rest", metavar="URL", help="REST address, e.g. http://127.0.0.1:8501")
-    parser.add_argument("--model", "--model-name", "--model_name", dest="model", required=True)
-    parser.add_argument("--signature", "--signature-name", "--signature_name", dest="signature",
-                        default=DEFAULT_SIGNATURE)
-    version = parser.add_mutually_exclusive_group()
-    version.add_argument("--version", type=int)
-    version.add_argument("--label", help="version label")
+def _row_count(outputs: Mapping[str, np.ndarray]) -> Optional[int]:
+    """The shared leading dimension of the outputs (None if they do not share one)."""
+    rows = {array.shape[0] if array.ndim else None for array in outputs.values()}
+    return rows.pop() if len(rows) == 1 else None
+
+
+def format_json(outputs: Mapping[str, np.ndarray]) -> str:
+    """TensorFlow Serving's response shapes: {"predictions": [{output: value}, ...]} when the
+    outputs share their rows, else {"outputs": {output: values}}."""
+    names = _output_order(outputs)
+    columns = {name: _printable(outputs[name].tolist()) for name in names}
+    rows = _row_count(outputs)
+    if rows is None:
+        return json.dumps({"outputs": columns})
+    return json.dumps({"predictions": [{name: columns[name][row] for name in names}
+                                       for row in range(rows)]})
+
+
+def _cell(value) -> str:
+    if isinstance(value, (list, np.ndarray)):
+        items = list(value)
+        shown = ", ".join(_cell(item) for item in items[:4])
+        return f"[{shown}{', ...' if len(items) > 4 else ''}]"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4f}"
+    if isinstance(value, bytes):
+        printable = _printable(value)
+        return printable if isinstance(printable, str) else json.dumps(printable)
+    return str(value)
+
+
+def format_table(outputs: Mapping[str, np.ndarray]) -> str:
+    """One line per row, one column per output (tasks first, in TASKS order)."""
+    names = _output_order(outputs)
+    rows = _row_count(outputs)
+    if rows is None:  # outputs of different lengths cannot share lines
+        return "\n".join(f"{name}: {_cell(outputs[name])}" for name in names)
+    header = ["row"] + names
+    body = [[str(row)] + [_cell(outputs[name][row]) for name in names] for row in range(rows)]
+    widths = [max(len(line[column]) for line in [header] + body) for column in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths))
+                     for line in [header] + body)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `poso predict` flags."""
+    from pipeline.config import MODEL_NAME
+
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--grpc", metavar="HOST:PORT", nargs="?", const=DEFAULT_GRPC_ADDRESS,
+                       help=f"send over gRPC (the default; address default {DEFAULT_GRPC_ADDRESS})")
+    where.add_argument("--rest", metavar="URL", nargs="?", const=DEFAULT_REST_URL,
+                       help=f"send over REST (address default {DEFAULT_REST_URL})")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--examples", nargs="+", metavar="TFRECORD",
-                      help="TFRecord files (globs; .gz compressed) of serialized tf.Examples")
-    what.add_argument("--instances", metavar="JSON",
-                      help="row-format raw features: a JSON list of objects, or @file.json")
-    what.add_argument("--inputs", metavar="JSON",
-                      help="columnar raw features: a JSON object, or @file.json")
+    what.add_argument("--json", metavar="JSON", help=(
+        f"raw feature values: {_SHAPE_HELP}; given as a JSON string, a file, @FILE, or - for "
+        f"standard input. Sent to signature {RAW_SIGNATURE} if the model has it"))
+    what.add_argument("--examples", metavar="TFRECORD", nargs="+", help=(
+        "serialized tf.Examples: TFRecord files (gzip or not), directories of them, or globs. "
+        f"Sent to signature {DEFAULT_SIGNATURE}"))
+    parser.add_argument("--model", "--model-name", "--model_name", dest="model",
+                        default=MODEL_NAME, help="served model name (default %(default)s)")
+    parser.add_argument("--signature", "--signature-name", "--signature_name", dest="signature",
+                        help="signature to call (default: see --json and --examples); a raw-"
+                             "feature signature given --examples gets the examples' features")
+    version = parser.add_mutually_exclusive_group()
+    version.add_argument("--version", type=int, help="model version (default: the latest)")
+    version.add_argument("--label", help="version label, e.g. stable")
     parser.add_argument("--max-examples", "--max_examples", dest="max_examples", type=int,
-                        default=10, help="send at most this many examples (default 10)")
-    parser.add_argument("--input-name", "--input_name", dest="input_name",
-                        default=DEFAULT_EXAMPLES_INPUT)
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds")
-    args = parser.parse_args(argv)
+                        default=10, metavar="N",
+                        help="send at most N examples of --examples (default 10; 0: all)")
+    parser.add_argument("--input-name", "--input_name", dest="input_name", metavar="NAME",
+                        help="the input serialized examples go to (default: the signature's "
+                             "only string input)")
+    parser.add_argument("--format", choices=("table", "json"), default="table",
+                        help="print a table (default) or TF Serving's JSON response")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    return parser
+
+
+def _choose_signature(args, body_signature: Optional[str], available) -> str:
+    if args.signature and body_signature and args.signature != body_signature:
+        raise ValueError(f"--signature {args.signature} disagrees with the JSON's "
+                         f"signature_name {body_signature!r}")
+    chosen = args.signature or body_signature
+    if chosen:
+        return chosen
+    if args.json is not None and RAW_SIGNATURE in available:
+        return RAW_SIGNATURE
+    return DEFAULT_SIGNATURE
+
+
+def _predict(client, args) -> Dict[str, np.ndarray]:
+    request = read_json_request(args.json) if args.json is not None else None
+    examples = None
+    if args.examples:
+        if args.max_examples < 0:
+            raise ValueError(f"--max-examples must be >= 0, got {args.max_examples}")
+        examples = read_examples(args.examples, args.max_examples or None)
+    available = client.signature_defs(args.model, args.version, args.label)
+    signature = _choose_signature(args, request.signature_name if request else None, available)
+    input_types = client.input_types(args.model, signature, args.version, args.label)
+    if request is not None:
+        inputs = raw_feature_inputs(request, input_types, signature)
+    else:
+        input_name = args.input_name or _examples_input(input_types)
+        if input_name is not None:
+            if input_name not in input_types:
+                raise ValueError(f"signature '{signature}' has no input '{input_name}' (has "
+                                 f"{sorted(input_types)})")
+            inputs = {input_name: examples}
+        else:
+            inputs = examples_as_raw_inputs(examples, input_types, signature)
+    return client.predict(args.model, inputs, signature, args.version, args.label)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Sends one Predict request and prints the outputs; returns the exit code (0 ok, 1 the
+    server refused or could not be reached, 2 bad input)."""
     try:
-        sent = dict(
-            examples=_read_examples(args.examples, args.max_examples) if args.examples else None,
-            instances=_json_argument(args.instances) if args.instances else None,
-            inputs=_json_argument(args.inputs) if args.inputs else None)
-        call = predict_grpc if args.grpc else predict_rest
-        outputs = call(args.grpc or args.rest, args.model, signature_name=args.signature,
-                       version=args.version, version_label=args.label,
-                       input_name=args.input_name, timeout=args.timeout, **sent)
+        if args.rest:
+            outputs = _predict(RestPredictionClient(args.rest, timeout=args.timeout), args)
+        else:
+            with GrpcPredictionClient(args.grpc or DEFAULT_GRPC_ADDRESS,
+                                      timeout=args.timeout) as grpc_client:
+                outputs = _predict(grpc_client, args)
     except ServingClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (ValueError, TypeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    printable = {name: _printable(array) for name, array in sorted(outputs.items())}
-    print(json.dumps(printable))
+    print(format_json(outputs) if args.format == "json" else format_table(outputs))
     return 0
 
 
+def build_arg_parser(prog: str = "poso predict") -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog=prog, description=(
+        "Send one Predict request to a TensorFlow Serving API (this project's server or "
+        "tensorflow/serving) and print per-task scores. Exit status: 0 ok, 1 the server "
+        "refused or could not be reached, 2 bad arguments or input.")))
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "poso predict") -> int:
+    """`poso predict ARGS`; returns the exit code (argparse's 2 for bad flags, 0 for --help)."""
+    try:
+        args = build_arg_parser(prog).parse_args(argv)
+    except SystemExit as exit_request:
+        code = exit_request.code
+        return 0 if code is None else code if isinstance(code, int) else 2
+    return run(args)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m serving.client"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -33,7 +34,7 @@ from serving.errors import ServingError
 __all__ = [
     "PREDICT_METHOD", "CLASSIFY_METHOD", "REGRESS_METHOD", "DEFAULT_SIGNATURE",
     "TensorSpec", "Signature", "SavedModelServable", "read_signature_defs",
-    "serialize_input_examples", "array_from_tensor_proto", "shape_string",
+    "serialize_input_examples", "array_from_tensor_proto", "fill_tensor_proto", "shape_string",
 ]
 
 logger = logging.getLogger(__name__)
@@ -185,6 +186,20 @@ def array_from_tensor_proto(alias: str, proto, spec: Optional[TensorSpec] = None
     return np.asarray(array)
 
 
+def fill_tensor_proto(target, array: np.ndarray) -> None:
+    """Writes `array` into the TensorProto `target`: numbers as raw little-endian bytes in
+    tensor_content (what tf.make_tensor_proto writes, several times faster), anything else
+    through tf.make_tensor_proto."""
+    array = np.asarray(array)
+    if array.dtype.kind in "biufc" and array.dtype.byteorder in "=<|" and sys.byteorder == "little":
+        target.dtype = tf.as_dtype(array.dtype).as_datatype_enum
+        for size in array.shape:
+            target.tensor_shape.dim.add(size=size)
+        target.tensor_content = np.ascontiguousarray(array).tobytes()
+    else:
+        target.CopyFrom(tf.make_tensor_proto(array))
+
+
 def _tf_error(error: tf.errors.OpError, what: str) -> ServingError:
     message = error.message.strip().splitlines()[0] if error.message else type(error).__name__
     return ServingError(errors.code_from_tf_error(error), f"{what}: {message}")
@@ -324,7 +339,7 @@ class SavedModelServable:
         response = predict_pb2.PredictResponse()
         self._model_spec(response.model_spec, signature.name)
         for alias, array in outputs.items():
-            response.outputs[alias].CopyFrom(tf.make_tensor_proto(array))
+            fill_tensor_proto(response.outputs[alias], array)
         return response
 
     def _typed_signature(self, signature_name: str, method: str, kind: str) -> Signature:

@@ -8,7 +8,8 @@ server's where they overlap:
     python -m serving.server --port=8500 --rest_api_port=8501 \\
         --model_name=ranker --model_base_path=/models/ranker
     python -m serving.server --model_config_file=models.config \\
-        --model_config_file_poll_wait_seconds=30 --enable_batching
+        --model_config_file_poll_wait_seconds=30 --enable_batching \\
+        --batching_parameters_file=deploy/batching_parameters.txt
 
 In-process, for tests and notebooks (port 0 picks a free port):
 
@@ -40,7 +41,7 @@ from serving.manager import ModelManager
 from serving.rest import RestApiHandler, RestServer
 
 __all__ = ["ServerOptions", "ModelServer", "start_server", "start_in_background", "serve", "main",
-           "build_arg_parser"]
+           "build_arg_parser", "add_arguments", "batching_options", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -256,11 +257,12 @@ def _bool_flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m serving.server",
-        description="Serve SavedModels over TensorFlow Serving's gRPC and REST APIs. Flags "
-                    "are tensorflow_model_server's; each may also be spelled with dashes.")
+_INDIVIDUAL_BATCHING_FLAGS = ("max_batch_size", "batch_timeout_micros", "num_batch_threads",
+                              "max_enqueued_batches")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `poso serve` flags: tensorflow_model_server's, each also spelled with dashes."""
 
     def add(flag: str, *aliases: str, **kwargs):
         dashed = flag.replace("_", "-")
@@ -274,19 +276,29 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--model_name", default="default", help="name of the model (with --model_base_path)")
     add("--model_base_path", "--model-base", help="directory of the model's numbered versions")
     add("--model_config_file", "--model-config",
-        help="text-format ModelServerConfig (instead of the two above)")
+        help="text-format ModelServerConfig (instead of the two above), e.g. the "
+             "HOME/serving/models.config the pipeline writes")
     add("--model_config_file_poll_wait_seconds", type=float, default=0.0,
         help="re-read the config file this often (0: never)")
     add("--file_system_poll_wait_seconds", type=float, default=1.0,
         help="scan the base paths for new versions this often")
     add("--enable_batching", type=_bool_flag, nargs="?", const=True, default=False)
-    add("--max_batch_size", type=int, default=BatchingOptions.max_batch_size)
+    add("--batching_parameters_file",
+        help="text-format BatchingParameters (TF Serving's format, e.g. "
+             "deploy/batching_parameters.txt); instead of the four flags below")
+    add("--max_batch_size", type=int, help=f"default {BatchingOptions.max_batch_size}")
     add("--batch_timeout_micros", type=int,
-        default=int(BatchingOptions.batch_timeout_s * 1e6))
-    add("--num_batch_threads", type=int, default=BatchingOptions.num_batch_threads)
-    add("--max_enqueued_batches", type=int, default=BatchingOptions.max_enqueued_batches)
-    add("--enable_model_warmup", type=_bool_flag, nargs="?", const=True, default=True)
+        help=f"default {int(BatchingOptions.batch_timeout_s * 1e6)}")
+    add("--num_batch_threads", type=int, help="default: the number of CPUs")
+    add("--max_enqueued_batches", type=int,
+        help=f"default {BatchingOptions.max_enqueued_batches}")
+    add("--enable_model_warmup", type=_bool_flag, nargs="?", const=True, default=True,
+        help="replay assets.extra/tf_serving_warmup_requests before serving a version")
     add("--num_request_iterations_for_warmup", type=int, default=1)
+    add("--tensorflow_intra_op_parallelism", type=int, default=0,
+        help="threads of one op (0: TensorFlow's choice, the machine's cores)")
+    add("--tensorflow_inter_op_parallelism", type=int, default=0,
+        help="ops run in parallel (0: TensorFlow's choice)")
     add("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
         help="largest accepted request (gRPC message or REST body)")
     add("--grpc_max_threads", type=int, default=16)
@@ -297,19 +309,60 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the process exit code."""
-    args = build_arg_parser().parse_args(argv)
+def build_arg_parser(prog: str = "poso serve") -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(
+        prog=prog,
+        description="Serve SavedModels over TensorFlow Serving's gRPC and REST APIs, from a "
+                    "model base directory or a models.config. Flags are "
+                    "tensorflow_model_server's."))
+
+
+def batching_options(args: argparse.Namespace) -> Optional[BatchingOptions]:
+    """The batching the flags ask for (None: no batching); ValueError if they conflict."""
+    individual = [name for name in _INDIVIDUAL_BATCHING_FLAGS if getattr(args, name) is not None]
+    if args.batching_parameters_file and individual:
+        raise ValueError(f"give --batching_parameters_file or --{', --'.join(individual)}, "
+                         "not both")
+    if not args.enable_batching:
+        if args.batching_parameters_file or individual:
+            logger.warning("Batching flags are ignored without --enable_batching")
+        return None
+    if args.batching_parameters_file:
+        from serving.batching import load_batching_parameters
+
+        return load_batching_parameters(args.batching_parameters_file)
+    values = {name: getattr(args, name) for name in individual if name != "batch_timeout_micros"}
+    if args.batch_timeout_micros is not None:
+        values["batch_timeout_s"] = args.batch_timeout_micros / 1e6
+    return BatchingOptions(**values)
+
+
+def _set_thread_pools(intra_op: int, inter_op: int) -> None:
+    """Sizes TensorFlow's thread pools (0 keeps its default); only possible before the
+    runtime starts, i.e. before any model is loaded in this process."""
+    if intra_op < 0 or inter_op < 0:
+        raise ValueError("--tensorflow_intra_op_parallelism and "
+                         "--tensorflow_inter_op_parallelism must be >= 0")
+    if not intra_op and not inter_op:
+        return
+    import tensorflow as tf
+
+    try:
+        if intra_op:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        if inter_op:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError as error:  # the runtime is already up in this process
+        logger.warning("Cannot size TensorFlow's thread pools now: %s", error)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serves until SIGTERM or SIGINT; returns the exit code (2: bad flags or files)."""
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    batching = None
-    if args.enable_batching:
-        batching = BatchingOptions(
-            max_batch_size=args.max_batch_size,
-            batch_timeout_s=args.batch_timeout_micros / 1e6,
-            num_batch_threads=args.num_batch_threads,
-            max_enqueued_batches=args.max_enqueued_batches)
     try:
+        _set_thread_pools(args.tensorflow_intra_op_parallelism,
+                          args.tensorflow_inter_op_parallelism)
         serve(
             model_base=None if args.model_config_file else args.model_base_path,
             model_name=args.model_name,
@@ -323,7 +376,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rest_timeout_s=args.rest_api_timeout_in_ms / 1000.0,
             file_system_poll_wait_s=args.file_system_poll_wait_seconds,
             model_config_file_poll_wait_s=args.model_config_file_poll_wait_seconds,
-            batching=batching,
+            batching=batching_options(args),
             enable_model_warmup=args.enable_model_warmup,
             warmup_iterations=args.num_request_iterations_for_warmup,
             shutdown_grace_s=args.shutdown_grace_seconds,
@@ -334,5 +387,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def main(argv: Optional[Sequence[str]] = None, prog: str = "poso serve") -> int:
+    """`poso serve ARGS`; returns the process exit code (argparse's 2 for bad flags, 0 for
+    --help)."""
+    try:
+        args = build_arg_parser(prog).parse_args(argv)
+    except SystemExit as exit_request:
+        code = exit_request.code
+        return 0 if code is None else code if isinstance(code, int) else 2
+    return run(args)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m serving.server"))

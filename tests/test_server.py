@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from tensorflow_serving.apis import (get_model_status_pb2, model_management_pb2,
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
+from serving import batching as batching_lib
 from serving import client, config as config_lib, server as server_lib, testing, warmup
 from serving.batching import BatchingOptions
 
@@ -394,6 +396,150 @@ def test_batching_merges_concurrent_requests(tmp_path, scaled_exports):
         assert batcher.requests_run == 8 and batcher.batches_run < 8
 
 
+def test_batching_parameters_file_in_tf_serving_format(tmp_path):
+    options = batching_lib.parse_batching_parameters("""
+        max_batch_size { value: 64 }
+        batch_timeout_micros { value: 1500 }  # comments are allowed
+        num_batch_threads { value: 3 }
+        pad_variable_length_inputs: false
+        allowed_batch_sizes: 32
+        allowed_batch_sizes: 64
+    """)
+    default = BatchingOptions()
+    assert options == BatchingOptions(max_batch_size=64, batch_timeout_s=0.0015,
+                                      num_batch_threads=3,
+                                      max_enqueued_batches=default.max_enqueued_batches)
+    with pytest.raises(ValueError, match=r"params.txt: .*no field named \"max_batch\""):
+        batching_lib.parse_batching_parameters("max_batch { value: 1 }", "params.txt")
+    with pytest.raises(ValueError, match="params.txt: max_batch_size must be >= 1"):
+        batching_lib.parse_batching_parameters("max_batch_size { value: 0 }", "params.txt")
+
+    parameters = _write(tmp_path / "params.txt", "max_batch_size { value: 7 }")
+    parse = server_lib.build_arg_parser().parse_args
+    chosen = server_lib.batching_options(parse(["--enable_batching", "--batching_parameters_file",
+                                                parameters]))
+    assert chosen.max_batch_size == 7
+    assert server_lib.batching_options(parse(["--batching_parameters_file", parameters])) is None
+    assert server_lib.batching_options(parse(["--enable_batching", "--max_batch_size", "5"])
+                                       ).max_batch_size == 5
+    with pytest.raises(ValueError, match="not both"):
+        server_lib.batching_options(parse(["--enable_batching", "--batching_parameters_file",
+                                           parameters, "--max_batch_size", "5"]))
+
+
+# -- deploy/: tensorflow/serving in production, on what this server serves in development -------
+
+DEPLOY = REPO_ROOT / "deploy"
+
+
+def _flag_values(args):
+    """{--flag: value} of --flag=value arguments."""
+    assert all(arg.startswith("--") and "=" in arg for arg in args), args
+    return dict(arg.split("=", 1) for arg in args)
+
+
+@pytest.fixture(scope="module")
+def manifests():
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    documents = [document for path in sorted((DEPLOY / "k8s").glob("*.yaml"))
+                 for document in yaml.safe_load_all(path.read_text())]
+    kinds = {document["kind"]: document for document in documents}
+    assert len(kinds) == len(documents), "one object of each kind"
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    return {"compose": compose["tf-serving"], **kinds, "kustomization": kustomization}
+
+
+def test_compose_and_kubernetes_run_tensorflow_serving_alike(manifests):
+    service = manifests["compose"]
+    pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert service["entrypoint"] == container["command"] == ["tensorflow_model_server"]
+    in_compose, in_k8s = _flag_values(service["command"]), _flag_values(container["args"])
+    assert in_compose.items() <= in_k8s.items()
+    assert {key: in_compose[key] for key in ("--port", "--rest_api_port", "--enable_batching",
+                                             "--enable_model_warmup")} == {
+        "--port": "8500", "--rest_api_port": "8501", "--enable_batching": "true",
+        "--enable_model_warmup": "true"}
+    assert float(in_compose["--file_system_poll_wait_seconds"]) > 0
+    # Every flag is one this server knows too (both take tensorflow_model_server's flags).
+    server_lib.build_arg_parser().parse_args(container["args"])
+
+    # The config files named by the flags are this folder's, mounted where the flags say.
+    config_files = [in_k8s["--model_config_file"], in_k8s["--batching_parameters_file"]]
+    mounts = {mount["target"]: mount["source"] for mount in service["volumes"]}
+    assert [mounts[path] for path in config_files] == ["./models.config",
+                                                       "./batching_parameters.txt"]
+    (generated,) = manifests["kustomization"]["configMapGenerator"]
+    assert sorted(generated["files"]) == sorted(os.path.basename(p) for p in config_files)
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounted = {mount["mountPath"]: volumes[mount["name"]] for mount in container["volumeMounts"]}
+    assert {os.path.dirname(path) for path in config_files} == {"/etc/poso"}
+    assert mounted["/etc/poso"]["configMap"]["name"] == generated["name"]
+    models_claim = mounted["/models"]["persistentVolumeClaim"]["claimName"]
+    assert models_claim == manifests["PersistentVolumeClaim"]["metadata"]["name"]
+    assert "/models" in mounts and mounts["/models"].endswith("/serving")
+
+    # The Service exposes the container's ports by name.
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"grpc": 8500, "http": 8501}
+    assert {(port["port"], port["targetPort"])
+            for port in manifests["Service"]["spec"]["ports"]} == {(8500, "grpc"), (8501, "http")}
+    assert manifests["Service"]["spec"]["selector"].items() <= \
+        manifests["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_probes_ask_for_the_pipelines_model(manifests):
+    from pipeline.config import MODEL_NAME
+
+    status_path = f"/v1/models/{MODEL_NAME}"
+    (container,) = manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": status_path, "port": "http"}
+    readiness = container["readinessProbe"]["exec"]["command"]
+    assert readiness[:2] == ["bash", "-c"] and f"GET {status_path} " in readiness[2]
+    assert manifests["compose"]["healthcheck"]["test"][1:] == readiness
+
+
+def _bash_probe_answer(command: str, port: int) -> bytes:
+    """What the probe's bash /dev/tcp request gets from 127.0.0.1:port, sent the same way."""
+    request = re.search(r"printf '([^']*)'", command).group(1).replace("\\r\\n", "\r\n")
+    assert "127.0.0.1/8501" in command
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(request.encode())
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_deploy_config_serves_on_this_server(manifests, tmp_path):
+    """deploy/models.config and batching_parameters.txt, with /models pointing at a served
+    directory, load a model here; the readiness probe's request sees it AVAILABLE."""
+    from pipeline.config import MODEL_NAME
+
+    serving_dir = tmp_path / "serving"
+    testing.export_ranking_stub_model(str(serving_dir / MODEL_NAME / "1"))
+    config_text = (DEPLOY / "models.config").read_text()
+    assert f'base_path: "/models/{MODEL_NAME}"' in config_text
+    models_config = _write(tmp_path / "models.config",
+                           config_text.replace('"/models/', f'"{serving_dir}/'))
+    (container,) = manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
+    args = server_lib.build_arg_parser().parse_args(
+        [arg.replace("/etc/poso/", f"{DEPLOY}/") for arg in container["args"]])
+    options = server_lib.ServerOptions(grpc_port=0, rest_port=0, file_system_poll_wait_s=0,
+                                       batching=server_lib.batching_options(args))
+    with server_lib.ModelServer.from_config_file(models_config, options).start() as server:
+        servable = server.manager.servable(model_pb2.ModelSpec(name=MODEL_NAME))
+        assert servable.batcher is not None
+        assert servable.batcher.options == batching_lib.load_batching_parameters(
+            DEPLOY / "batching_parameters.txt")
+        answer = _bash_probe_answer(container["readinessProbe"]["exec"]["command"][2],
+                                    server.rest_port)
+        assert answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n")[0]
+        assert b'"AVAILABLE"' in answer
+
+
 # -- the process: binding and graceful shutdown ----------------------------------------------------
 
 def test_binds_loopback_by_default(tmp_path, scaled_exports):
@@ -478,3 +624,19 @@ def test_sigterm_shuts_down_gracefully(tmp_path, scaled_exports):
     assert process.returncode == 0, "".join(log_lines[-20:])
     log = "".join(log_lines)
     assert "Received SIGTERM" in log and "Server stopped" in log
+
+
+@pytest.mark.slow
+def test_serving_benchmark_runs_end_to_end(tmp_path, capsys):
+    """benchmarks/serving_latency.py on a stub ranking model, with tiny bounds."""
+    from benchmarks import serving_latency
+
+    model_dir = testing.export_ranking_stub_model(str(tmp_path / "stub"))
+    assert serving_latency.main(["--model-dir", model_dir, "--rows", "1,3", "--throughput-rows",
+                                 "2", "--concurrency", "2", "--requests", "3", "--seconds",
+                                 "0.2"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"gRPC single-row p50 overhead vs in-process: -?\d+\.\d+ ms", printed)
+    assert re.search(r"batched throughput vs in-process batched: \d+%", printed)
+    assert serving_latency.main(["--model-dir", str(tmp_path / "nothing")]) == 2
+    assert "poso demo" in capsys.readouterr().err

@@ -88,16 +88,24 @@ def test_command_line(endpoint, tmp_path, capsys):
         for example in EXAMPLES:
             writer.write(example)
     assert client.main(["--grpc", endpoint.grpc_address, "--model", endpoint.model,
-                        "--examples", str(records)]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    np.testing.assert_allclose(printed["score"], testing.contract_score(X, N))
+                        "--examples", str(records), "--format", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)["predictions"]
+    np.testing.assert_allclose([row["score"] for row in printed], testing.contract_score(X, N))
+    assert [row["count"] for row in printed] == testing.contract_count(N).tolist()
 
     assert client.main(["--rest", endpoint.rest_url, "--model", endpoint.model,
-                        "--signature", "raw", "--instances",
+                        "--signature", "raw", "--format", "json", "--json",
                         '[{"x": 1, "ids": [1, 2], "tag": "t"}]']) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["tag_bytes"] == ["t"] and printed["id_count"] == [2]
+    printed = json.loads(capsys.readouterr().out)["predictions"]
+    assert printed == [{"total": 4.0, "id_count": 2, "tag_bytes": "t"}]
+
+    # A single-input signature takes bare values, as TF Serving's row format does.
+    assert client.main(["--grpc", endpoint.grpc_address, "--model", endpoint.model,
+                        "--format", "json", "--json",
+                        '{"signature_name": "single", "instances": [0.5, 2.0]}']) == 0
+    printed = json.loads(capsys.readouterr().out)["predictions"]
+    np.testing.assert_allclose([row["y"] for row in printed], testing.contract_single([0.5, 2.0]))
 
     assert client.main(["--grpc", endpoint.grpc_address, "--model", "no_such_model",
-                        "--inputs", '{"x": [1.0]}', "--signature", "single"]) == 1
+                        "--json", '{"inputs": {"x": [1.0]}}', "--signature", "single"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err

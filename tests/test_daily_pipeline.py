@@ -1,0 +1,367 @@
+"""The daily pipeline in real runs (LocalDagRunner, Beam, TFX, TensorFlow) on small synthetic logs.
+
+One home builds up like a production one: the run for day 8 is killed inside the Trainer and
+resumed, rerun, then day 9 (whose labels are inverted) runs, then day 8 is rerun once more. A
+second, small home feeds broken or drifted logs to the ingest step.
+"""
+
+import csv
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from ml_metadata.proto import metadata_store_pb2
+from tfx.orchestration import metadata
+
+from components import avc, impression_logs, synthetic_logs
+from components.avc_example_gen import span_of
+from feature_specs import specs
+from pipeline import config as config_lib
+from pipeline import local_runner, summary
+from pipeline import pipeline as pipeline_lib
+
+START = datetime.date(2022, 4, 8)
+FIRST_FULL = START + datetime.timedelta(days=config_lib.TRAIN_DAYS)      # day 8: 7 days before it
+CORRUPTED = FIRST_FULL + datetime.timedelta(days=1)                        # day 9
+ROWS_PER_DAY = 800
+SEED = 42          # the demo's data: its first full window is blessed (tests/test_demo_e2e.py)
+TRAIN_STEPS = 20
+PRIMARY = next(t.name for t in specs.TASKS if t.primary)
+LABELS = [f.name for f in specs.features_of_kind(specs.Kind.LABEL)]
+CACHED, COMPLETE, RUNNING = (metadata_store_pb2.Execution.CACHED, metadata_store_pb2.Execution.COMPLETE,
+                             metadata_store_pb2.Execution.RUNNING)
+INGEST_NODES = ("AvcExampleGen", "StatisticsGen", "ExampleValidator", "SchemaAnomaliesGate")
+# Every component of a daily run with an executor (resolvers have none).
+COMPONENTS = ("ImportSchemaGen",) + INGEST_NODES + (
+    "Transform", "Trainer", "Evaluator", "ServingInfraValidator", "Pusher", "ServingConfigWriter")
+
+
+def _config(home, data, date, **overrides):
+    return config_lib.RunConfig(date=date, data_dir=str(data), home=str(home), train_steps=TRAIN_STEPS,
+                                beam_direct_running_mode="in_memory", beam_num_workers=1, **overrides)
+
+
+def _rewrite_csv(path, change):
+    """change(header, rows) -> (header, rows), applied to a CSV file in place."""
+    with open(path, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    header, rows = change(header, rows)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+
+
+def _set_column(column, value_of):
+    def change(header, rows):
+        i = header.index(column)
+        return header, [row[:i] + [value_of(row[i])] + row[i + 1:] for row in rows]
+    return change
+
+
+def _versions(cfg):
+    """Numbered version folders in TF Serving's base directory."""
+    if not os.path.isdir(cfg.serving_model_dir):
+        return []
+    return sorted(v for v in os.listdir(cfg.serving_model_dir) if v.isdigit())
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading MLMD: which executions a run made, in which state, on which inputs.
+# ---------------------------------------------------------------------------------------------
+class Store:
+    def __init__(self, cfg):
+        self._cfg = cfg
+
+    def __enter__(self):
+        self._metadata = metadata.Metadata(pipeline_lib.metadata_connection(self._cfg)).__enter__()
+        self.store = self._metadata.store
+        return self
+
+    def __exit__(self, *exc):
+        self._metadata.__exit__(*exc)
+
+    def runs(self):
+        """Pipeline-run context ids, oldest first."""
+        return sorted(c.id for c in self.store.get_contexts_by_type("pipeline_run"))
+
+    def executions(self, run_id):
+        """{component id: execution} of one pipeline run."""
+        node_type = self.store.get_context_type("node").id
+        result = {}
+        for execution in self.store.get_executions_by_context(run_id):
+            nodes = [c.name for c in self.store.get_contexts_by_execution(execution.id) if c.type_id == node_type]
+            result[nodes[0].split(".", 1)[1]] = execution
+        return result
+
+    def executions_of(self, component):
+        context = self.store.get_context_by_type_and_name("node", f"{config_lib.PIPELINE_NAME}.{component}")
+        return [] if context is None else self.store.get_executions_by_context(context.id)
+
+    def inputs(self, execution, key):
+        events = [e for e in self.store.get_events_by_execution_ids([execution.id])
+                  if e.type == metadata_store_pb2.Event.INPUT and e.path.steps[0].key == key]
+        return self.store.get_artifacts_by_id([e.artifact_id for e in events])
+
+    def outputs(self, execution, key):
+        events = [e for e in self.store.get_events_by_execution_ids([execution.id])
+                  if e.type == metadata_store_pb2.Event.OUTPUT and e.path.steps[0].key == key]
+        return self.store.get_artifacts_by_id([e.artifact_id for e in events])
+
+
+def _run_and_record(cfg):
+    """run_day, and the executions of the pipeline runs it made: [{component: execution}, ...]."""
+    with Store(cfg) as s:
+        before = set(s.runs())
+    result = local_runner.run_day(cfg)
+    with Store(cfg) as s:
+        runs = [s.executions(r) for r in s.runs() if r not in before]
+    return result, runs
+
+
+# ---------------------------------------------------------------------------------------------
+# The production-like home.
+# ---------------------------------------------------------------------------------------------
+_KILLED_RUN = """
+import dataclasses, datetime, json, sys
+from pipeline import config as config_lib, local_runner
+fields = json.loads(sys.argv[1])
+fields["date"] = datetime.date.fromisoformat(fields["date"])
+local_runner.setup_logging(verbose=True)
+local_runner.run_day(config_lib.RunConfig(**fields))
+"""
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """Day 8's run in a child process, killed (SIGKILL) as soon as the Trainer's executor starts."""
+    root = tmp_path_factory.mktemp("daily")
+    data, home = root / "data", root / "home"
+    synthetic_logs.generate(str(data), START, config_lib.TRAIN_DAYS + 2, seed=SEED, impressions_per_day=ROWS_PER_DAY)
+    # Day 9 shows every label inverted: a model that ranks better than chance scores an AUC under 0.5.
+    for path in impression_logs.day_files(str(data), CORRUPTED):
+        for label in LABELS:
+            _rewrite_csv(path, _set_column(label, lambda v: "0" if int(v) > 0 else "1"))
+    cfg = _config(home, data, FIRST_FULL)
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    fields["date"] = cfg.date.isoformat()
+    trainer_outputs = os.path.join(cfg.pipeline_root, "Trainer", "model")
+    log_path = root / "killed_run.log"
+    with open(log_path, "w") as log:
+        child = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, json.dumps(fields)], cwd=config_lib.PROJECT_DIR,
+                                 env={**os.environ, "PYTHONPATH": config_lib.PROJECT_DIR},
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 600
+            while not (os.path.isdir(trainer_outputs) and os.listdir(trainer_outputs)):
+                if child.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"the child run ended (code {child.returncode}) or timed out before the Trainer "
+                                f"started; its log:\n{open(log_path).read()[-5000:]}")
+                time.sleep(0.2)
+        finally:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def resumed(killed):
+    return _run_and_record(killed)
+
+
+@pytest.fixture(scope="module")
+def rerun(resumed, killed):
+    versions = _versions(killed)
+    return _run_and_record(killed), versions
+
+
+@pytest.fixture(scope="module")
+def corrupted_day(rerun, killed):
+    cfg = dataclasses.replace(killed, date=CORRUPTED)
+    versions = _versions(cfg)
+    return _run_and_record(cfg), versions
+
+
+@pytest.fixture(scope="module")
+def earlier_day_rerun(corrupted_day, killed):
+    versions = _versions(killed)
+    return _run_and_record(killed), versions
+
+
+def test_killed_run_stopped_inside_the_trainer(killed):
+    with Store(killed) as s:
+        trainers = s.executions_of("Trainer")
+        assert [t.last_known_state for t in trainers] == [RUNNING]
+        assert s.executions_of("Evaluator") == [] and s.executions_of("Pusher") == []
+        # Everything before the Trainer completed: 7 ingest runs and day 8's run.
+        assert len(s.runs()) == config_lib.TRAIN_DAYS + 1
+        assert all(e.last_known_state == COMPLETE for e in s.executions_of("Transform"))
+    assert _versions(killed) == []
+
+
+def test_first_full_window_is_blessed_and_pushed_once(resumed, killed):
+    result, _ = resumed
+    assert result["blessed"], f"day 8 not blessed: {result.get('blessing_failures')}"
+    assert result["infra_blessed"] and result["pushed"]
+    assert result["train_window"] == [START.isoformat(), (FIRST_FULL - datetime.timedelta(days=1)).isoformat()]
+    assert result["train_rows"] == config_lib.TRAIN_DAYS * ROWS_PER_DAY
+    assert result["eval_rows"] == ROWS_PER_DAY
+    versions = _versions(killed)
+    assert versions == [result["pushed_version"]]
+    assert os.path.isfile(os.path.join(killed.serving_model_dir, versions[0], "saved_model.pb"))
+    with open(killed.models_config_path) as f:
+        assert killed.serving_model_dir in f.read()
+    assert "Evaluation: BLESSED" in summary.format_summary(result)
+
+
+def test_resumed_run_reuses_ingest_and_transform_and_trains_once(resumed, killed):
+    _, runs = resumed
+    assert len(runs) == 1, "the resumed run re-ingested earlier days"
+    run = runs[0]
+    for component in INGEST_NODES + ("Transform",):
+        assert run[component].last_known_state == CACHED, component
+    for component in ("Trainer", "Evaluator", "ServingInfraValidator", "Pusher"):
+        assert run[component].last_known_state == COMPLETE, component
+    with Store(killed) as s:
+        # One AvcExampleGen execution per day and the cached one: no day was computed twice.
+        executed = [e for e in s.executions_of("AvcExampleGen") if e.last_known_state == COMPLETE]
+        assert len(executed) == config_lib.TRAIN_DAYS + 1
+        # The Trainer trained on the 7 days before day 8, from the cached Transform graph.
+        spans = sorted(a.properties["span"].int_value for a in s.inputs(run["Trainer"], "examples"))
+        assert spans == list(range(span_of(START), span_of(FIRST_FULL)))
+
+
+def test_rerun_of_a_pushed_day_is_cached_and_pushes_nothing(rerun, resumed, killed):
+    (result, runs), versions_before = rerun
+    assert len(runs) == 1
+    states = {component: runs[0][component].last_known_state for component in COMPONENTS}
+    assert all(state == CACHED for state in states.values()), states
+    assert _versions(killed) == versions_before and len(versions_before) == 1
+    assert result["blessed"] and result["evaluation_uri"] == resumed[0]["evaluation_uri"]
+
+
+def test_corrupted_evaluation_day_is_not_blessed_nor_pushed(corrupted_day, resumed, killed):
+    (result, runs), versions_before = corrupted_day
+    # The same setup blessed the day before: it is the labels that fail this day.
+    assert resumed[0]["blessed"]
+    assert not result["blessed"] and not result["pushed"]
+    assert _versions(killed) == versions_before and len(versions_before) == 1
+    floor_failures = [f for f in result["blessing_failures"] if f.startswith(f"auc ({PRIMARY}) on overall: ")]
+    assert floor_failures, result["blessing_failures"]
+    assert float(floor_failures[0].split(": ")[1].split()[0]) < config_lib.AUC_FLOOR
+    assert floor_failures[0] in summary.format_summary(result)
+    assert "NOT blessed" in summary.format_summary(result)
+    # It trained on days 2..8 and was compared against day 8's blessed model.
+    run = runs[0]
+    with Store(killed) as s:
+        spans = sorted(a.properties["span"].int_value for a in s.inputs(run["Trainer"], "examples"))
+        assert spans == list(range(span_of(START) + 1, span_of(CORRUPTED)))
+        baseline = s.inputs(run["Evaluator"], "baseline_model")
+        day8_model = s.outputs(resumed[1][0]["Trainer"], "model")
+        assert [m.id for m in baseline] == [m.id for m in day8_model]
+    assert result["baseline_metrics"]
+
+
+def test_rerun_of_an_earlier_day_pushes_nothing_and_reports_that_day(earlier_day_rerun, resumed, killed):
+    """A backfill over day 8 after day 9 ran: nothing is recomputed, the served version stays."""
+    (result, runs), versions_before = earlier_day_rerun
+    for component in ("Trainer", "Evaluator", "ServingInfraValidator", "Pusher"):
+        assert runs[0][component].last_known_state == CACHED, component
+    assert _versions(killed) == versions_before
+    assert result["date"] == FIRST_FULL.isoformat()
+    assert result["evaluation_uri"] == resumed[0]["evaluation_uri"] and result["blessed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Broken and drifted logs: the run stops before training and says what is wrong, and where.
+# ---------------------------------------------------------------------------------------------
+DAY_1, DAY_2 = START, START + datetime.timedelta(days=1)
+
+
+@pytest.fixture(scope="module")
+def ingest_home(tmp_path_factory):
+    """Day 1 ingested; each case then runs day 2 (trained on day 1) on its own copy of the logs."""
+    root = tmp_path_factory.mktemp("ingest")
+    data = root / "clean"
+    synthetic_logs.generate(str(data), DAY_1, 2, seed=3, impressions_per_day=300)
+    local_runner.run_day(_config(root / "home", data, DAY_1, ingest_only=True))
+    return root
+
+
+def _broken_copy(root, name, file_name, change):
+    data = root / name
+    shutil.copytree(root / "clean", data)
+    path = impression_logs.day_files(str(data), DAY_2)[0] if file_name is None else str(data / file_name)
+    _rewrite_csv(path, change)
+    return data, path
+
+
+def _drop_column(column):
+    def change(header, rows):
+        i = header.index(column)
+        return header[:i] + header[i + 1:], [row[:i] + row[i + 1:] for row in rows]
+    return change
+
+
+_INT_USER_COLUMN = next(f.name for f in avc.USER_PROFILE_FEATURES if f.dtype is specs.Dtype.INT64)
+_UNKNOWN_DEGREE = "hyper_active"
+assert _UNKNOWN_DEGREE not in specs.feature(specs.USER_ACTIVE_DEGREE).vocabulary
+
+BROKEN = {
+    # name: (file (None: the day's log), change, failing component, words the message must hold)
+    "log_without_tab": (None, _drop_column(specs.TAB), "AvcExampleGen", ["LogFormatError", "missing log columns", specs.TAB]),
+    "log_with_text_in_tab": (None, _set_column(specs.TAB, lambda v: "home"), "AvcExampleGen",
+                             ["LogFormatError", f"column '{specs.TAB}': 'home' is not an integer"]),
+    "user_table_with_text_in_int_column": (
+        impression_logs.USER_TABLE_FILE, _set_column(_INT_USER_COLUMN, lambda v: "yes"), "AvcExampleGen",
+        ["LogFormatError", impression_logs.USER_TABLE_FILE, f"column '{_INT_USER_COLUMN}' holds 'yes'"]),
+    "unknown_active_degree": (
+        impression_logs.USER_TABLE_FILE, _set_column(specs.USER_ACTIVE_DEGREE, lambda v: _UNKNOWN_DEGREE),
+        "SchemaAnomaliesGate", ["schema anomalies", f"feature '{specs.USER_ACTIVE_DEGREE}'", _UNKNOWN_DEGREE]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_logs_stop_the_run_before_training(ingest_home, case):
+    file_name, change, component, words = BROKEN[case]
+    data, path = _broken_copy(ingest_home, case, file_name, change)
+    cfg = _config(ingest_home / "home", data, DAY_2, train_days=1, min_train_days=1)
+    with Store(cfg) as s:
+        before = set(s.runs())
+    with pytest.raises(local_runner.PipelineRunError) as raised:
+        local_runner.run_day(cfg)
+    assert raised.value.component == component
+    message = str(raised.value)
+    assert all(word in message for word in words), message
+    if component == "AvcExampleGen":
+        assert path in message or os.path.basename(path) in message
+    with Store(cfg) as s:
+        (run_id,) = set(s.runs()) - before
+        ran = s.executions(run_id)
+    assert "Transform" not in ran and "Trainer" not in ran
+
+
+def test_too_few_valid_days_names_the_training_window(ingest_home):
+    """A resolver failure is only logged by LocalDagRunner; run_day must still stop with it."""
+    cfg = _config(ingest_home / "home", ingest_home / "clean", DAY_2)  # 7 days needed, 1 there
+    with pytest.raises(local_runner.PipelineRunError) as raised:
+        local_runner.run_day(cfg)
+    assert raised.value.component == "training_window"
+    assert "WindowError" in str(raised.value) and f"need at least {config_lib.TRAIN_DAYS} valid daily spans" in str(raised.value)
+
+
+def test_cli_exits_non_zero_naming_the_bad_file(ingest_home):
+    data, path = _broken_copy(ingest_home, "cli_log_without_tab", None, _drop_column(specs.TAB))
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--date", DAY_2.isoformat(), "--data", str(data),
+         "--home", str(ingest_home / "cli_home"), "--beam-mode", "in_memory", "--train-days", "1"],
+        cwd=config_lib.PROJECT_DIR, env={**os.environ, "PYTHONPATH": config_lib.PROJECT_DIR},
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert path in done.stderr + done.stdout and "missing log columns" in done.stderr + done.stdout
