@@ -65,6 +65,7 @@ def _member(archive: zipfile.ZipFile, zip_path: str, name: str) -> str:
 
 def _read_csv(archive: zipfile.ZipFile, zip_path: str, name: str, columns: Sequence[str],
               dtypes: Mapping[str, object]) -> pd.DataFrame:
+    """The member's table; its attrs["where"] is "<zip>:<member>" for error messages."""
     member = _member(archive, zip_path, name)
     where = f"{zip_path}:{member}"
     with archive.open(member) as f:
@@ -81,6 +82,7 @@ def _read_csv(archive: zipfile.ZipFile, zip_path: str, name: str, columns: Seque
         if dtype is not str and frame[column].isna().any():
             row = int(np.flatnonzero(frame[column].isna().to_numpy())[0])
             raise ValueError(f"{where}: missing {column!r} in data row {row + 1}")
+    frame.attrs["where"] = where
     return frame
 
 
@@ -103,22 +105,22 @@ def read_movielens(zip_path: str) -> MovieLensTables:
                          {"userId": "Int64", "movieId": "Int64", "tag": str, "timestamp": "Int64"})
         movies = _read_csv(archive, zip_path, ml.MOVIES_MEMBER, ml.MOVIES_COLUMNS,
                            {"movieId": "Int64", "title": str, "genres": str})
-    ratings = ratings.astype({"userId": np.int64, "movieId": np.int64, "timestamp": np.int64})
-    tags = tags[tags["tag"].str.strip() != ""]  # an empty tag is no tag
-    tags = tags.astype({"userId": np.int64, "movieId": np.int64, "timestamp": np.int64})
-    movies = movies.astype({"movieId": np.int64})
-    where = f"{zip_path}:{ml.RATINGS_MEMBER}"
     bad = ~ratings["rating"].between(0.5, 5.0)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise ValueError(f"{where}: rating {ratings['rating'].iat[row]} in data row {row + 1} is outside 0.5..5")
-    for name, frame in ((ml.RATINGS_MEMBER, ratings), (ml.TAGS_MEMBER, tags)):
+        raise ValueError(f"{ratings.attrs['where']}: rating {ratings['rating'].iat[row]} in data row {row + 1} "
+                         "is outside 0.5..5")
+    for frame in (ratings, tags):
         bad = ((frame["timestamp"] < 0) | (frame["timestamp"] >= 1 << _TIME_BITS)
                | (frame["userId"] < 0) | (frame["userId"] >= 1 << (63 - _TIME_BITS)))
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ValueError(f"{zip_path}:{name}: userId/timestamp out of range in data row {row + 1}: "
+            raise ValueError(f"{frame.attrs['where']}: userId/timestamp out of range in data row {row + 1}: "
                              f"{frame.iloc[row].to_dict()}")
+    ratings = ratings.astype({"userId": np.int64, "movieId": np.int64, "timestamp": np.int64})
+    tags = tags[tags["tag"].str.strip() != ""]  # an empty tag is no tag
+    tags = tags.astype({"userId": np.int64, "movieId": np.int64, "timestamp": np.int64})
+    movies = movies.astype({"movieId": np.int64})
     return MovieLensTables(ratings, tags, movies)
 
 
@@ -133,7 +135,8 @@ def _genre_ids(movies: pd.DataFrame) -> Dict[int, List[int]]:
     for movie_id, text in zip(movies["movieId"].to_numpy(), movies["genres"].to_numpy()):
         unknown = [g for g in text.split("|") if g not in position]
         if unknown:
-            raise ValueError(f"{ml.MOVIES_MEMBER}: movie {movie_id} has genre(s) {unknown} not in "
+            raise ValueError(f"{movies.attrs.get('where', ml.MOVIES_MEMBER)}: movie {movie_id} has genre(s) "
+                             f"{unknown} not in "
                              f"feature_specs.movielens.GENRES")
         genres[int(movie_id)] = [position[g] for g in text.split("|")]
     return genres
