@@ -48,6 +48,7 @@ DEFAULT_BUDGET: Dict[str, Any] = dict(
     batch_size=256,
     test_fraction=0.2,
     split_seed=0,
+    validation=False,
     overrides={},
 )
 _SERVING_BATCH = 4096
@@ -120,8 +121,9 @@ def run_movielens(data_zip: Optional[str] = None, seeds: Sequence[int] = (0, 1, 
     """Trains every variant with every seed; one row per (variant, seed, task).
 
     budget: epochs, batch_size, test_fraction, split_seed (the user split, the same for
-      every run) and overrides (ModelConfig fields applied to every variant); defaults in
-      DEFAULT_BUDGET.
+      every run), validation (True: evaluate on validation users drawn from the training
+      users, the test users left out; for choosing the budget) and overrides (ModelConfig
+      fields applied to every variant); defaults in DEFAULT_BUDGET.
     Columns: variant, seed, task, gauc (on the unseen test users), auc (global),
       gauc_avc_lt_32 (test ratings with fewer than 32 earlier ones: the new-user regime),
       train_seconds, test_examples, test_users.
@@ -144,7 +146,7 @@ def run_movielens(data_zip: Optional[str] = None, seeds: Sequence[int] = (0, 1, 
 
     examples_dir = os.path.join(work_dir, "examples")
     summary = ml_data.write_examples(data_zip, examples_dir, test_fraction=budget["test_fraction"],
-                                     seed=budget["split_seed"])
+                                     seed=budget["split_seed"], validation=budget["validation"])
     train_pattern = os.path.join(examples_dir, ml_data.TRAIN, "*.tfrecord.gz")
     test_pattern = os.path.join(examples_dir, ml_data.TEST, "*.tfrecord.gz")
     transform_dir = analyze(train_pattern, os.path.join(work_dir, "transform"), os.path.join(work_dir, "tft_tmp"))

@@ -43,6 +43,7 @@ __all__ = ["MovieLensTables", "read_movielens", "PreparedRatings", "prepare_rati
 TRAIN, TEST = "train", "test"
 SPLITS = (TRAIN, TEST)
 _SUMMARY_FILE = "summary.json"
+_VALIDATION_SEED_OFFSET = 1_000_003  # validation users: an independent hash of the training users
 _TIME_BITS = 32  # sort key = user << 32 | timestamp; Unix seconds fit in 32 bits until 2106
 
 
@@ -283,8 +284,12 @@ def _shards(rows: np.ndarray, rows_per_shard: int) -> Iterator[np.ndarray]:
 
 
 def write_examples(zip_path: str, output_dir: str, *, test_fraction: float = 0.2, seed: int = 0,
-                   rows_per_shard: int = 500_000) -> Dict[str, object]:
+                   validation: bool = False, rows_per_shard: int = 500_000) -> Dict[str, object]:
     """Writes gzip TFRecord tf.Examples to <output_dir>/{train,test}/part-NNNNN.tfrecord.gz.
+
+    validation: for choosing hyper-parameters without touching the test users: the test
+      users are left out entirely, and "test" holds validation users, a `test_fraction`
+      of the training users drawn with another hash seed.
 
     Training rows are written in a seeded random order (readers shuffle with a bounded
     buffer; rows sorted by user would reach the model in user blocks); test rows stay
@@ -295,9 +300,16 @@ def write_examples(zip_path: str, output_dir: str, *, test_fraction: float = 0.2
     tables = read_movielens(zip_path)
     prepared = prepare_ratings(tables)
     is_test = test_user_mask(prepared.user_id, test_fraction, seed)
-    split_rows = {TRAIN: np.random.default_rng(seed).permutation(np.flatnonzero(~is_test)),
+    if validation:
+        is_validation = ~is_test & test_user_mask(prepared.user_id, test_fraction, seed + _VALIDATION_SEED_OFFSET)
+        prepared_rows = ~is_test
+        is_test = is_validation
+    else:
+        prepared_rows = np.ones(len(prepared), dtype=bool)
+    split_rows = {TRAIN: np.random.default_rng(seed).permutation(np.flatnonzero(prepared_rows & ~is_test)),
                   TEST: np.flatnonzero(is_test)}
-    summary = {"zip": os.path.abspath(zip_path), "test_fraction": test_fraction, "seed": seed}
+    summary = {"zip": os.path.abspath(zip_path), "test_fraction": test_fraction, "seed": seed,
+               "validation": validation}
     for split, rows in split_rows.items():
         split_dir = os.path.join(output_dir, split)
         tf.io.gfile.makedirs(split_dir)

@@ -112,6 +112,10 @@ def test_split_is_by_user_deterministic_and_seedable(fabricated, tmp_path):
     assert not set(train) & set(test)
     assert set(train) | set(test) == set(range(1, NUM_USERS + 1))
     assert (summary["test"]["examples"], summary["test"]["users"]) == (test.size, len(set(test)))
+    # The validation split draws its users from the training users and leaves the test users out.
+    ml_data.write_examples(fabricated["path"], str(tmp_path / "v"), test_fraction=0.3, seed=1, validation=True)
+    fit, validation = (_read_split(str(tmp_path / "v" / split)) for split in ml_data.SPLITS)
+    assert set(fit) | set(validation) == set(train) and not set(fit) & set(validation) and validation.size
     users = np.arange(1, 100_001)
     mask = ml_data.test_user_mask(users, 0.3, seed=1)
     assert abs(mask.mean() - 0.3) < 0.01
