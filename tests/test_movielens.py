@@ -166,7 +166,7 @@ def test_poso_model_trains_exports_and_serves_the_same(transformed):
                                       batch_size=32, train_steps=4, eval_steps=1, verbose=0,
                                       feature_set=ml.MOVIELENS)
     assert all(np.isfinite(v).all() for v in result.history.values())
-    serialized, _ = paper_movielens._read_test_examples(transformed["test"])
+    serialized, _ = paper_movielens.read_test_examples(transformed["test"])
     loaded = tf.saved_model.load(serving_dir)
     served = loaded.signatures[export.SERVING_DEFAULT](examples=tf.constant(serialized))
     tft_output = tft.TFTransformOutput(transformed["transform_dir"])
@@ -177,6 +177,12 @@ def test_poso_model_trains_exports_and_serves_the_same(transformed):
     assert set(served) == {task.name for task in ml.MOVIELENS.tasks} == set(eager)
     for name in eager:
         np.testing.assert_allclose(served[name].numpy(), eager[name].numpy(), rtol=1e-5, atol=1e-6)
+    # serving_raw: sequences as padded int64 matrices.
+    raw_tensors = {name: tf.sparse.to_dense(value, default_value=-1) if isinstance(value, tf.SparseTensor) else value
+                   for name, value in raw.items() if name in export.raw_input_signature(ml.MOVIELENS)}
+    from_raw = loaded.signatures[export.SERVING_RAW](**raw_tensors)
+    for name in eager:
+        np.testing.assert_allclose(from_raw[name].numpy(), eager[name].numpy(), rtol=1e-5, atol=1e-6)
     gates = loaded.signatures[export.GATES](examples=tf.constant(serialized[:5]))
     assert export.PC_OUTPUT in gates
     assert {name.split("_")[0] for name in gates if name != export.PC_OUTPUT} == {"mlp", "attention", "mmoe"}
