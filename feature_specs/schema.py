@@ -21,10 +21,11 @@ SERVING_ENVIRONMENT = "SERVING"
 TRAINING_ENVIRONMENT = "TRAINING"
 
 
-def make_schema() -> schema_pb2.Schema:
+def make_schema(feature_set: specs.FeatureSet = specs.KUAIRAND) -> schema_pb2.Schema:
+    """The schema of `feature_set`'s raw tf.Examples (KuaiRand's by default)."""
     schema = schema_pb2.Schema()
     schema.default_environment.extend([TRAINING_ENVIRONMENT, SERVING_ENVIRONMENT])
-    for feat in specs.FEATURES:
+    for feat in feature_set.features:
         proto = schema.feature.add(name=feat.name, type=_TYPES[feat.dtype])
         if feat.kind is specs.Kind.SEQUENCE:
             # Variable length (a new user has no history): at least 0, at most max_length.
@@ -45,12 +46,12 @@ def make_schema() -> schema_pb2.Schema:
     return schema
 
 
-def write_schema(path: str) -> str:
+def write_schema(path: str, feature_set: specs.FeatureSet = specs.KUAIRAND) -> str:
     """Writes the schema as text proto to `path` (a file) and returns the path."""
     import os
     from google.protobuf import text_format
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        f.write(text_format.MessageToString(make_schema()))
+        f.write(text_format.MessageToString(make_schema(feature_set)))
     return path

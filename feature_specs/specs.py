@@ -10,10 +10,10 @@ import bisect
 import dataclasses
 import datetime
 import enum
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 __all__ = [
-    "Kind", "Dtype", "Feature", "Task", "PersonalizationCode",
+    "Kind", "Dtype", "Feature", "Task", "PersonalizationCode", "FeatureSet", "KUAIRAND",
     "LOG_COLUMNS", "LOG_INT_COLUMNS", "USER_TABLE_COLUMNS", "VIDEO_TABLE_COLUMNS",
     "FEATURES", "TASKS", "PC", "feature", "features_of_kind", "model_input_features",
     "raw_example_features", "serving_features", "pc_bucket", "user_group",
@@ -95,6 +95,70 @@ class PersonalizationCode:
     @property
     def num_buckets(self) -> int:
         return len(self.boundaries) + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSet:
+    """Everything the preprocessing, the model and the export need to know about a dataset.
+
+    features: every feature of the raw tf.Examples (names unique).
+    tasks: the binary tasks, each reading one LABEL feature.
+    pc: the personalization code (its source is a PERSONALIZATION feature).
+    behaviour_sequence: the SEQUENCE features the attention reads, concatenated per
+      position (one max_length); other SEQUENCE features are mean-pooled inputs.
+    user_id: the feature holding each example's user (GAUC's group; a model input only
+      if it is CATEGORICAL).
+    """
+
+    name: str
+    features: Tuple[Feature, ...]
+    tasks: Tuple[Task, ...]
+    pc: PersonalizationCode
+    behaviour_sequence: Tuple[str, ...]
+    user_id: str
+
+    def __post_init__(self):
+        by_name = {f.name: f for f in self.features}
+        if len(by_name) != len(self.features):
+            raise ValueError(f"feature set {self.name!r}: duplicate feature names")
+        for task in self.tasks:
+            if task.label not in by_name or by_name[task.label].kind is not Kind.LABEL:
+                raise ValueError(f"feature set {self.name!r}: task {task.name!r} reads {task.label!r}, "
+                                 "which is not a LABEL feature")
+        if self.pc.source not in by_name or by_name[self.pc.source].kind is not Kind.PERSONALIZATION:
+            raise ValueError(f"feature set {self.name!r}: PC source {self.pc.source!r} is not a "
+                             "PERSONALIZATION feature")
+        behaviour = [by_name.get(name) for name in self.behaviour_sequence]
+        if not behaviour or any(f is None or f.kind is not Kind.SEQUENCE for f in behaviour):
+            raise ValueError(f"feature set {self.name!r}: behaviour sequence {self.behaviour_sequence} must "
+                             "name SEQUENCE features")
+        if len({f.max_length for f in behaviour}) != 1:
+            raise ValueError(f"feature set {self.name!r}: behaviour sequences {self.behaviour_sequence} "
+                             "must share one max_length")
+        if self.user_id not in by_name:
+            raise ValueError(f"feature set {self.name!r}: user id feature {self.user_id!r} is not declared")
+        object.__setattr__(self, "_by_name", by_name)
+
+    def feature(self, name: str) -> Feature:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"unknown feature {name!r} in feature set {self.name!r}; "
+                           f"known: {sorted(self._by_name)}") from None
+
+    def has(self, name: str) -> bool:
+        return name in self._by_name
+
+    def features_of_kind(self, *kinds: Kind) -> Tuple[Feature, ...]:
+        return tuple(f for f in self.features if f.kind in kinds)
+
+    def model_input_features(self) -> Tuple[Feature, ...]:
+        """Raw features a serving request must carry (no labels, no slice keys)."""
+        return self.features_of_kind(Kind.CATEGORICAL, Kind.NUMERIC, Kind.SEQUENCE, Kind.PERSONALIZATION)
+
+    def pc_bucket(self, value: int) -> int:
+        """The bucket index tft.apply_buckets gives `value` (see the module's `pc_bucket`)."""
+        return pc_bucket(value, self.pc.boundaries)
 
 
 # ---------------------------------------------------------------------------
@@ -206,26 +270,21 @@ TASKS: Tuple[Task, ...] = (
 # the first few dozen impressions most.
 PC = PersonalizationCode(source=AVC, boundaries=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
 
-_BY_NAME: Mapping[str, Feature] = {f.name: f for f in FEATURES}
-assert len(_BY_NAME) == len(FEATURES), "duplicate feature names in FEATURES"
-assert all(t.label in _BY_NAME and _BY_NAME[t.label].kind is Kind.LABEL for t in TASKS)
-assert PC.source in _BY_NAME
+KUAIRAND = FeatureSet("kuairand", FEATURES, TASKS, PC, behaviour_sequence=(HIST_VIDEO_IDS, HIST_TAGS),
+                      user_id=USER_ID)
 
 
 def feature(name: str) -> Feature:
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise KeyError(f"unknown feature {name!r}; known: {sorted(_BY_NAME)}") from None
+    return KUAIRAND.feature(name)
 
 
 def features_of_kind(*kinds: Kind) -> Tuple[Feature, ...]:
-    return tuple(f for f in FEATURES if f.kind in kinds)
+    return KUAIRAND.features_of_kind(*kinds)
 
 
 def model_input_features() -> Tuple[Feature, ...]:
     """Raw features a serving request must carry (no labels, no slice keys)."""
-    return features_of_kind(Kind.CATEGORICAL, Kind.NUMERIC, Kind.SEQUENCE, Kind.PERSONALIZATION)
+    return KUAIRAND.model_input_features()
 
 
 serving_features = model_input_features

@@ -36,10 +36,10 @@ _EXAMPLES_SPEC = tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)
 _TF_DTYPES = {fs.Dtype.INT64: tf.int64, fs.Dtype.FLOAT32: tf.float32, fs.Dtype.STRING: tf.string}
 
 
-def raw_input_signature() -> Dict[str, tf.TensorSpec]:
+def raw_input_signature(feature_set: fs.FeatureSet = fs.KUAIRAND) -> Dict[str, tf.TensorSpec]:
     """`serving_raw`'s inputs: one TensorSpec per model input feature, by feature name."""
     specs = {}
-    for feature in fs.model_input_features():
+    for feature in feature_set.model_input_features():
         if feature.kind is fs.Kind.SEQUENCE:
             specs[feature.name] = tf.TensorSpec([None, None], tf.int64, name=feature.name)
         else:
@@ -65,7 +65,10 @@ def dense_to_sparse_sequence(padded: tf.Tensor,
 
 
 class ServingModule(tf.Module):
-    """A `RankingModel` plus its transform graph, with the serving signatures as methods."""
+    """A `RankingModel` plus its transform graph, with the serving signatures as methods.
+
+    The raw inputs are those of the model's `feature_set`.
+    """
 
     def __init__(self, model: tf.keras.Model, tft_output: tft.TFTransformOutput):
         super().__init__(name="ranking_serving")
@@ -77,7 +80,8 @@ class ServingModule(tf.Module):
         self.transform_features_layer = tft_output.transform_features_layer()
         # The model's variables in creation order, with their names (for warm starts).
         self.model_variables = list(model.variables)
-        self._raw_spec = preprocessing.raw_feature_spec(include_labels=False)
+        self._feature_set = getattr(model, "feature_set", fs.KUAIRAND)
+        self._raw_spec = preprocessing.raw_feature_spec(include_labels=False, feature_set=self._feature_set)
 
     def _parse(self, examples: tf.Tensor) -> Dict[str, tf.Tensor]:
         return tf.io.parse_example(examples, self._raw_spec)
@@ -98,22 +102,25 @@ class ServingModule(tf.Module):
 
     @tf.function(autograph=False)
     def serve_raw(self, **features: tf.Tensor) -> Dict[str, tf.Tensor]:
-        return self._get_model()(self._transform(raw_inputs_as_parsed(features)), training=False)
+        return self._get_model()(self._transform(raw_inputs_as_parsed(features, self._feature_set)),
+                                 training=False)
 
     def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
         return {
             SERVING_DEFAULT: self.serve_examples.get_concrete_function(),
-            SERVING_RAW: self.serve_raw.get_concrete_function(**raw_input_signature()),
+            SERVING_RAW: self.serve_raw.get_concrete_function(**raw_input_signature(self._feature_set)),
             GATES: self.serve_gates.get_concrete_function(),
         }
 
 
-def raw_inputs_as_parsed(features: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor | tf.SparseTensor]:
+def raw_inputs_as_parsed(features: Mapping[str, tf.Tensor], feature_set: fs.FeatureSet = fs.KUAIRAND
+                         ) -> Dict[str, tf.Tensor | tf.SparseTensor]:
     """serving_raw's tensors -> what parsing the same tf.Examples gives; checks batch sizes."""
-    first = fs.model_input_features()[0].name
+    inputs = feature_set.model_input_features()
+    first = inputs[0].name
     batch_size = tf.shape(features[first])[0]
     parsed = {}
-    for feature in fs.model_input_features():
+    for feature in inputs:
         value = features[feature.name]
         check = tf.debugging.assert_equal(
             tf.shape(value)[0], batch_size,
@@ -126,7 +133,10 @@ def raw_inputs_as_parsed(features: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tens
 
 def export_serving_model(model: tf.keras.Model, tft_output: tft.TFTransformOutput | str,
                          export_dir: str) -> str:
-    """Saves `model` with its transform graph and the SIGNATURES to `export_dir`; returns it."""
+    """Saves `model` with its transform graph and the SIGNATURES to `export_dir`; returns it.
+
+    The signatures take the raw features of `model.feature_set` (KuaiRand's by default).
+    """
     if not model.variables:
         raise ValueError("export_serving_model: the model has no variables yet; train it or call it "
                          "on a batch of transformed features first")

@@ -34,7 +34,7 @@ import tensorflow_model_analysis as tfma
 # after TFX has been imported (TFX patches them in).
 from tensorflow_model_analysis.proto import config_pb2
 
-from feature_specs import USER_ID
+from feature_specs import KUAIRAND, USER_ID, FeatureSet
 
 __all__ = ["grouped_auc", "GroupedAUC", "gauc_metric_config", "GAUC_NAME"]
 
@@ -178,11 +178,14 @@ class GroupedAUC(tfma.metrics.Metric):
         return GAUC_NAME
 
 
-def gauc_metric_config(name: str = GAUC_NAME, group_key: str = USER_ID) -> config_pb2.MetricConfig:
+def gauc_metric_config(name: str = GAUC_NAME, group_key: Optional[str] = None,
+                       feature_set: FeatureSet = KUAIRAND) -> config_pb2.MetricConfig:
     """The EvalConfig entry that makes TFMA (and TFX's Evaluator) compute `GroupedAUC`.
 
+    group_key: the group feature; None = `feature_set.user_id` (GAUC per user).
     TFMA imports `module` on the Beam workers, so this package must be importable there.
     """
+    group_key = group_key or feature_set.user_id
     return config_pb2.MetricConfig(
         class_name=GroupedAUC.__name__,
         module=GroupedAUC.__module__,

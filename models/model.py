@@ -35,11 +35,25 @@ PC_SOURCES: Tuple[str, ...] = (
     "item_age",              # the item's (z-scored log) age: item cold start
 )
 
-# PC sources that are one transformed float each.
-_SCALAR_PC_SOURCES = {"avc_raw": fs.PC.source, "is_new_user": fs.IS_NEW_USER, "item_age": fs.ITEM_AGE_DAYS}
+# PC sources that read one transformed feature each (besides avc_raw: the feature set's PC source).
+_FEATURE_PC_SOURCES = {"is_new_user": fs.IS_NEW_USER, "item_age": fs.ITEM_AGE_DAYS}
 
-# The behaviour sequence attention reads: per position, the concatenation of these embeddings.
-BEHAVIOUR_SEQUENCE: Tuple[str, ...] = (fs.HIST_VIDEO_IDS, fs.HIST_TAGS)
+# KuaiRand's behaviour sequence (a feature set's `behaviour_sequence`): the attention reads,
+# per position, the concatenation of these embeddings.
+BEHAVIOUR_SEQUENCE: Tuple[str, ...] = fs.KUAIRAND.behaviour_sequence
+
+
+def check_pc_source(pc_source: str, feature_set: fs.FeatureSet) -> None:
+    """Raises ValueError when `feature_set` lacks the feature `pc_source` reads."""
+    needed = _FEATURE_PC_SOURCES.get(pc_source)
+    if pc_source == "user_id":
+        needed = feature_set.user_id
+        if feature_set.feature(needed).kind is not fs.Kind.CATEGORICAL:
+            raise ValueError(f"pc_source 'user_id' needs the user id {needed!r} as a model input; in feature set "
+                             f"{feature_set.name!r} it is {feature_set.feature(needed).kind.value}")
+    if needed is not None and not feature_set.has(needed):
+        raise ValueError(f"pc_source {pc_source!r} reads {needed!r}, which feature set {feature_set.name!r} "
+                         "does not have")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +133,15 @@ VARIANTS: Dict[str, ModelConfig] = {
 }
 
 
-def make_config(variant: str = "baseline", **overrides: Any) -> ModelConfig:
-    """The named preset `variant` with `overrides` applied."""
+def make_config(variant: str = "baseline", feature_set: Optional[fs.FeatureSet] = None,
+                **overrides: Any) -> ModelConfig:
+    """The named preset `variant` with `overrides` applied (checked against `feature_set` if given)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
-    return VARIANTS[variant].replace(**overrides)
+    config = VARIANTS[variant].replace(**overrides)
+    if feature_set is not None:
+        check_pc_source(config.pc_source, feature_set)
+    return config
 
 
 def _masked_mean(embedded: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
@@ -135,25 +153,26 @@ def _masked_mean(embedded: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
 class RankingModel(tfrs.Model):
     """Multi-task ranking model; `call` maps transformed features to {task: probability [B]}."""
 
-    def __init__(self, config: ModelConfig = ModelConfig(), name: str = "ranking_model", **kwargs):
+    def __init__(self, config: ModelConfig = ModelConfig(), feature_set: fs.FeatureSet = fs.KUAIRAND,
+                 name: str = "ranking_model", **kwargs):
         super().__init__(name=name, **kwargs)
+        check_pc_source(config.pc_source, feature_set)
         self.config = config
-        self._categorical = fs.features_of_kind(fs.Kind.CATEGORICAL)
-        sequences = fs.features_of_kind(fs.Kind.SEQUENCE)
-        self._pooled_sequences = tuple(f for f in sequences if f.name not in BEHAVIOUR_SEQUENCE)
-        self._behaviour = tuple(fs.feature(name) for name in BEHAVIOUR_SEQUENCE)
-        if len({f.max_length for f in self._behaviour}) != 1:
-            raise ValueError(f"behaviour sequences {BEHAVIOUR_SEQUENCE} must share one max_length")
+        self.feature_set = feature_set
+        self._categorical = feature_set.features_of_kind(fs.Kind.CATEGORICAL)
+        sequences = feature_set.features_of_kind(fs.Kind.SEQUENCE)
+        self._pooled_sequences = tuple(f for f in sequences if f.name not in feature_set.behaviour_sequence)
+        self._behaviour = tuple(feature_set.feature(name) for name in feature_set.behaviour_sequence)
         # Dense inputs: the z-scored numerics and the personalization sources. The PC sources
         # are ordinary inputs for every variant, so POSO's gain is not extra information.
-        self._dense = tuple(f.name for f in fs.features_of_kind(fs.Kind.NUMERIC, fs.Kind.PERSONALIZATION))
+        self._dense = tuple(f.name for f in feature_set.features_of_kind(fs.Kind.NUMERIC, fs.Kind.PERSONALIZATION))
 
         self.embeddings = {
             f.name: tf.keras.layers.Embedding(f.cardinality, config.embedding_dim or f.embedding_dim,
                                               name=f"{f.name}_embedding")
             for f in self._categorical + sequences
         }
-        self.pc_embedding = (tf.keras.layers.Embedding(fs.PC.num_buckets, config.pc_embedding_dim,
+        self.pc_embedding = (tf.keras.layers.Embedding(feature_set.pc.num_buckets, config.pc_embedding_dim,
                                                        name="pc_embedding")
                              if config.pc_source == "avc_bucket_embedding" else None)
         gate_options = dict(gate_hidden_units=config.gate_hidden_units, gate_scale=config.gate_scale,
@@ -163,7 +182,7 @@ class RankingModel(tfrs.Model):
             num_value_projections=config.num_value_projections, name="attention", **gate_options)
         self.mlp = layers.make_mlp(config.mlp, config.mlp_units, num_experts=config.num_experts,
                                    name="mlp", **gate_options)
-        self.mmoe = layers.make_mmoe(config.mmoe, num_tasks=len(fs.TASKS), num_experts=config.num_experts,
+        self.mmoe = layers.make_mmoe(config.mmoe, num_tasks=len(feature_set.tasks), num_experts=config.num_experts,
                                      expert_units=config.expert_units, name="mmoe", **gate_options)
         self.towers = {
             task.name: tf.keras.Sequential(
@@ -173,14 +192,14 @@ class RankingModel(tfrs.Model):
                  for i, units in enumerate(config.tower_units)]
                 + [tf.keras.layers.Dense(1, activation="sigmoid", name=f"{task.name}_probability")],
                 name=f"{task.name}_tower")
-            for task in fs.TASKS
+            for task in feature_set.tasks
         }
         self.tasks = {
             task.name: tfrs.tasks.Ranking(
                 loss=tf.keras.losses.BinaryCrossentropy(),
                 metrics=[tf.keras.metrics.AUC(name=f"{task.name}_auc")],
                 name=f"{task.name}_task")
-            for task in fs.TASKS
+            for task in feature_set.tasks
         }
 
     # -- inputs --------------------------------------------------------------------------
@@ -203,12 +222,14 @@ class RankingModel(tfrs.Model):
         """The PC all POSO gates read, [B, pc_dim], per `config.pc_source`."""
         source = self.config.pc_source
         if source == "avc_bucket_onehot":
-            return tf.one_hot(features[fs.PC_BUCKET], fs.PC.num_buckets, dtype=tf.float32)
+            return tf.one_hot(features[fs.PC_BUCKET], self.feature_set.pc.num_buckets, dtype=tf.float32)
         if source == "avc_bucket_embedding":
             return self.pc_embedding(features[fs.PC_BUCKET])
         if source == "user_id":
-            return tf.stop_gradient(self.embeddings[fs.USER_ID](features[fs.USER_ID]))
-        return tf.cast(features[_SCALAR_PC_SOURCES[source]], tf.float32)[:, tf.newaxis]
+            user_id = self.feature_set.user_id
+            return tf.stop_gradient(self.embeddings[user_id](features[user_id]))
+        name = self.feature_set.pc.source if source == "avc_raw" else _FEATURE_PC_SOURCES[source]
+        return tf.cast(features[name], tf.float32)[:, tf.newaxis]
 
     # -- forward -------------------------------------------------------------------------
 
@@ -227,7 +248,7 @@ class RankingModel(tfrs.Model):
         hidden = self.mlp(tf.concat([non_sequential, attended], axis=1), pc=pc)
         per_task = self.mmoe(hidden, pc=pc)
         return {task.name: tf.squeeze(self.towers[task.name](x), axis=-1)
-                for task, x in zip(fs.TASKS, per_task)}
+                for task, x in zip(self.feature_set.tasks, per_task)}
 
     @property
     def input_feature_names(self) -> Tuple[str, ...]:
@@ -255,7 +276,7 @@ class RankingModel(tfrs.Model):
         """Sum over tasks of loss_weight * binary cross-entropy of the task's label."""
         predictions = self(features, training=training)
         losses = []
-        for task in fs.TASKS:
+        for task in self.feature_set.tasks:
             if task.label not in features:
                 raise KeyError(f"RankingModel.compute_loss: label {task.label!r} of task {task.name!r} "
                                "is missing from the batch")
@@ -266,8 +287,9 @@ class RankingModel(tfrs.Model):
         return tf.add_n(losses)
 
     def get_config(self) -> Dict[str, Any]:
-        return {"config": self.config.to_dict(), "name": self.name}
+        return {"config": self.config.to_dict(), "name": self.name, "feature_set": self.feature_set.name}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "RankingModel":
-        return cls(ModelConfig.from_dict(config["config"]), name=config.get("name", "ranking_model"))
+        return cls(ModelConfig.from_dict(config["config"]), fs.feature_set(config.get("feature_set", "kuairand")),
+                   name=config.get("name", "ranking_model"))

@@ -37,25 +37,26 @@ __all__ = ["preprocessing_fn", "raw_feature_spec", "transformed_feature_names"]
 _RAW_INPUT_KINDS = (fs.Kind.CATEGORICAL, fs.Kind.NUMERIC, fs.Kind.SEQUENCE, fs.Kind.PERSONALIZATION)
 
 
-def raw_feature_spec(include_labels: bool = True) -> Dict[str, tf.io.FixedLenFeature | tf.io.VarLenFeature]:
+def raw_feature_spec(include_labels: bool = True, feature_set: fs.FeatureSet = fs.KUAIRAND
+                     ) -> Dict[str, tf.io.FixedLenFeature | tf.io.VarLenFeature]:
     """The tf.io parsing spec of raw examples, derived from `feature_specs.schema`.
 
     Covers the model's inputs (`feature_specs.model_input_features()`) and, when
     `include_labels`, the task labels. Slice keys are left out: the model never reads
     them, and leaving them out lets serving requests omit them.
     """
-    full_spec = schema_utils.schema_as_feature_spec(fs_schema.make_schema()).feature_spec
-    wanted = [f.name for f in fs.model_input_features()]
+    full_spec = schema_utils.schema_as_feature_spec(fs_schema.make_schema(feature_set)).feature_spec
+    wanted = [f.name for f in feature_set.model_input_features()]
     if include_labels:
-        wanted += [f.name for f in fs.features_of_kind(fs.Kind.LABEL)]
+        wanted += [f.name for f in feature_set.features_of_kind(fs.Kind.LABEL)]
     return {name: full_spec[name] for name in wanted}
 
 
-def transformed_feature_names(include_labels: bool = True) -> tuple:
+def transformed_feature_names(include_labels: bool = True, feature_set: fs.FeatureSet = fs.KUAIRAND) -> tuple:
     """Names of the tensors `preprocessing_fn` returns, in a stable order."""
-    names = [f.name for f in fs.features_of_kind(*_RAW_INPUT_KINDS)] + [fs.PC_BUCKET]
+    names = [f.name for f in feature_set.features_of_kind(*_RAW_INPUT_KINDS)] + [fs.PC_BUCKET]
     if include_labels:
-        names += [f.name for f in fs.features_of_kind(fs.Kind.LABEL)]
+        names += [f.name for f in feature_set.features_of_kind(fs.Kind.LABEL)]
     return tuple(names)
 
 
@@ -110,7 +111,7 @@ def _padded_sequence(ids: tf.SparseTensor, feature: fs.Feature) -> tf.Tensor:
     return tf.ensure_shape(dense, [None, feature.max_length])
 
 
-def _transform_one(feature: fs.Feature, raw) -> tf.Tensor:
+def _transform_one(feature: fs.Feature, raw, pc_source: str) -> tf.Tensor:
     if feature.kind is fs.Kind.SEQUENCE:
         return _padded_sequence(raw, feature)
     x = _as_dense_1d(raw, feature)
@@ -123,7 +124,7 @@ def _transform_one(feature: fs.Feature, raw) -> tf.Tensor:
     if feature.kind is fs.Kind.PERSONALIZATION:
         # The PC source is a count (log-scaled for gates that read it raw); other
         # personalization sources are 0/1 flags.
-        return _log1p_nonnegative(x) if feature.name == fs.PC.source else tf.cast(x, tf.float32)
+        return _log1p_nonnegative(x) if feature.name == pc_source else tf.cast(x, tf.float32)
     if feature.kind is fs.Kind.LABEL:
         return tf.cast(x, tf.float32)
     raise ValueError(f"feature {feature.name!r} of kind {feature.kind.value} is not a Transform output")
@@ -137,16 +138,22 @@ def personalization_code_bucket(pc_source: tf.Tensor,
                                      tf.constant([boundaries], dtype=tf.float32)), tf.int64)
 
 
-def preprocessing_fn(inputs: Mapping[str, tf.Tensor | tf.SparseTensor]) -> Dict[str, tf.Tensor]:
-    """tf.Transform entry point: raw features (see `raw_feature_spec`) -> model features."""
+def preprocessing_fn(inputs: Mapping[str, tf.Tensor | tf.SparseTensor],
+                     feature_set: fs.FeatureSet = fs.KUAIRAND) -> Dict[str, tf.Tensor]:
+    """tf.Transform entry point: raw features (see `raw_feature_spec`) -> model features.
+
+    For another dataset than KuaiRand, bind `feature_set`, e.g.
+    `functools.partial(preprocessing_fn, feature_set=MOVIELENS)`.
+    """
     outputs = {}
-    for feature in fs.features_of_kind(*_RAW_INPUT_KINDS, fs.Kind.LABEL):
+    for feature in feature_set.features_of_kind(*_RAW_INPUT_KINDS, fs.Kind.LABEL):
         if feature.name not in inputs:
             if feature.kind is fs.Kind.LABEL:
                 continue  # labels are absent when transforming serving requests
             raise KeyError(f"preprocessing_fn: raw input {feature.name!r} ({feature.kind.value}) is missing; "
                            f"got {sorted(inputs)}")
-        outputs[feature.name] = _transform_one(feature, inputs[feature.name])
-    pc_feature = fs.feature(fs.PC.source)
-    outputs[fs.PC_BUCKET] = personalization_code_bucket(_as_dense_1d(inputs[pc_feature.name], pc_feature))
+        outputs[feature.name] = _transform_one(feature, inputs[feature.name], feature_set.pc.source)
+    pc_feature = feature_set.feature(feature_set.pc.source)
+    outputs[fs.PC_BUCKET] = personalization_code_bucket(_as_dense_1d(inputs[pc_feature.name], pc_feature),
+                                                        feature_set.pc.boundaries)
     return outputs

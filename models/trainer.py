@@ -30,6 +30,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 from tensorflow.core.framework import summary_pb2
 
+import feature_specs as fs
 from models import export, preprocessing
 from models.model import ModelConfig, RankingModel, make_config
 
@@ -65,7 +66,7 @@ def _list_files(file_patterns: Sequence[str] | str) -> List[str]:
 
 def make_dataset(file_patterns: Sequence[str] | str, tft_output: tft.TFTransformOutput, batch_size: int,
                  shuffle: bool = True, repeat: bool = False, shuffle_buffer: int = 10_000,
-                 seed: int = 0) -> tf.data.Dataset:
+                 seed: int = 0, feature_set: fs.FeatureSet = fs.KUAIRAND) -> tf.data.Dataset:
     """Batches of transformed features (labels included) from raw gzip TFRecord files."""
     files = _list_files(file_patterns)
     dataset = tf.data.Dataset.from_tensor_slices(files)
@@ -78,7 +79,7 @@ def make_dataset(file_patterns: Sequence[str] | str, tft_output: tft.TFTransform
         dataset = dataset.shuffle(shuffle_buffer, seed=seed)
     if repeat:
         dataset = dataset.repeat()
-    raw_spec = preprocessing.raw_feature_spec(include_labels=True)
+    raw_spec = preprocessing.raw_feature_spec(include_labels=True, feature_set=feature_set)
     transform_layer = tft_output.transform_features_layer()
     dataset = dataset.batch(batch_size).map(
         lambda serialized: transform_layer(tf.io.parse_example(serialized, raw_spec)),
@@ -153,7 +154,8 @@ def train_and_export(train_files: Sequence[str] | str, eval_files: Sequence[str]
                      config: ModelConfig | str | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
                      epochs: int = 1, train_steps: Optional[int] = None, eval_steps: Optional[int] = None,
                      log_dir: Optional[str] = None, base_model: Optional[str] = None,
-                     shuffle_buffer: int = 10_000, seed: int = 0, verbose: int = 2) -> TrainingResult:
+                     shuffle_buffer: int = 10_000, seed: int = 0, verbose: int = 2,
+                     feature_set: fs.FeatureSet = fs.KUAIRAND) -> TrainingResult:
     """Trains a `RankingModel` on raw examples and exports it to `serving_model_dir`.
 
     config: a ModelConfig, a variant name of `model.VARIANTS`, or None for "baseline".
@@ -161,6 +163,7 @@ def train_and_export(train_files: Sequence[str] | str, eval_files: Sequence[str]
       pass over the training files per epoch.
     eval_steps: evaluation steps after each epoch; None = the whole eval set.
     base_model: a previous export to warm start from (matching variables only).
+    feature_set: the raw examples' features and tasks (KuaiRand's by default).
     """
     if isinstance(config, str) or config is None:
         config = make_config(config or "baseline")
@@ -170,10 +173,11 @@ def train_and_export(train_files: Sequence[str] | str, eval_files: Sequence[str]
     tft_output = tft.TFTransformOutput(transform_output_dir)
     repeat = train_steps is not None
     train_data = make_dataset(train_files, tft_output, batch_size, shuffle=True, repeat=repeat,
-                              shuffle_buffer=shuffle_buffer, seed=seed)
-    eval_data = make_dataset(eval_files, tft_output, batch_size, shuffle=False, repeat=eval_steps is not None)
+                              shuffle_buffer=shuffle_buffer, seed=seed, feature_set=feature_set)
+    eval_data = make_dataset(eval_files, tft_output, batch_size, shuffle=False, repeat=eval_steps is not None,
+                             feature_set=feature_set)
 
-    model = RankingModel(config)
+    model = RankingModel(config, feature_set)
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate))
     for batch in train_data.take(1):
         model(batch)  # build the variables so they can be warm started
