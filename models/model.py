@@ -15,7 +15,7 @@ outputs of `models.preprocessing.preprocessing_fn`; feature names come from
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -220,14 +220,21 @@ class RankingModel(tfrs.Model):
         if missing:
             raise KeyError(f"RankingModel: transformed features {missing} are missing; "
                            f"got {sorted(features)}")
+        per_task = self.tower_inputs(features)
+        return {task.name: tf.squeeze(self.towers[task.name](x), axis=-1)
+                for task, x in zip(fs.TASKS, per_task)}
+
+    @tf.autograph.experimental.do_not_convert
+    def tower_inputs(self, features: Mapping[str, tf.Tensor]) -> List[tf.Tensor]:
+        """The last hidden activations: the MMoE's output for each task (in `fs.TASKS` order),
+        i.e. what the towers read. The paper's Fig. 1b measures how these change when a
+        feature is masked."""
         pc = self.personalization_code(features)
         non_sequential = self._non_sequential(features)
         sequence, mask = self._behaviour_sequence(features)
         attended = self.attention(non_sequential, sequence, mask=mask, pc=pc)
         hidden = self.mlp(tf.concat([non_sequential, attended], axis=1), pc=pc)
-        per_task = self.mmoe(hidden, pc=pc)
-        return {task.name: tf.squeeze(self.towers[task.name](x), axis=-1)
-                for task, x in zip(fs.TASKS, per_task)}
+        return self.mmoe(hidden, pc=pc)
 
     @property
     def input_feature_names(self) -> Tuple[str, ...]:

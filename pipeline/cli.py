@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = benches.add_parser("train", help="train-step throughput per model variant")
     train_throughput.add_arguments(train)
     train.set_defaults(func=train_throughput.run)
+    from benchmarks import paper
+    paper_parser = benches.add_parser("paper", help="reproduce the POSO paper's tables and figures "
+                                                    "(writes benchmarks/RESULTS.md)")
+    paper.add_arguments(paper_parser)
+    paper_parser.set_defaults(func=paper.run)
 
     schedule = commands.add_parser("schedule", help="print or install the daily trigger (cron or systemd)")
     from pipeline import schedule as schedule_lib
