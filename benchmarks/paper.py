@@ -102,6 +102,9 @@ class Budget:
 
     rows_per_day: int = 30_000
     train_days: int = 7
+    # Days ingested before the training window (see benchmarks.paper_data).
+    warmup_days: int = 3
+    # Twice the generator's default, so that the evaluation day has about 900 new users.
     new_user_share: float = 0.1
     data_seed: int = 1
     train_steps: int = 300
@@ -247,7 +250,7 @@ class SyntheticRunner:
         self.budget = budget
         started = time.time()
         self.data = paper_data.prepare(work_dir, paper_data.SyntheticSettings(
-            train_days=budget.train_days, rows_per_day=budget.rows_per_day,
+            train_days=budget.train_days, warmup_days=budget.warmup_days, rows_per_day=budget.rows_per_day,
             new_user_share=budget.new_user_share, data_seed=budget.data_seed), log=_log)
         self.train = paper_data.load_split(self.data.train_files, self.data.transform_dir)
         self.eval = paper_data.load_split(self.data.eval_files, self.data.transform_dir)
@@ -559,7 +562,8 @@ def _meta_lines(meta: Mapping[str, Any]) -> List[str]:
 def _data_lines(data: Mapping[str, Any]) -> List[str]:
     b, train, ev = data["budget"], data["train"], data["eval"]
     return [f"- Data: synthetic KuaiRand-schema logs (components/synthetic_logs.py, seed {b['data_seed']}), "
-            f"{b['rows_per_day']:,} impressions a day, new-user share {b['new_user_share']}; one warm-up day, "
+            f"{b['rows_per_day']:,} impressions a day, new-user share {b['new_user_share']}; "
+            f"{b.get('warmup_days', 1)} warm-up day(s) ingested for AVC history only, "
             f"train on {data['train_dates'][0]}..{data['train_dates'][-1]} ({train['examples']:,} examples, "
             f"{train['new_examples']:,} of new users), evaluate on {data['eval_date']} ({ev['examples']:,} "
             f"examples: new users {ev['new_examples']:,} examples / {ev['new_users']:,} users, regular users "
@@ -754,6 +758,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cache of generated data and models (default: %(default)s)")
     parser.add_argument("--rows-per-day", type=_positive_int, default=defaults.rows_per_day)
     parser.add_argument("--train-days", type=_positive_int, default=defaults.train_days)
+    parser.add_argument("--warmup-days", type=_positive_int, default=defaults.warmup_days,
+                        help="days ingested (AVC history) before the training window")
     parser.add_argument("--new-user-share", type=float, default=defaults.new_user_share)
     parser.add_argument("--data-seed", type=int, default=defaults.data_seed)
     parser.add_argument("--train-steps", type=_positive_int, default=defaults.train_steps)
@@ -767,7 +773,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    budget = Budget(rows_per_day=args.rows_per_day, train_days=args.train_days, new_user_share=args.new_user_share,
+    budget = Budget(rows_per_day=args.rows_per_day, train_days=args.train_days, warmup_days=args.warmup_days,
+                    new_user_share=args.new_user_share,
                     data_seed=args.data_seed, train_steps=args.train_steps, batch_size=args.batch_size)
     argv = sys.argv[1:]
     command = "poso " + shlex.join(argv) if argv[:2] == ["bench", "paper"] else "poso bench paper " + shlex.join(argv)

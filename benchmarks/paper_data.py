@@ -5,9 +5,11 @@
       -> tf.Transform analysis with models.preprocessing.preprocessing_fn over the training days
       -> transformed features held in memory (trainer.make_dataset applies the transform graph)
 
-Day 1 of the generated logs is a warm-up day (every pre-existing user first appears on it, so it
-flags them all as new); the next `train_days` days are the training window and the last day is
-the evaluation day, as in the paper's offline protocol (train on 7 days, test on the 8th).
+The first `warmup_days` days of the generated logs are only ingested, never trained on: every
+pre-existing user first appears on day 1, so day 1 flags them all as new and their AVC starts at 0
+there; a few days of history let regular users' AVC (the PC) grow apart from new users' before
+training starts. The next `train_days` days are the training window and the last day is the
+evaluation day, as in the paper's offline protocol (train on 7 days, test on the 8th).
 
 Everything is cached under `work_dir/<settings key>/`: a rerun with the same settings reuses
 the examples and the transform graph.
@@ -28,7 +30,6 @@ import numpy as np
 from feature_specs import specs
 
 START = datetime.date(2022, 4, 8)
-WARMUP_DAYS = 1
 _DONE = "done.json"
 
 
@@ -40,10 +41,11 @@ class SyntheticSettings:
     rows_per_day: int = 25_000
     new_user_share: float = 0.05
     data_seed: int = 1
+    warmup_days: int = 1
 
     @property
     def days(self) -> int:
-        return WARMUP_DAYS + self.train_days + 1
+        return self.warmup_days + self.train_days + 1
 
     def key(self) -> str:
         text = json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -137,7 +139,7 @@ def prepare(work_dir: str, settings: SyntheticSettings = SyntheticSettings(),
 
     root = os.path.join(os.path.abspath(work_dir), f"synthetic-{settings.key()}")
     dates = [START + datetime.timedelta(days=d) for d in range(settings.days)]
-    train_dates = dates[WARMUP_DAYS:-1]
+    train_dates = dates[settings.warmup_days:-1]
     examples_dir = os.path.join(root, "examples")
     transform_dir = os.path.join(root, "transform")
     done = os.path.join(root, _DONE)

@@ -16,7 +16,7 @@ import pytest
 from benchmarks import paper
 from models import metrics
 
-TINY = paper.Budget(rows_per_day=600, train_days=1, new_user_share=0.1, train_steps=3, batch_size=64)
+TINY = paper.Budget(rows_per_day=600, train_days=1, warmup_days=1, new_user_share=0.1, train_steps=3, batch_size=64)
 MODELS = (paper.TABLE2_MODELS[0], paper.TABLE2_MODELS[-1])  # baseline, POSO(all)
 COMMAND = "poso bench paper --test"
 
