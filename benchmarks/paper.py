@@ -58,6 +58,8 @@ TASK_NAMES = tuple(t.name for t in specs.TASKS)
 # The cold-start goal: POSO's new-user GAUC above the baseline's on every task, and regular
 # users' GAUC at most this many percentage points below it.
 REGULAR_USER_TOLERANCE_PP = 0.1
+# Below this many users with both labels, a GAUC is flagged as noisy in RESULTS.md.
+MIN_SUPPORT_USERS = 50
 MOVIELENS_ENV = "POSO_MOVIELENS_ZIP"
 RESULTS_FILE = "RESULTS.md"
 RESULTS_DIR = "results"
@@ -417,7 +419,7 @@ def run_movielens_section(zip_path: str, seeds: Sequence[int], variants: Sequenc
 
 def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, work_dir: str, command: str,
                  budget: Budget = Budget(), movielens_zip: Optional[str] = None,
-                 movielens_variants: Sequence[str] = (BASELINE, POSO),
+                 movielens_variants: Optional[Sequence[str]] = None,
                  movielens_budget: Optional[Mapping[str, Any]] = None,
                  table2_models: Sequence[ModelSpec] = TABLE2_MODELS,
                  ablation_models: Sequence[ModelSpec] = ABLATION_MODELS) -> Dict[str, Dict[str, Any]]:
@@ -436,6 +438,10 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
     if "a" in sections:
         started = time.time()
         _log(SECTION_TITLES["a"])
+        if movielens_variants is None:
+            from models import model as model_lib
+
+            movielens_variants = list(model_lib.VARIANTS)
         payload = run_movielens_section(movielens_zip or default_movielens_zip(), seeds, movielens_variants,
                                         os.path.join(work_dir, "movielens"), dict(movielens_budget or {}))
         if not payload["available"]:
@@ -493,10 +499,13 @@ def _json_default(value):
 # ---------------------------------------------------------------------------
 # Summaries (the numbers RESULTS.md shows)
 # ---------------------------------------------------------------------------
-def summarize(frame: pd.DataFrame, keys: Sequence[str] = ("group", "task")) -> pd.DataFrame:
-    """Per model and `keys`: GAUC mean and std over seeds, and the paired difference from the
-    baseline of the same seed in percentage points (mean and std over seeds)."""
+def summarize(frame: pd.DataFrame, keys: Sequence[str] = ("group", "task"), value: str = "gauc") -> pd.DataFrame:
+    """Per model and `keys`: the metric `value` (GAUC) as mean and std over seeds (columns
+    gauc_mean, gauc_std), and the paired difference from the baseline of the same seed in
+    percentage points (diff_pp_mean, diff_pp_std)."""
     keys = list(keys)
+    frame = frame.drop(columns=[c for c in ("gauc",) if c != value and c in frame.columns]).rename(
+        columns={value: "gauc"})
     base = frame[frame["model"] == BASELINE][keys + ["seed", "gauc"]].rename(columns={"gauc": "base"})
     merged = frame.merge(base, on=keys + ["seed"], how="left")
     merged["diff_pp"] = 100 * (merged["gauc"] - merged["base"])
@@ -597,6 +606,11 @@ def _gauc_tables(stats: pd.DataFrame, labels: Mapping[str, str]) -> List[str]:
         base = [f"{indexed.loc[(BASELINE, g, t), 'users']:.0f}" for g in GROUPS for t in TASK_NAMES]
         lines += ["", "Users GAUC averages over (with both a positive and a negative impression on the "
                       "evaluation day):", ""] + _table(header[1:], [base])
+        few = [f"{g} {t} ({indexed.loc[(BASELINE, g, t), 'users']:.0f} users)" for g in GROUPS for t in TASK_NAMES
+               if not indexed.loc[(BASELINE, g, t), "users"] >= MIN_SUPPORT_USERS]
+        if few:
+            lines += ["", f"Fewer than {MIN_SUPPORT_USERS} users behind: {', '.join(few)}; "
+                          "those GAUCs are mostly noise."]
     return lines
 
 
@@ -608,29 +622,43 @@ def _goal_lines(goal: Mapping[str, Any], label: str) -> List[str]:
             f"{REGULAR_USER_TOLERANCE_PP} pp below: **{'met' if goal['regular_met'] else 'missed'}** (pp: {regular})"]
 
 
+# MovieLens metrics shown when run_movielens returns them (gauc is required).
+MOVIELENS_METRICS = {
+    "gauc": "GAUC on the test users",
+    "gauc_avc_lt_32": "GAUC on test ratings with fewer than 32 earlier ones (the new-user regime)",
+    "auc": "global AUC",
+}
+
+
 def render_section_a(payload: Mapping[str, Any]) -> List[str]:
     lines = [f"## {SECTION_TITLES['a']}", ""] + _meta_lines(payload["meta"]) + [""]
     if not payload.get("available"):
         return lines + [f"**Unavailable**: {payload['reason']}", ""]
     frame = pd.DataFrame(payload["rows"]).rename(columns={"variant": "model"})
-    stats = summarize(frame, keys=("task",))
+    lines += [f"- Data: {payload['zip']}; variants {', '.join(payload['variants'])}; budget "
+              f"{json.dumps(payload.get('budget') or {})} (run_movielens' defaults for what is not given)", ""]
     tasks = list(dict.fromkeys(frame["task"]))
-    indexed = stats.set_index(["model", "task"])
-    rows = []
-    for model in stats["model"].cat.categories:
-        cells = [model]
+    for metric, title in MOVIELENS_METRICS.items():
+        if metric not in frame.columns:
+            continue
+        stats = summarize(frame, keys=("task",), value=metric)
+        indexed = stats.set_index(["model", "task"])
+        has_baseline = BASELINE in indexed.index.get_level_values(0)
+        header = ["Model"]
         for task in tasks:
-            r = indexed.loc[(model, task)]
-            cells.append(format_gauc(r["gauc_mean"], r["gauc_std"]))
-            if BASELINE in indexed.index.get_level_values(0):
-                cells.append("" if model == BASELINE else format_diff(r["diff_pp_mean"], r["diff_pp_std"]))
-        rows.append(cells)
-    header = ["Model"]
-    for task in tasks:
-        header += [f"{task} GAUC"] + ([f"{task} Δ pp"] if BASELINE in indexed.index.get_level_values(0) else [])
-    return lines + [f"- Data: {payload['zip']}; budget {json.dumps(payload.get('budget') or {})}", "",
-                    "GAUC mean ± std over seeds; Δ = difference from the baseline in percentage points "
-                    "(paired by seed):", ""] + _table(header, rows) + [""]
+            header += [f"{task}"] + ([f"{task} Δ pp"] if has_baseline else [])
+        rows = []
+        for model in stats["model"].cat.categories:
+            cells = [model]
+            for task in tasks:
+                r = indexed.loc[(model, task)]
+                cells.append(format_gauc(r["gauc_mean"], r["gauc_std"]))
+                if has_baseline:
+                    cells.append("" if model == BASELINE else format_diff(r["diff_pp_mean"], r["diff_pp_std"]))
+            rows.append(cells)
+        lines += [f"{title}: mean ± std over seeds; Δ = difference from the baseline in percentage points "
+                  "(paired by seed):", ""] + _table(header, rows) + [""]
+    return lines
 
 
 def render_section_table(payload: Mapping[str, Any], section: str) -> List[str]:
@@ -767,12 +795,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--movielens-zip", default=None,
                         help=f"ml-latest-small.zip (default: ${MOVIELENS_ENV}, else ../shared/data/ml-latest-small/"
                              "ml-latest-small.zip beside the checkout)")
-    parser.add_argument("--movielens-variants", default=f"{BASELINE},{POSO}", help="variants for (a)")
+    parser.add_argument("--movielens-variants", default=None, metavar="A,B,...",
+                        help="variants for (a) (default: every variant of models.model.VARIANTS)")
     parser.add_argument("--movielens-budget", type=_json_object, default=None, metavar="JSON",
                         help="keyword arguments for run_movielens, e.g. '{\"epochs\": 2}'")
+    parser.add_argument("--render-only", action="store_true",
+                        help="only render OUT/RESULTS.md again from OUT/results/*.json")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.render_only:
+        _log(f"Wrote {render(args.out)}")
+        return 0
     budget = Budget(rows_per_day=args.rows_per_day, train_days=args.train_days, warmup_days=args.warmup_days,
                     new_user_share=args.new_user_share,
                     data_seed=args.data_seed, train_steps=args.train_steps, batch_size=args.batch_size)
@@ -781,7 +815,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     run_sections(args.sections, args.seeds, args.out, args.work_dir, command, budget=budget,
                  movielens_zip=args.movielens_zip,
-                 movielens_variants=[v.strip() for v in args.movielens_variants.split(",") if v.strip()],
+                 movielens_variants=([v.strip() for v in args.movielens_variants.split(",") if v.strip()]
+                                     if args.movielens_variants else None),
                  movielens_budget=args.movielens_budget)
     _log(f"Wrote {os.path.join(args.out, RESULTS_FILE)} in {(time.time() - started) / 60:.1f} min")
     return 0

@@ -212,6 +212,18 @@ class RankingModel(tfrs.Model):
 
     # -- forward -------------------------------------------------------------------------
 
+    @tf.autograph.experimental.do_not_convert
+    def tower_inputs(self, features: Mapping[str, tf.Tensor]) -> List[tf.Tensor]:
+        """The last hidden activations: the MMoE's output for each task (in task order), i.e.
+        what the towers read. The paper's Fig. 1b measures how these move when a feature is
+        masked."""
+        pc = self.personalization_code(features)
+        non_sequential = self._non_sequential(features)
+        sequence, mask = self._behaviour_sequence(features)
+        attended = self.attention(non_sequential, sequence, mask=mask, pc=pc)
+        hidden = self.mlp(tf.concat([non_sequential, attended], axis=1), pc=pc)
+        return self.mmoe(hidden, pc=pc)
+
     # Python control flow here and in the layers is static (loops over features and
     # layers), so AutoGraph has nothing to convert; skipping it makes tracing faster.
     @tf.autograph.experimental.do_not_convert
@@ -223,18 +235,6 @@ class RankingModel(tfrs.Model):
         per_task = self.tower_inputs(features)
         return {task.name: tf.squeeze(self.towers[task.name](x), axis=-1)
                 for task, x in zip(fs.TASKS, per_task)}
-
-    @tf.autograph.experimental.do_not_convert
-    def tower_inputs(self, features: Mapping[str, tf.Tensor]) -> List[tf.Tensor]:
-        """The last hidden activations: the MMoE's output for each task (in `fs.TASKS` order),
-        i.e. what the towers read. The paper's Fig. 1b measures how these change when a
-        feature is masked."""
-        pc = self.personalization_code(features)
-        non_sequential = self._non_sequential(features)
-        sequence, mask = self._behaviour_sequence(features)
-        attended = self.attention(non_sequential, sequence, mask=mask, pc=pc)
-        hidden = self.mlp(tf.concat([non_sequential, attended], axis=1), pc=pc)
-        return self.mmoe(hidden, pc=pc)
 
     @property
     def input_feature_names(self) -> Tuple[str, ...]:

@@ -166,3 +166,21 @@ def test_cli_rejects_unknown_sections():
     assert args.sections == ["b", "d"] and args.seeds == [3, 4]
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "paper", "--sections", "b,e"])
+
+
+def test_movielens_table_shows_the_returned_frame(tmp_path):
+    rows = []
+    for seed, (base, poso) in enumerate([(0.70, 0.72), (0.68, 0.71)]):
+        for task, shift in (("favorite", 0.0), ("satisfied", -0.05)):
+            rows += [dict(variant=paper.BASELINE, seed=seed, task=task, gauc=base + shift, gauc_avc_lt_32=base - 0.1),
+                     dict(variant=paper.POSO, seed=seed, task=task, gauc=poso + shift, gauc_avc_lt_32=poso - 0.1)]
+    payload = dict(available=True, zip="ml.zip", variants=[paper.BASELINE, paper.POSO], budget={}, rows=rows,
+                   meta=dict(command="c", date="d", wall_seconds=60, commit="x", tensorflow="t", seeds=[0, 1],
+                             machine=dict(cores=2, cpu="cpu", memory_gib=1, os="os", python="3")))
+    text = "\n".join(paper.render_section_a(payload))
+    row = next(l for l in text.splitlines() if l.startswith(f"| {paper.POSO} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # favorite: GAUC 0.715 ± std(0.72, 0.71); Δ (2 pp, 3 pp) -> +2.50 ± 0.71
+    assert cells[1] == f"0.7150 ± {np.std([0.72, 0.71], ddof=1):.4f}"
+    assert cells[2] == f"+2.50 ± {np.std([2.0, 3.0], ddof=1):.2f}"
+    assert "fewer than 32 earlier ones" in text
