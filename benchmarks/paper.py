@@ -182,11 +182,11 @@ def _read_head(git_path: str) -> str:
     raise ValueError(f"ref {ref} not found")
 
 
-def _meta(command: str, seeds: Sequence[int], started: float, **extra: Any) -> Dict[str, Any]:
+def _meta(command: str, seeds: Sequence[int], started: float, commit: str, **extra: Any) -> Dict[str, Any]:
     import tensorflow as tf
 
     return dict(command=command, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                machine=machine(), commit=git_commit(), tensorflow=tf.__version__, seeds=list(seeds),
+                machine=machine(), commit=commit, tensorflow=tf.__version__, seeds=list(seeds),
                 wall_seconds=round(time.time() - started, 1), **extra)
 
 
@@ -428,9 +428,10 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
     os.makedirs(results_dir, exist_ok=True)
     os.makedirs(work_dir, exist_ok=True)
     written: Dict[str, Dict[str, Any]] = {}
+    commit = git_commit()  # the code that runs, whatever is committed meanwhile
 
     def save(section: str, payload: Dict[str, Any], started: float, **meta: Any) -> None:
-        payload = dict(section=section, meta=_meta(command, seeds, started, **meta), **payload)
+        payload = dict(section=section, meta=_meta(command, seeds, started, commit, **meta), **payload)
         with open(os.path.join(results_dir, f"{section}.json"), "w") as f:
             json.dump(payload, f, indent=1, default=_json_default)
         written[section] = payload
