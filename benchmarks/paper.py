@@ -364,7 +364,7 @@ def plot_submergence(result: Mapping[str, Any], path: str, labels: Mapping[str, 
     plt = report._plt()
     models = list(result["changes"])
     masks = list(next(iter(result["changes"].values())))
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(7, 4.0))
     width = 0.8 / len(masks)
     for m, mask in enumerate(masks):
         values = [100 * result["changes"][model][mask] for model in models]
@@ -374,17 +374,17 @@ def plot_submergence(result: Mapping[str, Any], path: str, labels: Mapping[str, 
     ax.set_xticks(np.arange(len(models)) + width * (len(masks) - 1) / 2, [labels.get(m, m) for m in models])
     ax.set_ylabel("relative change of the last\nhidden activations (%)")
     ax.set_title("New users' examples: effect of masking a feature", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.15 * ax.get_ylim()[1])  # room for the bar labels
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(masks))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
 
-def gates_by_avc(model, tft_output_dir: str, example_files: Sequence[str], work_dir: str,
-                 path: str) -> Dict[str, Dict[int, float]]:
+def gates_by_avc(model, tft_output_dir: str, example_files: Sequence[str], work_dir: str) -> Dict[str, Dict[int, float]]:
     """Exports `model` with its serving signatures and reads the mean gate output per AVC bucket
-    from the `gates` signature (as the run report does), then plots it."""
+    from the `gates` signature (as the run report does)."""
     from models import export
     from pipeline import report
 
@@ -393,7 +393,6 @@ def gates_by_avc(model, tft_output_dir: str, example_files: Sequence[str], work_
     means = report.gate_means_by_avc_bucket(export_dir, list(example_files))
     if not means:
         raise RuntimeError(f"{export_dir} has no gate outputs: is {POSO} a POSO model?")
-    report.plot_gates_by_avc(means, path)
     return means
 
 
@@ -472,9 +471,7 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
                 trained = {spec.name: runner.model(spec, seed) for spec in SUBMERGENCE_MODELS}
                 labels = {spec.name: spec.label for spec in SUBMERGENCE_MODELS}
                 result = submergence(trained, runner.eval)
-                plot_submergence(result, os.path.join(out_dir, "submergence.png"), labels)
-                means = gates_by_avc(trained[POSO], runner.data.transform_dir, runner.data.eval_files, work_dir,
-                                     os.path.join(out_dir, "gates_by_avc.png"))
+                means = gates_by_avc(trained[POSO], runner.data.transform_dir, runner.data.eval_files, work_dir)
                 save("d", dict(seed=seed, labels=labels, submergence=result,
                                gates_by_avc={name: {str(b): v for b, v in by.items()} for name, by in means.items()},
                                plots={"submergence": "submergence.png", "gates_by_avc": "gates_by_avc.png"}),
@@ -681,6 +678,16 @@ def render_section_table(payload: Mapping[str, Any], section: str) -> List[str]:
     return lines
 
 
+def plot_section_d(payload: Mapping[str, Any], out_dir: str) -> None:
+    """The PNGs of (d), drawn from its stored results."""
+    from pipeline import report
+
+    plot_submergence(payload["submergence"], os.path.join(out_dir, payload["plots"]["submergence"]),
+                     payload["labels"])
+    report.plot_gates_by_avc({name: {int(b): v for b, v in by.items()} for name, by in payload["gates_by_avc"].items()},
+                             os.path.join(out_dir, payload["plots"]["gates_by_avc"]))
+
+
 def render_section_d(payload: Mapping[str, Any]) -> List[str]:
     sub = payload["submergence"]
     lines = [f"## {SECTION_TITLES['d']}", ""] + _meta_lines(payload["meta"]) + _data_lines(payload["meta"]["data"])
@@ -707,7 +714,7 @@ def render_section_d(payload: Mapping[str, Any]) -> List[str]:
 
 
 def render(out_dir: str) -> str:
-    """Renders OUT/RESULTS.md from every OUT/results/<section>.json."""
+    """Renders OUT/RESULTS.md (and the PNGs of (d)) from every OUT/results/<section>.json."""
     results_dir = os.path.join(out_dir, RESULTS_DIR)
     payloads = {}
     for section in SECTIONS:
@@ -727,6 +734,7 @@ def render(out_dir: str) -> str:
         elif section in ("b", "c"):
             lines += render_section_table(payload, section)
         else:
+            plot_section_d(payload, out_dir)
             lines += render_section_d(payload)
     path = os.path.join(out_dir, RESULTS_FILE)
     with open(path, "w") as f:
