@@ -574,7 +574,8 @@ def _data_lines(data: Mapping[str, Any]) -> List[str]:
             f"train on {data['train_dates'][0]}..{data['train_dates'][-1]} ({train['examples']:,} examples, "
             f"{train['new_examples']:,} of new users), evaluate on {data['eval_date']} ({ev['examples']:,} "
             f"examples: new users {ev['new_examples']:,} examples / {ev['new_users']:,} users, regular users "
-            f"{ev['regular_examples']:,} / {ev['regular_users']:,})",
+            f"{ev['regular_examples']:,} / {ev['regular_users']:,}); preparing it (or reading it from the "
+            f"--work-dir cache) took {data.get('data_seconds', float('nan')):.0f} s in this run",
             f"- Training: {b['train_steps']} steps of {b['batch_size']} examples, Adam lr {b['learning_rate']}, "
             "the ModelConfig defaults for every model"]
 
