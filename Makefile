@@ -2,7 +2,7 @@
 ENV := bin/poso-env
 PYTEST_ARGS ?=
 
-.PHONY: env demo test test-slow lock clean
+.PHONY: env demo test test-slow bench-paper lock clean
 
 env:            ## build (or reuse) the environment
 	$(ENV) true
@@ -15,6 +15,9 @@ test: env       ## the default suite (well under 30 minutes)
 
 test-slow: env  ## the long runs too
 	$(ENV) python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+
+bench-paper: env  ## reproduce the paper's tables and plots into benchmarks/RESULTS.md (~30 min; PAPER_ARGS=...)
+	bin/poso bench paper $(PAPER_ARGS)
 
 lock:           ## re-resolve requirements.in into requirements.lock (inside the environment)
 	$(ENV) bash -c 'set -e; d=$$(mktemp -d); python -m venv $$d; $$d/bin/pip install -q -r requirements.in; \

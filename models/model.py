@@ -15,7 +15,7 @@ outputs of `models.preprocessing.preprocessing_fn`; feature names come from
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -233,6 +233,18 @@ class RankingModel(tfrs.Model):
 
     # -- forward -------------------------------------------------------------------------
 
+    @tf.autograph.experimental.do_not_convert
+    def tower_inputs(self, features: Mapping[str, tf.Tensor]) -> List[tf.Tensor]:
+        """The last hidden activations: the MMoE's output for each task (in task order), i.e.
+        what the towers read. The paper's Fig. 1b measures how these move when a feature is
+        masked."""
+        pc = self.personalization_code(features)
+        non_sequential = self._non_sequential(features)
+        sequence, mask = self._behaviour_sequence(features)
+        attended = self.attention(non_sequential, sequence, mask=mask, pc=pc)
+        hidden = self.mlp(tf.concat([non_sequential, attended], axis=1), pc=pc)
+        return self.mmoe(hidden, pc=pc)
+
     # Python control flow here and in the layers is static (loops over features and
     # layers), so AutoGraph has nothing to convert; skipping it makes tracing faster.
     @tf.autograph.experimental.do_not_convert
@@ -241,12 +253,7 @@ class RankingModel(tfrs.Model):
         if missing:
             raise KeyError(f"RankingModel: transformed features {missing} are missing; "
                            f"got {sorted(features)}")
-        pc = self.personalization_code(features)
-        non_sequential = self._non_sequential(features)
-        sequence, mask = self._behaviour_sequence(features)
-        attended = self.attention(non_sequential, sequence, mask=mask, pc=pc)
-        hidden = self.mlp(tf.concat([non_sequential, attended], axis=1), pc=pc)
-        per_task = self.mmoe(hidden, pc=pc)
+        per_task = self.tower_inputs(features)
         return {task.name: tf.squeeze(self.towers[task.name](x), axis=-1)
                 for task, x in zip(self.feature_set.tasks, per_task)}
 

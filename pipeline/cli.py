@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     serving = benches.add_parser("serving", help="gRPC/REST latency and throughput beside the in-process call")
     serving_latency.add_arguments(serving)
     serving.set_defaults(func=serving_latency.run)
+    from benchmarks import paper
+    paper_parser = benches.add_parser("paper", help="reproduce the POSO paper's tables and figures "
+                                                    "(writes benchmarks/RESULTS.md)")
+    paper.add_arguments(paper_parser)
+    paper_parser.set_defaults(func=paper.run)
 
     schedule = commands.add_parser("schedule", help="print or install the daily trigger (cron or systemd)")
     from pipeline import schedule as schedule_lib

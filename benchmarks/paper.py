@@ -1,0 +1,843 @@
+"""One command that reproduces the POSO paper's offline results and writes benchmarks/RESULTS.md.
+
+    bin/poso bench paper [--seeds 0,1,2] [--sections a,b,c,d] [--out benchmarks]   (or: make bench-paper)
+
+Sections:
+  a  MovieLens (ml-latest-small): `benchmarks.paper_movielens.run_movielens`, GAUC per variant.
+  b  The cold-start table (the paper's Table 2) on synthetic KuaiRand-schema logs: GAUC of new and
+     regular users per task; every POSO variant's difference from the baseline in percentage points.
+  c  The personalization-code ablation (Table 6): the gates read all features (MoE), is_new_user,
+     the user-ID embedding, or the AVC bucket (the default PC).
+  d  The submergence diagnostic (Fig. 1b) and the gates against AVC (Fig. 4), as PNGs.
+
+Protocol (b-d): the synthetic logs go through the project's real code path (AvcExampleGen's
+executor, tf.Transform with `preprocessing_fn`, see `benchmarks.paper_data`), computed once and
+shared by every model. Each model trains on the 7 training days and is evaluated on the next
+day; GAUC (`models.metrics.grouped_auc`, per user) per task, sliced by `user_group`. Every model
+has the same hyper-parameters (the `ModelConfig` defaults plus the variant's module kinds), the
+same number of steps and batch size; a seed sets the initial weights and the data order (the
+data stay fixed). Differences from the baseline are paired by seed: mean and std over seeds of
+(GAUC_variant - GAUC_baseline) in percentage points.
+
+Raw results go to OUT/results/<section>.json (one file per section, replaced when the section is
+rerun); RESULTS.md is rendered from every JSON present, so `--sections a` adds MovieLens to
+existing synthetic results. RESULTS.md is generated: never edit it by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from feature_specs import specs
+
+SECTIONS = ("a", "b", "c", "d")
+SECTION_TITLES = {
+    "a": "(a) MovieLens (ml-latest-small)",
+    "b": "(b) Cold start on synthetic KuaiRand-schema logs (paper Table 2)",
+    "c": "(c) Personalization-code ablation (paper Table 6)",
+    "d": "(d) Submergence (paper Fig. 1b) and gates against AVC (paper Fig. 4)",
+}
+DEFAULT_SEEDS = (0, 1, 2)
+BASELINE = "baseline"
+POSO = "poso_all"
+GROUPS = ("new", "regular")
+TASK_NAMES = tuple(t.name for t in specs.TASKS)
+# The cold-start goal: POSO's new-user GAUC above the baseline's on every task, and regular
+# users' GAUC at most this many percentage points below it.
+REGULAR_USER_TOLERANCE_PP = 0.1
+# Below this many users with both labels, a GAUC is flagged as noisy in RESULTS.md.
+MIN_SUPPORT_USERS = 50
+MOVIELENS_ENV = "POSO_MOVIELENS_ZIP"
+RESULTS_FILE = "RESULTS.md"
+RESULTS_DIR = "results"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A model of the comparison: a `model.VARIANTS` preset with ModelConfig overrides."""
+
+    name: str
+    variant: str
+    overrides: Tuple[Tuple[str, Any], ...] = ()
+    label: str = ""
+
+    @property
+    def pc_source(self) -> str:
+        from models import model as model_lib
+
+        return dict(self.overrides).get("pc_source", model_lib.make_config(self.variant).pc_source)
+
+
+TABLE2_MODELS = (
+    ModelSpec(BASELINE, BASELINE, label="Baseline"),
+    ModelSpec("poso_mlp", "poso_mlp", label="POSO(MLP)"),
+    ModelSpec("poso_mha", "poso_mha", label="POSO(MHA)"),
+    ModelSpec("poso_mmoe", "poso_mmoe", label="POSO(MMoE)"),
+    ModelSpec(POSO, POSO, label="POSO(MLP+MHA+MMoE)"),
+)
+ABLATION_MODELS = (
+    ModelSpec(BASELINE, BASELINE, label="Baseline (no gates)"),
+    ModelSpec("moe", "moe", label="All features (MoE gated on the input)"),
+    ModelSpec("poso_all[is_new_user]", POSO, (("pc_source", "is_new_user"),), label="POSO, PC = is_new_user"),
+    ModelSpec("poso_all[user_id]", POSO, (("pc_source", "user_id"),), label="POSO, PC = user-ID embedding"),
+    ModelSpec(POSO, POSO, label="POSO, PC = AVC bucket"),
+)
+SUBMERGENCE_MODELS = (TABLE2_MODELS[0], TABLE2_MODELS[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Sizes and steps of the synthetic sections (b-d)."""
+
+    rows_per_day: int = 30_000
+    train_days: int = 7
+    # Days ingested before the training window (see benchmarks.paper_data).
+    warmup_days: int = 3
+    # Twice the generator's default, so that the evaluation day has about 900 new users.
+    new_user_share: float = 0.1
+    data_seed: int = 1
+    train_steps: int = 300
+    batch_size: int = 512
+    learning_rate: float = 1e-3
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Environment description
+# ---------------------------------------------------------------------------
+def machine() -> Dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    memory_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+        memory_gib = round(kib / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": memory_gib, "python": platform.python_version(),
+            "os": platform.platform()}
+
+
+def git_commit() -> str:
+    """HEAD's commit: from git when it is installed (with a note on uncommitted changes), else read
+    from the .git files (the environment's userland has no git)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        return _read_head(os.path.join(root, ".git")) + " (read from .git; uncommitted changes not checked)"
+    except (OSError, ValueError):
+        return "unknown"
+
+
+def _read_head(git_path: str) -> str:
+    if os.path.isfile(git_path):  # a worktree: "gitdir: <path>"
+        with open(git_path) as f:
+            git_path = f.read().split("gitdir:", 1)[1].strip()
+    common = git_path
+    if os.path.exists(os.path.join(git_path, "commondir")):
+        with open(os.path.join(git_path, "commondir")) as f:
+            common = os.path.normpath(os.path.join(git_path, f.read().strip()))
+    with open(os.path.join(git_path, "HEAD")) as f:
+        head = f.read().strip()
+    if not head.startswith("ref:"):
+        return head
+    ref = head.split(":", 1)[1].strip()
+    for base in (git_path, common):
+        if os.path.exists(os.path.join(base, ref)):
+            with open(os.path.join(base, ref)) as f:
+                return f.read().strip()
+    with open(os.path.join(common, "packed-refs")) as f:
+        for line in f:
+            if line.rstrip().endswith(" " + ref):
+                return line.split()[0]
+    raise ValueError(f"ref {ref} not found")
+
+
+def _meta(command: str, seeds: Sequence[int], started: float, commit: str, **extra: Any) -> Dict[str, Any]:
+    import tensorflow as tf
+
+    return dict(command=command, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                machine=machine(), commit=commit, tensorflow=tf.__version__, seeds=list(seeds),
+                wall_seconds=round(time.time() - started, 1), **extra)
+
+
+# ---------------------------------------------------------------------------
+# Training and evaluation (b-d)
+# ---------------------------------------------------------------------------
+def train_model(spec: ModelSpec, train, seed: int, budget: Budget):
+    """A `RankingModel` trained on the in-memory transformed training split; the seed sets the
+    initial weights and the order of the examples."""
+    import tensorflow as tf
+
+    from models import model as model_lib
+
+    tf.keras.utils.set_random_seed(seed)
+    config = model_lib.make_config(spec.variant, learning_rate=budget.learning_rate, **dict(spec.overrides))
+    dataset = (tf.data.Dataset.from_tensor_slices(train.features)
+               .shuffle(len(train), seed=seed, reshuffle_each_iteration=True).repeat()
+               .batch(budget.batch_size, drop_remainder=True).prefetch(2))
+    model = model_lib.RankingModel(config)
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate))
+    model.fit(dataset, epochs=1, steps_per_epoch=budget.train_steps, verbose=0)
+    return model
+
+
+def predict(model, features: Mapping[str, np.ndarray], batch_size: int = 4096) -> Dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    parts: Dict[str, List[np.ndarray]] = {name: [] for name in TASK_NAMES}
+    for batch in tf.data.Dataset.from_tensor_slices(dict(features)).batch(batch_size):
+        for name, value in model(batch).items():
+            parts[name].append(value.numpy())
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def _support(labels: np.ndarray, users: np.ndarray) -> int:
+    """Users with both a positive and a negative impression: the groups GAUC averages over."""
+    frame = pd.DataFrame({"user": users, "label": labels}).groupby("user")["label"].agg(["min", "max"])
+    return int(((frame["min"] == 0) & (frame["max"] == 1)).sum())
+
+
+def gauc_rows(predictions: Mapping[str, np.ndarray], split) -> List[Dict[str, Any]]:
+    """GAUC per task and user group (and over all users), with the number of users averaged."""
+    from models import metrics
+
+    rows = []
+    for task in specs.TASKS:
+        labels = split.features[task.label]
+        for group in GROUPS + ("all",):
+            mask = np.ones(len(split), bool) if group == "all" else split.user_groups == group
+            rows.append(dict(task=task.name, group=group,
+                             gauc=metrics.grouped_auc(labels[mask], predictions[task.name][mask],
+                                                      split.user_ids[mask]),
+                             users=_support(labels[mask], split.user_ids[mask]), examples=int(mask.sum())))
+    return rows
+
+
+class SyntheticRunner:
+    """Prepares the synthetic data once and trains each (model, seed) at most once."""
+
+    def __init__(self, work_dir: str, budget: Budget):
+        from benchmarks import paper_data
+
+        self.budget = budget
+        started = time.time()
+        self.data = paper_data.prepare(work_dir, paper_data.SyntheticSettings(
+            train_days=budget.train_days, warmup_days=budget.warmup_days, rows_per_day=budget.rows_per_day,
+            new_user_share=budget.new_user_share, data_seed=budget.data_seed), log=_log)
+        self.train = paper_data.load_split(self.data.train_files, self.data.transform_dir)
+        self.eval = paper_data.load_split(self.data.eval_files, self.data.transform_dir)
+        self.data_seconds = round(time.time() - started, 1)
+        self.description = dict(train=paper_data.describe(self.train), eval=paper_data.describe(self.eval),
+                                train_dates=self.data.train_dates, eval_date=self.data.eval_date,
+                                budget=dataclasses.asdict(budget), data_seconds=self.data_seconds)
+        self._results: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
+        self._models: Dict[Tuple[str, int], Any] = {}
+        _log(f"  data ready in {self.data_seconds:.0f} s: train {self.description['train']}, "
+             f"eval {self.description['eval']}")
+
+    def results(self, spec: ModelSpec, seed: int, keep_model: bool = False) -> List[Dict[str, Any]]:
+        key = (spec.name, seed)
+        if key not in self._results or (keep_model and key not in self._models):
+            started = time.time()
+            model = train_model(spec, self.train, seed, self.budget)
+            rows = gauc_rows(predict(model, self.eval.features), self.eval)
+            seconds = time.time() - started
+            self._results[key] = [dict(model=spec.name, label=spec.label, variant=spec.variant,
+                                       pc_source=spec.pc_source, seed=seed, train_seconds=round(seconds, 1), **row)
+                                  for row in rows]
+            summary = ", ".join(f"{r['task']} {r['gauc']:.4f}" for r in rows if r["group"] == "new")
+            _log(f"  {spec.name} seed {seed}: {seconds:.0f} s; new-user GAUC {summary}")
+            if keep_model:
+                self._models[key] = model
+        return self._results[key]
+
+    def model(self, spec: ModelSpec, seed: int):
+        self.results(spec, seed, keep_model=True)
+        return self._models[(spec.name, seed)]
+
+    def table(self, models: Sequence[ModelSpec], seeds: Sequence[int]) -> pd.DataFrame:
+        return pd.DataFrame([row for spec in models for seed in seeds for row in self.results(spec, seed)])
+
+
+# ---------------------------------------------------------------------------
+# (d) Submergence and gates
+# ---------------------------------------------------------------------------
+def _balanced_binary_feature(split) -> Tuple[str, float]:
+    """The two-valued categorical feature whose values are closest to 50/50 in `split`."""
+    best = None
+    for feature in specs.features_of_kind(specs.Kind.CATEGORICAL):
+        if feature.vocabulary is None or len(feature.vocabulary) != 2:
+            continue
+        values = split.features[feature.name]
+        share = float(np.mean(values == np.bincount(values).argmax()))
+        if best is None or share < best[1]:
+            best = (feature.name, share)
+    if best is None:
+        raise ValueError("no two-valued categorical feature in feature_specs to compare with")
+    return best
+
+
+ACTIVITY_MASK = "user activity"
+
+
+def submergence(models: Mapping[str, Any], split) -> Dict[str, Any]:
+    """Relative change of the last hidden activations (the towers' inputs) of new users' examples
+    when a feature is masked:
+
+        change = mean_i ||h(x_i masked) - h(x_i)||_2 / mean_i ||h(x_i)||_2
+
+    Masks (each one separately):
+    - is_new_user: the new-user indicator set to 0 (the regular value);
+    - user activity: is_new_user set to 0 and AVC (the dense feature and the PC bucket) set to
+      regular users' median, i.e. everything that tells the example is a new user's;
+    - a balanced feature: the two-valued categorical feature closest to 50/50, flipped.
+    A small change for the indicator next to the balanced feature's means it is submerged
+    (paper Fig. 1b).
+    """
+    import tensorflow as tf
+
+    new = split.user_groups == "new"
+    regular = split.user_groups == "regular"
+    features = {name: value[new] for name, value in split.features.items()}
+    indicator = dict(features)
+    indicator[specs.IS_NEW_USER] = np.zeros_like(features[specs.IS_NEW_USER])
+    activity = dict(indicator)
+    regular_values = {name: np.median(split.features[name][regular]) for name in (specs.AVC, specs.PC_BUCKET)}
+    for name, value in regular_values.items():
+        activity[name] = np.full_like(features[name], value)
+    balanced_name, majority_share = _balanced_binary_feature(split)
+    balanced = dict(features)
+    # Transformed values of a two-value vocabulary are 1 and 2 (0 = out of vocabulary).
+    balanced[balanced_name] = np.where(features[balanced_name] == 1, 2, 1).astype(features[balanced_name].dtype)
+    masks = {specs.IS_NEW_USER: indicator, ACTIVITY_MASK: activity, balanced_name: balanced}
+
+    def hidden(model, inputs) -> np.ndarray:
+        parts = []
+        for batch in tf.data.Dataset.from_tensor_slices(inputs).batch(4096):
+            parts.append(tf.concat(model.tower_inputs(batch), axis=1).numpy())
+        return np.concatenate(parts)
+
+    changes: Dict[str, Dict[str, float]] = {}
+    for name, model in models.items():
+        reference = hidden(model, features)
+        scale = float(np.mean(np.linalg.norm(reference, axis=1)))
+        changes[name] = {mask: float(np.mean(np.linalg.norm(hidden(model, inputs) - reference, axis=1)) / scale)
+                         for mask, inputs in masks.items()}
+    return dict(changes=changes, balanced_feature=balanced_name, balanced_majority_share=majority_share,
+                new_user_examples=int(new.sum()),
+                masked_activity_to={name: float(value) for name, value in regular_values.items()})
+
+
+def plot_submergence(result: Mapping[str, Any], path: str, labels: Mapping[str, str]) -> str:
+    from pipeline import report
+
+    plt = report._plt()
+    models = list(result["changes"])
+    masks = list(next(iter(result["changes"].values())))
+    fig, ax = plt.subplots(figsize=(7, 4.0))
+    width = 0.8 / len(masks)
+    for m, mask in enumerate(masks):
+        values = [100 * result["changes"][model][mask] for model in models]
+        suffix = " (balanced feature)" if mask == result["balanced_feature"] else ""
+        bars = ax.bar(np.arange(len(models)) + m * width, values, width, label=f"mask {mask}{suffix}")
+        ax.bar_label(bars, fmt="%.1f%%", fontsize=8)
+    ax.set_xticks(np.arange(len(models)) + width * (len(masks) - 1) / 2, [labels.get(m, m) for m in models])
+    ax.set_ylabel("relative change of the last\nhidden activations (%)")
+    ax.set_title("New users' examples: effect of masking a feature", fontsize=10)
+    ax.set_ylim(0, 1.15 * ax.get_ylim()[1])  # room for the bar labels
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(masks))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def gates_by_avc(model, tft_output_dir: str, example_files: Sequence[str], work_dir: str) -> Dict[str, Dict[int, float]]:
+    """Exports `model` with its serving signatures and reads the mean gate output per AVC bucket
+    from the `gates` signature (as the run report does)."""
+    from models import export
+    from pipeline import report
+
+    export_dir = os.path.join(work_dir, "poso_all_export")
+    export.export_serving_model(model, tft_output_dir, export_dir)
+    means = report.gate_means_by_avc_bucket(export_dir, list(example_files))
+    if not means:
+        raise RuntimeError(f"{export_dir} has no gate outputs: is {POSO} a POSO model?")
+    return means
+
+
+# ---------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------
+def run_movielens_section(zip_path: str, seeds: Sequence[int], variants: Sequence[str], work_dir: str,
+                          budget: Mapping[str, Any]) -> Dict[str, Any]:
+    try:
+        from benchmarks.paper_movielens import run_movielens
+    except ImportError as error:
+        return dict(available=False, reason=f"benchmarks.paper_movielens is not available ({error})")
+    if not os.path.isfile(zip_path):
+        return dict(available=False, reason=f"the MovieLens archive {zip_path} does not exist "
+                                            f"(set {MOVIELENS_ENV} or --movielens-zip)")
+    frame = run_movielens(zip_path, seeds, variants, work_dir, **budget)
+    missing = {"variant", "seed", "task", "gauc"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"run_movielens returned a frame without the columns {sorted(missing)}")
+    return dict(available=True, zip=zip_path, variants=list(variants), budget=dict(budget),
+                rows=frame.to_dict(orient="records"))
+
+
+def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, work_dir: str, command: str,
+                 budget: Budget = Budget(), movielens_zip: Optional[str] = None,
+                 movielens_variants: Optional[Sequence[str]] = None,
+                 movielens_budget: Optional[Mapping[str, Any]] = None,
+                 table2_models: Sequence[ModelSpec] = TABLE2_MODELS,
+                 ablation_models: Sequence[ModelSpec] = ABLATION_MODELS) -> Dict[str, Dict[str, Any]]:
+    """Runs `sections`, writes OUT/results/<section>.json and renders OUT/RESULTS.md."""
+    results_dir = os.path.join(out_dir, RESULTS_DIR)
+    os.makedirs(results_dir, exist_ok=True)
+    os.makedirs(work_dir, exist_ok=True)
+    written: Dict[str, Dict[str, Any]] = {}
+    commit = git_commit()  # the code that runs, whatever is committed meanwhile
+
+    def save(section: str, payload: Dict[str, Any], started: float, **meta: Any) -> None:
+        payload = dict(section=section, meta=_meta(command, seeds, started, commit, **meta), **payload)
+        with open(os.path.join(results_dir, f"{section}.json"), "w") as f:
+            json.dump(payload, f, indent=1, default=_json_default)
+        written[section] = payload
+
+    if "a" in sections:
+        started = time.time()
+        _log(SECTION_TITLES["a"])
+        if movielens_variants is None:
+            from models import model as model_lib
+
+            movielens_variants = list(model_lib.VARIANTS)
+        payload = run_movielens_section(movielens_zip or default_movielens_zip(), seeds, movielens_variants,
+                                        os.path.join(work_dir, "movielens"), dict(movielens_budget or {}))
+        if not payload["available"]:
+            _log(f"  unavailable: {payload['reason']}")
+        save("a", payload, started)
+
+    synthetic = [s for s in sections if s in ("b", "c", "d")]
+    if synthetic:
+        _log("Synthetic data (shared by b, c, d)")
+        runner = SyntheticRunner(work_dir, budget)
+        for section in synthetic:
+            started = time.time()
+            _log(SECTION_TITLES[section])
+            if section in ("b", "c"):
+                models = table2_models if section == "b" else ablation_models
+                if section == "b":
+                    # Keep seed 0's baseline and POSO for (d) instead of training them again.
+                    for spec in models:
+                        if spec in SUBMERGENCE_MODELS:
+                            runner.model(spec, seeds[0])
+                frame = runner.table(models, seeds)
+                save(section, dict(models=[dataclasses.asdict(m) | {"pc_source": m.pc_source} for m in models],
+                                   rows=frame.to_dict(orient="records")),
+                     started, data=runner.description)
+            else:
+                seed = seeds[0]
+                trained = {spec.name: runner.model(spec, seed) for spec in SUBMERGENCE_MODELS}
+                labels = {spec.name: spec.label for spec in SUBMERGENCE_MODELS}
+                result = submergence(trained, runner.eval)
+                means = gates_by_avc(trained[POSO], runner.data.transform_dir, runner.data.eval_files, work_dir)
+                save("d", dict(seed=seed, labels=labels, submergence=result,
+                               gates_by_avc={name: {str(b): v for b, v in by.items()} for name, by in means.items()},
+                               plots={"submergence": "submergence.png", "gates_by_avc": "gates_by_avc.png"}),
+                     started, data=runner.description)
+    render(out_dir)
+    return written
+
+
+def default_movielens_zip() -> str:
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.environ.get(MOVIELENS_ENV) or os.path.normpath(
+        os.path.join(checkout, "..", "shared", "data", "ml-latest-small", "ml-latest-small.zip"))
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+# ---------------------------------------------------------------------------
+# Summaries (the numbers RESULTS.md shows)
+# ---------------------------------------------------------------------------
+def summarize(frame: pd.DataFrame, keys: Sequence[str] = ("group", "task"), value: str = "gauc") -> pd.DataFrame:
+    """Per model and `keys`: the metric `value` (GAUC) as mean and std over seeds (columns
+    gauc_mean, gauc_std), and the paired difference from the baseline of the same seed in
+    percentage points (diff_pp_mean, diff_pp_std)."""
+    keys = list(keys)
+    frame = frame.drop(columns=[c for c in ("gauc",) if c != value and c in frame.columns]).rename(
+        columns={value: "gauc"})
+    base = frame[frame["model"] == BASELINE][keys + ["seed", "gauc"]].rename(columns={"gauc": "base"})
+    merged = frame.merge(base, on=keys + ["seed"], how="left")
+    merged["diff_pp"] = 100 * (merged["gauc"] - merged["base"])
+    order = list(dict.fromkeys(frame["model"]))
+    stats = (merged.groupby(["model"] + keys, sort=False)
+             .agg(gauc_mean=("gauc", "mean"), gauc_std=("gauc", "std"), diff_pp_mean=("diff_pp", "mean"),
+                  diff_pp_std=("diff_pp", "std"), seeds=("seed", "nunique"))
+             .reset_index())
+    if "users" in frame.columns:
+        support = frame.groupby(["model"] + keys, sort=False)["users"].mean().reset_index()
+        stats = stats.merge(support, on=["model"] + keys, how="left")
+    stats["model"] = pd.Categorical(stats["model"], order, ordered=True)
+    return stats.sort_values(["model"] + keys).reset_index(drop=True)
+
+
+def cold_start_goal(stats: pd.DataFrame, model: str = POSO) -> Dict[str, Any]:
+    """The synthetic goal for `model`: new-user GAUC above the baseline's on every task, and
+    regular users at most REGULAR_USER_TOLERANCE_PP below it on every task (seed means)."""
+    rows = stats[stats["model"] == model].set_index(["group", "task"])
+    new = {task: float(rows.loc[("new", task), "diff_pp_mean"]) for task in TASK_NAMES}
+    regular = {task: float(rows.loc[("regular", task), "diff_pp_mean"]) for task in TASK_NAMES}
+    # A task without a GAUC (no user with both labels) cannot count as improved.
+    return dict(model=model, new_diff_pp=new, regular_diff_pp=regular,
+                new_met=all(v > 0 for v in new.values()),
+                regular_met=all(v >= -REGULAR_USER_TOLERANCE_PP for v in regular.values()))
+
+
+# ---------------------------------------------------------------------------
+# RESULTS.md
+# ---------------------------------------------------------------------------
+def _pm(mean: float, std: float, digits: int = 4, signed: bool = False) -> str:
+    if mean != mean:
+        return "n/a"
+    sign = "+" if signed else ""
+    text = f"{mean:{sign}.{digits}f}"
+    return text + (f" ± {std:.{digits}f}" if std == std else "")
+
+
+def format_gauc(mean: float, std: float) -> str:
+    return _pm(mean, std, 4)
+
+
+def format_diff(mean: float, std: float) -> str:
+    return _pm(mean, std, 2, signed=True)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _meta_lines(meta: Mapping[str, Any]) -> List[str]:
+    m = meta["machine"]
+    return [f"- Command: `{meta['command']}`",
+            f"- Date: {meta['date']}; wall time {meta['wall_seconds'] / 60:.1f} min",
+            f"- Machine: {m['cores']} cores, {m['cpu']}, {m['memory_gib']} GiB memory; {m['os']}; "
+            f"Python {m['python']}, TensorFlow {meta['tensorflow']}",
+            f"- Git commit: {meta['commit']}",
+            f"- Seeds: {', '.join(str(s) for s in meta['seeds'])} (model initialization and data order)"]
+
+
+def _data_lines(data: Mapping[str, Any]) -> List[str]:
+    b, train, ev = data["budget"], data["train"], data["eval"]
+    return [f"- Data: synthetic KuaiRand-schema logs (components/synthetic_logs.py, seed {b['data_seed']}), "
+            f"{b['rows_per_day']:,} impressions a day, new-user share {b['new_user_share']}; "
+            f"{b.get('warmup_days', 1)} warm-up day(s) ingested for AVC history only, "
+            f"train on {data['train_dates'][0]}..{data['train_dates'][-1]} ({train['examples']:,} examples, "
+            f"{train['new_examples']:,} of new users), evaluate on {data['eval_date']} ({ev['examples']:,} "
+            f"examples: new users {ev['new_examples']:,} examples / {ev['new_users']:,} users, regular users "
+            f"{ev['regular_examples']:,} / {ev['regular_users']:,}); preparing it (or reading it from the "
+            f"--work-dir cache) took {data.get('data_seconds', float('nan')):.0f} s in this run",
+            f"- Training: {b['train_steps']} steps of {b['batch_size']} examples, Adam lr {b['learning_rate']}, "
+            "the ModelConfig defaults for every model"]
+
+
+def _gauc_tables(stats: pd.DataFrame, labels: Mapping[str, str]) -> List[str]:
+    """Table 2 format: the baseline's GAUC, every other model's difference in pp; then support."""
+    header = ["Model"] + [f"{group} {task}" for group in GROUPS for task in TASK_NAMES]
+    indexed = stats.set_index(["model", "group", "task"])
+    rows = []
+    for model in stats["model"].cat.categories:
+        cells = [labels.get(model, model)]
+        for group in GROUPS:
+            for task in TASK_NAMES:
+                r = indexed.loc[(model, group, task)]
+                cells.append(format_gauc(r["gauc_mean"], r["gauc_std"]) if model == BASELINE
+                             else format_diff(r["diff_pp_mean"], r["diff_pp_std"]))
+        rows.append(cells)
+    lines = ["GAUC of the baseline; for the other models the difference from the baseline in percentage "
+             "points (paired by seed), mean ± std over seeds:", ""] + _table(header, rows)
+    absolute = []
+    for model in stats["model"].cat.categories:
+        absolute.append([labels.get(model, model)] + [
+            format_gauc(indexed.loc[(model, g, t), "gauc_mean"], indexed.loc[(model, g, t), "gauc_std"])
+            for g in GROUPS for t in TASK_NAMES])
+    lines += ["", "GAUC of every model (mean ± std over seeds):", ""] + _table(header, absolute)
+    if "users" in stats.columns:
+        base = [f"{indexed.loc[(BASELINE, g, t), 'users']:.0f}" for g in GROUPS for t in TASK_NAMES]
+        lines += ["", "Users GAUC averages over (with both a positive and a negative impression on the "
+                      "evaluation day):", ""] + _table(header[1:], [base])
+        few = [f"{g} {t} ({indexed.loc[(BASELINE, g, t), 'users']:.0f} users)" for g in GROUPS for t in TASK_NAMES
+               if not indexed.loc[(BASELINE, g, t), "users"] >= MIN_SUPPORT_USERS]
+        if few:
+            lines += ["", f"Fewer than {MIN_SUPPORT_USERS} users behind: {', '.join(few)}; "
+                          "those GAUCs are mostly noise."]
+    return lines
+
+
+def _goal_lines(goal: Mapping[str, Any], label: str) -> List[str]:
+    new = ", ".join(f"{t} {format_diff(v, float('nan'))}" for t, v in goal["new_diff_pp"].items())
+    regular = ", ".join(f"{t} {format_diff(v, float('nan'))}" for t, v in goal["regular_diff_pp"].items())
+    return [f"- {label}: new-user GAUC above the baseline on every task: "
+            f"**{'met' if goal['new_met'] else 'missed'}** (pp: {new}); regular users at most "
+            f"{REGULAR_USER_TOLERANCE_PP} pp below: **{'met' if goal['regular_met'] else 'missed'}** (pp: {regular})"]
+
+
+# MovieLens metrics shown when run_movielens returns them (gauc is required).
+MOVIELENS_METRICS = {
+    "gauc": "GAUC on the test users",
+    "gauc_avc_lt_32": "GAUC on test ratings with fewer than 32 earlier ones (the new-user regime)",
+    "auc": "global AUC",
+}
+
+
+def render_section_a(payload: Mapping[str, Any]) -> List[str]:
+    lines = [f"## {SECTION_TITLES['a']}", ""] + _meta_lines(payload["meta"]) + [""]
+    if not payload.get("available"):
+        return lines + [f"**Unavailable**: {payload['reason']}", ""]
+    frame = pd.DataFrame(payload["rows"]).rename(columns={"variant": "model"})
+    lines += [f"- Data: {payload['zip']}; variants {', '.join(payload['variants'])}; budget "
+              f"{json.dumps(payload.get('budget') or {})} (run_movielens' defaults for what is not given)", ""]
+    tasks = list(dict.fromkeys(frame["task"]))
+    for metric, title in MOVIELENS_METRICS.items():
+        if metric not in frame.columns:
+            continue
+        stats = summarize(frame, keys=("task",), value=metric)
+        indexed = stats.set_index(["model", "task"])
+        has_baseline = BASELINE in indexed.index.get_level_values(0)
+        header = ["Model"]
+        for task in tasks:
+            header += [f"{task}"] + ([f"{task} Δ pp"] if has_baseline else [])
+        rows = []
+        for model in stats["model"].cat.categories:
+            cells = [model]
+            for task in tasks:
+                r = indexed.loc[(model, task)]
+                cells.append(format_gauc(r["gauc_mean"], r["gauc_std"]))
+                if has_baseline:
+                    cells.append("" if model == BASELINE else format_diff(r["diff_pp_mean"], r["diff_pp_std"]))
+            rows.append(cells)
+        lines += [f"{title}: mean ± std over seeds; Δ = difference from the baseline in percentage points "
+                  "(paired by seed):", ""] + _table(header, rows) + [""]
+    return lines
+
+
+def render_section_table(payload: Mapping[str, Any], section: str) -> List[str]:
+    frame = pd.DataFrame(payload["rows"])
+    stats = summarize(frame)
+    labels = {m["name"]: m["label"] for m in payload["models"]}
+    lines = [f"## {SECTION_TITLES[section]}", ""] + _meta_lines(payload["meta"]) + _data_lines(
+        payload["meta"]["data"])
+    lines += [f"- Models: " + "; ".join(f"{m['label']} = variant `{m['variant']}`, PC `{m['pc_source']}`"
+                                          for m in payload["models"]), ""]
+    lines += _gauc_tables(stats, labels) + [""]
+    if section == "b":
+        lines += ["Goal (synthetic): POSO improves new-user GAUC on every task and costs regular users at most "
+                  f"{REGULAR_USER_TOLERANCE_PP} pp (means over seeds):", ""]
+        for model in stats["model"].cat.categories:
+            if model != BASELINE:
+                lines += _goal_lines(cold_start_goal(stats, model), labels.get(model, model))
+        lines.append("")
+    return lines
+
+
+def plot_section_d(payload: Mapping[str, Any], out_dir: str) -> None:
+    """The PNGs of (d), drawn from its stored results."""
+    from pipeline import report
+
+    plot_submergence(payload["submergence"], os.path.join(out_dir, payload["plots"]["submergence"]),
+                     payload["labels"])
+    report.plot_gates_by_avc({name: {int(b): v for b, v in by.items()} for name, by in payload["gates_by_avc"].items()},
+                             os.path.join(out_dir, payload["plots"]["gates_by_avc"]))
+
+
+def render_section_d(payload: Mapping[str, Any]) -> List[str]:
+    sub = payload["submergence"]
+    lines = [f"## {SECTION_TITLES['d']}", ""] + _meta_lines(payload["meta"]) + _data_lines(payload["meta"]["data"])
+    lines += [f"- Models: seed {payload['seed']} of " + ", ".join(payload["labels"].values()), "",
+              f"Relative change of the last hidden activations (the towers' inputs, the MMoE output) on the "
+              f"evaluation day's {sub['new_user_examples']:,} new-user examples, "
+              "mean ||h(masked) - h|| / mean ||h||. Masks: is_new_user set to 0; user activity = is_new_user set "
+              f"to 0 and AVC and the PC bucket set to regular users' median ({json.dumps(sub['masked_activity_to'])});"
+              f" the balanced feature `{sub['balanced_feature']}` (two values, majority share "
+              f"{sub['balanced_majority_share']:.2f}) flipped.", ""]
+    masks = list(next(iter(sub["changes"].values())))
+    rows = [[payload["labels"].get(model, model)] + [f"{100 * changes[m]:.2f}%" for m in masks]
+            for model, changes in sub["changes"].items()]
+    lines += _table(["Model"] + [f"mask {m}" for m in masks], rows)
+    lines += ["", f"![submergence]({payload['plots']['submergence']})", "",
+              "Mean gate output per AVC bucket (PC) of POSO(MLP+MHA+MMoE), from the exported model's `gates` "
+              "signature (as the run report computes it):", ""]
+    gates = payload["gates_by_avc"]
+    buckets = sorted({int(b) for by in gates.values() for b in by})
+    rows = [[name] + [f"{by[str(b)]:.3f}" if str(b) in by else "" for b in buckets] for name, by in sorted(gates.items())]
+    lines += _table(["gate"] + [f"AVC bucket {b}" for b in buckets], rows)
+    lines += ["", f"![gates by AVC]({payload['plots']['gates_by_avc']})", ""]
+    return lines
+
+
+def render(out_dir: str) -> str:
+    """Renders OUT/RESULTS.md (and the PNGs of (d)) from every OUT/results/<section>.json."""
+    results_dir = os.path.join(out_dir, RESULTS_DIR)
+    payloads = {}
+    for section in SECTIONS:
+        path = os.path.join(results_dir, f"{section}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                payloads[section] = json.load(f)
+    lines = ["# POSO paper reproduction: results", "",
+             "Generated by `poso bench paper` (benchmarks/paper.py) from the JSON files in "
+             f"`{RESULTS_DIR}/`; do not edit by hand. Rerun a section with `poso bench paper --sections X`.", ""]
+    missing = [s for s in SECTIONS if s not in payloads]
+    if missing:
+        lines += [f"Sections not run yet: {', '.join(SECTION_TITLES[s] for s in missing)}.", ""]
+    for section, payload in payloads.items():
+        if section == "a":
+            lines += render_section_a(payload)
+        elif section in ("b", "c"):
+            lines += render_section_table(payload, section)
+        else:
+            plot_section_d(payload, out_dir)
+            lines += render_section_d(payload)
+    path = os.path.join(out_dir, RESULTS_FILE)
+    with open(path, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Command line: poso bench paper
+# ---------------------------------------------------------------------------
+def _int_list(value: str) -> List[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not items or len(set(items)) != len(items):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers, got {value!r}")
+    return items
+
+
+def _sections(value: str) -> List[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in items if v not in SECTIONS]
+    if not items or unknown:
+        raise argparse.ArgumentTypeError(f"--sections: unknown section(s) {unknown or value!r}; "
+                                         f"known: {','.join(SECTIONS)}")
+    return [s for s in SECTIONS if s in items]
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _json_object(value: str) -> Dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return parsed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = Budget()
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS), help="comma-separated (default 0,1,2)")
+    parser.add_argument("--sections", type=_sections, default=list(SECTIONS), help="any of a,b,c,d (default all)")
+    parser.add_argument("--out", default=here, help="where RESULTS.md, the PNGs and results/*.json go "
+                                                    "(default: %(default)s)")
+    parser.add_argument("--work-dir", default=os.path.join("poso_home", "paper"),
+                        help="cache of generated data and models (default: %(default)s)")
+    parser.add_argument("--rows-per-day", type=_positive_int, default=defaults.rows_per_day)
+    parser.add_argument("--train-days", type=_positive_int, default=defaults.train_days)
+    parser.add_argument("--warmup-days", type=_positive_int, default=defaults.warmup_days,
+                        help="days ingested (AVC history) before the training window")
+    parser.add_argument("--new-user-share", type=float, default=defaults.new_user_share)
+    parser.add_argument("--data-seed", type=int, default=defaults.data_seed)
+    parser.add_argument("--train-steps", type=_positive_int, default=defaults.train_steps)
+    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    parser.add_argument("--movielens-zip", default=None,
+                        help=f"ml-latest-small.zip (default: ${MOVIELENS_ENV}, else ../shared/data/ml-latest-small/"
+                             "ml-latest-small.zip beside the checkout)")
+    parser.add_argument("--movielens-variants", default=None, metavar="A,B,...",
+                        help="variants for (a) (default: every variant of models.model.VARIANTS)")
+    parser.add_argument("--movielens-budget", type=_json_object, default=None, metavar="JSON",
+                        help="keyword arguments for run_movielens, e.g. '{\"epochs\": 2}'")
+    parser.add_argument("--render-only", action="store_true",
+                        help="only render OUT/RESULTS.md again from OUT/results/*.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.render_only:
+        _log(f"Wrote {render(args.out)}")
+        return 0
+    budget = Budget(rows_per_day=args.rows_per_day, train_days=args.train_days, warmup_days=args.warmup_days,
+                    new_user_share=args.new_user_share,
+                    data_seed=args.data_seed, train_steps=args.train_steps, batch_size=args.batch_size)
+    argv = sys.argv[1:]
+    command = "poso " + shlex.join(argv) if argv[:2] == ["bench", "paper"] else "poso bench paper " + shlex.join(argv)
+    started = time.time()
+    run_sections(args.sections, args.seeds, args.out, args.work_dir, command, budget=budget,
+                 movielens_zip=args.movielens_zip,
+                 movielens_variants=([v.strip() for v in args.movielens_variants.split(",") if v.strip()]
+                                     if args.movielens_variants else None),
+                 movielens_budget=args.movielens_budget)
+    _log(f"Wrote {os.path.join(args.out, RESULTS_FILE)} in {(time.time() - started) / 60:.1f} min")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="poso bench paper", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""End-to-end test of `poso bench paper`'s machinery on tiny synthetic data (1 seed, 2 models).
+
+The real code path runs (synthetic logs -> AvcExampleGen -> tf.Transform -> training -> GAUC ->
+submergence and gates -> JSON -> RESULTS.md); the assertions check that RESULTS.md shows the
+numbers that were computed, and that the plots exist.
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks import paper
+from models import metrics
+
+TINY = paper.Budget(rows_per_day=600, train_days=1, warmup_days=1, new_user_share=0.1, train_steps=3, batch_size=64)
+MODELS = (paper.TABLE2_MODELS[0], paper.TABLE2_MODELS[-1])  # baseline, POSO(all)
+COMMAND = "poso bench paper --test"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("out"))
+    work = str(tmp_path_factory.mktemp("work"))
+    written = paper.run_sections(["a", "b", "d"], [0], out, work, COMMAND, budget=TINY,
+                                 movielens_zip=os.path.join(work, "no-such-movielens.zip"), table2_models=MODELS)
+    with open(os.path.join(out, paper.RESULTS_FILE)) as f:
+        markdown = f.read()
+    return dict(out=out, work=work, written=written, markdown=markdown)
+
+
+def _section(markdown: str, section: str) -> str:
+    start = markdown.index(f"## {paper.SECTION_TITLES[section]}")
+    end = markdown.find("\n## ", start + 1)
+    return markdown[start:] if end < 0 else markdown[start:end]
+
+
+def _first_table(text: str) -> pd.DataFrame:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    # The first table ends where the next table's header starts (a row of the same width whose
+    # first cell is "Model" again): keep rows until then.
+    table = []
+    for row in rows:
+        if row[0] == header[0]:
+            break
+        table.append(row)
+    return pd.DataFrame(table, columns=header)
+
+
+def test_table2_shows_the_computed_gaucs_and_differences(run):
+    frame = pd.DataFrame(run["written"]["b"]["rows"])
+    assert set(frame["model"]) == {m.name for m in MODELS}
+    assert frame["seed"].unique().tolist() == [0]
+    text = _section(run["markdown"], "b")
+    table = _first_table(text.split("mean ± std over seeds:", 1)[1]).set_index("Model")
+    for group in paper.GROUPS:
+        for task in paper.TASK_NAMES:
+            rows = frame[(frame["group"] == group) & (frame["task"] == task)].set_index("model")["gauc"]
+            base, poso = rows[paper.BASELINE], rows[paper.POSO]
+            column = f"{group} {task}"
+            expected_base = "n/a" if np.isnan(base) else f"{base:.4f}"
+            expected_diff = "n/a" if np.isnan(poso - base) else f"{100 * (poso - base):+.2f}"
+            assert table.loc[MODELS[0].label, column] == expected_base, column
+            assert table.loc[MODELS[1].label, column] == expected_diff, column
+    # The numbers are real GAUCs of two different models, not placeholders.
+    long_view = frame[(frame["task"] == "long_view") & (frame["group"] == "all")].set_index("model")["gauc"]
+    assert 0.0 < long_view.min() and long_view.max() < 1.0
+    assert long_view[paper.BASELINE] != long_view[paper.POSO]
+    assert (frame[frame["task"] == "long_view"]["users"] > 0).all()
+
+
+def test_goal_lines_follow_the_numbers(run):
+    stats = paper.summarize(pd.DataFrame(run["written"]["b"]["rows"]))
+    goal = paper.cold_start_goal(stats)
+    line = next(l for l in _section(run["markdown"], "b").splitlines() if l.startswith(f"- {MODELS[1].label}:"))
+    verdicts = re.findall(r"\*\*(met|missed)\*\*", line)
+    assert verdicts == ["met" if goal["new_met"] else "missed", "met" if goal["regular_met"] else "missed"]
+    for task, value in goal["new_diff_pp"].items():
+        assert (f"{task} n/a" if np.isnan(value) else f"{task} {value:+.2f}") in line
+
+
+def test_submergence_and_gate_plots(run):
+    d = run["written"]["d"]
+    changes = d["submergence"]["changes"]
+    assert set(changes) == {paper.BASELINE, paper.POSO}
+    for model_changes in changes.values():
+        assert set(model_changes) == {"is_new_user", paper.ACTIVITY_MASK, d["submergence"]["balanced_feature"]}
+        assert all(np.isfinite(v) and v >= 0 for v in model_changes.values())
+        assert model_changes[paper.ACTIVITY_MASK] > 0  # AVC is an input of every model
+    text = _section(run["markdown"], "d")
+    label = d["labels"][paper.POSO]
+    row = next(l for l in text.splitlines() if l.startswith(f"| {label} |"))
+    assert f"{100 * changes[paper.POSO][paper.ACTIVITY_MASK]:.2f}%" in row
+    # POSO(all) has gates in the MLP, the attention and the MMoE.
+    assert {"mlp_layer_0", "attention_keys", "mmoe_experts"} <= set(d["gates_by_avc"])
+    for name in ("submergence.png", "gates_by_avc.png"):
+        path = os.path.join(run["out"], name)
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+        assert f"]({name})" in run["markdown"]
+
+
+def test_results_record_the_run(run):
+    text = run["markdown"]
+    assert f"`{COMMAND}`" in text and "Seeds: 0" in text and "cores" in text
+    assert "**Unavailable**" in _section(text, "a")
+    with open(os.path.join(run["out"], paper.RESULTS_DIR, "b.json")) as f:
+        saved = json.load(f)
+    assert saved["meta"]["data"]["budget"]["rows_per_day"] == TINY.rows_per_day
+    assert saved["meta"]["data"]["eval"]["examples"] == TINY.rows_per_day
+
+
+def test_rerunning_one_section_keeps_the_others(run):
+    before = _section(run["markdown"], "b")
+    paper.run_sections(["a"], [0, 1], run["out"], run["work"], "poso bench paper --sections a",
+                       movielens_zip=os.path.join(run["work"], "still-missing.zip"))
+    with open(os.path.join(run["out"], paper.RESULTS_FILE)) as f:
+        after = f.read()
+    assert _section(after, "b") == before
+    assert "`poso bench paper --sections a`" in _section(after, "a")
+
+
+def test_summarize_pairs_differences_by_seed():
+    rows = []
+    for seed, (base, poso) in enumerate([(0.60, 0.62), (0.70, 0.71), (0.50, 0.53)]):
+        rows += [dict(model=paper.BASELINE, seed=seed, group="new", task="like", gauc=base, users=5),
+                 dict(model=paper.POSO, seed=seed, group="new", task="like", gauc=poso, users=5)]
+    stats = paper.summarize(pd.DataFrame(rows)).set_index("model")
+    np.testing.assert_allclose(stats.loc[paper.POSO, "diff_pp_mean"], 2.0)
+    np.testing.assert_allclose(stats.loc[paper.POSO, "diff_pp_std"], np.std([2, 1, 3], ddof=1))
+    np.testing.assert_allclose(stats.loc[paper.BASELINE, "gauc_mean"], 0.6)
+    np.testing.assert_allclose(stats.loc[paper.BASELINE, "gauc_std"], 0.1)
+
+
+def test_gauc_rows_match_grouped_auc():
+    from benchmarks.paper_data import Split
+
+    rng = np.random.default_rng(0)
+    n = 400
+    labels = {t.label: (rng.random(n) < 0.4).astype(np.float32) for t in paper.specs.TASKS}
+    split = Split(features=labels, user_ids=rng.integers(0, 30, n),
+                  user_groups=np.where(rng.random(n) < 0.3, "new", "regular"), avc_buckets=np.zeros(n, int))
+    predictions = {t.name: rng.random(n) for t in paper.specs.TASKS}
+    rows = pd.DataFrame(paper.gauc_rows(predictions, split)).set_index(["task", "group"])
+    new = split.user_groups == "new"
+    task = paper.specs.TASKS[0]
+    assert rows.loc[(task.name, "new"), "gauc"] == metrics.grouped_auc(
+        labels[task.label][new], predictions[task.name][new], split.user_ids[new])
+    assert rows.loc[(task.name, "all"), "examples"] == n
+
+
+def test_cli_rejects_unknown_sections():
+    from pipeline import cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "paper", "--sections", "d,b", "--seeds", "3,4"])
+    assert args.sections == ["b", "d"] and args.seeds == [3, 4]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "paper", "--sections", "b,e"])
+
+
+def test_movielens_table_shows_the_returned_frame(tmp_path):
+    rows = []
+    for seed, (base, poso) in enumerate([(0.70, 0.72), (0.68, 0.71)]):
+        for task, shift in (("favorite", 0.0), ("satisfied", -0.05)):
+            rows += [dict(variant=paper.BASELINE, seed=seed, task=task, gauc=base + shift, gauc_avc_lt_32=base - 0.1),
+                     dict(variant=paper.POSO, seed=seed, task=task, gauc=poso + shift, gauc_avc_lt_32=poso - 0.1)]
+    payload = dict(available=True, zip="ml.zip", variants=[paper.BASELINE, paper.POSO], budget={}, rows=rows,
+                   meta=dict(command="c", date="d", wall_seconds=60, commit="x", tensorflow="t", seeds=[0, 1],
+                             machine=dict(cores=2, cpu="cpu", memory_gib=1, os="os", python="3")))
+    text = "\n".join(paper.render_section_a(payload))
+    row = next(l for l in text.splitlines() if l.startswith(f"| {paper.POSO} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # favorite: GAUC 0.715 ± std(0.72, 0.71); Δ (2 pp, 3 pp) -> +2.50 ± 0.71
+    assert cells[1] == f"0.7150 ± {np.std([0.72, 0.71], ddof=1):.4f}"
+    assert cells[2] == f"+2.50 ± {np.std([2.0, 3.0], ddof=1):.2f}"
+    assert "fewer than 32 earlier ones" in text
