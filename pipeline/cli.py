@@ -142,8 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     train = benches.add_parser("train", help="train-step throughput per model variant")
     train_throughput.add_arguments(train)
     train.set_defaults(func=train_throughput.run)
+    from benchmarks import pipeline_scale
+    scale = benches.add_parser("pipeline", help="wall time and peak memory of a daily run per component, per window size")
+    pipeline_scale.add_arguments(scale)
+    scale.set_defaults(func=pipeline_scale.run)
 
-    schedule = commands.add_parser("schedule", help="print or install the daily trigger (cron or systemd)")
+    kubeflow = commands.add_parser("compile-kubeflow", help="compile the daily pipeline for Kubeflow Pipelines v2 / Vertex (JSON)")
+    from pipeline import kubeflow_v2_runner
+    kubeflow_v2_runner.add_arguments(kubeflow)
+    kubeflow.set_defaults(func=kubeflow_v2_runner.run)
+
+    schedule = commands.add_parser("schedule", help="print or install the daily trigger (cron or systemd), "
+                                   "or write the Kubeflow recurring run")
     from pipeline import schedule as schedule_lib
     schedule_lib.add_arguments(schedule)
     schedule.set_defaults(func=schedule_lib.run)

@@ -52,7 +52,8 @@ class RunConfig:
 
     @property
     def home_dir(self) -> str:
-        return os.path.abspath(self.home)
+        """--home as an absolute path, or as given when it is a URI (gs://..., s3://...)."""
+        return self.home if "://" in self.home else os.path.abspath(self.home)
 
     @property
     def pipeline_root(self) -> str:
@@ -93,3 +94,16 @@ class RunConfig:
         if remote and not any(a.startswith("--setup_file") for a in args):
             args.append(f"--setup_file={os.path.join(PROJECT_DIR, 'setup.py')}")
         return args
+
+
+# Kubeflow Pipelines v2 / Vertex AI Pipelines (pipeline/kubeflow_v2_runner.py). The paths are
+# examples to override: every component reads and writes them from its container, so they must be
+# remote (or mounted) storage. Custom components read files with local file APIs, so on Vertex use
+# Cloud Storage FUSE paths (/gcs/BUCKET/...), on Kubeflow a mounted volume.
+KUBEFLOW_PIPELINE_NAME = "poso-ranking"         # KFP v2 names: [a-z0-9][a-z0-9-]*
+KUBEFLOW_IMAGE = "europe-docker.pkg.dev/PROJECT/poso/poso-ranking-pipeline:latest"
+KUBEFLOW_HOME = "/gcs/poso-ranking/home"        # pipeline root, span registry, serving base directory
+KUBEFLOW_DATA = "/gcs/poso-ranking/data"        # DATA/logs/YYYY-MM-DD/*.csv|*.parquet + feature tables
+KUBEFLOW_SCHEMA_FILE = "/pipeline/schema/schema.pbtxt"   # written into the image by the Dockerfile
+KUBEFLOW_OUTPUT = "poso_ranking_pipeline.json"
+KUBEFLOW_CRON = "0 30 2 * * *"                  # KFP cron: seconds minutes hours day month weekday
