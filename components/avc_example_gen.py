@@ -58,7 +58,7 @@ class _SpanCustomProperty:
 class UserState(_SpanCustomProperty, types.Artifact):
     """Per-user AVC, first appearance and history as of the end of `through_date`."""
 
-    TYPE_NAME = "poso.UserState"  # namespace.Name: a valid KFP v2 schema title
+    TYPE_NAME = "poso.UserState"  # a KFP v2 schema title, importable: see poso/__init__.py
     through_date = property(lambda self: self.get_string_custom_property("through_date"),
                             lambda self, value: self.set_string_custom_property("through_date", value))
 

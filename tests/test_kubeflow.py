@@ -193,3 +193,40 @@ def test_recurring_run_spec_is_what_kfp_accepts(compiled, tmp_path, capsys):
 def test_schedule_refuses_a_missing_pipeline_package(tmp_path):
     with pytest.raises(SystemExit, match="compile-kubeflow"):
         cli.main(["schedule", "--kind", "kubeflow", "--pipeline-package", str(tmp_path / "nope.json")])
+
+
+def test_tfx_container_entrypoint_runs_a_compiled_custom_component(compiled, tmp_path):
+    """What a KFP v2 pod does for `previous_user_state`: TFX's entrypoint with the compiled args,
+    on an ExecutorInput built from the spec; the custom artifact type survives the round trip."""
+    import subprocess
+    import sys
+
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+    from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_entrypoint_utils
+
+    spec, _ = compiled
+    pipeline_spec = spec["pipelineSpec"]
+    container = pipeline_spec["deploymentSpec"]["executors"]["previous_user_state_executor"]["container"]
+    artifact_type = pipeline_spec["components"]["previous_user_state"]["outputDefinitions"]["artifacts"]["user_state"]["artifactType"]
+    registry, state_dir = str(tmp_path / "registry"), _span_dir(tmp_path, "state", {"state-0": "carried"})
+    span = span_of(datetime.date(2022, 4, 11))
+    span_registry.register_day(registry, span, str(tmp_path / "examples"), state_dir)
+    parameters = {"registry_dir": registry, "date": "before:2022-04-13"}
+    invocation = {
+        "inputs": {"parameterValues": parameters, "parameters": {k: {"stringValue": v} for k, v in parameters.items()}},
+        "outputs": {"artifacts": {"user_state": {"artifacts": [{
+            "uri": str(tmp_path / "out"), "name": "projects/1/locations/l/metadataStores/default/artifacts/7",
+            "type": artifact_type}]}},
+            "outputFile": str(tmp_path / "executor_output.json")}}
+    args = [a if a != "{{$}}" else json.dumps(invocation) for a in container["args"]]
+    subprocess.run([sys.executable] + container["command"][1:] + args, check=True, timeout=300)
+
+    output = json.loads((tmp_path / "executor_output.json").read_text())["artifacts"]["user_state"]
+    output["artifacts"][0]["type"] = artifact_type
+    parsed = kubeflow_v2_entrypoint_utils.parse_raw_artifact_dict(
+        {"user_state": json_format.ParseDict(output, pipeline_spec_pb2.ArtifactList())}, {})
+    state = parsed["user_state"][0]
+    assert isinstance(state, avc_example_gen.UserState)
+    assert (state.span, state.through_date) == (span, "2022-04-11")
+    assert open(os.path.join(state.uri, "state-0")).read() == "carried"
