@@ -13,7 +13,6 @@ day before); `poso schedule --kind kubeflow` writes the daily recurring run, whi
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 from typing import Dict
@@ -23,23 +22,11 @@ from tfx import v1 as tfx
 from pipeline import config as config_lib
 from pipeline import pipeline as pipeline_lib
 
-# Where the Dockerfile puts the project inside the image.
-IMAGE_PROJECT_DIR = "/pipeline"
 # The runtime parameter `date` of the daily recurring run: the day before the scheduled day, as
 # the KFP scheduler substitutes [[ScheduledTime.<Go time layout>]] (see avc_example_gen.run_date).
 # It has no default: KFP caches a task by its inputs, so a constant such as "yesterday" would
 # find the first day's AvcExampleGen cached on every later day.
 RECURRING_DATE_PARAMETER = "before:[[ScheduledTime.2006-01-02]]"
-
-
-def _remote_beam_args(cfg: config_lib.RunConfig) -> config_lib.RunConfig:
-    """A remote Beam runner ships this project to its workers with setup.py: the copy in the image,
-    not the one on the machine that compiles."""
-    args = list(cfg.extra_beam_args)
-    runners = [a.split("=", 1)[1] for a in args if a.startswith("--runner=")]
-    if runners and runners[-1] not in ("DirectRunner", "direct") and not any(a.startswith("--setup_file") for a in args):
-        args.append(f"--setup_file={IMAGE_PROJECT_DIR}/setup.py")
-    return dataclasses.replace(cfg, extra_beam_args=tuple(args))
 
 
 def compile_pipeline(cfg: config_lib.RunConfig, image: str, output_path: str,
@@ -55,7 +42,7 @@ def compile_pipeline(cfg: config_lib.RunConfig, image: str, output_path: str,
             display_name=config_lib.KUBEFLOW_PIPELINE_NAME, default_image=image),
         output_dir=os.path.dirname(os.path.abspath(output_path)),
         output_filename=os.path.basename(output_path))
-    return runner.run(pipeline_lib.create_pipeline(_remote_beam_args(cfg), for_kubeflow=True,
+    return runner.run(pipeline_lib.create_pipeline(cfg, for_kubeflow=True,
                                                    schema_file=schema_file))
 
 

@@ -136,7 +136,8 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
         components=components,
         enable_cache=cfg.enable_cache,
         metadata_connection_config=None if for_kubeflow else metadata_connection(cfg),
-        beam_pipeline_args=cfg.beam_pipeline_args())
+        beam_pipeline_args=cfg.beam_pipeline_args(
+            config_lib.KUBEFLOW_PROJECT_DIR if for_kubeflow else config_lib.PROJECT_DIR))
 
 
 def metadata_connection(cfg: config_lib.RunConfig):

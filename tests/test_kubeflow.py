@@ -62,7 +62,7 @@ def test_every_executor_runs_the_image_through_the_tfx_entrypoint_with_the_beam_
         args = containers[f"{component}_executor"]["args"]
         assert all(a in args for a in BEAM), (component, args)
         # A remote runner gets the project from setup.py inside the image.
-        assert f"--setup_file={kubeflow_v2_runner.IMAGE_PROJECT_DIR}/setup.py" in args
+        assert f"--setup_file={config_lib.KUBEFLOW_PROJECT_DIR}/setup.py" in args
     custom = {"AvcExampleGen": "components.avc_example_gen.Executor",
               "training_window": "components.span_registry.SpanWindowExamplesExecutor",
               "previous_user_state": "components.span_registry.RegisteredUserStateExecutor"}
@@ -107,6 +107,12 @@ def _span_dir(root, name, files):
     return path
 
 
+def _examples(root, span, text):
+    """An Examples artifact of `span` whose split holds one file containing `text`."""
+    _span_dir(root, f"examples-{span}/Split-{SPLIT}", {"part-0.gz": text})
+    return _artifact(standard_artifacts.Examples, os.path.join(root, f"examples-{span}"), span)
+
+
 def _artifact(cls, uri, span=None):
     artifact = cls()
     artifact.uri = uri
@@ -129,9 +135,7 @@ def test_span_registry_carries_the_state_and_the_window_of_validated_days(tmp_pa
     # Days 1..3 registered as their runs would have: examples of span s hold one file named after s.
     for offset in range(3):
         span = span_of(day) + offset
-        examples = _artifact(standard_artifacts.Examples,
-                             _span_dir(tmp_path, f"ex{span}/Split-{SPLIT}", {"part-0.gz": f"examples {span}"})[:-len(f"/Split-{SPLIT}")],
-                             span)
+        examples = _examples(str(tmp_path), span, f"examples {span}")
         state = _artifact(avc_example_gen.UserState, _span_dir(tmp_path, f"st{span}", {"state-0": f"state {span}"}), span)
         span_registry.register_day(registry, span, examples.uri, state.uri)
     today = span_of(day) + 3
@@ -144,9 +148,7 @@ def test_span_registry_carries_the_state_and_the_window_of_validated_days(tmp_pa
     assert open(os.path.join(out_state.uri, "state-0")).read() == f"state {today - 1}"
 
     # The window of the 3 days before today, in one Examples artifact; today gets registered.
-    today_examples = _artifact(standard_artifacts.Examples,
-                               _span_dir(tmp_path, f"ex{today}/Split-{SPLIT}", {"part-0.gz": "today"})[:-len(f"/Split-{SPLIT}")],
-                               today)
+    today_examples = _examples(str(tmp_path), today, "today")
     today_state = _artifact(avc_example_gen.UserState, _span_dir(tmp_path, f"st{today}", {"state-0": "today"}), today)
     window = _window(registry, today_examples, today_state, str(tmp_path / "window"))
     files = sorted(os.listdir(os.path.join(window.uri, f"Split-{SPLIT}")))
