@@ -1,7 +1,7 @@
 """Serving latency and throughput over loopback, beside the in-process SavedModel call.
 
-    bin/poso-env python -m benchmarks.serving_latency --home /tmp/bench_demo
-    bin/poso-env python -m benchmarks.serving_latency --model-dir HOME/serving/poso_ranking/<v>
+    bin/poso bench serving --home /tmp/bench_demo
+    bin/poso bench serving --model-dir HOME/serving/poso_ranking/<v>
 
 Serves a pushed ranking model (the latest under HOME/serving/poso_ranking unless
 --model-dir names one; `bin/poso demo --home /tmp/bench_demo --rows-per-day 800

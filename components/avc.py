@@ -47,7 +47,7 @@ def _upload_ms(video: Mapping[str, str]) -> Optional[int]:
         day = datetime.date.fromisoformat(text.strip())
     except ValueError:
         return None
-    return int(datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.timezone.utc).timestamp() * 1000)
+    return specs.day_start_ms(day)
 
 
 def _profile_value(feature: specs.Feature, row: Optional[Mapping[str, str]]):

@@ -189,11 +189,11 @@ def _read_state(pipeline, artifact) -> beam.PCollection:
 def run_date(text: str) -> datetime.date:
     """The log date: YYYY-MM-DD; "before:YYYY-MM-DD" (the day before; a Kubeflow recurring run
     passes "before:[[ScheduledTime.2006-01-02]]", so a run that catches up still evaluates the
-    day before its scheduled date); or "yesterday" (UTC, when the executor runs). A compiled
+    day before its scheduled date); or "yesterday" (in the logs' time zone, when the executor runs). A compiled
     Kubeflow pipeline takes the date as a runtime parameter; the components after this one read
     the date from its span."""
     if text == "yesterday":
-        return datetime.datetime.now(datetime.timezone.utc).date() - datetime.timedelta(days=1)
+        return datetime.datetime.now(specs.LOG_TIMEZONE).date() - datetime.timedelta(days=1)
     before = text.startswith("before:")
     try:
         date = datetime.date.fromisoformat(text[len("before:"):] if before else text)

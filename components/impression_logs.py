@@ -144,10 +144,10 @@ def validate_row(path: str, row_number: int, fields: List[str], date: datetime.d
     for name in (specs.USER_ID, specs.VIDEO_ID, specs.TIME_MS, specs.PLAY_TIME_MS, specs.DURATION_MS):
         if values[name] < 0:
             return bad(f"column {name!r}: negative value {values[name]}")
-    day_start = int(datetime.datetime(date.year, date.month, date.day,
-                                      tzinfo=datetime.timezone.utc).timestamp() * 1000)
+    day_start = specs.day_start_ms(date)
     if not day_start <= values[specs.TIME_MS] < day_start + DAY_MS:
-        return bad(f"column {specs.TIME_MS!r}: {values[specs.TIME_MS]} is outside {date.isoformat()} (UTC)")
+        return bad(f"column {specs.TIME_MS!r}: {values[specs.TIME_MS]} is outside {date.isoformat()} "
+                   f"({specs.LOG_TIMEZONE.tzname(None)}, the logs' time zone)")
     if values[specs.DATE] != int(date.strftime("%Y%m%d")):
         return bad(f"column {specs.DATE!r}: {values[specs.DATE]} is not {date.strftime('%Y%m%d')}")
     if values[specs.VIDEO_ID] not in known_videos:

@@ -145,7 +145,7 @@ _ACTIVITY = {
     "30day_retention": (0.3, 0.6), "day_new": (0.5, 0.7), "UNKNOWN": (0.5, 0.8),
 }
 _DEFAULT_ACTIVITY = (0.5, 0.8)
-# Share of each hour of the day (UTC) in the traffic: quiet nights, evening peak.
+# Share of each hour of the (local) day in the traffic: quiet nights, evening peak.
 _DIURNAL = np.array([20, 12, 8, 6, 6, 8, 15, 30, 40, 45, 45, 50, 55, 50, 45, 45, 48, 50, 55, 62, 68, 70, 65, 40],
                     dtype=np.float64)
 _DIURNAL_CDF = np.concatenate([[0.0], np.cumsum(_DIURNAL / _DIURNAL.sum())])
@@ -191,10 +191,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def _bernoulli(rng: np.random.Generator, logits: np.ndarray) -> np.ndarray:
     return rng.random(logits.shape[0]) < _sigmoid(logits)
-
-
-def _day_start_ms(date: datetime.date) -> int:
-    return int(datetime.datetime(date.year, date.month, date.day, tzinfo=datetime.timezone.utc).timestamp() * 1000)
 
 
 def _sample_time_of_day(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -580,7 +576,7 @@ class _World:
     def plan_day(self, day: int) -> _DayPlan:
         """Draws the day's active users, its arrivals and every user's impression count."""
         rng, users, rows = _rng(self.seed, _S_DAY, day), self.users, self.rows_per_day
-        day_start = _day_start_ms(self.start + datetime.timedelta(days=day))
+        day_start = specs.day_start_ms(self.start + datetime.timedelta(days=day))
         known = np.arange(users.n)
         since_arrival = day - users.arrival_day[known]
         p_active = users.p_active[known] * np.where(since_arrival == 1, _NEXT_DAY_RETENTION, 1.0)
@@ -618,7 +614,7 @@ class _World:
         """The log rows of one chunk of a day's users, as LOG_COLUMNS arrays."""
         rng, n = _rng(self.seed, _S_ROWS, day, chunk), int(counts.sum())
         date = self.start + datetime.timedelta(days=day)
-        day_start = _day_start_ms(date)
+        day_start = specs.day_start_ms(date)
         user = np.repeat(users, counts)
         first_ms = self.users.first_ms[user]
 
@@ -793,7 +789,7 @@ def generate(out_dir: str, start_date: datetime.date, days: int, seed: int, impr
       out_dir: output root; gets logs/YYYY-MM-DD/log.{csv,parquet}, user_features.csv and
         video_features.csv (existing files of those names are replaced; a date folder's log in
         the other format is removed, so each date folder holds exactly one log file).
-      start_date: the first date (UTC).
+      start_date: the first date (in feature_specs.LOG_TIMEZONE).
       days: number of consecutive dates.
       seed: the random seed; the same arguments give byte-identical files.
       impressions_per_day: rows per day (exact).
@@ -848,7 +844,7 @@ def _date(text: str) -> datetime.date:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (gets logs/, user_features.csv, "
                                                      "video_features.csv)")
-    parser.add_argument("--start", required=True, type=_date, help="first date, YYYY-MM-DD (UTC)")
+    parser.add_argument("--start", required=True, type=_date, help="first date, YYYY-MM-DD")
     parser.add_argument("--days", type=int, default=14, help="number of days (default 14)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--rows-per-day", type=int, default=20000, help="impressions per day (default 20000)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import datetime
 import enum
 from typing import Mapping, Optional, Sequence, Tuple
 
@@ -16,7 +17,7 @@ __all__ = [
     "LOG_COLUMNS", "LOG_INT_COLUMNS", "USER_TABLE_COLUMNS", "VIDEO_TABLE_COLUMNS",
     "FEATURES", "TASKS", "PC", "feature", "features_of_kind", "model_input_features",
     "raw_example_features", "serving_features", "pc_bucket", "user_group",
-    "NEW_USER_HOURS", "NEW_ITEM_DAYS", "INACTIVE_DEGREES", "USER_GROUPS",
+    "NEW_USER_HOURS", "NEW_ITEM_DAYS", "LOG_TIMEZONE", "day_start_ms", "INACTIVE_DEGREES", "USER_GROUPS",
     "HISTORY_LENGTH", "PADDING_INDEX", "MISSING_VALUE",
     # Column names the Beam step and readers refer to.
     "USER_ID", "VIDEO_ID", "DATE", "HOURMIN", "TIME_MS", "TAB", "AUTHOR_ID", "MUSIC_ID",
@@ -127,6 +128,9 @@ MISSING_VALUE = -124  # KuaiRand's marker for a missing value
 # Definitions
 # ---------------------------------------------------------------------------
 NEW_USER_HOURS = 24      # a user is new within this many hours of their first impression
+# KuaiRand's `date`, `hourmin` and `upload_dt` are Kuaishou's local time (Beijing, UTC+8, no
+# daylight saving): a log day runs from 00:00 to 24:00 there, and so does every day here.
+LOG_TIMEZONE = datetime.timezone(datetime.timedelta(hours=8), "UTC+08:00")
 NEW_ITEM_DAYS = 7        # an item is new within this many days of its upload
 HISTORY_LENGTH = 30      # behaviour-sequence length (the paper's Sec. 3)
 PADDING_INDEX = 0
@@ -230,6 +234,11 @@ serving_features = model_input_features
 def raw_example_features() -> Tuple[Feature, ...]:
     """Every feature of the tf.Examples the Beam step writes."""
     return FEATURES
+
+
+def day_start_ms(date: datetime.date) -> int:
+    """Epoch milliseconds of 00:00 on `date` in LOG_TIMEZONE: where a log day begins."""
+    return int(datetime.datetime(date.year, date.month, date.day, tzinfo=LOG_TIMEZONE).timestamp() * 1000)
 
 
 def pc_bucket(value: int, boundaries: Sequence[int] = PC.boundaries) -> int:

@@ -91,18 +91,6 @@ def cmd_generate(args) -> int:
     return synthetic_logs.run(args) or 0
 
 
-def cmd_serve(args) -> int:
-    from serving import server
-
-    return server.main(args.server_args) or 0
-
-
-def cmd_predict(args) -> int:
-    from serving import client
-
-    return client.main(args.client_args) or 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poso", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = benches.add_parser("train", help="train-step throughput per model variant")
     train_throughput.add_arguments(train)
     train.set_defaults(func=train_throughput.run)
+    from benchmarks import serving_latency
+    serving = benches.add_parser("serving", help="gRPC/REST latency and throughput beside the in-process call")
+    serving_latency.add_arguments(serving)
+    serving.set_defaults(func=serving_latency.run)
     from benchmarks import pipeline_scale
     scale = benches.add_parser("pipeline", help="wall time and peak memory of a daily run per component, per window size")
     pipeline_scale.add_arguments(scale)
@@ -158,14 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     schedule_lib.add_arguments(schedule)
     schedule.set_defaults(func=schedule_lib.run)
 
+    from serving import client, server
     serve = commands.add_parser("serve", help="serve pushed models over TF Serving's gRPC and REST APIs",
-                                add_help=False)
-    serve.add_argument("server_args", nargs=argparse.REMAINDER)
-    serve.set_defaults(func=cmd_serve)
+                                description=server.build_arg_parser().description)
+    server.add_arguments(serve)
+    serve.set_defaults(func=server.run)
 
-    predict = commands.add_parser("predict", help="send a predict request over gRPC or REST", add_help=False)
-    predict.add_argument("client_args", nargs=argparse.REMAINDER)
-    predict.set_defaults(func=cmd_predict)
+    predict = commands.add_parser("predict", help="send a predict request over gRPC or REST",
+                                  description=client.build_arg_parser().description)
+    client.add_arguments(predict)
+    predict.set_defaults(func=client.run)
     return parser
 
 

@@ -88,8 +88,10 @@ class RunConfig:
         """DirectRunner on both cores by default; for a remote runner (--runner=DataflowRunner,
         FlinkRunner, SparkRunner via --beam-arg) workers get this project through
         project_dir/setup.py (on Kubeflow: the copy in the pipeline image)."""
+        # in_memory runs one worker whatever the count (and Beam warns about any other count).
+        workers = 1 if self.beam_direct_running_mode == "in_memory" else self.beam_num_workers
         args = [f"--direct_running_mode={self.beam_direct_running_mode}",
-                f"--direct_num_workers={self.beam_num_workers}"] + list(self.extra_beam_args)
+                f"--direct_num_workers={workers}"] + list(self.extra_beam_args)
         runners = [a.split("=", 1)[1] for a in args if a.startswith("--runner=")]
         remote = runners and runners[-1] not in ("DirectRunner", "direct")
         if remote and not any(a.startswith("--setup_file") for a in args):

@@ -183,3 +183,16 @@ def setup_logging(verbose: bool = False) -> None:
     root.addHandler(stderr)
     if not verbose:  # TensorFlow's logger has a handler of its own; keep it to real problems
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
+        stderr.addFilter(_drop_expected_warnings)
+
+
+# Warnings every run logs that say nothing about the run (shown with --verbose):
+_EXPECTED_WARNINGS = (
+    "Fail to find metrics for model name: baseline",  # TFMA, when there is no baseline yet
+    "ArtifactQuery.property_predicate is not supported",  # MLMD without ZetaSQL, on each resolve
+    "Fallback to non-ZetaSQL contexts execution query",
+)
+
+
+def _drop_expected_warnings(record: logging.LogRecord) -> bool:
+    return not (record.levelno == logging.WARNING and record.getMessage().startswith(_EXPECTED_WARNINGS))

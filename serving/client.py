@@ -26,6 +26,7 @@ From the command line: `poso predict --help` (or `python -m serving.client --hel
 
 from __future__ import annotations
 
+import abc
 import argparse
 import base64
 import dataclasses
@@ -213,9 +214,28 @@ def _tensor_types(tensor_infos) -> TensorTypes:
     return types
 
 
+class _PredictionClient(abc.ABC):
+    """What the gRPC and REST clients share: finding a signature among a model's."""
+
+    @abc.abstractmethod
+    def signature_defs(self, model_name: str, version: Optional[int] = None,
+                       version_label: Optional[str] = None):
+        """{signature name: signature} of a served model version."""
+
+    def signature_def(self, model_name: str, signature_name: str = DEFAULT_SIGNATURE,
+                      version: Optional[int] = None, version_label: Optional[str] = None):
+        """One served signature: a SignatureDef proto over gRPC, its JSON over REST."""
+        signatures = self.signature_defs(model_name, version, version_label)
+        if signature_name not in signatures:
+            raise ServingClientError(
+                "NOT_FOUND", f"model {model_name} has no signature '{signature_name}' "
+                f"(has {sorted(signatures)})")
+        return signatures[signature_name]
+
+
 # -- gRPC -----------------------------------------------------------------------------------
 
-class GrpcPredictionClient:
+class GrpcPredictionClient(_PredictionClient):
     """A PredictionService client over one insecure channel; signatures are cached."""
 
     def __init__(self, address: str, timeout: float = 10.0,
@@ -264,16 +284,6 @@ class GrpcPredictionClient:
             response.metadata["signature_def"].Unpack(signature_map)
             self._signatures[key] = dict(signature_map.signature_def)
         return self._signatures[key]
-
-    def signature_def(self, model_name: str, signature_name: str = DEFAULT_SIGNATURE,
-                      version: Optional[int] = None, version_label: Optional[str] = None):
-        """The SignatureDef proto of a served signature (GetModelMetadata)."""
-        signatures = self.signature_defs(model_name, version, version_label)
-        if signature_name not in signatures:
-            raise ServingClientError(
-                "NOT_FOUND", f"model {model_name} has no signature '{signature_name}' "
-                f"(has {sorted(signatures)})")
-        return signatures[signature_name]
 
     def input_types(self, model_name: str, signature_name: str = DEFAULT_SIGNATURE,
                     version: Optional[int] = None, version_label: Optional[str] = None
@@ -338,7 +348,7 @@ def _decode_b64(value):
     return value
 
 
-class RestPredictionClient:
+class RestPredictionClient(_PredictionClient):
     """A client of TensorFlow Serving's REST API at `base_url` (http://host:port)."""
 
     def __init__(self, base_url: str, timeout: float = 10.0):
@@ -389,17 +399,6 @@ class RestPredictionClient:
                                   + "/metadata")
             self._signatures[key] = dict(answer["metadata"]["signature_def"]["signature_def"])
         return self._signatures[key]
-
-    def signature_def(self, model_name: str, signature_name: str = DEFAULT_SIGNATURE,
-                      version: Optional[int] = None, version_label: Optional[str] = None
-                      ) -> Mapping[str, Any]:
-        """The JSON SignatureDef of a served signature (GET .../metadata)."""
-        signatures = self.signature_defs(model_name, version, version_label)
-        if signature_name not in signatures:
-            raise ServingClientError(
-                "NOT_FOUND", f"model {model_name} has no signature '{signature_name}' "
-                f"(has {sorted(signatures)})")
-        return signatures[signature_name]
 
     def input_types(self, model_name: str, signature_name: str = DEFAULT_SIGNATURE,
                     version: Optional[int] = None, version_label: Optional[str] = None

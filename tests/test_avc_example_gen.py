@@ -23,7 +23,7 @@ VIDEOS = 40
 
 
 def _day_ms(date):
-    return int(datetime.datetime(date.year, date.month, date.day, tzinfo=datetime.timezone.utc).timestamp() * 1000)
+    return specs.day_start_ms(date)
 
 
 def _write_tables(base, rng):
@@ -143,7 +143,8 @@ def test_avc_history_and_new_user_equal_brute_force_across_days(multi_day):
             assert ex[specs.HIST_TAGS] == want_tags
             assert ex[specs.IS_NEW_USER] == [want_new]
             assert ex[specs.AVC_BUCKET] == [specs.pc_bucket(avc)]
-            assert hour == (key[1] % 86_400_000) // 3_600_000
+            # The hour of day in the logs' time zone (days there start at _day_ms of each date).
+            assert hour == (key[1] - _day_ms(datetime.date(1970, 1, 1))) % 86_400_000 // 3_600_000
             seen += 1
     assert seen == len(every)
 
@@ -243,3 +244,20 @@ def test_parquet_logs_give_the_same_examples_as_csv(multi_day, tmp_path):
     parquet_rows = sorted(_read_examples(from_parquet["examples"][0]), key=key)
     assert len(parquet_rows) == len(csv_rows) > 0
     assert parquet_rows == csv_rows
+
+
+def test_a_log_day_runs_from_midnight_to_midnight_beijing_time():
+    """KuaiRand's dates are Beijing time (UTC+8): 00:00 there is 16:00 UTC the day before."""
+    date = datetime.date(2022, 4, 11)
+    midnight_utc = int(datetime.datetime(2022, 4, 11, tzinfo=datetime.timezone.utc).timestamp() * 1000)
+    hour_ms = 3_600_000
+
+    def reason(time_ms):
+        fields = ["1", "1", "20220411", "0", str(time_ms), *["0"] * 14]
+        impression, bad = impression_logs.validate_row("log.csv", 2, fields, date, known_videos={1})
+        return None if bad is None else bad.reason
+
+    assert reason(midnight_utc - 8 * hour_ms) is None          # 00:00 in Beijing
+    assert reason(midnight_utc + 16 * hour_ms - 1) is None     # 23:59:59.999 in Beijing
+    assert "outside 2022-04-11 (UTC+08:00" in reason(midnight_utc - 8 * hour_ms - 1)
+    assert "outside 2022-04-11" in reason(midnight_utc + 16 * hour_ms)

@@ -13,6 +13,7 @@ from tfx.types import artifact_utils, standard_artifacts
 from components import avc_example_gen, span_registry
 from components.avc_example_gen import SPLIT, span_of
 from components.span_window import WindowError
+from feature_specs import specs
 from pipeline import cli, config as config_lib, kubeflow_v2_runner, schedule
 from pipeline import pipeline as pipeline_lib
 
@@ -92,7 +93,7 @@ def test_the_date_is_a_required_runtime_parameter_and_paths_are_remote(compiled)
 def test_run_date_forms():
     assert avc_example_gen.run_date("2022-04-15") == datetime.date(2022, 4, 15)
     assert avc_example_gen.run_date("before:2022-03-01") == datetime.date(2022, 2, 28)
-    today = datetime.datetime.now(datetime.timezone.utc).date()
+    today = datetime.datetime.now(specs.LOG_TIMEZONE).date()
     assert avc_example_gen.run_date("yesterday") in (today - datetime.timedelta(days=1), today)
     with pytest.raises(ValueError, match="'2022-13-01'"):
         avc_example_gen.run_date("2022-13-01")

@@ -98,7 +98,8 @@ def test_layout_and_schemas_match_kuairand(six_days):
 
 def test_times_lie_within_their_day(six_days):
     _, _, logs = six_days
-    dates = pd.to_datetime(logs[DATE].astype(str), format="%Y%m%d", utc=True)
+    # Midnight of each row's date in the logs' time zone (UTC+8), computed by pandas.
+    dates = pd.to_datetime(logs[DATE].astype(str), format="%Y%m%d").dt.tz_localize(datetime.timezone(datetime.timedelta(hours=8)))
     day_start = (dates - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(milliseconds=1)
     offset = logs[TIME] - day_start
     assert ((offset >= 0) & (offset < DAY_MS)).all()
