@@ -12,7 +12,7 @@ setuptools.setup(
     version="0.1.0",
     description="Daily TFX retraining of a multi-task ranking model personalized with POSO for user cold start",
     python_requires=">=3.10,<3.14",
-    packages=setuptools.find_packages(include=["pipeline*", "components*", "models*", "feature_specs*", "serving*"]),
+    packages=setuptools.find_packages(include=["pipeline*", "components*", "poso*", "models*", "feature_specs*", "serving*"]),
     install_requires=[
         "tfx==1.21.0",
         "tensorflow-recommenders==0.7.7",

@@ -47,21 +47,26 @@ def date_of(span: int) -> datetime.date:
     return _EPOCH + datetime.timedelta(days=span)
 
 
-class UserState(types.Artifact):
+class _SpanCustomProperty:
+    """`span` kept as an MLMD custom property: Kubeflow Pipelines v2 compiles custom artifact
+    types only without PROPERTIES (their schema is the generic system.Artifact)."""
+
+    span = property(lambda self: self.get_int_custom_property("span"),
+                    lambda self, value: self.set_int_custom_property("span", int(value)))
+
+
+class UserState(_SpanCustomProperty, types.Artifact):
     """Per-user AVC, first appearance and history as of the end of `through_date`."""
 
-    TYPE_NAME = "PosoUserState"
-    PROPERTIES = {
-        "span": types.artifact.Property(type=types.artifact.PropertyType.INT),
-        "through_date": types.artifact.Property(type=types.artifact.PropertyType.STRING),
-    }
+    TYPE_NAME = "poso.UserState"  # a KFP v2 schema title, importable: see poso/__init__.py
+    through_date = property(lambda self: self.get_string_custom_property("through_date"),
+                            lambda self, value: self.set_string_custom_property("through_date", value))
 
 
-class QuarantinedRows(types.Artifact):
+class QuarantinedRows(_SpanCustomProperty, types.Artifact):
     """Rows of a day's logs that could not be used, with their reasons."""
 
-    TYPE_NAME = "PosoQuarantinedRows"
-    PROPERTIES = {"span": types.artifact.Property(type=types.artifact.PropertyType.INT)}
+    TYPE_NAME = "poso.QuarantinedRows"
 
 
 class AvcExampleGenSpec(ComponentSpec):
@@ -181,13 +186,29 @@ def _read_state(pipeline, artifact) -> beam.PCollection:
             | "ParseState" >> beam.Map(lambda line: avc.UserState.from_record(json.loads(line))))
 
 
+def run_date(text: str) -> datetime.date:
+    """The log date: YYYY-MM-DD; "before:YYYY-MM-DD" (the day before; a Kubeflow recurring run
+    passes "before:[[ScheduledTime.2006-01-02]]", so a run that catches up still evaluates the
+    day before its scheduled date); or "yesterday" (in the logs' time zone, when the executor runs). A compiled
+    Kubeflow pipeline takes the date as a runtime parameter; the components after this one read
+    the date from its span."""
+    if text == "yesterday":
+        return datetime.datetime.now(specs.LOG_TIMEZONE).date() - datetime.timedelta(days=1)
+    before = text.startswith("before:")
+    try:
+        date = datetime.date.fromisoformat(text[len("before:"):] if before else text)
+    except ValueError:
+        raise ValueError(f"AvcExampleGen: date {text!r} is not YYYY-MM-DD, before:YYYY-MM-DD or yesterday") from None
+    return date - datetime.timedelta(days=1) if before else date
+
+
 class Executor(base_beam_executor.BaseBeamExecutor):
     """Validates a day's rows, computes AVC with the carried state, writes the span."""
 
     def Do(self, input_dict: Dict[str, List[types.Artifact]], output_dict: Dict[str, List[types.Artifact]],
            exec_properties: Dict[str, Any]) -> None:
         input_base = exec_properties["input_base"]
-        date = datetime.date.fromisoformat(exec_properties["date"])
+        date = run_date(exec_properties["date"])
         max_bad = float(exec_properties.get("max_bad_row_fraction") or 0.01)
         previous = _previous_state(input_dict.get("previous_user_state") or [], input_base, date)
         files = impression_logs.day_files(input_base, date)

@@ -139,8 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(writes benchmarks/RESULTS.md)")
     paper.add_arguments(paper_parser)
     paper_parser.set_defaults(func=paper.run)
+    from benchmarks import pipeline_scale
+    scale = benches.add_parser("pipeline", help="wall time and peak memory of a daily run per component, per window size")
+    pipeline_scale.add_arguments(scale)
+    scale.set_defaults(func=pipeline_scale.run)
 
-    schedule = commands.add_parser("schedule", help="print or install the daily trigger (cron or systemd)")
+    kubeflow = commands.add_parser("compile-kubeflow", help="compile the daily pipeline for Kubeflow Pipelines v2 / Vertex (JSON)")
+    from pipeline import kubeflow_v2_runner
+    kubeflow_v2_runner.add_arguments(kubeflow)
+    kubeflow.set_defaults(func=kubeflow_v2_runner.run)
+
+    schedule = commands.add_parser("schedule", help="print or install the daily trigger (cron or systemd), "
+                                   "or write the Kubeflow recurring run")
     from pipeline import schedule as schedule_lib
     schedule_lib.add_arguments(schedule)
     schedule.set_defaults(func=schedule_lib.run)

@@ -52,7 +52,8 @@ class RunConfig:
 
     @property
     def home_dir(self) -> str:
-        return os.path.abspath(self.home)
+        """--home as an absolute path, or as given when it is a URI (gs://..., s3://...)."""
+        return self.home if "://" in self.home else os.path.abspath(self.home)
 
     @property
     def pipeline_root(self) -> str:
@@ -83,9 +84,10 @@ class RunConfig:
     def train_dates(self) -> List[datetime.date]:
         return [self.date - datetime.timedelta(days=d) for d in range(self.train_days, 0, -1)]
 
-    def beam_pipeline_args(self) -> List[str]:
+    def beam_pipeline_args(self, project_dir: str = PROJECT_DIR) -> List[str]:
         """DirectRunner on both cores by default; for a remote runner (--runner=DataflowRunner,
-        FlinkRunner, SparkRunner via --beam-arg) workers get this project through setup.py."""
+        FlinkRunner, SparkRunner via --beam-arg) workers get this project through
+        project_dir/setup.py (on Kubeflow: the copy in the pipeline image)."""
         # in_memory runs one worker whatever the count (and Beam warns about any other count).
         workers = 1 if self.beam_direct_running_mode == "in_memory" else self.beam_num_workers
         args = [f"--direct_running_mode={self.beam_direct_running_mode}",
@@ -93,5 +95,19 @@ class RunConfig:
         runners = [a.split("=", 1)[1] for a in args if a.startswith("--runner=")]
         remote = runners and runners[-1] not in ("DirectRunner", "direct")
         if remote and not any(a.startswith("--setup_file") for a in args):
-            args.append(f"--setup_file={os.path.join(PROJECT_DIR, 'setup.py')}")
+            args.append(f"--setup_file={os.path.join(project_dir, 'setup.py')}")
         return args
+
+
+# Kubeflow Pipelines v2 / Vertex AI Pipelines (pipeline/kubeflow_v2_runner.py). The paths are
+# examples to override: every component reads and writes them from its container, so they must be
+# remote (or mounted) storage. Custom components read files with local file APIs, so on Vertex use
+# Cloud Storage FUSE paths (/gcs/BUCKET/...), on Kubeflow a mounted volume.
+KUBEFLOW_PIPELINE_NAME = "poso-ranking"         # KFP v2 names: [a-z0-9][a-z0-9-]*
+KUBEFLOW_IMAGE = "europe-docker.pkg.dev/PROJECT/poso/poso-ranking-pipeline:latest"
+KUBEFLOW_HOME = "/gcs/poso-ranking/home"        # pipeline root, span registry, serving base directory
+KUBEFLOW_DATA = "/gcs/poso-ranking/data"        # DATA/logs/YYYY-MM-DD/*.csv|*.parquet + feature tables
+KUBEFLOW_PROJECT_DIR = "/pipeline"              # where the Dockerfile puts this project in the image
+KUBEFLOW_SCHEMA_FILE = "/pipeline/schema/schema.pbtxt"   # written into the image by the Dockerfile
+KUBEFLOW_OUTPUT = "poso_ranking_pipeline.json"
+KUBEFLOW_CRON = "0 30 2 * * *"                  # KFP cron: seconds minutes hours day month weekday

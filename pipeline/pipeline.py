@@ -7,72 +7,102 @@ For the run date D:
   (against the last blessed model) + ServingInfraValidator -> Pusher (blessed models only) ->
   ServingConfigWriter (models.config beside TF Serving's base directory).
 `ingest_only` builds just the first part: how earlier days are ingested in order.
+
+`for_kubeflow=True` builds the same DAG for KubeflowV2DagRunner, which compiles only TFX's
+LatestArtifactStrategy and LatestBlessedModelStrategy resolvers: the user state through D-1 and
+the training window come from the span registry (`RegisteredUserState`, `SpanWindowExamples` in
+components/span_registry.py) instead of `SpanWindowStrategy`, and the baseline is TFX's latest
+blessed model (a rerun of a day may then compare against that day's own earlier push). The date
+is the runtime parameter `date`, so one compiled spec serves every daily run.
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
 from components.avc_example_gen import SPLIT, AvcExampleGen, UserState, span_of
 from components.infra_validator import ServingInfraValidator, ServingConfigWriter
+from components.span_registry import RegisteredUserState, SpanWindowExamples, registry_dir_of
 from components.span_window import BaselineModelStrategy, SchemaAnomaliesGate, SpanWindowStrategy
 from pipeline import config as config_lib
 from pipeline import evaluation
 
 
-def create_pipeline(cfg: config_lib.RunConfig) -> tfx.dsl.Pipeline:
+def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
+                    schema_file: Optional[str] = None) -> tfx.dsl.Pipeline:
+    """The daily DAG for cfg.date; see the module docstring for `for_kubeflow`. `schema_file`
+    replaces cfg.schema_path (on Kubeflow: the schema baked into the pipeline image)."""
     span = span_of(cfg.date)
-    previous_state = tfx.dsl.Resolver(
-        strategy_class=SpanWindowStrategy,
-        config={"first_span": span - 1, "last_span": span - 1, "min_spans": 0, "window_name": "user state"},
-        user_state=tfx.dsl.Channel(type=UserState, producer_component_id="AvcExampleGen", output_key="user_state"),
-    ).with_id("previous_user_state")
+    if for_kubeflow:
+        date = tfx.dsl.experimental.RuntimeParameter(name="date", ptype=str)
+        previous_state = RegisteredUserState(registry_dir=registry_dir_of(cfg.home_dir), date=date)
+    else:
+        date = cfg.date.isoformat()
+        previous_state = tfx.dsl.Resolver(
+            strategy_class=SpanWindowStrategy,
+            config={"first_span": span - 1, "last_span": span - 1, "min_spans": 0, "window_name": "user state"},
+            user_state=tfx.dsl.Channel(type=UserState, producer_component_id="AvcExampleGen", output_key="user_state"))
+    previous_state = previous_state.with_id("previous_user_state")
     example_gen = AvcExampleGen(
-        input_base=cfg.data_dir, date=cfg.date.isoformat(),
+        input_base=cfg.data_dir, date=date,
         previous_user_state=previous_state.outputs["user_state"],
         max_bad_row_fraction=cfg.max_bad_row_fraction)
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
-    schema_gen = tfx.components.ImportSchemaGen(schema_file=cfg.schema_path)
+    schema_gen = tfx.components.ImportSchemaGen(schema_file=schema_file or cfg.schema_path)
     example_validator = tfx.components.ExampleValidator(
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"])
     anomalies_gate = SchemaAnomaliesGate(anomalies=example_validator.outputs["anomalies"])
     components: List = [previous_state, example_gen, statistics_gen, schema_gen, example_validator, anomalies_gate]
 
     if not cfg.ingest_only:
-        training_window = tfx.dsl.Resolver(
-            strategy_class=SpanWindowStrategy,
-            config={"first_span": span - cfg.train_days, "last_span": span - 1,
-                    "min_spans": cfg.min_train_days, "window_name": "training window"},
-            # Only AvcExampleGen's spans and ExampleValidator's verdicts, from every earlier run.
-            examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples,
-                                     producer_component_id=example_gen.id, output_key="examples"),
-            anomalies=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ExampleAnomalies,
-                                      producer_component_id=example_validator.id, output_key="anomalies"),
-        ).with_id("training_window")
+        if for_kubeflow:
+            training_window = SpanWindowExamples(
+                examples=example_gen.outputs["examples"], user_state=example_gen.outputs["user_state"],
+                registry_dir=registry_dir_of(cfg.home_dir),
+                train_days=cfg.train_days, min_spans=cfg.min_train_days).with_id("training_window")
+            training_window.add_upstream_node(anomalies_gate)  # register only a validated span
+            window_examples = training_window.outputs["window"]
+            baseline = tfx.dsl.Resolver(
+                strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+                model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+                model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+            ).with_id("baseline_model")
+        else:
+            training_window = tfx.dsl.Resolver(
+                strategy_class=SpanWindowStrategy,
+                config={"first_span": span - cfg.train_days, "last_span": span - 1,
+                        "min_spans": cfg.min_train_days, "window_name": "training window"},
+                # Only AvcExampleGen's spans and ExampleValidator's verdicts, from every earlier run.
+                examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples,
+                                         producer_component_id=example_gen.id, output_key="examples"),
+                anomalies=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ExampleAnomalies,
+                                          producer_component_id=example_validator.id, output_key="anomalies"),
+            ).with_id("training_window")
+            window_examples = training_window.outputs["examples"]
+            # The model blessed on an earlier day: the Evaluator's baseline and the warm start.
+            # Not "the latest blessed model": that changes with this very run's push, so a rerun
+            # of the day would not find its Evaluator cached (see BaselineModelStrategy).
+            baseline = tfx.dsl.Resolver(
+                strategy_class=BaselineModelStrategy,
+                config={"evaluation_span": span},
+                model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model,
+                                      producer_component_id="Trainer", output_key="model"),
+                model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing,
+                                               producer_component_id="Evaluator", output_key="blessing"),
+            ).with_id("baseline_model")
         transform = tfx.components.Transform(
-            examples=training_window.outputs["examples"],
+            examples=window_examples,
             schema=schema_gen.outputs["schema"],
             preprocessing_fn="models.preprocessing.preprocessing_fn",
             splits_config=tfx.proto.SplitsConfig(analyze=[SPLIT]),
             materialize=False)
         transform.add_upstream_node(anomalies_gate)
-        # The model blessed on an earlier day: the Evaluator's baseline and the warm start.
-        # Not "the latest blessed model": that changes with this very run's push, so a rerun
-        # of the day would not find its Evaluator cached (see BaselineModelStrategy).
-        baseline = tfx.dsl.Resolver(
-            strategy_class=BaselineModelStrategy,
-            config={"evaluation_span": span},
-            model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model,
-                                  producer_component_id="Trainer", output_key="model"),
-            model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing,
-                                           producer_component_id="Evaluator", output_key="blessing"),
-        ).with_id("baseline_model")
         trainer = tfx.components.Trainer(
             run_fn="models.trainer.run_fn",
-            examples=training_window.outputs["examples"],
+            examples=window_examples,
             transform_graph=transform.outputs["transform_graph"],
             schema=schema_gen.outputs["schema"],
             base_model=baseline.outputs["model"] if cfg.warm_start else None,
@@ -101,12 +131,13 @@ def create_pipeline(cfg: config_lib.RunConfig) -> tfx.dsl.Pipeline:
                        infra_validator, pusher, config_writer]
 
     return tfx.dsl.Pipeline(
-        pipeline_name=config_lib.PIPELINE_NAME,
+        pipeline_name=config_lib.KUBEFLOW_PIPELINE_NAME if for_kubeflow else config_lib.PIPELINE_NAME,
         pipeline_root=cfg.pipeline_root,
         components=components,
         enable_cache=cfg.enable_cache,
-        metadata_connection_config=metadata_connection(cfg),
-        beam_pipeline_args=cfg.beam_pipeline_args())
+        metadata_connection_config=None if for_kubeflow else metadata_connection(cfg),
+        beam_pipeline_args=cfg.beam_pipeline_args(
+            config_lib.KUBEFLOW_PROJECT_DIR if for_kubeflow else config_lib.PROJECT_DIR))
 
 
 def metadata_connection(cfg: config_lib.RunConfig):

@@ -2,11 +2,16 @@
 
 Prints (or installs) a cron line or a systemd service + timer pair. The command always goes
 through bin/poso, so the trigger needs nothing but this checkout.
+
+`--kind kubeflow` writes the recurring run of the compiled Kubeflow pipeline instead: a JSON file
+whose keys are the arguments of kfp 2's `kfp.Client.create_recurring_run` (plus
+`experiment_name`), and prints the equivalent `kfp recurring-run create` command.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -39,11 +44,47 @@ def systemd_units(hour: int, minute: int, command: str) -> dict:
     return {f"{UNIT_NAME}.service": service, f"{UNIT_NAME}.timer": timer}
 
 
+def kubeflow_recurring_run(hour: int, minute: int, pipeline_package: str, experiment: str) -> dict:
+    """The daily recurring run: one run at a time (each day's run needs the day before's state and
+    registry entry), catching up missed days in order, each run evaluating the day before its
+    scheduled day (the KFP scheduler fills in [[ScheduledTime...]])."""
+    from pipeline import kubeflow_v2_runner
+
+    return {
+        "experiment_name": experiment,
+        "job_name": f"{config_lib.KUBEFLOW_PIPELINE_NAME}-daily",
+        "description": "POSO ranking: daily ingest, retraining, validation and push for the day before",
+        "cron_expression": f"0 {minute} {hour} * * *",  # KFP cron: seconds first, in the cluster's UTC
+        "max_concurrency": 1,
+        "no_catchup": False,
+        "enabled": True,
+        "pipeline_package_path": os.path.abspath(pipeline_package),
+        "params": {"date": kubeflow_v2_runner.RECURRING_DATE_PARAMETER},
+    }
+
+
+def kfp_cli_command(spec: dict) -> str:
+    """The `kfp recurring-run create` command (kfp 2 CLI) that creates `spec`."""
+    args = ["kfp", "recurring-run", "create", "--experiment-name", spec["experiment_name"],
+            "--job-name", spec["job_name"], "--description", spec["description"],
+            "--cron-expression", spec["cron_expression"], "--max-concurrency", str(spec["max_concurrency"]),
+            "--no-catchup" if spec["no_catchup"] else "--catchup", "--enabled" if spec["enabled"] else "--disabled",
+            "--pipeline-package-path", spec["pipeline_package_path"]]
+    args += [f"{name}={value}" for name, value in spec["params"].items()]
+    return " ".join(shlex.quote(a) for a in args)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=config_lib.DEFAULT_DATA)
     parser.add_argument("--home", default=config_lib.DEFAULT_HOME)
     parser.add_argument("--at", default="02:30", help="time of day HH:MM (local time of the machine)")
-    parser.add_argument("--kind", choices=["cron", "systemd"], default="cron")
+    parser.add_argument("--kind", choices=["cron", "systemd", "kubeflow"], default="cron",
+                        help="kubeflow: write the recurring run of the compiled pipeline (--pipeline-package)")
+    parser.add_argument("--pipeline-package", default=config_lib.KUBEFLOW_OUTPUT,
+                        help="kubeflow: the spec from `poso compile-kubeflow` (default: %(default)s)")
+    parser.add_argument("--experiment", default=config_lib.KUBEFLOW_PIPELINE_NAME, help="kubeflow: the KFP experiment")
+    parser.add_argument("--output", default="poso_ranking_recurring_run.json",
+                        help="kubeflow: where to write the recurring run (default: %(default)s)")
     parser.add_argument("--install", action="store_true",
                         help="install it (crontab of the current user, or /etc/systemd/system + enable the timer)")
     parser.add_argument("--run-args", default="", help="extra arguments for `poso run`, e.g. '--variant poso_all'")
@@ -56,6 +97,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError
     except ValueError:
         raise SystemExit(f"--at {args.at!r}: expected HH:MM")
+    if args.kind == "kubeflow":
+        if not os.path.isfile(args.pipeline_package):
+            raise SystemExit(f"--pipeline-package {args.pipeline_package}: no such file; compile it first "
+                             f"with `poso compile-kubeflow --output {args.pipeline_package}`")
+        spec = kubeflow_recurring_run(hour, minute, args.pipeline_package, args.experiment)
+        with open(args.output, "w") as f:
+            json.dump(spec, f, indent=2)
+        print(f"wrote {args.output}; create it with:\n{kfp_cli_command(spec)}")
+        return 0
     command = daily_command(args.data, args.home, args.run_args)
     if args.kind == "cron":
         line = cron_line(hour, minute, command)

@@ -1,0 +1,237 @@
+"""Wall time and peak memory of one daily run, per component, against the size of the window.
+
+    bin/poso bench pipeline --windows 100000,1000000
+    bin/poso-env python -m benchmarks.pipeline_scale --windows 100000 --train-steps 400
+
+For each window of N impressions it writes 7 days x N/7 synthetic impressions plus the evaluation
+day (also N/7), then calls the real `local_runner.run_day` on a fresh home, as `poso run` does:
+the 7 earlier days are ingested first (a one-off here; in production each day was ingested by its
+own daily run), then THE daily run ingests the evaluation day, and Transform and Trainer read the
+whole window. Both phases are reported, but only the daily run is held against the goal: a window
+of 7 days x 1M impressions retrains, validates and pushes in at most 30 minutes on 2 cores, in at
+most 8 GiB.
+
+Per component: wall time between TFX's "Component X is running." and "... is finished." log
+records, and the peak resident set size of this process plus every child process (Beam's
+multi-processing workers, the infra validator's server) sampled every 0.25 s within that span.
+A run's wall time also counts the runner's own work between components (resolvers, MLMD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+import psutil
+
+START = datetime.date(2022, 4, 8)
+GOAL_SECONDS = 30 * 60
+GOAL_BYTES = 8 * 2**30
+GOAL_WINDOW = 7_000_000  # 7 days x 1M impressions
+GIB = 2**30
+
+
+class TreeMemorySampler:
+    """Samples the RSS of this process plus all its descendants: (time, bytes) pairs."""
+
+    def __init__(self, interval: float = 0.25):
+        self.samples: List[Tuple[float, int]] = []
+        self._interval, self._stop = interval, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me] + me.children(recursive=True):
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:  # a worker that just exited
+                    pass
+            self.samples.append((time.time(), total))
+            self._stop.wait(self._interval)
+
+    def peak(self, start: float, end: float) -> int:
+        """The largest sample in [start, end], widened by one interval so that a span shorter than
+        the interval still sees its neighbouring samples."""
+        inside = [rss for t, rss in self.samples if start - self._interval <= t <= end + self._interval]
+        return max(inside) if inside else 0
+
+    def __enter__(self) -> "TreeMemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclasses.dataclass
+class Span:
+    """One timed piece: a component within a pipeline run, or a whole pipeline run."""
+    phase: str       # "ingest" (the earlier days) or "daily" (the run for the evaluation day)
+    name: str
+    start: float
+    end: float = 0.0
+    peak_bytes: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+class ComponentTimer(logging.Handler):
+    """Turns TFX's per-component 'is running.' / 'is finished.' log records into Spans."""
+
+    def __init__(self):
+        super().__init__(level=logging.INFO)
+        self.phase = "ingest"
+        self.spans: List[Span] = []
+        self._open: Dict[str, Span] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if not message.startswith("Component "):
+            return
+        if message.endswith(" is running."):
+            name = message[len("Component "):-len(" is running.")]
+            self._open[name] = Span(self.phase, name, record.created)
+        elif message.endswith(" is finished.") and message[len("Component "):-len(" is finished.")] in self._open:
+            span = self._open.pop(message[len("Component "):-len(" is finished.")])
+            span.end = record.created
+            self.spans.append(span)
+
+
+def measure_window(window: int, work: str, train_steps: int, beam_mode: str, seed: int = 42) -> List[Span]:
+    """Generates the window's logs and measures one `run_day` on a fresh home under `work`."""
+    from components import synthetic_logs
+    from pipeline import config as config_lib
+    from pipeline import local_runner
+
+    train_days = config_lib.TRAIN_DAYS
+    per_day = window // train_days
+    data, home = os.path.join(work, "data"), os.path.join(work, "home")
+    started = time.perf_counter()
+    synthetic_logs.generate(data, START, train_days + 1, seed=seed, impressions_per_day=per_day)
+    print(f"window {window:,}: wrote {train_days + 1} days x {per_day:,} impressions in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+
+    cfg = config_lib.RunConfig(date=START + datetime.timedelta(days=train_days), data_dir=data, home=home,
+                               train_steps=train_steps, beam_direct_running_mode=beam_mode)
+    timer = ComponentTimer()
+    runs: List[Span] = []
+    original_run = local_runner._run
+
+    def timed_run(run_cfg, label):  # each pipeline run of run_day: the ingests, then the daily run
+        timer.phase = "ingest" if run_cfg.ingest_only else "daily"
+        span = Span(timer.phase, "(whole run)", time.time())
+        try:
+            return original_run(run_cfg, label)
+        finally:
+            span.end = time.time()
+            runs.append(span)
+
+    logging.getLogger().addHandler(timer)
+    local_runner._run = timed_run
+    try:
+        with TreeMemorySampler() as memory:
+            result = local_runner.run_day(cfg)
+    finally:
+        local_runner._run = original_run
+        logging.getLogger().removeHandler(timer)
+    for span in timer.spans + runs:
+        span.peak_bytes = memory.peak(span.start, span.end)
+    print(f"window {window:,}: pushed={result.get('pushed')}", flush=True)
+    return timer.spans + runs
+
+
+def summarize(window: int, spans: List[Span]) -> List[Tuple[int, str, str, float, float]]:
+    """Rows (window, phase, component, wall s, peak GiB): each daily-run component, the ingest
+    phase summed per component over the earlier days, and each phase's total."""
+    rows = []
+    for phase in ("ingest", "daily"):
+        by_name: Dict[str, List[Span]] = {}
+        for span in spans:
+            if span.phase == phase and span.name != "(whole run)":
+                by_name.setdefault(span.name, []).append(span)
+        for name, group in sorted(by_name.items(), key=lambda item: item[1][0].start):
+            rows.append((window, phase, name, sum(s.seconds for s in group), max(s.peak_bytes for s in group) / GIB))
+        whole = [s for s in spans if s.phase == phase and s.name == "(whole run)"]
+        if whole:
+            rows.append((window, phase, f"TOTAL ({len(whole)} run{'s' * (len(whole) > 1)})",
+                         sum(s.seconds for s in whole), max(s.peak_bytes for s in whole) / GIB))
+    return rows
+
+
+def print_table(rows) -> None:
+    print(f"\n{'window':>10}  {'phase':<7} {'component':<28} {'wall s':>8} {'peak GiB':>9}")
+    for window, phase, name, seconds, peak in rows:
+        print(f"{window:>10,}  {phase:<7} {name:<28} {seconds:>8.1f} {peak:>9.2f}")
+
+
+def verdict(rows) -> None:
+    """The daily run's total against the goal, measured or extrapolated linearly to 7M."""
+    totals = {w: (s, p) for w, phase, name, s, p in rows if phase == "daily" and name.startswith("TOTAL")}
+    print()
+    for window, (seconds, peak) in sorted(totals.items()):
+        print(f"daily run, window {window:,}: {seconds / 60:.1f} min, peak {peak:.2f} GiB "
+              f"(goal for 7M: <= {GOAL_SECONDS // 60} min, <= {GOAL_BYTES // GIB} GiB)")
+    if GOAL_WINDOW in totals:
+        seconds, peak = totals[GOAL_WINDOW]
+        met = seconds <= GOAL_SECONDS and peak <= GOAL_BYTES / GIB
+        print(f"7M window measured: goal {'MET' if met else 'NOT met'}")
+    elif len(totals) >= 2:
+        (w0, (s0, p0)), (w1, (s1, p1)) = sorted(totals.items())[-2:]
+        # Linear in the window through the two largest measurements (a fixed cost plus a cost per
+        # impression); an estimate, not a measurement.
+        slope_s, slope_p = (s1 - s0) / (w1 - w0), (p1 - p0) / (w1 - w0)
+        est_s, est_p = s1 + slope_s * (GOAL_WINDOW - w1), p1 + slope_p * (GOAL_WINDOW - w1)
+        print(f"7M window NOT measured; linear extrapolation from {w0:,} and {w1:,}: about "
+              f"{est_s / 60:.0f} min, {est_p:.1f} GiB (an estimate, not a measurement)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline import config as config_lib
+
+    parser.add_argument("--windows", default="100000,1000000",
+                        help="impressions per 7-day window, comma-separated (default: %(default)s)")
+    parser.add_argument("--train-steps", type=int, default=config_lib.RunConfig.train_steps)
+    parser.add_argument("--beam-mode", default=config_lib.RunConfig.beam_direct_running_mode,
+                        choices=["multi_processing", "multi_threading", "in_memory"])
+    parser.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
+    parser.add_argument("--verbose", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline import local_runner
+
+    local_runner.setup_logging(args.verbose)
+    windows = [int(w) for w in args.windows.split(",")]
+    rows = []
+    for window in windows:
+        work = tempfile.mkdtemp(prefix=f"poso-scale-{window}-", dir=args.work)
+        try:
+            rows += summarize(window, measure_window(window, work, args.train_steps, args.beam_mode))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print_table(rows)
+    verdict(rows)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,235 @@
+"""Kubeflow Pipelines v2 / Vertex: the compiled spec, the span registry that replaces the custom
+resolvers there, and the recurring run. Compile only: no Kubeflow cluster is available here."""
+
+import datetime
+import inspect
+import json
+import os
+import shlex
+
+import pytest
+from tfx.types import artifact_utils, standard_artifacts
+
+from components import avc_example_gen, span_registry
+from components.avc_example_gen import SPLIT, span_of
+from components.span_window import WindowError
+from feature_specs import specs
+from pipeline import cli, config as config_lib, kubeflow_v2_runner, schedule
+from pipeline import pipeline as pipeline_lib
+
+IMAGE = "registry.example/poso/pipeline:test"
+HOME, DATA = "/gcs/bucket/home", "/gcs/bucket/data"
+BEAM = ["--runner=FlinkRunner", "--flink_master=flink:8081"]
+BEAM_COMPONENTS = ("AvcExampleGen", "StatisticsGen", "Transform", "Evaluator")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kfp") / "pipeline.json"
+    argv = ["compile-kubeflow", "--image", IMAGE, "--home", HOME, "--data", DATA, "--output", str(out),
+            "--train-steps", "123"] + [f"--beam-arg={a}" for a in BEAM]
+    assert cli.main(argv) == 0
+    with open(out) as f:
+        return json.load(f), str(out)
+
+
+def _local_node_ids():
+    cfg = config_lib.RunConfig(date=datetime.date(2022, 4, 15), home="/tmp/unused-home")
+    return [node.id for node in pipeline_lib.create_pipeline(cfg).components]
+
+
+def test_every_component_of_the_local_dag_is_a_task(compiled):
+    spec, _ = compiled
+    tasks = spec["pipelineSpec"]["root"]["dag"]["tasks"]
+    for node_id in _local_node_ids():
+        # TFX splits a latest-blessed-model resolver into two KFP tasks named after it.
+        assert node_id in tasks or any(t.startswith(node_id + "-") for t in tasks), (node_id, sorted(tasks))
+    depends = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    assert "SchemaAnomaliesGate" in depends["training_window"]   # only validated days enter the window
+    assert "training_window" in depends["Transform"] and "training_window" in depends["Trainer"]
+    assert "previous_user_state" in depends["AvcExampleGen"]
+
+
+def test_every_executor_runs_the_image_through_the_tfx_entrypoint_with_the_beam_args(compiled):
+    spec, _ = compiled
+    executors = spec["pipelineSpec"]["deploymentSpec"]["executors"]
+    containers = {name: e["container"] for name, e in executors.items() if "container" in e}
+    assert len(containers) >= 12
+    for name, container in containers.items():
+        assert container["image"] == IMAGE, name
+        assert container["command"] == list(kubeflow_v2_runner.tfx.orchestration.experimental
+                                             .KubeflowV2DagRunnerConfig().default_commands), name
+    for component in BEAM_COMPONENTS:
+        args = containers[f"{component}_executor"]["args"]
+        assert all(a in args for a in BEAM), (component, args)
+        # A remote runner gets the project from setup.py inside the image.
+        assert f"--setup_file={config_lib.KUBEFLOW_PROJECT_DIR}/setup.py" in args
+    custom = {"AvcExampleGen": "components.avc_example_gen.Executor",
+              "training_window": "components.span_registry.SpanWindowExamplesExecutor",
+              "previous_user_state": "components.span_registry.RegisteredUserStateExecutor"}
+    for component, executor_class in custom.items():
+        args = containers[f"{component}_executor"]["args"]
+        assert args[args.index("--executor_class_path") + 1] == executor_class
+
+
+def test_the_date_is_a_required_runtime_parameter_and_paths_are_remote(compiled):
+    spec, _ = compiled
+    root = spec["pipelineSpec"]["root"]
+    assert root["inputDefinitions"]["parameters"]["date"] == {"type": "STRING"}
+    assert "date" not in spec["runtimeConfig"].get("parameters", {})  # no default: see kubeflow_v2_runner
+    tasks = root["dag"]["tasks"]
+    for task in ("AvcExampleGen", "previous_user_state"):
+        assert tasks[task]["inputs"]["parameters"]["date"] == {"componentInputParameter": "date"}
+    text = json.dumps(spec)
+    assert f'"{DATA}"' in text
+    assert span_registry.registry_dir_of(HOME) in text
+    assert os.path.join(HOME, "serving", config_lib.MODEL_NAME) in text      # Pusher's base directory
+    assert spec["runtimeConfig"]["gcsOutputDirectory"] == os.path.join(HOME, "pipeline_root")
+    assert config_lib.KUBEFLOW_SCHEMA_FILE in text
+    train_args = tasks["Trainer"]["inputs"]["parameters"]["train_args"]["runtimeValue"]["constantValue"]["stringValue"]
+    assert json.loads(train_args) == {"num_steps": 123, "splits": [SPLIT]}
+
+
+def test_run_date_forms():
+    assert avc_example_gen.run_date("2022-04-15") == datetime.date(2022, 4, 15)
+    assert avc_example_gen.run_date("before:2022-03-01") == datetime.date(2022, 2, 28)
+    today = datetime.datetime.now(specs.LOG_TIMEZONE).date()
+    assert avc_example_gen.run_date("yesterday") in (today - datetime.timedelta(days=1), today)
+    with pytest.raises(ValueError, match="'2022-13-01'"):
+        avc_example_gen.run_date("2022-13-01")
+
+
+def _span_dir(root, name, files):
+    path = os.path.join(root, name)
+    os.makedirs(path)
+    for file_name, text in files.items():
+        with open(os.path.join(path, file_name), "w") as f:
+            f.write(text)
+    return path
+
+
+def _examples(root, span, text):
+    """An Examples artifact of `span` whose split holds one file containing `text`."""
+    _span_dir(root, f"examples-{span}/Split-{SPLIT}", {"part-0.gz": text})
+    return _artifact(standard_artifacts.Examples, os.path.join(root, f"examples-{span}"), span)
+
+
+def _artifact(cls, uri, span=None):
+    artifact = cls()
+    artifact.uri = uri
+    if span is not None:
+        artifact.span = span
+    return artifact
+
+
+def _window(registry, examples, state, out, train_days=3, min_spans=3):
+    window = _artifact(standard_artifacts.Examples, out)
+    span_registry.SpanWindowExamplesExecutor().Do(
+        {"examples": [examples], "user_state": [state]}, {"window": [window]},
+        {"registry_dir": registry, "train_days": train_days, "min_spans": min_spans})
+    return window
+
+
+def test_span_registry_carries_the_state_and_the_window_of_validated_days(tmp_path):
+    registry = str(tmp_path / "registry")
+    day = datetime.date(2022, 4, 10)
+    # Days 1..3 registered as their runs would have: examples of span s hold one file named after s.
+    for offset in range(3):
+        span = span_of(day) + offset
+        examples = _examples(str(tmp_path), span, f"examples {span}")
+        state = _artifact(avc_example_gen.UserState, _span_dir(tmp_path, f"st{span}", {"state-0": f"state {span}"}), span)
+        span_registry.register_day(registry, span, examples.uri, state.uri)
+    today = span_of(day) + 3
+
+    # The state through the day before, copied for AvcExampleGen.
+    out_state = _artifact(avc_example_gen.UserState, str(tmp_path / "out_state"))
+    span_registry.RegisteredUserStateExecutor().Do(
+        {}, {"user_state": [out_state]}, {"registry_dir": registry, "date": f"before:{(day + datetime.timedelta(days=4)).isoformat()}"})
+    assert out_state.span == today - 1 and out_state.through_date == "2022-04-12"
+    assert open(os.path.join(out_state.uri, "state-0")).read() == f"state {today - 1}"
+
+    # The window of the 3 days before today, in one Examples artifact; today gets registered.
+    today_examples = _examples(str(tmp_path), today, "today")
+    today_state = _artifact(avc_example_gen.UserState, _span_dir(tmp_path, f"st{today}", {"state-0": "today"}), today)
+    window = _window(registry, today_examples, today_state, str(tmp_path / "window"))
+    files = sorted(os.listdir(os.path.join(window.uri, f"Split-{SPLIT}")))
+    assert [open(os.path.join(window.uri, f"Split-{SPLIT}", f)).read() for f in files] == \
+        [f"examples {s}" for s in range(today - 3, today)]
+    assert artifact_utils.decode_split_names(window.split_names) == [SPLIT]
+    assert set(span_registry.registered_days(registry, today, today)) == {today}
+
+    # A gap in the registry: refused, naming the missing date.
+    os.remove(os.path.join(registry, f"span-{today - 2}.json"))
+    with pytest.raises(WindowError, match="missing: 2022-04-11"):
+        _window(registry, today_examples, today_state, str(tmp_path / "window2"))
+
+    # No state registered for the day before: span -1, so AvcExampleGen decides (first day or refuse).
+    empty = _artifact(avc_example_gen.UserState, str(tmp_path / "empty_state"))
+    span_registry.RegisteredUserStateExecutor().Do(
+        {}, {"user_state": [empty]}, {"registry_dir": registry, "date": "2022-04-12"})
+    assert empty.span == -1
+
+
+def test_recurring_run_spec_is_what_kfp_accepts(compiled, tmp_path, capsys):
+    _, package = compiled
+    out = tmp_path / "recurring.json"
+    assert cli.main(["schedule", "--kind", "kubeflow", "--pipeline-package", package, "--output", str(out),
+                     "--at", "04:05"]) == 0
+    spec = json.loads(out.read_text())
+    import kfp
+    from kfp.cli import recurring_run
+
+    accepted = set(inspect.signature(kfp.Client.create_recurring_run).parameters) - {"self"}
+    assert set(spec) - {"experiment_name"} <= accepted
+    assert spec["cron_expression"] == "0 5 4 * * *" and spec["max_concurrency"] == 1
+    assert spec["params"] == {"date": kubeflow_v2_runner.RECURRING_DATE_PARAMETER}
+    # The printed command parses with kfp's own CLI (parsing only: no cluster here).
+    command = capsys.readouterr().out.strip().splitlines()[-1]
+    argv = shlex.split(command)
+    assert argv[:3] == ["kfp", "recurring-run", "create"]
+    context = recurring_run.create.make_context("create", argv[3:])
+    assert context.params["cron_expression"] == spec["cron_expression"]
+    assert context.params["pipeline_package_path"] == spec["pipeline_package_path"]
+    assert context.params["args"] == (f"date={kubeflow_v2_runner.RECURRING_DATE_PARAMETER}",)
+
+
+def test_schedule_refuses_a_missing_pipeline_package(tmp_path):
+    with pytest.raises(SystemExit, match="compile-kubeflow"):
+        cli.main(["schedule", "--kind", "kubeflow", "--pipeline-package", str(tmp_path / "nope.json")])
+
+
+def test_tfx_container_entrypoint_runs_a_compiled_custom_component(compiled, tmp_path):
+    """What a KFP v2 pod does for `previous_user_state`: TFX's entrypoint with the compiled args,
+    on an ExecutorInput built from the spec; the custom artifact type survives the round trip."""
+    import subprocess
+    import sys
+
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+    from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_entrypoint_utils
+
+    spec, _ = compiled
+    pipeline_spec = spec["pipelineSpec"]
+    container = pipeline_spec["deploymentSpec"]["executors"]["previous_user_state_executor"]["container"]
+    artifact_type = pipeline_spec["components"]["previous_user_state"]["outputDefinitions"]["artifacts"]["user_state"]["artifactType"]
+    registry, state_dir = str(tmp_path / "registry"), _span_dir(tmp_path, "state", {"state-0": "carried"})
+    span = span_of(datetime.date(2022, 4, 11))
+    span_registry.register_day(registry, span, str(tmp_path / "examples"), state_dir)
+    parameters = {"registry_dir": registry, "date": "before:2022-04-13"}
+    invocation = {
+        "inputs": {"parameterValues": parameters, "parameters": {k: {"stringValue": v} for k, v in parameters.items()}},
+        "outputs": {"artifacts": {"user_state": {"artifacts": [{
+            "uri": str(tmp_path / "out"), "name": "projects/1/locations/l/metadataStores/default/artifacts/7",
+            "type": artifact_type}]}},
+            "outputFile": str(tmp_path / "executor_output.json")}}
+    args = [a if a != "{{$}}" else json.dumps(invocation) for a in container["args"]]
+    subprocess.run([sys.executable] + container["command"][1:] + args, check=True, timeout=300)
+
+    output = json.loads((tmp_path / "executor_output.json").read_text())["artifacts"]["user_state"]
+    output["artifacts"][0]["type"] = artifact_type
+    parsed = kubeflow_v2_entrypoint_utils.parse_raw_artifact_dict(
+        {"user_state": json_format.ParseDict(output, pipeline_spec_pb2.ArtifactList())}, {})
+    state = parsed["user_state"][0]
+    assert isinstance(state, avc_example_gen.UserState)
+    assert (state.span, state.through_date) == (span, "2022-04-11")
+    assert open(os.path.join(state.uri, "state-0")).read() == "carried"
