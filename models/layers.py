@@ -524,24 +524,24 @@ class FeatureGatedMoE(tf.keras.layers.Layer):
 # --------------------------------------------------------------------------
 
 
-def _masked_multi_head_attention(
+def _pooled_sequence_per_head(
     queries: tf.Tensor,
     keys: tf.Tensor,
-    values: tf.Tensor,
+    sequence: tf.Tensor,
     mask: Optional[tf.Tensor],
     num_heads: int,
     head_dim: int,
 ) -> tf.Tensor:
-    """Scaled dot-product attention of one query per row over a sequence.
+    """Each head's attention-weighted sum of the raw sequence items.
 
-    queries [B, H*d], keys and values [B, L, H*d], mask [B, L] (True = real
-    item) -> [B, H*d], the heads' outputs concatenated. Masked positions get
-    zero weight; a row with no real position gets zeros.
+    queries [B, H*d], keys [B, L, H*d], sequence [B, L, item_dim], mask [B, L]
+    (True = real item) -> [B, H, item_dim]: P_h = sum_l a_hl S_l with
+    a_h = softmax_l(q_h k_lh / sqrt(d)) over the real positions. Masked
+    positions get zero weight; a row with no real position gets zeros.
     """
     batch_size, length = tf.shape(keys)[0], tf.shape(keys)[1]
     queries = tf.reshape(queries, [batch_size, num_heads, head_dim])
     keys = tf.reshape(keys, [batch_size, length, num_heads, head_dim])
-    values = tf.reshape(values, [batch_size, length, num_heads, head_dim])
     logits = tf.einsum("bhd,blhd->bhl", queries, keys) / tf.cast(
         math.sqrt(head_dim), queries.dtype
     )
@@ -550,22 +550,26 @@ def _masked_multi_head_attention(
     else:
         real = tf.cast(mask, tf.bool)
         # A finite fill (not -inf) keeps the softmax of fully padded rows
-        # NaN-free (it is uniform there); zeroing the padded values then makes
+        # NaN-free (it is uniform there); zeroing the padded items then makes
         # those rows zero, and keeps padding that holds inf/NaN from leaking
         # through a zero weight (0 * inf = NaN).
         logits = tf.where(
             real[:, tf.newaxis, :], logits, tf.constant(logits.dtype.min, logits.dtype)
         )
         weights = tf.nn.softmax(logits, axis=-1)
-        values = tf.where(real[:, :, tf.newaxis, tf.newaxis], values, tf.zeros_like(values))
-    outputs = tf.einsum("bhl,blhd->bhd", weights, values)
-    return tf.reshape(outputs, [batch_size, num_heads * head_dim])
+        sequence = tf.where(real[:, :, tf.newaxis], sequence, tf.zeros_like(sequence))
+    return tf.einsum("bhl,bli->bhi", weights, sequence)
 
 
 class _SequenceAttention(tf.keras.layers.Layer):
-    """Shared structure of the attention layers: Q = x W_q, K and V from the sequence.
+    """Shared structure of the attention layers: Q = x W_q, K = S W_k, V from S.
 
-    Subclasses define how keys and values are projected (`_keys`, `_values`).
+    Values are linear in the sequence (V = S W_v, no bias or activation), so
+    each head's output sum_l a_hl (S_l W_v)_h equals (sum_l a_hl S_l) W_v[:, h]:
+    the sequence is pooled per head first and projected once per head, which
+    costs item_dim * width per example instead of L * item_dim * width.
+    Subclasses define the queries' personalization and the value kernels
+    (`_personalize_queries`, `_value_kernels`).
     """
 
     def __init__(self, num_heads: int = 2, head_dim: int = 16, **kwargs):
@@ -595,25 +599,45 @@ class _SequenceAttention(tf.keras.layers.Layer):
         )
         if mask is not None:
             mask = _tensor_of_rank(mask, 2, "mask", "[batch, length] (bool)", self)
-        return _masked_multi_head_attention(
-            self.query_projection(query),
-            self._keys(sequence, pc),
-            self._values(sequence, pc),
+        pooled = _pooled_sequence_per_head(
+            self._personalize_queries(self.query_projection(query), pc),
+            self.key_projection(sequence),
+            sequence,
             mask,
             self.num_heads,
             self.head_dim,
+        )  # [batch, num_heads, item_dim]
+        kernels = self._value_kernels(sequence.shape[-1], pc)  # [(batch,) item_dim, width]
+        kernels = tf.reshape(
+            kernels, tf.concat([tf.shape(kernels)[:-1], [self.num_heads, self.head_dim]], 0)
         )
+        equation = "bhi,bihd->bhd" if kernels.shape.rank == 4 else "bhi,ihd->bhd"
+        outputs = tf.einsum(equation, pooled, kernels)
+        return tf.reshape(outputs, [-1, self.width])
+
+    @staticmethod
+    def _built_kernel(projection: tf.keras.layers.Dense, item_dim: int) -> tf.Variable:
+        """The kernel of a value projection that is used as a matrix, not called."""
+        if not projection.built:
+            # Built here, not by __call__, so open its scope by hand: without it every
+            # kernel would be named "<attention>/kernel" and checkpoints could not tell
+            # them apart.
+            with tf.name_scope(projection.name):
+                projection.build(tf.TensorShape([None, item_dim]))
+        return projection.kernel
+
+    def _personalize_queries(self, queries: tf.Tensor, pc: Any) -> tf.Tensor:
+        del pc  # Plain attention: shared queries.
+        return queries
+
+    def _value_kernels(self, item_dim: int, pc: Any) -> tf.Tensor:
+        """W_v [item_dim, width], or one kernel per example [batch, item_dim, width]."""
+        raise NotImplementedError(f"{type(self).__name__} must define its value kernels")
 
     def compute_mask(self, inputs, mask=None):
         # `mask` masks the sequence, which the output no longer has: the output
         # is one pooled vector per row. Without this Keras would reject `mask`.
         return None
-
-    def _keys(self, sequence: tf.Tensor, pc: Any) -> tf.Tensor:
-        raise NotImplementedError
-
-    def _values(self, sequence: tf.Tensor, pc: Any) -> tf.Tensor:
-        raise NotImplementedError
 
     def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
         """Personalized gate outputs by name; none unless a subclass adds gates."""
@@ -657,11 +681,9 @@ class MultiHeadAttention(_SequenceAttention):
             self.width, use_bias=False, name="value"
         )
 
-    def _keys(self, sequence: tf.Tensor, pc: Any) -> tf.Tensor:
-        return self.key_projection(sequence)
-
-    def _values(self, sequence: tf.Tensor, pc: Any) -> tf.Tensor:
-        return self.value_projection(sequence)
+    def _value_kernels(self, item_dim: int, pc: Any) -> tf.Tensor:
+        del pc
+        return self._built_kernel(self.value_projection, item_dim)  # W_v [item_dim, width]
 
 
 @tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
@@ -716,24 +738,18 @@ class PosoMultiHeadAttention(_PersonalizedGatesMixin, _SequenceAttention):
         self.key_gate = self._make_gate(self.width, name="key_gate")
         self.value_gate = self._make_gate(self.num_value_projections, name="value_gate")
 
-    def _keys(self, sequence: tf.Tensor, pc: Any) -> tf.Tensor:
-        gate = self.key_gate(_required_pc(pc, self))  # [batch, width]
-        return gate[:, tf.newaxis, :] * self.key_projection(sequence)
+    def _personalize_queries(self, queries: tf.Tensor, pc: Any) -> tf.Tensor:
+        # q . (G_k * k_l) = (G_k * q) . k_l: gating the one query per row gives the
+        # same scores as gating the L keys of Eq. 14, at 1/L of the multiplies.
+        return self.key_gate(_required_pc(pc, self)) * queries
 
-    def _values(self, sequence: tf.Tensor, pc: Any) -> tf.Tensor:
+    def _value_kernels(self, item_dim: int, pc: Any) -> tf.Tensor:
+        # sum_i g_i (S W_v^i) = S (sum_i g_i W_v^i): one mixed kernel per example.
         gate = self.value_gate(_required_pc(pc, self))  # [batch, N]
-        # sum_i g_i (S W_v^i) = S (sum_i g_i W_v^i): mixing the N kernels per example first and
-        # projecting once costs N + L instead of N * L kernel-sized products.
-        for project in self.value_projections:
-            if not project.built:
-                # Built here, not by __call__, so open its scope by hand: without it every
-                # kernel would be named "<attention>/kernel" and checkpoints could not tell
-                # them apart.
-                with tf.name_scope(project.name):
-                    project.build(sequence.shape)
-        kernels = tf.stack([project.kernel for project in self.value_projections])  # [N, item_dim, width]
-        mixed = tf.einsum("bn,ndw->bdw", gate, kernels)
-        return tf.einsum("bld,bdw->blw", sequence, mixed)
+        kernels = tf.stack(
+            [self._built_kernel(projection, item_dim) for projection in self.value_projections]
+        )  # [N, item_dim, width]
+        return tf.einsum("bn,niw->biw", gate, kernels)
 
     def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
         """{"keys": G_k(pc) [batch, num_heads*head_dim], "values": g(pc) [batch, N]}."""

@@ -18,12 +18,14 @@ FLOPs are multiply-adds (MACs) per example of the forward pass, counted analytic
 the built layers' weight shapes and the behaviour-sequence length L:
 
 * a Dense kernel [n_in, n_out] costs n_in * n_out per position it is applied at: once per
-  example, or L times for the attention's key and value projections;
-* attention: L * width for the scores Q K^T and L * width for the weighted sum of values;
+  example, or L times for the attention's key projection;
+* attention: L * width for the scores Q K^T; values are linear in the items, so each head
+  pools the raw items first (num_heads * L * item_dim) and the pooled items are projected
+  once (item_dim * width) instead of projecting all L items;
 * a personalized gate costs its two kernels (pc_dim * h + h * units); applying it costs one
-  multiply per gated element (units for a POSO(MLP) layer, L * width for POSO(MHA)'s keys,
-  num_experts * expert width for POSO(MMoE)); POSO(MHA) mixes its N value kernels per
-  example (N * item_dim * width) and then projects the sequence once (L * item_dim * width);
+  multiply per gated element (units for a POSO(MLP) layer, width for POSO(MHA)'s query,
+  which equals gating every key, num_experts * expert width for POSO(MMoE)); POSO(MHA)
+  mixes its N value kernels per example (N * item_dim * width);
 * an MMoE costs its experts, its task gates' kernels and T * num_experts * expert width
   for mixing the experts; the feature-gated MoE is a one-task MMoE;
 * embedding lookups and the one-hot PC cost 0; the masked mean of a pooled (candidate)
@@ -195,24 +197,25 @@ def _feature_gated_moe_macs(moe: layers.FeatureGatedMoE, length: int) -> int:
 
 
 def _attention_core_macs(attention, length: int) -> int:
-    # Query projection (once), key projection (per position), scores and weighted sum.
+    # Query projection (once), key projection and scores (per position), each head's weighted
+    # sum of the raw items (per position), and the pooled items' value projection (once).
+    item_dim = attention.key_projection.kernel.shape[0]
     return (_dense_macs(attention.query_projection) + _dense_macs(attention.key_projection, length)
-            + 2 * length * attention.width)
+            + length * attention.width + attention.num_heads * length * item_dim
+            + item_dim * attention.width)
 
 
 def _attention_macs(attention: layers.MultiHeadAttention, length: int) -> int:
-    return _attention_core_macs(attention, length) + _dense_macs(attention.value_projection, length)
+    return _attention_core_macs(attention, length)
 
 
 def _poso_attention_macs(attention: layers.PosoMultiHeadAttention, length: int) -> int:
-    # The layer mixes its N value kernels per example (N kernel-sized products), then projects
-    # the sequence once with the mixed kernel (L kernel-sized products).
-    kernel = _dense_macs(attention.value_projections[0])
-    projections = length * kernel
-    value_mixture = attention.num_value_projections * kernel
-    gated_keys = length * attention.width
+    # The layer mixes its N value kernels per example (N kernel-sized products) and gates the
+    # query (width multiplies; equal to gating every key), the rest as plain attention.
+    value_mixture = attention.num_value_projections * _dense_macs(attention.value_projections[0])
+    gated_query = attention.width
     gates = _gate_macs(attention.key_gate) + _gate_macs(attention.value_gate)
-    return _attention_core_macs(attention, length) + projections + value_mixture + gated_keys + gates
+    return _attention_core_macs(attention, length) + value_mixture + gated_query + gates
 
 
 # Exact types: a new subclass must get its own rule rather than silently inherit one.

@@ -83,11 +83,13 @@ def test_flops_are_positive_and_poso_adds_its_gates(summary, built):
     config = model.ModelConfig()
     assert rows["MLP"]["poso_flops"] - rows["MLP"]["plain_flops"] == sum(
         _gate_macs(fs.PC.num_buckets, config.gate_hidden_units, units) for units in config.mlp_units)
-    # Plain attention: Q once; K and V at every position; scores and weighted sum per position.
+    # Plain attention: Q once; K at every position; scores per position; each head pools the
+    # raw items (heads * L * item_dim) and projects the pooled item once (item_dim * width).
     attention = built["plain"].attention
     query_dim, item_dim = attention.query_projection.kernel.shape[0], attention.key_projection.kernel.shape[0]
     width = config.num_heads * config.head_dim
-    assert rows["MHA"]["plain_flops"] == query_dim * width + 2 * LENGTH * item_dim * width + 2 * LENGTH * width
+    assert rows["MHA"]["plain_flops"] == (query_dim * width + LENGTH * item_dim * width + LENGTH * width
+                                          + config.num_heads * LENGTH * item_dim + item_dim * width)
     assert rows["Whole model"]["plain_flops"] == sum(rows[row]["plain_flops"] for row in
                                                      ("Dense network", "Embedding tables"))
 
