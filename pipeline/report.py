@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import html
+import itertools
 import os
 from typing import Dict, List, Optional
 
@@ -94,14 +95,12 @@ def gate_means_by_avc_bucket(model_dir: str, example_files: List[str]) -> Dict[s
     if _GATES_SIGNATURE not in loaded.signatures:
         return {}
     gates = loaded.signatures[_GATES_SIGNATURE]
-    records, buckets = [], []
-    for path in example_files:
-        for record in tf.data.TFRecordDataset(path, compression_type="GZIP" if path.endswith(".gz") else ""):
-            example = tf.train.Example.FromString(record.numpy())
-            buckets.append(example.features.feature[specs.AVC_BUCKET].int64_list.value[0])
-            records.append(record.numpy())
-            if len(records) >= _MAX_GATE_EXAMPLES:
-                break
+    every_record = itertools.chain.from_iterable(
+        tf.data.TFRecordDataset(path, compression_type="GZIP" if path.endswith(".gz") else "")
+        for path in example_files)
+    records = [record.numpy() for record in itertools.islice(every_record, _MAX_GATE_EXAMPLES)]
+    buckets = [tf.train.Example.FromString(record).features.feature[specs.AVC_BUCKET].int64_list.value[0]
+               for record in records]
     if not records:
         return {}
     buckets = np.asarray(buckets)
