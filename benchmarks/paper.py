@@ -251,9 +251,10 @@ class SyntheticRunner:
 
         self.budget = budget
         started = time.time()
-        self.data = paper_data.prepare(work_dir, paper_data.SyntheticSettings(
-            train_days=budget.train_days, warmup_days=budget.warmup_days, rows_per_day=budget.rows_per_day,
-            new_user_share=budget.new_user_share, data_seed=budget.data_seed), log=_log)
+        # The budget holds every field the data depends on (the settings are its cache key).
+        settings = paper_data.SyntheticSettings(**{field.name: getattr(budget, field.name)
+                                                   for field in dataclasses.fields(paper_data.SyntheticSettings)})
+        self.data = paper_data.prepare(work_dir, settings, log=_log)
         self.train = paper_data.load_split(self.data.train_files, self.data.transform_dir)
         self.eval = paper_data.load_split(self.data.eval_files, self.data.transform_dir)
         self.data_seconds = round(time.time() - started, 1)
@@ -832,12 +833,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="poso bench paper", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+if __name__ == "__main__":  # the same parser as the `poso` command's
+    from pipeline import cli
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.main(["bench", "paper", *sys.argv[1:]]))

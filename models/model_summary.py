@@ -420,12 +420,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="poso model-summary", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+if __name__ == "__main__":  # the same parser as the `poso` command's
+    from pipeline import cli
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.main(["model-summary", *sys.argv[1:]]))
