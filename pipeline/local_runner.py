@@ -7,14 +7,17 @@ pipeline for D. Everything is cached in MLMD, so a rerun after a crash resumes w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from tfx import v1 as tfx
 
@@ -103,6 +106,27 @@ def _first_failure(store, known_runs: set) -> Optional[Tuple[str, Optional[str]]
     return component, _root_cause(result.result_message) if result and result.result_message else None
 
 
+@contextlib.contextmanager
+def _scratch_tempdir() -> Iterator[str]:
+    """Points the run's temporary files at a directory removed when the run ends.
+
+    Beam stages files and TensorFlow writes autograph modules into the system temp directory
+    and leave them there; a daily job would fill /tmp. TMPDIR reaches Beam's worker processes.
+    """
+    scratch = tempfile.mkdtemp(prefix="poso-run-")
+    saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = scratch
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = saved_tempdir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _run(cfg: config_lib.RunConfig, label: str) -> None:
     """Runs the pipeline once; raises PipelineRunError naming the first component that failed.
 
@@ -119,7 +143,8 @@ def _run(cfg: config_lib.RunConfig, label: str) -> None:
     logging.getLogger().addHandler(progress)
     raised: Optional[BaseException] = None
     try:
-        tfx.orchestration.LocalDagRunner().run(pipeline_lib.create_pipeline(cfg))
+        with _scratch_tempdir():
+            tfx.orchestration.LocalDagRunner().run(pipeline_lib.create_pipeline(cfg))
     except Exception as error:  # pylint: disable=broad-except
         raised = error
     finally:
