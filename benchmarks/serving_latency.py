@@ -25,7 +25,10 @@ Every call starts from numpy arrays and ends with numpy arrays: in-process, tens
 made and results fetched; over gRPC the request proto is built and the outputs decoded;
 over REST the JSON body is encoded and the answer decoded (one keep-alive connection per
 caller). Each case is bounded by --requests and --seconds. Client and server share the
-machine's CPUs, as on one host. The figures are printed, not asserted.
+machine's CPUs, as on one host, so a throughput case moves by 10-20% from one 2-second
+window to the next: the throughput cases run in --rounds rounds, every way once per round
+in a rotated order, and the median over rounds is printed (the goal line adds the spread).
+The figures are printed, not asserted.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="requests per latency case, at most (default 300)")
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="time limit of each case (default 2)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of the throughput cases; medians are printed (default 3)")
     parser.add_argument("--batching-parameters", default=str(DEPLOY_BATCHING_PARAMETERS),
                         help="the server's batching in the batched runs (TF Serving's format; "
                              "default deploy/batching_parameters.txt)")
@@ -357,6 +362,12 @@ def _p(samples, q: float) -> float:
     return float(np.percentile(samples, q))
 
 
+def _median(values) -> float:
+    import numpy as np
+
+    return float(np.median(values))
+
+
 def _pair(samples) -> str:
     return f"{_p(samples, 50):7.2f} /{_p(samples, 99):7.2f}"
 
@@ -382,8 +393,8 @@ def run(args: argparse.Namespace) -> int:
         rows_cases = _int_list(args.rows, "--rows")
         throughput_rows = _int_list(args.throughput_rows, "--throughput-rows")
         concurrencies = _int_list(args.concurrency, "--concurrency")
-        if args.requests < 1 or args.seconds <= 0:
-            raise ValueError("--requests and --seconds must be positive")
+        if args.requests < 1 or args.seconds <= 0 or args.rounds < 1:
+            raise ValueError("--requests, --seconds and --rounds must be positive")
         if not os.path.isfile(args.batching_parameters):
             raise ValueError(f"--batching-parameters: no such file {args.batching_parameters}")
         batching_flags, options = _server_batching_flags(args.batching_parameters,
@@ -415,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
           f"{args.batching_parameters}", flush=True)
 
     latency: Dict[tuple, list] = {}
-    throughput: Dict[tuple, float] = {}
+    throughput: Dict[tuple, List[float]] = {}  # rows/s per round
     # Both servers run for the whole benchmark (idle when not asked), so every case is
     # measured in-process and over each server back to back: a change in the machine's load
     # shifts them together.
@@ -439,28 +450,36 @@ def run(args: argparse.Namespace) -> int:
                 rest.close()
         for rows in throughput_rows:
             for callers in concurrencies:
-                throughput[("in-process", rows, callers)] = throughput_rows_per_s(
-                    lambda: in_process_call(signature, arrays[rows]), callers, rows,
-                    args.seconds)
                 batch = merged[(rows, callers)]
-                throughput[("in-process batched", rows, callers)] = throughput_rows_per_s(
-                    lambda: in_process_call(signature, arrays[batch]),
-                    options.num_batch_threads, batch, args.seconds)
+                ways = {
+                    "in-process": (lambda: in_process_call(signature, arrays[rows]),
+                                   callers, rows),
+                    "in-process batched": (lambda: in_process_call(signature, arrays[batch]),
+                                           options.num_batch_threads, batch),
+                }
                 for mode, server in servers.items():
-                    throughput[("gRPC" + mode, rows, callers)] = throughput_rows_per_s(
-                        lambda: grpc_call(stubs[mode], MODEL_NAME, args.signature, arrays[rows]),
-                        callers, rows, args.seconds)
-                    throughput[("REST" + mode, rows, callers)] = throughput_rows_per_s(
-                        lambda: RestCaller(server.rest_url, MODEL_NAME, args.signature,
-                                           arrays[rows]),
-                        callers, rows, args.seconds)
+                    ways["gRPC" + mode] = (
+                        lambda stub=stubs[mode]: grpc_call(stub, MODEL_NAME, args.signature,
+                                                           arrays[rows]), callers, rows)
+                    ways["REST" + mode] = (
+                        lambda url=server.rest_url: RestCaller(url, MODEL_NAME, args.signature,
+                                                               arrays[rows]), callers, rows)
+                names = list(ways)
+                for round_index in range(args.rounds):
+                    shift = round_index % len(names)
+                    for way in names[shift:] + names[:shift]:
+                        make_call, threads, rows_per_call = ways[way]
+                        throughput.setdefault((way, rows, callers), []).append(
+                            throughput_rows_per_s(make_call, threads, rows_per_call,
+                                                  args.seconds))
 
     print(f"\nLatency, ms p50 / p99 (sequential calls, up to {args.requests} per case)")
     ways = ["in-process", "gRPC", "REST", "gRPC+batching", "REST+batching"]
     print(f"  {'rows':>4}  " + "  ".join(f"{way:>17}" for way in ways))
     for rows in rows_cases:
         print(f"  {rows:>4}  " + "  ".join(f"{_pair(latency[(way, rows)]):>17}" for way in ways))
-    print(f"\nThroughput, rows/s ({args.seconds:g} s per case; in-process batched: "
+    print(f"\nThroughput, rows/s (median of {args.rounds} rounds of {args.seconds:g} s per case; "
+          "in-process batched: "
           f"{options.num_batch_threads} callers, each call on the rows of the requests "
           "batching could merge)")
     columns = ["in-process", "in-process batched", "gRPC", "gRPC+batching", "REST",
@@ -469,7 +488,7 @@ def run(args: argparse.Namespace) -> int:
     for rows in throughput_rows:
         for callers in concurrencies:
             print(f"  {rows:>4}  {callers:>7}  " + "  ".join(
-                f"{throughput[(column, rows, callers)]:>18,.0f}" for column in columns))
+                f"{_median(throughput[(column, rows, callers)]):>18,.0f}" for column in columns))
 
     print(f"\n(took {time.perf_counter() - started:.0f} s)")
     if 1 in rows_cases:
@@ -479,12 +498,13 @@ def run(args: argparse.Namespace) -> int:
     rows, callers = max(throughput_rows), max(concurrencies)
     # Merged batches are not always faster per row than concurrent smaller calls, so the
     # limit is the better of the two in-process figures.
-    limit = max(throughput[("in-process batched", rows, callers)],
-                throughput[("in-process", rows, callers)])
-    fraction = throughput[("gRPC+batching", rows, callers)] / limit
-    print(f"batched throughput vs in-process batched: {100 * fraction:.0f}% "
+    limit = max(_median(throughput[("in-process batched", rows, callers)]),
+                _median(throughput[("in-process", rows, callers)]))
+    served = throughput[("gRPC+batching", rows, callers)]
+    print(f"batched throughput vs in-process batched: {100 * _median(served) / limit:.0f}% "
           f"(goal >= {100 * GOAL_BATCHED_FRACTION:.0f}%; gRPC with batching over the better "
-          f"in-process figure, {rows}-row requests, {callers} callers)")
+          f"in-process figure, {rows}-row requests, {callers} callers; rounds "
+          f"{100 * min(served) / limit:.0f}-{100 * max(served) / limit:.0f}%)")
     return 0
 
 
