@@ -54,9 +54,10 @@ def _run_avc_day(data: str, out: str, date: datetime.date, previous, mode: str, 
     from tfx.types import standard_artifacts
 
     from components import avc_example_gen
+    from pipeline import config
 
     executor = avc_example_gen.Executor(base_beam_executor.BaseBeamExecutor.Context(
-        beam_pipeline_args=[f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"],
+        beam_pipeline_args=config.direct_runner_args(mode, workers),
         tmp_dir=os.path.join(out, "tmp")))
     outputs = {}
     for key, cls in (("examples", standard_artifacts.Examples), ("user_state", avc_example_gen.UserState),

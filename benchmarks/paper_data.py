@@ -82,9 +82,10 @@ def _run_avc_day(data_dir: str, out_dir: str, date: datetime.date, previous):
     from tfx.types import standard_artifacts
 
     from components import avc_example_gen
+    from pipeline import config
 
     executor = avc_example_gen.Executor(base_beam_executor.BaseBeamExecutor.Context(
-        beam_pipeline_args=["--direct_running_mode=in_memory", "--direct_num_workers=1"],
+        beam_pipeline_args=config.direct_runner_args("in_memory"),
         tmp_dir=os.path.join(out_dir, "tmp")))
     outputs = {}
     for key, cls in (("examples", standard_artifacts.Examples), ("user_state", avc_example_gen.UserState),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE_NAME = "poso_ranking"
@@ -88,28 +88,40 @@ class RunConfig:
         """DirectRunner on both cores by default; for a remote runner (--runner=DataflowRunner,
         FlinkRunner, SparkRunner via --beam-arg) workers get this project through
         project_dir/setup.py (on Kubeflow: the copy in the pipeline image)."""
-        # in_memory runs one worker whatever the count (and Beam warns about any other count).
-        workers = 1 if self.beam_direct_running_mode == "in_memory" else self.beam_num_workers
-        args = [f"--direct_running_mode={self.beam_direct_running_mode}",
-                f"--direct_num_workers={workers}"] + list(self.extra_beam_args)
+        args = direct_runner_args(self.beam_direct_running_mode, self.beam_num_workers,
+                                  extra=self.extra_beam_args)
         runners = [a.split("=", 1)[1] for a in args if a.startswith("--runner=")]
         remote = runners and runners[-1] not in ("DirectRunner", "direct")
         if remote and not any(a.startswith("--setup_file") for a in args):
             args.append(f"--setup_file={os.path.join(project_dir, 'setup.py')}")
-        if not remote and not any(a.startswith(_TFX_DEPENDENCY_FLAGS) for a in args):
-            # Without one of these flags TFX copies and sdists itself for remote workers before
-            # every Beam component (1.3 s and 52 MB of temp files each). DirectRunner workers
-            # run in this environment and never read the flag, so name Beam's own default image.
-            from apache_beam.transforms import environments
-
-            args.append("--sdk_container_image="
-                        + environments.DockerEnvironment.default_docker_image())
         return args
 
 
 # The Beam flags by which tfx.utils.dependency_utils sees that workers get their dependencies.
 _TFX_DEPENDENCY_FLAGS = ("--extra_package", "--setup_file", "--requirements_file",
                          "--worker_harness_container_image", "--sdk_container_image")
+
+
+def direct_runner_args(mode: str = "multi_processing", workers: int = 2,
+                       extra: Sequence[str] = ()) -> List[str]:
+    """Beam arguments of a DirectRunner run in `mode` on `workers` processes, then `extra`.
+
+    Unless `extra` picks a remote runner or names a dependency flag, they also name Beam's
+    default SDK image: without one of TFX's dependency flags TFX copies and packages itself
+    for remote workers before every Beam component (1.3 s and 52 MB of temp files each), and
+    DirectRunner workers, which run in this environment, never read the flag.
+    """
+    # in_memory runs one worker whatever the count (and Beam warns about any other count).
+    workers = 1 if mode == "in_memory" else workers
+    args = [f"--direct_running_mode={mode}", f"--direct_num_workers={workers}", *extra]
+    runners = [a.split("=", 1)[1] for a in args if a.startswith("--runner=")]
+    if runners and runners[-1] not in ("DirectRunner", "direct"):
+        return args
+    if not any(a.startswith(_TFX_DEPENDENCY_FLAGS) for a in args):
+        from apache_beam.transforms import environments
+
+        args.append("--sdk_container_image=" + environments.DockerEnvironment.default_docker_image())
+    return args
 
 
 # Kubeflow Pipelines v2 / Vertex AI Pipelines (pipeline/kubeflow_v2_runner.py). The paths are

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import random
+import tempfile
 
 import pytest
 import tensorflow as tf
@@ -15,6 +16,7 @@ from tfx.types import standard_artifacts
 from components import avc_example_gen, impression_logs
 from components.avc import parse_tags
 from feature_specs import specs
+from pipeline import config
 
 START = datetime.date(2022, 4, 8)
 DAYS = 3
@@ -75,7 +77,7 @@ def _write_day(base, date, rng, rows, extra_lines=()):
 
 def _run_day(base, out, date, previous=None, max_bad=0.01):
     executor = avc_example_gen.Executor(base_beam_executor.BaseBeamExecutor.Context(
-        beam_pipeline_args=["--direct_running_mode=in_memory"], tmp_dir=os.path.join(out, "tmp")))
+        beam_pipeline_args=config.direct_runner_args("in_memory"), tmp_dir=os.path.join(out, "tmp")))
     outputs = {}
     for key, cls in (("examples", standard_artifacts.Examples), ("user_state", avc_example_gen.UserState),
                      ("quarantine", avc_example_gen.QuarantinedRows)):
@@ -261,3 +263,18 @@ def test_a_log_day_runs_from_midnight_to_midnight_beijing_time():
     assert reason(midnight_utc + 16 * hour_ms - 1) is None     # 23:59:59.999 in Beijing
     assert "outside 2022-04-11 (UTC+08:00" in reason(midnight_utc - 8 * hour_ms - 1)
     assert "outside 2022-04-11" in reason(midnight_utc + 16 * hour_ms)
+
+
+def test_beam_components_do_not_package_tfx_for_direct_runner(multi_day, tmp_path, monkeypatch):
+    """With the project's DirectRunner arguments TFX does not copy and sdist itself into the
+    temp directory before a Beam component (it would for a remote runner)."""
+    base, _, _, logs, outputs = multi_day
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    date = max(logs)
+    _run_day(base, str(tmp_path / "out"), date, outputs[date - datetime.timedelta(days=1)]["user_state"][0])
+    packaged = [p for p in scratch.rglob("*") if "tfx_ephemeral" in p.name]
+    assert not packaged, f"TFX packaged itself for Beam workers: {packaged[:3]}"
+    assert "--sdk_container_image" not in " ".join(config.direct_runner_args(extra=["--runner=DataflowRunner"]))
+    assert config.direct_runner_args(extra=["--setup_file=/x/setup.py"])[-1] == "--setup_file=/x/setup.py"

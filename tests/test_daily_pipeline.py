@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -367,3 +368,18 @@ def test_cli_exits_non_zero_naming_the_bad_file(ingest_home):
         capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert path in done.stderr + done.stdout and "missing log columns" in done.stderr + done.stdout
+
+
+def test_a_run_keeps_its_temp_files_in_a_directory_removed_at_the_end(tmp_path, monkeypatch):
+    """Beam and TensorFlow leave files in the temp directory; a run's go to its own scratch
+    directory (TMPDIR too, for Beam's worker processes), removed afterwards."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("TMPDIR", raising=False)
+    with local_runner._scratch_tempdir() as scratch:
+        leftover = tempfile.mkdtemp()
+        assert os.path.dirname(leftover) == scratch and os.environ["TMPDIR"] == scratch
+        assert os.path.dirname(scratch) == str(tmp_path)
+    assert not os.path.exists(scratch)
+    assert tempfile.tempdir == str(tmp_path) and "TMPDIR" not in os.environ
