@@ -25,6 +25,7 @@ import datetime
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -213,8 +214,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline import local_runner
 
+    try:
+        windows = [int(w) for w in args.windows.split(",")]
+    except ValueError:
+        windows = []
+    if not windows or min(windows) < 7:
+        print(f"error: --windows must be impression counts of at least 7 (one per day), separated by "
+              f"commas; got {args.windows!r}", file=sys.stderr)
+        return 2
+    if args.work:
+        os.makedirs(args.work, exist_ok=True)
     local_runner.setup_logging(args.verbose)
-    windows = [int(w) for w in args.windows.split(",")]
     rows = []
     for window in windows:
         work = tempfile.mkdtemp(prefix=f"poso-scale-{window}-", dir=args.work)

@@ -126,6 +126,25 @@ def test_combiner_merges_and_pickles_partial_accumulators():
     assert result == {key: pytest.approx(expected, rel=1e-12)}
 
 
+def test_combiner_accepts_groups_that_are_not_integers():
+    """User ids may be strings (another feature set's group key): same GAUC as by integer ids."""
+    labels, predictions, groups, _ = random_dataset(seed=5, size=300)
+    task = TASKS[0].name
+    computation = _single_computation(GroupedAUC(), output_names=[task])
+    combiner = computation.combiner
+    by_int, by_name = combiner.create_accumulator(), combiner.create_accumulator()
+    for i in range(labels.size):
+        for accumulator, group in ((by_int, np.array([groups[i]])), (by_name, np.array([f"user-{groups[i]}".encode()]))):
+            combiner.add_input(accumulator, tfma.metrics.StandardMetricInputs(
+                labels={task: np.array([labels[i]])}, predictions={task: np.array([predictions[i]])},
+                example_weights={task: np.array([1.0])}, features={USER_ID: group}))
+    (key,) = computation.keys
+    by_name = pickle.loads(pickle.dumps(by_name))
+    expected = combiner.extract_output(by_int)[key]
+    assert combiner.extract_output(by_name)[key] == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(grouped_auc(labels, predictions, groups), rel=1e-12)
+
+
 def test_combiner_names_a_missing_group_feature():
     combiner = _single_computation(GroupedAUC(group_key=VIDEO_DURATION)).combiner
     element = tfma.metrics.StandardMetricInputs(
