@@ -90,9 +90,7 @@ class RunConfig:
         project_dir/setup.py (on Kubeflow: the copy in the pipeline image)."""
         args = direct_runner_args(self.beam_direct_running_mode, self.beam_num_workers,
                                   extra=self.extra_beam_args)
-        runners = [a.split("=", 1)[1] for a in args if a.startswith("--runner=")]
-        remote = runners and runners[-1] not in ("DirectRunner", "direct")
-        if remote and not any(a.startswith("--setup_file") for a in args):
+        if _remote_runner(args) and not any(a.startswith("--setup_file") for a in args):
             args.append(f"--setup_file={os.path.join(project_dir, 'setup.py')}")
         return args
 
@@ -100,6 +98,11 @@ class RunConfig:
 # The Beam flags by which tfx.utils.dependency_utils sees that workers get their dependencies.
 _TFX_DEPENDENCY_FLAGS = ("--extra_package", "--setup_file", "--requirements_file",
                          "--worker_harness_container_image", "--sdk_container_image")
+
+
+def _remote_runner(args: Sequence[str]) -> bool:
+    runners = [a.split("=", 1)[1] for a in args if a.startswith("--runner=")]
+    return bool(runners) and runners[-1] not in ("DirectRunner", "direct")
 
 
 def direct_runner_args(mode: str = "multi_processing", workers: int = 2,
@@ -114,8 +117,7 @@ def direct_runner_args(mode: str = "multi_processing", workers: int = 2,
     # in_memory runs one worker whatever the count (and Beam warns about any other count).
     workers = 1 if mode == "in_memory" else workers
     args = [f"--direct_running_mode={mode}", f"--direct_num_workers={workers}", *extra]
-    runners = [a.split("=", 1)[1] for a in args if a.startswith("--runner=")]
-    if runners and runners[-1] not in ("DirectRunner", "direct"):
+    if _remote_runner(args):
         return args
     if not any(a.startswith(_TFX_DEPENDENCY_FLAGS) for a in args):
         from apache_beam.transforms import environments

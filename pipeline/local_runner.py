@@ -110,8 +110,8 @@ def _first_failure(store, known_runs: set) -> Optional[Tuple[str, Optional[str]]
 def _scratch_tempdir() -> Iterator[str]:
     """Points the run's temporary files at a directory removed when the run ends.
 
-    Beam stages files and TensorFlow writes autograph modules into the system temp directory
-    and leave them there; a daily job would fill /tmp. TMPDIR reaches Beam's worker processes.
+    Beam's staging and TensorFlow's autograph leave files in the system temp directory, so a
+    daily job would fill /tmp. TMPDIR carries the directory to Beam's worker processes.
     """
     scratch = tempfile.mkdtemp(prefix="poso-run-")
     saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
