@@ -13,40 +13,11 @@ import argparse
 import datetime
 import os
 import tempfile
-import threading
 import time
 
-import psutil
+from benchmarks.pipeline_scale import TreeMemorySampler
 
 START = datetime.date(2022, 4, 8)
-
-
-class PeakMemory:
-    """Samples the RSS of this process plus all its children until stopped."""
-
-    def __init__(self, interval: float = 0.2):
-        self.peak, self._interval, self._stop = 0, interval, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for proc in [me] + me.children(recursive=True):
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(self._interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def _run_avc_day(data: str, out: str, date: datetime.date, previous, mode: str, workers: int):
@@ -88,12 +59,12 @@ def main(argv=None) -> int:
         print(f"generator: {2 * args.rows:,} rows in {seconds:.1f} s = {2 * args.rows / seconds:,.0f} rows/s (goal >= 200,000)")
         for mode in args.modes.split(","):
             day1 = _run_avc_day(data, work, START, None, mode, args.workers)
-            with PeakMemory() as memory:
+            with TreeMemorySampler() as memory:
                 started = time.perf_counter()
                 _run_avc_day(data, work, START + datetime.timedelta(days=1), day1["user_state"][0], mode, args.workers)
                 seconds = time.perf_counter() - started
             print(f"AvcExampleGen ({mode}, {args.workers} workers): {args.rows:,} rows in {seconds:.1f} s = "
-                  f"{args.rows / seconds:,.0f} rows/s, peak memory {memory.peak / 2**30:.2f} GiB")
+                  f"{args.rows / seconds:,.0f} rows/s, peak memory {memory.peak() / 2**30:.2f} GiB")
     return 0
 
 

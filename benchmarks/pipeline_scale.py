@@ -60,9 +60,9 @@ class TreeMemorySampler:
             self.samples.append((time.time(), total))
             self._stop.wait(self._interval)
 
-    def peak(self, start: float, end: float) -> int:
-        """The largest sample in [start, end], widened by one interval so that a span shorter than
-        the interval still sees its neighbouring samples."""
+    def peak(self, start: float = float("-inf"), end: float = float("inf")) -> int:
+        """The largest sample in [start, end] (default: all), widened by one interval so that a span
+        shorter than the interval still sees its neighbouring samples."""
         inside = [rss for t, rss in self.samples if start - self._interval <= t <= end + self._interval]
         return max(inside) if inside else 0
 
