@@ -21,25 +21,11 @@ START = datetime.date(2022, 4, 8)
 
 
 def _run_avc_day(data: str, out: str, date: datetime.date, previous, mode: str, workers: int):
-    from tfx.dsl.components.base import base_beam_executor
-    from tfx.types import standard_artifacts
-
     from components import avc_example_gen
     from pipeline import config
 
-    executor = avc_example_gen.Executor(base_beam_executor.BaseBeamExecutor.Context(
-        beam_pipeline_args=config.direct_runner_args(mode, workers),
-        tmp_dir=os.path.join(out, "tmp")))
-    outputs = {}
-    for key, cls in (("examples", standard_artifacts.Examples), ("user_state", avc_example_gen.UserState),
-                     ("quarantine", avc_example_gen.QuarantinedRows)):
-        artifact = cls()
-        artifact.uri = os.path.join(out, f"{mode}-{date.isoformat()}", key)
-        os.makedirs(artifact.uri, exist_ok=True)
-        outputs[key] = [artifact]
-    executor.Do({"previous_user_state": [previous] if previous else []}, outputs,
-                {"input_base": data, "date": date.isoformat(), "max_bad_row_fraction": 0.01})
-    return outputs
+    return avc_example_gen.run_executor_for_day(data, date, os.path.join(out, f"{mode}-{date.isoformat()}"),
+                                                config.direct_runner_args(mode, workers), previous)
 
 
 def main(argv=None) -> int:

@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from feature_specs import specs
+from pipeline import argtypes
 
 SECTIONS = ("a", "b", "c", "d")
 SECTION_TITLES = {
@@ -766,26 +767,6 @@ def _sections(value: str) -> List[str]:
     return [s for s in SECTIONS if s in items]
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
-def _json_object(value: str) -> Dict[str, Any]:
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {value!r}") from None
-    if not isinstance(parsed, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
-    return parsed
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Budget()
     here = os.path.dirname(os.path.abspath(__file__))
@@ -795,20 +776,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "(default: %(default)s)")
     parser.add_argument("--work-dir", default=os.path.join("poso_home", "paper"),
                         help="cache of generated data and models (default: %(default)s)")
-    parser.add_argument("--rows-per-day", type=_positive_int, default=defaults.rows_per_day)
-    parser.add_argument("--train-days", type=_positive_int, default=defaults.train_days)
-    parser.add_argument("--warmup-days", type=_positive_int, default=defaults.warmup_days,
+    parser.add_argument("--rows-per-day", type=argtypes.positive_int, default=defaults.rows_per_day)
+    parser.add_argument("--train-days", type=argtypes.positive_int, default=defaults.train_days)
+    parser.add_argument("--warmup-days", type=argtypes.positive_int, default=defaults.warmup_days,
                         help="days ingested (AVC history) before the training window")
     parser.add_argument("--new-user-share", type=float, default=defaults.new_user_share)
     parser.add_argument("--data-seed", type=int, default=defaults.data_seed)
-    parser.add_argument("--train-steps", type=_positive_int, default=defaults.train_steps)
-    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    parser.add_argument("--train-steps", type=argtypes.positive_int, default=defaults.train_steps)
+    parser.add_argument("--batch-size", type=argtypes.positive_int, default=defaults.batch_size)
     parser.add_argument("--movielens-zip", default=None,
                         help=f"ml-latest-small.zip (default: ${MOVIELENS_ENV}, else ../shared/data/ml-latest-small/"
                              "ml-latest-small.zip beside the checkout)")
     parser.add_argument("--movielens-variants", default=None, metavar="A,B,...",
                         help="variants for (a) (default: every variant of models.model.VARIANTS)")
-    parser.add_argument("--movielens-budget", type=_json_object, default=None, metavar="JSON",
+    parser.add_argument("--movielens-budget", type=argtypes.json_object, default=None, metavar="JSON",
                         help="keyword arguments for run_movielens, e.g. '{\"epochs\": 2}'")
     parser.add_argument("--render-only", action="store_true",
                         help="only render OUT/RESULTS.md again from OUT/results/*.json")

@@ -77,27 +77,12 @@ class SyntheticData:
 
 
 def _run_avc_day(data_dir: str, out_dir: str, date: datetime.date, previous):
-    """AvcExampleGen's executor for one date (in-process Beam), as data_throughput drives it."""
-    from tfx.dsl.components.base import base_beam_executor
-    from tfx.types import standard_artifacts
-
+    """AvcExampleGen's executor for one date (in-process Beam), outputs under out_dir/<date>."""
     from components import avc_example_gen
     from pipeline import config
 
-    executor = avc_example_gen.Executor(base_beam_executor.BaseBeamExecutor.Context(
-        beam_pipeline_args=config.direct_runner_args("in_memory"),
-        tmp_dir=os.path.join(out_dir, "tmp")))
-    outputs = {}
-    for key, cls in (("examples", standard_artifacts.Examples), ("user_state", avc_example_gen.UserState),
-                     ("quarantine", avc_example_gen.QuarantinedRows)):
-        artifact = cls()
-        artifact.uri = os.path.join(out_dir, date.isoformat(), key)
-        os.makedirs(artifact.uri, exist_ok=True)
-        outputs[key] = [artifact]
-    executor.Do({"previous_user_state": [previous] if previous else []}, outputs,
-                {"input_base": data_dir, "date": date.isoformat(), "max_bad_row_fraction": 0.01})
-    outputs["user_state"][0].span = avc_example_gen.span_of(date)
-    return outputs
+    return avc_example_gen.run_executor_for_day(data_dir, date, os.path.join(out_dir, date.isoformat()),
+                                                config.direct_runner_args("in_memory"), previous)
 
 
 def _example_files(out_dir: str, date: datetime.date) -> List[str]:

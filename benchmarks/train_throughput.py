@@ -29,6 +29,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+from pipeline import argtypes
+
 DISTINCT_BATCHES = 8  # the batches cycle; more distinct rows than this buys nothing for timing
 BASELINE, POSO_ALL = "baseline", "poso_all"
 STEP_TIME_GOAL, PARAMETER_GOAL = 1.05, 1.10
@@ -47,50 +49,19 @@ def _variant_list(value: str) -> List[str]:
     return names
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
-    return number
-
-
 def _config_overrides(value: str) -> Dict[str, Any]:
-    from models import model as model_lib
-
-    try:
-        overrides = json.loads(value)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"--config is not valid JSON ({error}): {value!r}") from None
-    if not isinstance(overrides, dict):
-        raise argparse.ArgumentTypeError(f"--config must be a JSON object of ModelConfig fields, got {value!r}")
+    overrides = argtypes.model_config_overrides(value)
     kinds = sorted(set(overrides) & {"mlp", "attention", "mmoe"})
     if kinds:
-        raise argparse.ArgumentTypeError(f"--config must not set module kinds {kinds}: the variants set them")
-    try:
-        model_lib.ModelConfig.from_dict(overrides)
-    except (TypeError, ValueError) as error:
-        raise argparse.ArgumentTypeError(f"--config: {error}") from None
+        raise argparse.ArgumentTypeError(f"must not set module kinds {kinds}: the variants set them")
     return overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=_positive_int, default=30, help="timed steps per variant per round")
-    parser.add_argument("--batch-size", type=_positive_int, default=512, help="examples per step (trainer default)")
-    parser.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds, interleaved across variants")
-    parser.add_argument("--warmup", type=_non_negative_int, default=5,
+    parser.add_argument("--steps", type=argtypes.positive_int, default=30, help="timed steps per variant per round")
+    parser.add_argument("--batch-size", type=argtypes.positive_int, default=512, help="examples per step (trainer default)")
+    parser.add_argument("--repeats", type=argtypes.positive_int, default=5, help="timed rounds, interleaved across variants")
+    parser.add_argument("--warmup", type=argtypes.non_negative_int, default=5,
                         help="untimed steps per variant before the rounds (the first one traces)")
     parser.add_argument("--variants", type=_variant_list, default=None, metavar="A,B,...",
                         help="variants to measure (default: all of models.model.VARIANTS)")

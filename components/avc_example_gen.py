@@ -277,6 +277,25 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         quarantine.set_int_custom_property("bad_rows", len(bad_rows))
 
 
+def run_executor_for_day(input_base: str, date: datetime.date, output_dir: str, beam_pipeline_args: List[str],
+                         previous_user_state: Optional[types.Artifact] = None,
+                         max_bad_row_fraction: float = 0.01) -> Dict[str, List[types.Artifact]]:
+    """The executor on one day outside a pipeline (benchmarks, tests): its three output artifacts,
+    written under output_dir/<examples|user_state|quarantine>."""
+    executor = Executor(base_beam_executor.BaseBeamExecutor.Context(
+        beam_pipeline_args=beam_pipeline_args, tmp_dir=os.path.join(output_dir, "tmp")))
+    outputs = {}
+    for key, artifact_class in (("examples", standard_artifacts.Examples), ("user_state", UserState),
+                                ("quarantine", QuarantinedRows)):
+        artifact = artifact_class()
+        artifact.uri = os.path.join(output_dir, key)
+        os.makedirs(artifact.uri, exist_ok=True)
+        outputs[key] = [artifact]
+    executor.Do({"previous_user_state": [previous_user_state] if previous_user_state else []}, outputs,
+                {"input_base": input_base, "date": date.isoformat(), "max_bad_row_fraction": max_bad_row_fraction})
+    return outputs
+
+
 def _previous_state(artifacts, input_base: str, date: datetime.date):
     wanted = span_of(date) - 1
     matching = [a for a in artifacts if a.span == wanted]

@@ -54,6 +54,7 @@ import tensorflow as tf
 import feature_specs as fs
 from models import layers
 from models import model as model_lib
+from pipeline import argtypes
 
 __all__ = [
     "DEFAULT_VARIANT_PAIR", "MODULE_ROWS", "ROWS", "summarize", "format_table", "parameter_counts",
@@ -390,26 +391,12 @@ def _variant_pair_argument(value: str) -> Tuple[str, str]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _config_argument(value: str) -> Dict[str, Any]:
-    try:
-        overrides = json.loads(value)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"--config is not valid JSON ({error}): {value!r}") from None
-    if not isinstance(overrides, dict):
-        raise argparse.ArgumentTypeError(f"--config must be a JSON object of ModelConfig fields, got {value!r}")
-    try:
-        model_lib.ModelConfig.from_dict(overrides)
-    except (TypeError, ValueError) as error:
-        raise argparse.ArgumentTypeError(f"--config: {error}") from None
-    return overrides
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant-pair", type=_variant_pair_argument, default=DEFAULT_VARIANT_PAIR,
                         metavar="PLAIN,POSO",
                         help=f"the two variants to compare (default: {','.join(DEFAULT_VARIANT_PAIR)}); "
                              f"known: {', '.join(model_lib.VARIANTS)}")
-    parser.add_argument("--config", type=_config_argument, default=None, metavar="JSON",
+    parser.add_argument("--config", type=argtypes.model_config_overrides, default=None, metavar="JSON",
                         help='ModelConfig overrides shared by both variants, e.g. \'{"gate_hidden_units": 8}\'')
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 

@@ -91,6 +91,13 @@ def cmd_generate(args) -> int:
     return synthetic_logs.run(args) or 0
 
 
+def _add_module_command(subparsers, name: str, module, help_text: str) -> None:
+    """A subcommand whose module brings its own flags (`add_arguments`) and entry point (`run`)."""
+    command = subparsers.add_parser(name, help=help_text)
+    module.add_arguments(command)
+    command.set_defaults(func=module.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poso", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -119,41 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic_logs.add_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
-    summary = commands.add_parser("model-summary", help="parameters and FLOPs per module, plain vs POSO (Table 1)")
+    from benchmarks import paper, pipeline_scale, serving_latency, train_throughput
     from models import model_summary
-    model_summary.add_arguments(summary)
-    summary.set_defaults(func=model_summary.run)
+    from pipeline import kubeflow_v2_runner
+    from pipeline import schedule as schedule_lib
 
+    _add_module_command(commands, "model-summary", model_summary,
+                        "parameters and FLOPs per module, plain vs POSO (Table 1)")
     bench = commands.add_parser("bench", help="benchmarks (print figures; loopback only)")
     benches = bench.add_subparsers(dest="bench", required=True)
-    from benchmarks import train_throughput
-    train = benches.add_parser("train", help="train-step throughput per model variant")
-    train_throughput.add_arguments(train)
-    train.set_defaults(func=train_throughput.run)
-    from benchmarks import serving_latency
-    serving = benches.add_parser("serving", help="gRPC/REST latency and throughput beside the in-process call")
-    serving_latency.add_arguments(serving)
-    serving.set_defaults(func=serving_latency.run)
-    from benchmarks import paper
-    paper_parser = benches.add_parser("paper", help="reproduce the POSO paper's tables and figures "
-                                                    "(writes benchmarks/RESULTS.md)")
-    paper.add_arguments(paper_parser)
-    paper_parser.set_defaults(func=paper.run)
-    from benchmarks import pipeline_scale
-    scale = benches.add_parser("pipeline", help="wall time and peak memory of a daily run per component, per window size")
-    pipeline_scale.add_arguments(scale)
-    scale.set_defaults(func=pipeline_scale.run)
-
-    kubeflow = commands.add_parser("compile-kubeflow", help="compile the daily pipeline for Kubeflow Pipelines v2 / Vertex (JSON)")
-    from pipeline import kubeflow_v2_runner
-    kubeflow_v2_runner.add_arguments(kubeflow)
-    kubeflow.set_defaults(func=kubeflow_v2_runner.run)
-
-    schedule = commands.add_parser("schedule", help="print or install the daily trigger (cron or systemd), "
-                                   "or write the Kubeflow recurring run")
-    from pipeline import schedule as schedule_lib
-    schedule_lib.add_arguments(schedule)
-    schedule.set_defaults(func=schedule_lib.run)
+    _add_module_command(benches, "train", train_throughput, "train-step throughput per model variant")
+    _add_module_command(benches, "serving", serving_latency,
+                        "gRPC/REST latency and throughput beside the in-process call")
+    _add_module_command(benches, "paper", paper,
+                        "reproduce the POSO paper's tables and figures (writes benchmarks/RESULTS.md)")
+    _add_module_command(benches, "pipeline", pipeline_scale,
+                        "wall time and peak memory of a daily run per component, per window size")
+    _add_module_command(commands, "compile-kubeflow", kubeflow_v2_runner,
+                        "compile the daily pipeline for Kubeflow Pipelines v2 / Vertex (JSON)")
+    _add_module_command(commands, "schedule", schedule_lib,
+                        "print or install the daily trigger (cron or systemd), or write the Kubeflow recurring run")
 
     from serving import client, server
     serve = commands.add_parser("serve", help="serve pushed models over TF Serving's gRPC and REST APIs",

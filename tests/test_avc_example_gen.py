@@ -10,8 +10,6 @@ import tempfile
 
 import pytest
 import tensorflow as tf
-from tfx.dsl.components.base import base_beam_executor
-from tfx.types import standard_artifacts
 
 from components import avc_example_gen, impression_logs
 from components.avc import parse_tags
@@ -76,18 +74,8 @@ def _write_day(base, date, rng, rows, extra_lines=()):
 
 
 def _run_day(base, out, date, previous=None, max_bad=0.01):
-    executor = avc_example_gen.Executor(base_beam_executor.BaseBeamExecutor.Context(
-        beam_pipeline_args=config.direct_runner_args("in_memory"), tmp_dir=os.path.join(out, "tmp")))
-    outputs = {}
-    for key, cls in (("examples", standard_artifacts.Examples), ("user_state", avc_example_gen.UserState),
-                     ("quarantine", avc_example_gen.QuarantinedRows)):
-        artifact = cls()
-        artifact.uri = os.path.join(out, date.isoformat(), key)
-        os.makedirs(artifact.uri, exist_ok=True)
-        outputs[key] = [artifact]
-    executor.Do({"previous_user_state": [previous] if previous else []}, outputs,
-                {"input_base": base, "date": date.isoformat(), "max_bad_row_fraction": max_bad})
-    return outputs
+    return avc_example_gen.run_executor_for_day(base, date, os.path.join(out, date.isoformat()),
+                                                config.direct_runner_args("in_memory"), previous, max_bad)
 
 
 def _read_examples(artifact):
