@@ -12,7 +12,8 @@ to its plain counterpart and learns per-user-group deviations from it.
 
 Layers here:
 
-* `PersonalizedGate`: the gate above.
+* `PersonalizedGate`: the gate above; `PersonalizedGates`: several independent
+  gates reading the same code, computed together (cheaper to train).
 * `MLP` / `PosoMLP` (Eq. 11):      x_{l+1} = g_l(pc) * act(W_l x_l + b_l).
 * `MultiHeadAttention` / `PosoMultiHeadAttention` (Eq. 14): target attention of
   the non-sequential features over a behaviour sequence, with gated keys and a
@@ -24,7 +25,10 @@ Layers here:
 Every layer takes `pc` as a keyword argument, so plain and POSO variants are
 interchangeable (plain layers ignore `pc`), and every layer has
 `gates(pc) -> Dict[str, tf.Tensor]` (empty for plain layers) for inspecting the
-personalized gates, e.g. against user activity (the paper's Fig. 4).
+personalized gates, e.g. against user activity (the paper's Fig. 4). A POSO
+layer can instead be handed its gates precomputed (`gates=`, widths
+`gate_units`), so that a model computes the gates of all its POSO layers with
+one `PersonalizedGates`, as `models.model.RankingModel` does.
 `make_mlp`, `make_attention` and `make_mmoe` build a layer from a kind name.
 """
 
@@ -32,9 +36,11 @@ import math
 import numbers
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 __all__ = [
+    "PersonalizedGates",
     "PersonalizedGate",
     "MLP",
     "PosoMLP",
@@ -127,26 +133,207 @@ def _serialize_activation(activation: Any) -> Any:
 # --------------------------------------------------------------------------
 
 
+def _glorot_uniform_blocks(block_shapes: Sequence[Tuple[int, int]], axis: int):
+    """Initializer of kernels [fan_in, fan_out] concatenated along `axis`, each
+    Glorot-uniform for its own shape.
+
+    Several kernels kept in one variable must start out as they would one by one
+    (Keras' Dense default), not as one big kernel whose fans are the sums of theirs.
+    """
+
+    def initializer(shape, dtype=None, **kwargs):
+        del shape, kwargs  # The blocks define the shape.
+        # A new initializer per block: an unseeded one returns the same values on every call.
+        blocks = [
+            tf.keras.initializers.GlorotUniform()(block_shape, dtype=dtype)
+            for block_shape in block_shapes
+        ]
+        return tf.concat(blocks, axis=axis)
+
+    return initializer
+
+
 @tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
-class PersonalizedGate(tf.keras.layers.Layer):
-    """Personalized gate: g(pc) = C * sigmoid(W2 relu(W1 pc + b1) + b2).
+class PersonalizedGates(tf.keras.layers.Layer):
+    """n independent personalized gates that read the same code, computed together:
+
+        g_j(pc) = C * sigmoid(W2_j relu(W1_j pc + b1_j) + b2_j),   j = 1..n
+
+    Gate j has its own hidden layer (`hidden_units` wide) and output layer
+    (`units[j]` wide); no weight is shared between gates. They are computed as
+    one network: the hidden layers side by side, W1 = [W1_1 .. W1_n], and the
+    output layer block-diagonal, diag(W2_1 .. W2_n), each block multiplied on its
+    own. All parameters live in one variable, `parameters`: W1 [pc_dim, n*h],
+    b1 [n*h], W2 = [W2_1 .. W2_n] [h, sum(units)] and b2 [sum(units)], flattened
+    row-major in that order (`gate_weights(j)` reads gate j's). Why: tf_keras'
+    Adam spends some 37 graph ops per variable per step, more than these small
+    layers' own arithmetic, so n gates as n layers of 4 variables each made up
+    most of POSO's training-step overhead.
 
     Outputs lie in (0, C) (in [0, C] once the sigmoid saturates in floating
     point). With the default C = 2 an untrained gate outputs about 1, so the
     gated module starts out as its ungated counterpart.
 
     Args:
-      units: Width of the gate output (the width of what it scales).
-      hidden_units: Width of the hidden ReLU layer (W1).
-      scale: C, the upper bound of the gate.
+      units: Output width of each gate (the width of what it scales).
+      hidden_units: Width of each gate's hidden ReLU layer.
+      scale: C, the upper bound of the gates.
       stop_gradient: Do not back-propagate into `pc`. Use this when `pc`
-        contains ID embeddings that the gate should read but not train.
+        contains ID embeddings that the gates should read but not train.
 
     Call arguments:
       pc: Personalization code, [batch, pc_dim].
 
     Returns:
-      [batch, units] gate values.
+      A list of n tensors, gate j's of shape [batch, units[j]].
+    """
+
+    def __init__(
+        self,
+        units: Sequence[int],
+        hidden_units: int = 32,
+        scale: float = 2.0,
+        stop_gradient: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.gate_units = _positive_int_tuple(units, "units", self)
+        self.hidden_units = _positive_int(hidden_units, "hidden_units", self)
+        self.scale = _positive_float(scale, "scale", self)
+        self.stop_gradient = bool(stop_gradient)
+
+    @property
+    def num_gates(self) -> int:
+        return len(self.gate_units)
+
+    def build(self, input_shape):
+        pc_dim = tf.TensorShape(input_shape)[-1]
+        if pc_dim is None:
+            raise ValueError(
+                f"{_describe(self)}: the last dimension of `pc` must be known, "
+                f"got shape {input_shape}."
+            )
+        hidden, width = self.hidden_units, sum(self.gate_units)
+        self._part_shapes = (  # W1, b1, W2 (W2_1 .. W2_n side by side), b2
+            (pc_dim, self.num_gates * hidden),
+            (self.num_gates * hidden,),
+            (hidden, width),
+            (width,),
+        )
+        hidden_kernel_init = _glorot_uniform_blocks([(pc_dim, hidden)] * self.num_gates, axis=1)
+        logit_kernel_init = _glorot_uniform_blocks(
+            [(hidden, units) for units in self.gate_units], axis=1
+        )
+
+        def initializer(shape, dtype=None, **kwargs):
+            del shape, kwargs
+            parts = [
+                hidden_kernel_init(None, dtype),
+                tf.zeros(self._part_shapes[1], dtype),
+                logit_kernel_init(None, dtype),
+                tf.zeros(self._part_shapes[3], dtype),
+            ]
+            return tf.concat([tf.reshape(part, [-1]) for part in parts], axis=0)
+
+        # One variable for all of W1, b1, W2, b2 (see the class docstring).
+        self.parameters = self.add_weight(
+            "parameters",
+            shape=(sum(int(np.prod(shape)) for shape in self._part_shapes),),
+            initializer=initializer,
+        )
+        super().build(input_shape)
+
+    def _parts(self) -> List[tf.Tensor]:
+        """[W1, b1, W2, b2] (the gates' blocks side by side) from the one variable."""
+        sizes = [int(np.prod(shape)) for shape in self._part_shapes]
+        parts = tf.split(self.parameters, sizes)
+        return [tf.reshape(part, shape) for part, shape in zip(parts, self._part_shapes)]
+
+    def _output_columns(self) -> List[Tuple[int, int]]:
+        ends = np.cumsum(self.gate_units).tolist()
+        return list(zip([0] + ends[:-1], ends))
+
+    def call(self, pc: tf.Tensor) -> List[tf.Tensor]:
+        pc = _tensor_of_rank(pc, 2, "pc", "[batch, pc_dim]", self)
+        pc = tf.cast(pc, self.compute_dtype)
+        if self.stop_gradient:
+            pc = tf.stop_gradient(pc)
+        hidden_kernel, hidden_bias, logit_kernel, logit_bias = self._parts()
+        hidden = tf.nn.relu(tf.matmul(pc, hidden_kernel) + hidden_bias)
+        if self.num_gates == 1:
+            return [self.scale * tf.sigmoid(tf.matmul(hidden, logit_kernel) + logit_bias)]
+        # [h_1 .. h_n] diag(W2_1 .. W2_n) one block at a time: a dense product with the
+        # block-diagonal matrix would multiply n times as many weights, mostly zeros.
+        logits = tf.concat(
+            [
+                tf.matmul(gate_hidden, kernel)
+                for gate_hidden, kernel in zip(
+                    tf.split(hidden, self.num_gates, axis=1),
+                    tf.split(logit_kernel, self.gate_units, axis=1),
+                )
+            ],
+            axis=1,
+        )
+        gates = self.scale * tf.sigmoid(logits + logit_bias)
+        return tf.split(gates, self.gate_units, axis=1)
+
+    def gate_weights(self, index: int) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(W1_j, b1_j, W2_j, b2_j) of gate j = `index`, as in the equation."""
+        if not 0 <= index < self.num_gates:
+            raise IndexError(f"{_describe(self)} has {self.num_gates} gate(s), no gate {index}")
+        hidden = slice(index * self.hidden_units, (index + 1) * self.hidden_units)
+        output = slice(*self._output_columns()[index])
+        hidden_kernel, hidden_bias, logit_kernel, logit_bias = self._parts()
+        return (
+            hidden_kernel[:, hidden],
+            hidden_bias[hidden],
+            logit_kernel[:, output],
+            logit_bias[output],
+        )
+
+    def _pc_dim(self) -> int:
+        if not self.built:
+            raise ValueError(f"{_describe(self)} is not built; call it on a `pc` first")
+        return self._part_shapes[0][0]
+
+    def gate_parameter_counts(self) -> List[int]:
+        """Parameters of each gate: pc_dim * h + h + h * units_j + units_j."""
+        pc_dim, hidden = self._pc_dim(), self.hidden_units
+        return [pc_dim * hidden + hidden + hidden * units + units for units in self.gate_units]
+
+    def gate_macs(self) -> List[int]:
+        """Multiply-adds per example of each gate: pc_dim * h + h * units_j."""
+        pc_dim, hidden = self._pc_dim(), self.hidden_units
+        return [pc_dim * hidden + hidden * units for units in self.gate_units]
+
+    def get_config(self) -> Dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            units=list(self.gate_units),
+            hidden_units=self.hidden_units,
+            scale=self.scale,
+            stop_gradient=self.stop_gradient,
+        )
+        return config
+
+
+@tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
+class PersonalizedGate(PersonalizedGates):
+    """Personalized gate: g(pc) = C * sigmoid(W2 relu(W1 pc + b1) + b2).
+
+    `PersonalizedGates` with one gate, returning its tensor rather than a list.
+
+    Args:
+      units: Width of the gate output (the width of what it scales).
+      hidden_units: Width of the hidden ReLU layer (W1).
+      scale: C, the upper bound of the gate.
+      stop_gradient: Do not back-propagate into `pc`.
+
+    Call arguments:
+      pc: Personalization code, [batch, pc_dim].
+
+    Returns:
+      [batch, units] gate values in (0, C).
     """
 
     def __init__(
@@ -157,50 +344,72 @@ class PersonalizedGate(tf.keras.layers.Layer):
         stop_gradient: bool = False,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.units = _positive_int(units, "units", self)
-        self.hidden_units = _positive_int(hidden_units, "hidden_units", self)
-        self.scale = _positive_float(scale, "scale", self)
-        self.stop_gradient = bool(stop_gradient)
-        self.hidden_layer = tf.keras.layers.Dense(
-            self.hidden_units, activation="relu", name="hidden"
+        super().__init__(
+            [units], hidden_units=hidden_units, scale=scale, stop_gradient=stop_gradient, **kwargs
         )
-        self.logit_layer = tf.keras.layers.Dense(self.units, name="logits")
+
+    @property
+    def units(self) -> int:
+        return self.gate_units[0]
 
     def call(self, pc: tf.Tensor) -> tf.Tensor:
-        pc = _tensor_of_rank(pc, 2, "pc", "[batch, pc_dim]", self)
-        pc = tf.cast(pc, self.compute_dtype)
-        if self.stop_gradient:
-            pc = tf.stop_gradient(pc)
-        return self.scale * tf.sigmoid(self.logit_layer(self.hidden_layer(pc)))
+        return super().call(pc)[0]
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
-        config.update(
-            units=self.units,
-            hidden_units=self.hidden_units,
-            scale=self.scale,
-            stop_gradient=self.stop_gradient,
-        )
+        config["units"] = self.units
         return config
 
 
 class _PersonalizedGatesMixin:
-    """Gate options shared by the POSO layers: each gate is a `PersonalizedGate`."""
+    """What the POSO layers share: their gates are one `PersonalizedGates`, `gate_network`.
+
+    A POSO layer computes its gates from `pc`, or is handed them precomputed
+    (`gates=`, one tensor per entry of `gate_units`): a model with several POSO
+    layers can compute all of their gates with one `PersonalizedGates`, which
+    is the same function at a fraction of the training-step cost. The layer's
+    own `gate_network` is then never called, so it never creates variables.
+    """
+
+    # Names of the layer's gates, in `gate_units` order (the keys of `gates(pc)`).
+    gate_names: Tuple[str, ...] = ()
 
     def _set_gate_options(self, hidden_units: int, scale: float, stop_gradient: bool):
         self.gate_hidden_units = _positive_int(hidden_units, "gate_hidden_units", self)
         self.gate_scale = _positive_float(scale, "gate_scale", self)
         self.gate_stop_gradient = bool(stop_gradient)
 
-    def _make_gate(self, units: int, name: str) -> PersonalizedGate:
-        return PersonalizedGate(
+    def _make_gate_network(self, units: Sequence[int]) -> None:
+        self.gate_network = PersonalizedGates(
             units,
             hidden_units=self.gate_hidden_units,
             scale=self.gate_scale,
             stop_gradient=self.gate_stop_gradient,
-            name=name,
+            name="gates",
         )
+
+    @property
+    def gate_units(self) -> Tuple[int, ...]:
+        """Output width of each of the layer's gates."""
+        return self.gate_network.gate_units
+
+    def _gate_values(self, pc: Any, gates: Optional[Sequence[tf.Tensor]]) -> List[tf.Tensor]:
+        if gates is None:
+            return self.gate_network(_required_pc(pc, self))
+        gates = list(gates)
+        widths = [gate.shape[-1] for gate in gates]
+        if len(gates) != len(self.gate_units) or any(
+            width is not None and width != units for width, units in zip(widths, self.gate_units)
+        ):
+            raise ValueError(
+                f"{_describe(self)}: `gates` must be {len(self.gate_units)} tensors of widths "
+                f"{list(self.gate_units)} ({', '.join(self.gate_names)}), got widths {widths}."
+            )
+        return gates
+
+    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
+        """The layer's own gate outputs by name (see `gate_names`), each [batch, units]."""
+        return dict(zip(self.gate_names, self._gate_values(pc, None)))
 
     def _gate_config(self) -> Dict[str, Any]:
         return {
@@ -210,13 +419,25 @@ class _PersonalizedGatesMixin:
         }
 
 
+class _UngatedMixin:
+    """The plain layers' side of the POSO layers' interface: no gates."""
+
+    gate_names: Tuple[str, ...] = ()
+    gate_units: Tuple[int, ...] = ()
+
+    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
+        """Personalized gate outputs by name: none, this layer has no gates."""
+        del pc
+        return {}
+
+
 # --------------------------------------------------------------------------
 # MLP and POSO(MLP).
 # --------------------------------------------------------------------------
 
 
 @tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
-class MLP(tf.keras.layers.Layer):
+class MLP(_UngatedMixin, tf.keras.layers.Layer):
     """Fully connected stack: x_{l+1} = act(W_l x_l + b_l), l = 0..len(units)-1.
 
     Every layer, the last included, is activated; the model adds its own
@@ -228,7 +449,8 @@ class MLP(tf.keras.layers.Layer):
 
     Call arguments:
       x: [batch, input_dim].
-      pc: Ignored; accepted so that `MLP` and `PosoMLP` are interchangeable.
+      pc, gates: Ignored; accepted so that `MLP` and `PosoMLP` are
+        interchangeable.
 
     Returns:
       [batch, units[-1]].
@@ -243,20 +465,23 @@ class MLP(tf.keras.layers.Layer):
             for i, width in enumerate(self.units)
         ]
 
-    def call(self, x: tf.Tensor, pc: Optional[tf.Tensor] = None) -> tf.Tensor:
+    def call(
+        self,
+        x: tf.Tensor,
+        pc: Optional[tf.Tensor] = None,
+        gates: Optional[Sequence[tf.Tensor]] = None,
+    ) -> tf.Tensor:
         x = _tensor_of_rank(x, 2, "x", "[batch, input_dim]", self)
+        layer_gates = self._layer_gates(pc, gates)
         for index, dense in enumerate(self.dense_layers):
-            x = self._gate_layer_output(index, dense(x), pc)
+            x = dense(x)
+            if layer_gates is not None:
+                x = layer_gates[index] * x
         return x
 
-    def _gate_layer_output(self, index: int, outputs: tf.Tensor, pc: Any) -> tf.Tensor:
-        del index, pc  # The plain MLP has no gates.
-        return outputs
-
-    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
-        """Personalized gate outputs by name; the plain MLP has none."""
-        del pc
-        return {}
+    def _layer_gates(self, pc: Any, gates: Any) -> Optional[List[tf.Tensor]]:
+        del pc, gates  # The plain MLP has no gates.
+        return None
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
@@ -271,8 +496,8 @@ class PosoMLP(_PersonalizedGatesMixin, MLP):
     """POSO(MLP), Eq. 11: x_{l+1} = g_l(pc) * act(W_l x_l + b_l).
 
     Each layer's activated output is multiplied element-wise by its own
-    `PersonalizedGate` g_l of the same width; all gates read the same raw
-    personalization code.
+    personalized gate g_l of the same width; all gates read the same raw
+    personalization code (one `PersonalizedGates` holds them).
 
     Args:
       units: Width of each layer.
@@ -283,7 +508,9 @@ class PosoMLP(_PersonalizedGatesMixin, MLP):
 
     Call arguments:
       x: [batch, input_dim].
-      pc: Personalization code, [batch, pc_dim] (required).
+      pc: Personalization code, [batch, pc_dim] (required unless `gates`).
+      gates: Optional precomputed gate values, one [batch, units[l]] per layer
+        (see `_PersonalizedGatesMixin`).
 
     Returns:
       [batch, units[-1]].
@@ -300,18 +527,11 @@ class PosoMLP(_PersonalizedGatesMixin, MLP):
     ):
         super().__init__(units, activation=activation, **kwargs)
         self._set_gate_options(gate_hidden_units, gate_scale, gate_stop_gradient)
-        self.layer_gates = [
-            self._make_gate(width, name=f"gate_{i}") for i, width in enumerate(self.units)
-        ]
+        self._make_gate_network(self.units)
+        self.gate_names = tuple(f"layer_{i}" for i in range(len(self.units)))
 
-    def _gate_layer_output(self, index: int, outputs: tf.Tensor, pc: Any) -> tf.Tensor:
-        gate = self.layer_gates[index](_required_pc(pc, self))
-        return gate * outputs
-
-    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
-        """{"layer_<l>": g_l(pc) of shape [batch, units[l]]} for every layer l."""
-        pc = _required_pc(pc, self)
-        return {f"layer_{i}": gate(pc) for i, gate in enumerate(self.layer_gates)}
+    def _layer_gates(self, pc: Any, gates: Any) -> List[tf.Tensor]:
+        return self._gate_values(pc, gates)
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
@@ -330,7 +550,7 @@ def _mix_experts(gate_weights: tf.Tensor, expert_outputs: tf.Tensor) -> tf.Tenso
 
 
 @tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
-class MMoE(tf.keras.layers.Layer):
+class MMoE(_UngatedMixin, tf.keras.layers.Layer):
     """Multi-gate mixture of experts: y_t = sum_i softmax(W_t x)_i E_i(x).
 
     The experts E_i are `MLP`s shared by all tasks; each task t mixes them with
@@ -344,7 +564,8 @@ class MMoE(tf.keras.layers.Layer):
 
     Call arguments:
       x: [batch, input_dim].
-      pc: Ignored; accepted so that `MMoE` and `PosoMMoE` are interchangeable.
+      pc, gates: Ignored; accepted so that `MMoE` and `PosoMMoE` are
+        interchangeable.
 
     Returns:
       A list of `num_tasks` tensors, each [batch, expert_units[-1]].
@@ -372,23 +593,23 @@ class MMoE(tf.keras.layers.Layer):
             for t in range(self.num_tasks)
         ]
 
-    def call(self, x: tf.Tensor, pc: Optional[tf.Tensor] = None) -> List[tf.Tensor]:
+    def call(
+        self,
+        x: tf.Tensor,
+        pc: Optional[tf.Tensor] = None,
+        gates: Optional[Sequence[tf.Tensor]] = None,
+    ) -> List[tf.Tensor]:
         x = _tensor_of_rank(x, 2, "x", "[batch, input_dim]", self)
         expert_outputs = tf.stack([expert(x) for expert in self.experts], axis=1)
-        expert_outputs = self._gate_expert_outputs(expert_outputs, pc)
+        expert_outputs = self._gate_expert_outputs(expert_outputs, pc, gates)
         return [
             _mix_experts(tf.nn.softmax(task_gate(x), axis=-1), expert_outputs)
             for task_gate in self.task_gates
         ]
 
-    def _gate_expert_outputs(self, expert_outputs: tf.Tensor, pc: Any) -> tf.Tensor:
-        del pc  # The plain MMoE has no personalized gates.
+    def _gate_expert_outputs(self, expert_outputs: tf.Tensor, pc: Any, gates: Any) -> tf.Tensor:
+        del pc, gates  # The plain MMoE has no personalized gates.
         return expert_outputs
-
-    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
-        """Personalized gate outputs by name; the plain MMoE has none."""
-        del pc
-        return {}
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
@@ -406,7 +627,7 @@ class PosoMMoE(_PersonalizedGatesMixin, MMoE):
     """POSO(MMoE), Eq. 17: y_t = sum_i softmax(W_t x)_i * g_i(pc) * E_i(x).
 
     Every expert's output is scaled by its own scalar personalized gate g_i(pc)
-    (one `PersonalizedGate` with `num_experts` outputs) before the per-task
+    (one personalized gate with `num_experts` outputs) before the per-task
     softmax gates mix the experts.
 
     Args:
@@ -417,11 +638,15 @@ class PosoMMoE(_PersonalizedGatesMixin, MMoE):
 
     Call arguments:
       x: [batch, input_dim].
-      pc: Personalization code, [batch, pc_dim] (required).
+      pc: Personalization code, [batch, pc_dim] (required unless `gates`).
+      gates: Optional precomputed gate values, [[batch, num_experts]] (see
+        `_PersonalizedGatesMixin`).
 
     Returns:
       A list of `num_tasks` tensors, each [batch, expert_units[-1]].
     """
+
+    gate_names = ("experts",)
 
     def __init__(
         self,
@@ -442,15 +667,11 @@ class PosoMMoE(_PersonalizedGatesMixin, MMoE):
             **kwargs,
         )
         self._set_gate_options(gate_hidden_units, gate_scale, gate_stop_gradient)
-        self.expert_gate = self._make_gate(self.num_experts, name="expert_gate")
+        self._make_gate_network([self.num_experts])
 
-    def _gate_expert_outputs(self, expert_outputs: tf.Tensor, pc: Any) -> tf.Tensor:
-        gate = self.expert_gate(_required_pc(pc, self))  # [batch, experts]
-        return gate[:, :, tf.newaxis] * expert_outputs
-
-    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
-        """{"experts": [g_1(pc), ..., g_N(pc)] of shape [batch, num_experts]}."""
-        return {"experts": self.expert_gate(_required_pc(pc, self))}
+    def _gate_expert_outputs(self, expert_outputs: tf.Tensor, pc: Any, gates: Any) -> tf.Tensor:
+        (expert_gates,) = self._gate_values(pc, gates)  # [batch, experts]: g_1(pc) .. g_N(pc)
+        return tf.expand_dims(expert_gates, -1) * expert_outputs
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
@@ -459,7 +680,7 @@ class PosoMMoE(_PersonalizedGatesMixin, MMoE):
 
 
 @tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
-class FeatureGatedMoE(tf.keras.layers.Layer):
+class FeatureGatedMoE(_UngatedMixin, tf.keras.layers.Layer):
     """Mixture of MLP experts gated on all features: y = sum_i softmax(W_g x)_i E_i(x).
 
     The "all features" gating baseline of the POSO paper (Table 6): like POSO
@@ -474,7 +695,8 @@ class FeatureGatedMoE(tf.keras.layers.Layer):
 
     Call arguments:
       x: [batch, input_dim].
-      pc: Ignored; accepted so that it is interchangeable with `MLP`/`PosoMLP`.
+      pc, gates: Ignored; accepted so that it is interchangeable with
+        `MLP`/`PosoMLP`.
 
     Returns:
       [batch, units[-1]].
@@ -499,15 +721,15 @@ class FeatureGatedMoE(tf.keras.layers.Layer):
             name="mixture",
         )
 
-    def call(self, x: tf.Tensor, pc: Optional[tf.Tensor] = None) -> tf.Tensor:
-        del pc  # Gated on the features, not on the personalization code.
+    def call(
+        self,
+        x: tf.Tensor,
+        pc: Optional[tf.Tensor] = None,
+        gates: Optional[Sequence[tf.Tensor]] = None,
+    ) -> tf.Tensor:
+        del pc, gates  # Gated on the features, not on the personalization code.
         x = _tensor_of_rank(x, 2, "x", "[batch, input_dim]", self)
         return self.mixture(x)[0]
-
-    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
-        """Personalized gate outputs by name; this layer has none."""
-        del pc
-        return {}
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
@@ -568,8 +790,8 @@ class _SequenceAttention(tf.keras.layers.Layer):
     each head's output sum_l a_hl (S_l W_v)_h equals (sum_l a_hl S_l) W_v[:, h]:
     the sequence is pooled per head first and projected once per head, which
     costs item_dim * width per example instead of L * item_dim * width.
-    Subclasses define the queries' personalization and the value kernels
-    (`_personalize_queries`, `_value_kernels`).
+    Subclasses define the queries' personalization and the projection of the
+    pooled items (`_personalize_queries`, `_project_values`).
     """
 
     def __init__(self, num_heads: int = 2, head_dim: int = 16, **kwargs):
@@ -592,6 +814,7 @@ class _SequenceAttention(tf.keras.layers.Layer):
         sequence: tf.Tensor,
         mask: Optional[tf.Tensor] = None,
         pc: Optional[tf.Tensor] = None,
+        gates: Optional[Sequence[tf.Tensor]] = None,
     ) -> tf.Tensor:
         query = _tensor_of_rank(query, 2, "query", "[batch, query_dim]", self)
         sequence = _tensor_of_rank(
@@ -599,21 +822,21 @@ class _SequenceAttention(tf.keras.layers.Layer):
         )
         if mask is not None:
             mask = _tensor_of_rank(mask, 2, "mask", "[batch, length] (bool)", self)
+        named_gates = self._named_gates(pc, gates)
         pooled = _pooled_sequence_per_head(
-            self._personalize_queries(self.query_projection(query), pc),
+            self._personalize_queries(self.query_projection(query), named_gates),
             self.key_projection(sequence),
             sequence,
             mask,
             self.num_heads,
             self.head_dim,
         )  # [batch, num_heads, item_dim]
-        kernels = self._value_kernels(sequence.shape[-1], pc)  # [(batch,) item_dim, width]
-        kernels = tf.reshape(
-            kernels, tf.concat([tf.shape(kernels)[:-1], [self.num_heads, self.head_dim]], 0)
-        )
-        equation = "bhi,bihd->bhd" if kernels.shape.rank == 4 else "bhi,ihd->bhd"
-        outputs = tf.einsum(equation, pooled, kernels)
+        outputs = self._project_values(pooled, named_gates)  # [batch, num_heads, head_dim]
         return tf.reshape(outputs, [-1, self.width])
+
+    def _per_head(self, kernel: tf.Tensor) -> tf.Tensor:
+        """A value kernel [item_dim, width] as [item_dim, num_heads, head_dim]."""
+        return tf.reshape(kernel, [-1, self.num_heads, self.head_dim])
 
     @staticmethod
     def _built_kernel(projection: tf.keras.layers.Dense, item_dim: int) -> tf.Variable:
@@ -626,22 +849,21 @@ class _SequenceAttention(tf.keras.layers.Layer):
                 projection.build(tf.TensorShape([None, item_dim]))
         return projection.kernel
 
-    def _personalize_queries(self, queries: tf.Tensor, pc: Any) -> tf.Tensor:
-        del pc  # Plain attention: shared queries.
+    def _personalize_queries(self, queries: tf.Tensor, gates: Dict[str, tf.Tensor]) -> tf.Tensor:
+        del gates  # Plain attention: shared queries.
         return queries
 
-    def _value_kernels(self, item_dim: int, pc: Any) -> tf.Tensor:
-        """W_v [item_dim, width], or one kernel per example [batch, item_dim, width]."""
-        raise NotImplementedError(f"{type(self).__name__} must define its value kernels")
+    def _project_values(self, pooled: tf.Tensor, gates: Dict[str, tf.Tensor]) -> tf.Tensor:
+        """Each head's pooled items [batch, num_heads, item_dim] -> its values [batch, num_heads, head_dim]."""
+        raise NotImplementedError(f"{type(self).__name__} must define its value projection")
 
     def compute_mask(self, inputs, mask=None):
         # `mask` masks the sequence, which the output no longer has: the output
         # is one pooled vector per row. Without this Keras would reject `mask`.
         return None
 
-    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
-        """Personalized gate outputs by name; none unless a subclass adds gates."""
-        del pc
+    def _named_gates(self, pc: Any, gates: Any) -> Dict[str, tf.Tensor]:
+        del pc, gates  # Plain attention has no gates.
         return {}
 
     def get_config(self) -> Dict[str, Any]:
@@ -651,7 +873,7 @@ class _SequenceAttention(tf.keras.layers.Layer):
 
 
 @tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
-class MultiHeadAttention(_SequenceAttention):
+class MultiHeadAttention(_UngatedMixin, _SequenceAttention):
     """Multi-head target attention over a behaviour sequence.
 
     Q = x W_q, K = S W_k, V = S W_v (no biases); Q, K, V are split into
@@ -668,7 +890,7 @@ class MultiHeadAttention(_SequenceAttention):
       sequence: Behaviour sequence S, [batch, length, item_dim].
       mask: Optional [batch, length] bool, True for real items. Padded positions
         do not affect the output; fully padded rows give zeros.
-      pc: Ignored; accepted so that it is interchangeable with
+      pc, gates: Ignored; accepted so that it is interchangeable with
         `PosoMultiHeadAttention`.
 
     Returns:
@@ -681,9 +903,10 @@ class MultiHeadAttention(_SequenceAttention):
             self.width, use_bias=False, name="value"
         )
 
-    def _value_kernels(self, item_dim: int, pc: Any) -> tf.Tensor:
-        del pc
-        return self._built_kernel(self.value_projection, item_dim)  # W_v [item_dim, width]
+    def _project_values(self, pooled: tf.Tensor, gates: Dict[str, tf.Tensor]) -> tf.Tensor:
+        del gates
+        kernel = self._built_kernel(self.value_projection, pooled.shape[-1])
+        return tf.einsum("bhi,ihd->bhd", pooled, self._per_head(kernel))
 
 
 @tf.keras.utils.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
@@ -694,9 +917,10 @@ class PosoMultiHeadAttention(_PersonalizedGatesMixin, _SequenceAttention):
         K = G_k(pc) * (S W_k)                       (G_k broadcast over positions)
         V = sum_{i=1..N} g_i(pc) (S W_v^i)
 
-    G_k is a `PersonalizedGate` as wide as the keys; g_1..g_N are the N
-    outputs of one `PersonalizedGate` (scalar per value projection). Attention
-    itself is as in `MultiHeadAttention`.
+    G_k is a personalized gate as wide as the keys; g_1..g_N are the N outputs
+    of a second personalized gate (a scalar per value projection); one
+    `PersonalizedGates` holds both. Attention itself is as in
+    `MultiHeadAttention`.
 
     Args:
       num_heads: Number of heads.
@@ -710,11 +934,16 @@ class PosoMultiHeadAttention(_PersonalizedGatesMixin, _SequenceAttention):
       query: Non-sequential features x, [batch, query_dim].
       sequence: Behaviour sequence S, [batch, length, item_dim].
       mask: Optional [batch, length] bool, True for real items.
-      pc: Personalization code, [batch, pc_dim] (required).
+      pc: Personalization code, [batch, pc_dim] (required unless `gates`).
+      gates: Optional precomputed gate values [G_k, g] of shapes
+        [batch, num_heads * head_dim] and [batch, N] (see
+        `_PersonalizedGatesMixin`).
 
     Returns:
       [batch, num_heads * head_dim].
     """
+
+    gate_names = ("keys", "values")
 
     def __init__(
         self,
@@ -731,30 +960,48 @@ class PosoMultiHeadAttention(_PersonalizedGatesMixin, _SequenceAttention):
             num_value_projections, "num_value_projections", self
         )
         self._set_gate_options(gate_hidden_units, gate_scale, gate_stop_gradient)
-        self.value_projections = [
-            tf.keras.layers.Dense(self.width, use_bias=False, name=f"value_{i}")
-            for i in range(self.num_value_projections)
-        ]
-        self.key_gate = self._make_gate(self.width, name="key_gate")
-        self.value_gate = self._make_gate(self.num_value_projections, name="value_gate")
+        self.value_kernels = None  # [W_v^1; ..; W_v^N], [N * item_dim, width]; built on first call
+        self._make_gate_network([self.width, self.num_value_projections])  # G_k, g_1..g_N
 
-    def _personalize_queries(self, queries: tf.Tensor, pc: Any) -> tf.Tensor:
+    def _personalize_queries(self, queries: tf.Tensor, gates: Dict[str, tf.Tensor]) -> tf.Tensor:
         # q . (G_k * k_l) = (G_k * q) . k_l: gating the one query per row gives the
         # same scores as gating the L keys of Eq. 14, at 1/L of the multiplies.
-        return self.key_gate(_required_pc(pc, self)) * queries
+        return gates["keys"] * queries
 
-    def _value_kernels(self, item_dim: int, pc: Any) -> tf.Tensor:
-        # sum_i g_i (S W_v^i) = S (sum_i g_i W_v^i): one mixed kernel per example.
-        gate = self.value_gate(_required_pc(pc, self))  # [batch, N]
-        kernels = tf.stack(
-            [self._built_kernel(projection, item_dim) for projection in self.value_projections]
-        )  # [N, item_dim, width]
-        return tf.einsum("bn,niw->biw", gate, kernels)
+    def _project_values(self, pooled: tf.Tensor, gates: Dict[str, tf.Tensor]) -> tf.Tensor:
+        # sum_i g_i (P W_v^i) = [g_1 P, .., g_N P] [W_v^1; ..; W_v^N]: scale each head's
+        # pooled items by the N gates and project them with the stacked kernels, one
+        # product per head as in plain attention.
+        item_dim = pooled.shape[-1]
+        # (expand_dims, not [:, tf.newaxis]: its gradient is a reshape, not a strided slice's)
+        value_gates = tf.reshape(gates["values"], [-1, 1, self.num_value_projections, 1])
+        gated = value_gates * tf.expand_dims(pooled, 2)  # [batch, heads, N, item_dim]
+        gated = tf.reshape(gated, [-1, self.num_heads, self.num_value_projections * item_dim])
+        kernels = self._per_head(self.value_kernel_matrix(item_dim))  # [N * item_dim, heads, head_dim]
+        return tf.einsum("bhk,khd->bhd", gated, kernels)
 
-    def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
-        """{"keys": G_k(pc) [batch, num_heads*head_dim], "values": g(pc) [batch, N]}."""
-        pc = _required_pc(pc, self)
-        return {"keys": self.key_gate(pc), "values": self.value_gate(pc)}
+    def value_kernel_matrix(self, item_dim: int) -> tf.Variable:
+        """[W_v^1; ..; W_v^N] stacked, [N * item_dim, width]: one variable, so one
+        optimizer update rather than N."""
+        if self.value_kernels is None:
+            self.value_kernels = self.add_weight(
+                "value_kernels",
+                shape=(self.num_value_projections * item_dim, self.width),
+                initializer=_glorot_uniform_blocks(
+                    [(item_dim, self.width)] * self.num_value_projections, axis=0
+                ),
+            )
+        return self.value_kernels
+
+    def value_kernel(self, index: int) -> tf.Tensor:
+        """W_v^i, i = `index`: [item_dim, width] (once the layer has been called)."""
+        if self.value_kernels is None:
+            raise ValueError(f"{_describe(self)} has no value kernels before its first call")
+        item_dim = self.value_kernels.shape[0] // self.num_value_projections
+        return self.value_kernels[index * item_dim : (index + 1) * item_dim]
+
+    def _named_gates(self, pc: Any, gates: Any) -> Dict[str, tf.Tensor]:
+        return dict(zip(self.gate_names, self._gate_values(pc, gates)))
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()

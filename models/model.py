@@ -7,7 +7,10 @@
     p_t    = sigmoid(tower_t(h_t))              one small tower per task
 
 All POSO modules read the same personalization code `pc`, built from the transformed
-features according to `ModelConfig.pc_source` (see `PC_SOURCES`). The model reads the
+features according to `ModelConfig.pc_source` (see `PC_SOURCES`). Their gates, each its own
+2-layer network as in the paper, are computed together by one `layers.PersonalizedGates`
+(`RankingModel.gate_network`) and handed to the modules: the same function as gates built
+module by module, at a fraction of the training-step cost. The model reads the
 outputs of `models.preprocessing.preprocessing_fn`; feature names come from
 `feature_specs` only.
 """
@@ -184,6 +187,11 @@ class RankingModel(tfrs.Model):
                                    name="mlp", **gate_options)
         self.mmoe = layers.make_mmoe(config.mmoe, num_tasks=len(feature_set.tasks), num_experts=config.num_experts,
                                      expert_units=config.expert_units, name="mmoe", **gate_options)
+        # Every POSO module's gates in one network (see the module docstring); None without POSO.
+        gate_units = [units for module in self._modules_with_gates().values() for units in module.gate_units]
+        self.gate_network = (layers.PersonalizedGates(
+            gate_units, hidden_units=config.gate_hidden_units, scale=config.gate_scale,
+            stop_gradient=config.gate_stop_gradient, name="gates") if gate_units else None)
         self.towers = {
             task.name: tf.keras.Sequential(
                 # Task-prefixed names: a Sequential builds outside the model's name scope, and
@@ -238,12 +246,32 @@ class RankingModel(tfrs.Model):
         """The last hidden activations: the MMoE's output for each task (in task order), i.e.
         what the towers read. The paper's Fig. 1b measures how these move when a feature is
         masked."""
-        pc = self.personalization_code(features)
+        gates = self._module_gates(self.personalization_code(features))
         non_sequential = self._non_sequential(features)
         sequence, mask = self._behaviour_sequence(features)
-        attended = self.attention(non_sequential, sequence, mask=mask, pc=pc)
-        hidden = self.mlp(tf.concat([non_sequential, attended], axis=1), pc=pc)
-        return self.mmoe(hidden, pc=pc)
+        attended = self.attention(non_sequential, sequence, mask=mask, gates=gates.get("attention"))
+        hidden = self.mlp(tf.concat([non_sequential, attended], axis=1), gates=gates.get("mlp"))
+        return self.mmoe(hidden, gates=gates.get("mmoe"))
+
+    def _modules_with_gates(self) -> Dict[str, tf.keras.layers.Layer]:
+        modules = {"attention": self.attention, "mlp": self.mlp, "mmoe": self.mmoe}
+        return {name: module for name, module in modules.items() if module.gate_units}
+
+    def gates_by_module(self) -> Dict[str, List[int]]:
+        """{"attention" | "mlp" | "mmoe": the indices of its gates in `gate_network`} for the
+        POSO modules, in the module's `gate_units` order."""
+        indices, start = {}, 0
+        for name, module in self._modules_with_gates().items():
+            indices[name] = list(range(start, start + len(module.gate_units)))
+            start += len(module.gate_units)
+        return indices
+
+    def _module_gates(self, pc: tf.Tensor) -> Dict[str, List[tf.Tensor]]:
+        """{module name: its gate values, in the module's `gate_units` order} for the POSO modules."""
+        if self.gate_network is None:
+            return {}
+        values = self.gate_network(pc)
+        return {name: [values[i] for i in indices] for name, indices in self.gates_by_module().items()}
 
     # Python control flow here and in the layers is static (loops over features and
     # layers), so AutoGraph has nothing to convert; skipping it makes tracing faster.
@@ -270,12 +298,10 @@ class RankingModel(tfrs.Model):
         Empty for a model without POSO modules. Plot against the PC (e.g. user activity)
         to reproduce the paper's Fig. 4.
         """
-        pc = self.personalization_code(features)
-        outputs = {}
-        for module_name, module in (("mlp", self.mlp), ("attention", self.attention), ("mmoe", self.mmoe)):
-            for gate_name, value in module.gates(pc).items():
-                outputs[f"{module_name}_{gate_name}"] = value
-        return outputs
+        gates = self._module_gates(self.personalization_code(features))
+        return {f"{name}_{gate_name}": value
+                for name, module in self._modules_with_gates().items()
+                for gate_name, value in zip(module.gate_names, gates[name])}
 
     # -- training ------------------------------------------------------------------------
 

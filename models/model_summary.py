@@ -25,7 +25,9 @@ the built layers' weight shapes and the behaviour-sequence length L:
 * a personalized gate costs its two kernels (pc_dim * h + h * units); applying it costs one
   multiply per gated element (units for a POSO(MLP) layer, width for POSO(MHA)'s query,
   which equals gating every key, num_experts * expert width for POSO(MMoE)); POSO(MHA)
-  mixes its N value kernels per example (N * item_dim * width);
+  scales each head's pooled items by its N value gates (N * num_heads * item_dim) and
+  projects them with all N value kernels (N * item_dim * width where plain attention has
+  item_dim * width);
 * an MMoE costs its experts, its task gates' kernels and T * num_experts * expert width
   for mixing the experts; the feature-gated MoE is a one-task MMoE;
 * embedding lookups and the one-hot PC cost 0; the masked mean of a pooled (candidate)
@@ -132,6 +134,11 @@ def _embedding_layers(ranking: model_lib.RankingModel) -> List[tf.keras.layers.L
     return tables
 
 
+def _model_gates(ranking: model_lib.RankingModel, attribute: str, per_gate: Sequence[int]) -> int:
+    """Sum of `per_gate` over the gates that the model's gate network computes for a module."""
+    return sum(per_gate[i] for i in ranking.gates_by_module().get(attribute, ()))
+
+
 def parameter_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
     """Parameters of a built `RankingModel` by row of `ROWS` (all rows but the sums are parts).
 
@@ -140,7 +147,11 @@ def parameter_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
     """
     if not ranking.built:
         raise ValueError("parameter_counts: the model is not built; call it on a batch first (see build_model)")
-    counts = {row: getattr(ranking, attribute).count_params() for row, attribute in _MODULE_ATTRIBUTES.items()}
+    gate_parameters = (ranking.gate_network.gate_parameter_counts()
+                       if ranking.gate_network is not None else [])
+    counts = {row: getattr(ranking, attribute).count_params()
+              + _model_gates(ranking, attribute, gate_parameters)
+              for row, attribute in _MODULE_ATTRIBUTES.items()}
     counts["Towers"] = sum(tower.count_params() for tower in ranking.towers.values())
     counts["Dense network"] = sum(counts[row] for row in MODULE_ROWS + ("Towers",))
     counts["Embedding tables"] = sum(table.count_params() for table in _embedding_layers(ranking))
@@ -167,8 +178,10 @@ def _dense_macs(dense: tf.keras.layers.Layer, positions: int = 1) -> int:
     return positions * int(np.prod(dense.kernel.shape))
 
 
-def _gate_macs(gate: layers.PersonalizedGate) -> int:
-    return _dense_macs(gate.hidden_layer) + _dense_macs(gate.logit_layer)
+def _own_gate_macs(module: Any) -> int:
+    """The module's own gate network, if it computed its gates (in a RankingModel the model's
+    gate network does, and `flop_counts` counts it)."""
+    return sum(module.gate_network.gate_macs()) if module.gate_network.built else 0
 
 
 def _mlp_macs(mlp: layers.MLP, length: int) -> int:
@@ -178,7 +191,7 @@ def _mlp_macs(mlp: layers.MLP, length: int) -> int:
 
 def _poso_mlp_macs(mlp: layers.PosoMLP, length: int) -> int:
     # Each layer's gate, plus one multiply per gated output element.
-    return _mlp_macs(mlp, length) + sum(_gate_macs(gate) + gate.units for gate in mlp.layer_gates)
+    return _mlp_macs(mlp, length) + _own_gate_macs(mlp) + sum(mlp.gate_units)
 
 
 def _mmoe_macs(mmoe: layers.MMoE, length: int) -> int:
@@ -190,7 +203,7 @@ def _mmoe_macs(mmoe: layers.MMoE, length: int) -> int:
 
 def _poso_mmoe_macs(mmoe: layers.PosoMMoE, length: int) -> int:
     gated_elements = mmoe.num_experts * mmoe.expert_units[-1]
-    return _mmoe_macs(mmoe, length) + _gate_macs(mmoe.expert_gate) + gated_elements
+    return _mmoe_macs(mmoe, length) + _own_gate_macs(mmoe) + gated_elements
 
 
 def _feature_gated_moe_macs(moe: layers.FeatureGatedMoE, length: int) -> int:
@@ -211,12 +224,15 @@ def _attention_macs(attention: layers.MultiHeadAttention, length: int) -> int:
 
 
 def _poso_attention_macs(attention: layers.PosoMultiHeadAttention, length: int) -> int:
-    # The layer mixes its N value kernels per example (N kernel-sized products) and gates the
-    # query (width multiplies; equal to gating every key), the rest as plain attention.
-    value_mixture = attention.num_value_projections * _dense_macs(attention.value_projections[0])
+    # Each head's pooled items are scaled by the N value gates (N * num_heads * item_dim) and
+    # projected by the N stacked value kernels (N * item_dim * width where plain attention has
+    # item_dim * width); the query is gated (width multiplies; equal to gating every key).
+    item_dim = attention.value_kernel(0).shape[0]
+    extra_value_kernels = (attention.num_value_projections - 1) * item_dim * attention.width
+    value_mixture = attention.num_value_projections * attention.num_heads * item_dim
     gated_query = attention.width
-    gates = _gate_macs(attention.key_gate) + _gate_macs(attention.value_gate)
-    return _attention_core_macs(attention, length) + value_mixture + gated_query + gates
+    return (_attention_core_macs(attention, length) + extra_value_kernels + value_mixture + gated_query
+            + _own_gate_macs(attention))
 
 
 # Exact types: a new subclass must get its own rule rather than silently inherit one.
@@ -247,7 +263,9 @@ def _behaviour_length() -> int:
 def flop_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
     """Multiply-adds per example of a built `RankingModel` by row of `ROWS`."""
     length = _behaviour_length()
+    gate_macs = ranking.gate_network.gate_macs() if ranking.gate_network is not None else []
     counts = {row: module_flops(getattr(ranking, attribute), length)
+              + _model_gates(ranking, attribute, gate_macs)
               for row, attribute in _MODULE_ATTRIBUTES.items()}
     counts["Towers"] = sum(_dense_macs(layer) for tower in ranking.towers.values() for layer in tower.layers)
     counts["Dense network"] = sum(counts[row] for row in MODULE_ROWS + ("Towers",))

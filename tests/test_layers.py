@@ -62,9 +62,10 @@ def dense_np(dense, v, activation=None):
     return activation(out) if activation else out
 
 
-def gate_np(gate, pc):
-    hidden = dense_np(gate.hidden_layer, pc, relu)
-    return gate.scale * sigmoid(dense_np(gate.logit_layer, hidden))
+def gate_np(gates, pc, index=0):
+    """Gate `index` of a PersonalizedGates, g(pc) = C * sigmoid(W2 relu(W1 pc + b1) + b2)."""
+    w1, b1, w2, b2 = (np.asarray(w) for w in gates.gate_weights(index))
+    return gates.scale * sigmoid(relu(pc @ w1 + b1) @ w2 + b2)
 
 
 def attention_np(q, k, v, mask, num_heads, head_dim):
@@ -92,7 +93,7 @@ def attention_np(q, k, v, mask, num_heads, head_dim):
 def call_layer(layer, inputs, **overrides):
     """Calls any layer of the module with the arguments it takes."""
     args = {**inputs, **overrides}
-    if isinstance(layer, layers.PersonalizedGate):
+    if isinstance(layer, layers.PersonalizedGates):
         return layer(args["pc"])
     if isinstance(layer, (layers.MultiHeadAttention, layers.PosoMultiHeadAttention)):
         return layer(args["x"], args["sequence"], mask=args["mask"], pc=args["pc"])
@@ -110,11 +111,17 @@ def assert_outputs_equal(actual, expected, atol=0.0, rtol=0.0):
         np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
 
 
-def fix_gate_at_one(gate):
-    """Makes the gate output exactly 1: zero last kernel, bias = logit(1 / C)."""
-    kernel = np.zeros_like(gate.logit_layer.kernel.numpy())
-    bias = np.full_like(gate.logit_layer.bias.numpy(), np.log(1.0 / (gate.scale - 1.0)))
-    gate.logit_layer.set_weights([kernel, bias])
+def fix_gates_at_one(gates):
+    """Makes every gate output exactly 1: W2 = 0, b2 = logit(1 / C).
+
+    The one variable holds W1, b1, W2, b2 flattened in that order (see PersonalizedGates),
+    so W2 and b2 are its last hidden_units * width + width entries.
+    """
+    (parameters,) = gates.get_weights()
+    width = sum(gates.gate_units)
+    parameters[-(gates.hidden_units * width + width) : -width] = 0.0
+    parameters[-width:] = np.log(1.0 / (gates.scale - 1.0))
+    gates.set_weights([parameters])
 
 
 def randomize_weights(layer, rng):
@@ -125,6 +132,7 @@ def randomize_weights(layer, rng):
 # Small, non-default configurations of every layer.
 LAYER_FACTORIES = {
     "gate": lambda: layers.PersonalizedGate(4, hidden_units=5, scale=3.0),
+    "gates": lambda: layers.PersonalizedGates([4, 2, 3], hidden_units=5, stop_gradient=True),
     "mlp": lambda: layers.MLP([8, 4], activation="tanh"),
     "poso_mlp": lambda: layers.PosoMLP([8, 4], gate_hidden_units=5, gate_scale=3.0),
     "moe": lambda: layers.FeatureGatedMoE([8, 4], num_experts=3),
@@ -175,6 +183,44 @@ def test_untrained_gate_is_close_to_one(inputs):
     np.testing.assert_allclose(outputs, 1.0, atol=0.05)
 
 
+def test_gates_equal_gates_built_one_by_one(inputs, rng):
+    gates = layers.PersonalizedGates([4, 2, 3], hidden_units=5, scale=2.5)
+    gates(inputs["pc"])
+    randomize_weights(gates, rng)
+
+    outputs = gates(inputs["pc"])
+
+    assert [o.shape for o in outputs] == [(BATCH, 4), (BATCH, 2), (BATCH, 3)]
+    for index, units in enumerate(gates.gate_units):
+        # A lone gate given gate `index`'s weights (its own blocks, nothing shared) agrees.
+        single = layers.PersonalizedGate(units, hidden_units=5, scale=2.5)
+        single(inputs["pc"])
+        single.set_weights([np.concatenate([np.ravel(w) for w in gates.gate_weights(index)])])
+        np.testing.assert_allclose(outputs[index], single(inputs["pc"]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            outputs[index], gate_np(gates, inputs["pc"], index), rtol=1e-5, atol=1e-6
+        )
+    assert gates.gate_parameter_counts() == [
+        PC_DIM * 5 + 5 + 5 * units + units for units in (4, 2, 3)
+    ]
+    assert sum(gates.gate_parameter_counts()) == gates.count_params()
+
+
+def test_each_gate_starts_glorot_uniform_for_its_own_shape(inputs):
+    gates = layers.PersonalizedGates([256, 4], hidden_units=8)
+    gates(inputs["pc"])
+    (w1_wide, b1_wide, w2_wide, b2_wide), (w1_narrow, _, w2_narrow, _) = (
+        [np.asarray(w) for w in gates.gate_weights(i)] for i in range(2)
+    )
+
+    assert np.abs(w2_wide).max() <= np.sqrt(6.0 / (8 + 256))
+    assert np.abs(w2_narrow).max() <= np.sqrt(6.0 / (8 + 4))
+    assert np.abs(w2_narrow).max() > np.sqrt(6.0 / (8 + 256))  # not one wide kernel's scale
+    assert not np.allclose(w1_wide, w1_narrow)  # every block drawn, not one block repeated
+    np.testing.assert_array_equal(b1_wide, 0.0)
+    np.testing.assert_array_equal(b2_wide, 0.0)
+
+
 # ---------------------------------------------------------------------------
 # POSO layers against their equations.
 # ---------------------------------------------------------------------------
@@ -186,16 +232,18 @@ def test_poso_mlp_matches_eq_11(inputs, rng):
     randomize_weights(layer, rng)
 
     hidden = inputs["x"]
-    for dense, gate in zip(layer.dense_layers, layer.layer_gates):
-        hidden = gate_np(gate, inputs["pc"]) * dense_np(dense, hidden, relu)
+    for index, dense in enumerate(layer.dense_layers):
+        hidden = gate_np(layer.gate_network, inputs["pc"], index) * dense_np(dense, hidden, relu)
 
     np.testing.assert_allclose(
         layer(inputs["x"], pc=inputs["pc"]).numpy(), hidden, rtol=1e-5, atol=1e-5
     )
     gates = layer.gates(inputs["pc"])
     assert sorted(gates) == ["layer_0", "layer_1", "layer_2"]
-    for name, gate in zip(sorted(gates), layer.layer_gates):
-        np.testing.assert_allclose(gates[name], gate_np(gate, inputs["pc"]), rtol=1e-5)
+    for index, name in enumerate(sorted(gates)):
+        np.testing.assert_allclose(
+            gates[name], gate_np(layer.gate_network, inputs["pc"], index), rtol=1e-5
+        )
 
 
 def test_poso_attention_matches_eq_14(inputs, rng):
@@ -205,11 +253,11 @@ def test_poso_attention_matches_eq_14(inputs, rng):
     pc, seq = inputs["pc"], inputs["sequence"]
 
     queries = dense_np(layer.query_projection, inputs["x"])
-    keys = gate_np(layer.key_gate, pc)[:, None, :] * dense_np(layer.key_projection, seq)
-    value_gates = gate_np(layer.value_gate, pc)
+    key_gate = gate_np(layer.gate_network, pc, 0)
+    keys = key_gate[:, None, :] * dense_np(layer.key_projection, seq)
+    value_gates = gate_np(layer.gate_network, pc, 1)
     values = sum(
-        value_gates[:, i, None, None] * dense_np(projection, seq)
-        for i, projection in enumerate(layer.value_projections)
+        value_gates[:, i, None, None] * (seq @ layer.value_kernel(i).numpy()) for i in range(3)
     )
     expected = attention_np(queries, keys, values, MASK, NUM_HEADS, HEAD_DIM)
 
@@ -218,7 +266,7 @@ def test_poso_attention_matches_eq_14(inputs, rng):
     assert outputs.shape == (BATCH, NUM_HEADS * HEAD_DIM)
     np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-5)
     gates = layer.gates(pc)
-    np.testing.assert_allclose(gates["keys"], gate_np(layer.key_gate, pc), rtol=1e-5)
+    np.testing.assert_allclose(gates["keys"], key_gate, rtol=1e-5)
     np.testing.assert_allclose(gates["values"], value_gates, rtol=1e-5)
     assert gates["values"].shape == (BATCH, 3)
 
@@ -229,7 +277,7 @@ def test_poso_mmoe_matches_eq_17(inputs, rng):
     randomize_weights(layer, rng)
     x, pc = inputs["x"], inputs["pc"]
 
-    expert_gates = gate_np(layer.expert_gate, pc)  # [B, E]
+    expert_gates = gate_np(layer.gate_network, pc)  # [B, E]
     experts = np.stack(
         [
             dense_np(expert.dense_layers[1], dense_np(expert.dense_layers[0], x, relu), relu)
@@ -282,7 +330,7 @@ def _mlp_pair(inputs):
         call_layer(layer, inputs)
     for poso_dense, plain_dense in zip(poso.dense_layers, plain.dense_layers):
         plain_dense.set_weights(poso_dense.get_weights())
-    return poso, plain, poso.layer_gates
+    return poso, plain, poso.gate_network
 
 
 def _attention_pair(inputs):
@@ -292,11 +340,13 @@ def _attention_pair(inputs):
         call_layer(layer, inputs)
     plain.query_projection.set_weights(poso.query_projection.get_weights())
     plain.key_projection.set_weights(poso.key_projection.get_weights())
-    # sum_i W_v^i = W_v exactly: the first projection is W_v, the others zero.
-    plain.value_projection.set_weights(poso.value_projections[0].get_weights())
-    for projection in poso.value_projections[1:]:
-        projection.set_weights([np.zeros_like(w) for w in projection.get_weights()])
-    return poso, plain, [poso.key_gate, poso.value_gate]
+    # sum_i W_v^i = W_v exactly: the first kernel is W_v, the others zero.
+    kernels = poso.value_kernels.numpy()
+    item_dim = kernels.shape[0] // 3
+    kernels[item_dim:] = 0.0
+    poso.value_kernels.assign(kernels)
+    plain.value_projection.set_weights([kernels[:item_dim]])
+    return poso, plain, poso.gate_network
 
 
 def _mmoe_pair(inputs):
@@ -308,27 +358,48 @@ def _mmoe_pair(inputs):
         poso.experts + poso.task_gates, plain.experts + plain.task_gates
     ):
         plain_part.set_weights(poso_part.get_weights())
-    return poso, plain, [poso.expert_gate]
+    return poso, plain, poso.gate_network
 
 
 @pytest.mark.parametrize("make_pair", [_mlp_pair, _attention_pair, _mmoe_pair])
 def test_poso_equals_plain_when_gates_are_one(inputs, rng, make_pair):
     poso, plain, gates = make_pair(inputs)
-    for gate in gates:
-        randomize_weights(gate, rng)
+    randomize_weights(gates, rng)
     # Sanity check: random gates make a difference.
     assert not np.allclose(
         to_numpy(call_layer(poso, inputs))[0], to_numpy(call_layer(plain, inputs))[0]
     )
 
-    for gate in gates:
-        fix_gate_at_one(gate)
+    fix_gates_at_one(gates)
 
     for values in poso.gates(inputs["pc"]).values():
         np.testing.assert_array_equal(values.numpy(), 1.0)
-    # Equal up to float32 rounding: POSO(MHA) mixes its value kernels before projecting, which
+    # Equal up to float32 rounding: POSO(MHA) projects with all its value kernels stacked, which
     # orders the sums differently from the plain layer's single projection.
     assert_outputs_equal(call_layer(poso, inputs), call_layer(plain, inputs), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["poso_mlp", "poso_attention", "poso_mmoe"])
+def test_precomputed_gates_replace_the_layers_own(inputs, rng, name):
+    layer = LAYER_FACTORIES[name]()
+    external = layers.PersonalizedGates(
+        layer.gate_units, hidden_units=layer.gate_network.hidden_units, scale=layer.gate_scale
+    )
+    external(inputs["pc"])  # builds it
+    randomize_weights(external, rng)
+    values = external(inputs["pc"])
+    args = [inputs["x"], inputs["sequence"]] if "attention" in name else [inputs["x"]]
+    mask = {"mask": inputs["mask"]} if "attention" in name else {}
+
+    with_gates = layer(*args, gates=values, **mask)
+
+    assert not layer.gate_network.built and not layer.gate_network.weights  # never called
+    layer(*args, pc=inputs["pc"], **mask)
+    layer.gate_network.set_weights(external.get_weights())
+    assert_outputs_equal(with_gates, layer(*args, pc=inputs["pc"], **mask), atol=1e-6, rtol=1e-5)
+
+    with pytest.raises(ValueError, match=r"`gates` must be \d+ tensors of widths"):
+        layer(*args, gates=values[:-1] + [values[-1][:, :1]], **mask)
 
 
 def test_plain_layers_have_no_gates(inputs):

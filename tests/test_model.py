@@ -117,6 +117,25 @@ def test_pc_sources_give_their_documented_codes(data):
                       "avc_raw": 1, "is_new_user": 1, "user_id": TINY["embedding_dim"], "item_age": 1}
 
 
+def test_one_gate_network_computes_every_modules_gates(data):
+    features = {k: v[:8] for k, v in data["transformed"].items()}
+    plain, poso = (model.RankingModel(model.make_config(v, **TINY)) for v in ("baseline", "poso_all"))
+    for ranking in (plain, poso):
+        ranking(features)
+    # The modules' own gate networks are never called: the model's one network (a single
+    # variable) is POSO(all)'s only extra variable, which keeps its training step cheap.
+    for module in (poso.mlp, poso.attention, poso.mmoe):
+        assert not module.gate_network.built, module.name
+    assert len(poso.trainable_variables) == len(plain.trainable_variables) + 1
+    assert poso.gates_by_module() == {"attention": [0, 1], "mlp": [2], "mmoe": [3]}
+    pc = poso.personalization_code(features)
+    outputs, network = poso.gate_outputs(features), poso.gate_network(pc)
+    for name, index in (("attention_keys", 0), ("attention_values", 1), ("mlp_layer_0", 2),
+                        ("mmoe_experts", 3)):
+        np.testing.assert_array_equal(outputs[name], network[index], err_msg=name)
+    assert plain.gate_network is None and plain.gate_outputs(features) == {}
+
+
 def test_user_id_pc_does_not_train_the_user_embedding_through_gates(data):
     features = {k: v[:16] for k, v in data["transformed"].items()}
     ranking = model.RankingModel(model.make_config("poso_all", pc_source="user_id", **TINY))

@@ -46,9 +46,13 @@ def _gate_macs(pc_dim, hidden, units):
 def test_parameter_counts_are_the_built_layers_counts(summary, built):
     rows = summary["rows"]
     for role, ranking in built.items():
-        assert rows["MLP"][f"{role}_params"] == ranking.mlp.count_params()
-        assert rows["MHA"][f"{role}_params"] == ranking.attention.count_params()
-        assert rows["MMoE"][f"{role}_params"] == ranking.mmoe.count_params()
+        # A POSO module's gates are computed by the model's one gate network: its row adds them.
+        gate_params = (ranking.gate_network.gate_parameter_counts() if ranking.gate_network else [])
+        by_module = ranking.gates_by_module()
+        for row, module in (("MLP", "mlp"), ("MHA", "attention"), ("MMoE", "mmoe")):
+            own_gates = sum(gate_params[i] for i in by_module.get(module, []))
+            assert rows[row][f"{role}_params"] == getattr(ranking, module).count_params() + own_gates
+            assert (own_gates > 0) == (role == "poso")
         assert rows["Towers"][f"{role}_params"] == sum(t.count_params() for t in ranking.towers.values())
         assert rows["Embedding tables"][f"{role}_params"] == sum(e.count_params() for e in ranking.embeddings.values())
         trainable = sum(int(np.prod(w.shape)) for w in ranking.trainable_weights)
