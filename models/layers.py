@@ -407,9 +407,12 @@ class _PersonalizedGatesMixin:
             )
         return gates
 
+    def _named_gates(self, pc: Any, gates: Any) -> Dict[str, tf.Tensor]:
+        return dict(zip(self.gate_names, self._gate_values(pc, gates)))
+
     def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
         """The layer's own gate outputs by name (see `gate_names`), each [batch, units]."""
-        return dict(zip(self.gate_names, self._gate_values(pc, None)))
+        return self._named_gates(pc, None)
 
     def _gate_config(self) -> Dict[str, Any]:
         return {
@@ -999,9 +1002,6 @@ class PosoMultiHeadAttention(_PersonalizedGatesMixin, _SequenceAttention):
             raise ValueError(f"{_describe(self)} has no value kernels before its first call")
         item_dim = self.value_kernels.shape[0] // self.num_value_projections
         return self.value_kernels[index * item_dim : (index + 1) * item_dim]
-
-    def _named_gates(self, pc: Any, gates: Any) -> Dict[str, tf.Tensor]:
-        return dict(zip(self.gate_names, self._gate_values(pc, gates)))
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
