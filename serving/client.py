@@ -48,10 +48,11 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2,
 
 from feature_specs import SEQUENCE_PADDING_VALUE
 from serving import instances as instances_lib
+from serving import tensor_protos
 
 __all__ = [
     "ServingClientError", "GrpcPredictionClient", "RestPredictionClient", "predict_grpc",
-    "predict_rest", "build_predict_request", "input_arrays", "collect_inputs",
+    "predict_rest", "build_predict_request", "predict_response_arrays", "input_arrays", "collect_inputs",
     "DEFAULT_SIGNATURE", "DEFAULT_EXAMPLES_INPUT", "JsonRequest", "read_json_request",
     "raw_feature_inputs", "read_examples", "examples_as_raw_inputs", "format_table",
     "format_json", "add_arguments", "run", "main",
@@ -200,9 +201,14 @@ def build_predict_request(model_name: str, inputs: Mapping[str, np.ndarray],
     if version_label is not None:
         request.model_spec.version_label = version_label
     for name, array in inputs.items():
-        request.inputs[name].CopyFrom(tf.make_tensor_proto(array))
+        tensor_protos.fill_tensor_proto(request.inputs[name], array)
     request.output_filter.extend(output_filter)
     return request
+
+
+def predict_response_arrays(response: predict_pb2.PredictResponse) -> Dict[str, np.ndarray]:
+    """{output alias: numpy array} of a PredictResponse."""
+    return {alias: tensor_protos.make_ndarray(proto) for alias, proto in response.outputs.items()}
 
 
 def _tensor_types(tensor_infos) -> TensorTypes:
@@ -308,9 +314,7 @@ class GrpcPredictionClient(_PredictionClient):
         arrays = input_arrays(inputs, input_name, dtypes, pad_value)
         request = build_predict_request(model_name, arrays, signature_name, version,
                                         version_label, output_filter)
-        response = self._call(self._stub.Predict, request)
-        return {alias: np.asarray(tf.make_ndarray(proto))
-                for alias, proto in response.outputs.items()}
+        return predict_response_arrays(self._call(self._stub.Predict, request))
 
 
 def predict_grpc(address: str, model_name: str, inputs: Optional[Inputs] = None,

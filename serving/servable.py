@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -27,14 +26,14 @@ from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, inference_pb2,
                                      input_pb2, predict_pb2, regression_pb2)
 
-from serving import errors
+from serving import errors, tensor_protos
 from serving.batching import BatchingOptions, BatchScheduler
 from serving.errors import ServingError
 
 __all__ = [
     "PREDICT_METHOD", "CLASSIFY_METHOD", "REGRESS_METHOD", "DEFAULT_SIGNATURE",
     "TensorSpec", "Signature", "SavedModelServable", "read_signature_defs",
-    "serialize_input_examples", "array_from_tensor_proto", "fill_tensor_proto", "shape_string",
+    "serialize_input_examples", "array_from_tensor_proto", "fast_signature_call", "shape_string",
 ]
 
 logger = logging.getLogger(__name__)
@@ -180,24 +179,25 @@ def array_from_tensor_proto(alias: str, proto, spec: Optional[TensorSpec] = None
         raise errors.invalid_argument(
             f"input '{alias}' expects {spec.dtype.name} but the request has {sent}")
     try:
-        array = tf.make_ndarray(proto)
+        array = tensor_protos.make_ndarray(proto)
     except Exception as error:
         raise errors.invalid_argument(f"tensor parsing error: input '{alias}': {error}") from error
     return np.asarray(array)
 
 
-def fill_tensor_proto(target, array: np.ndarray) -> None:
-    """Writes `array` into the TensorProto `target`: numbers as raw little-endian bytes in
-    tensor_content (what tf.make_tensor_proto writes, several times faster), anything else
-    through tf.make_tensor_proto."""
-    array = np.asarray(array)
-    if array.dtype.kind in "biufc" and array.dtype.byteorder in "=<|" and sys.byteorder == "little":
-        target.dtype = tf.as_dtype(array.dtype).as_datatype_enum
-        for size in array.shape:
-            target.tensor_shape.dim.add(size=size)
-        target.tensor_content = np.ascontiguousarray(array).tobytes()
-    else:
-        target.CopyFrom(tf.make_tensor_proto(array))
+def fast_signature_call(name: str, signature_function):
+    """A loaded signature function traced into a function of this process: the same graph
+    and outputs, called without the restored function's per-call lookup of every captured
+    variable's handle (about 0.07 ms of Python per call for the ranking model, a tenth of
+    its 1-row latency). A signature that cannot be traced this way is used as loaded."""
+    try:
+        specs = signature_function.structured_input_signature[1]
+        return tf.function(lambda **inputs: signature_function(**inputs)).get_concrete_function(
+            **specs)
+    except Exception as error:  # noqa: BLE001 - serving the signature as loaded still works
+        logger.warning("signature '%s' is called as loaded (%s: %s)", name,
+                       type(error).__name__, error)
+        return signature_function
 
 
 def _tf_error(error: tf.errors.OpError, what: str) -> ServingError:
@@ -241,6 +241,8 @@ class SavedModelServable:
         if not callable_defs:
             raise ValueError(f"the SavedModel in {export_dir} has no callable serving signatures "
                              f"(SignatureDefs: {sorted(signature_defs)})")
+        functions = {name: fast_signature_call(name, function)
+                     for name, function in functions.items()}
         return cls(model_name, version, export_dir, signature_defs, functions,
                    keep_alive=loaded, batching=batching)
 
@@ -339,7 +341,7 @@ class SavedModelServable:
         response = predict_pb2.PredictResponse()
         self._model_spec(response.model_spec, signature.name)
         for alias, array in outputs.items():
-            fill_tensor_proto(response.outputs[alias], array)
+            tensor_protos.fill_tensor_proto(response.outputs[alias], array)
         return response
 
     def _typed_signature(self, signature_name: str, method: str, kind: str) -> Signature:

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 import grpc
 
-from serving import config as config_lib
+from serving import allocator, config as config_lib
 from serving.batching import BatchingOptions
 from serving.grpc_service import add_services
 from serving.manager import ModelManager
@@ -299,6 +299,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="threads of one op (0: TensorFlow's choice, the machine's cores)")
     add("--tensorflow_inter_op_parallelism", type=int, default=0,
         help="ops run in parallel (0: TensorFlow's choice)")
+    add("--retain_freed_memory", type=_bool_flag, nargs="?", const=True, default=True,
+        help="fix glibc malloc's mmap and trim thresholds so that TensorFlow's buffers are "
+             "reused, not returned to the kernel after every call (serving/allocator.py; "
+             "default true; not a tensorflow_model_server flag)")
     add("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
         help="largest accepted request (gRPC message or REST body)")
     add("--grpc_max_threads", type=int, default=16)
@@ -361,6 +365,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.retain_freed_memory:
+            allocator.retain_freed_memory()
         _set_thread_pools(args.tensorflow_intra_op_parallelism,
                           args.tensorflow_inter_op_parallelism)
         serve(
