@@ -11,8 +11,9 @@ process on 127.0.0.1, once without and once with server-side batching
 
 * latency: p50 / p99 of sequential 1-row and 100-row Predict calls over gRPC and REST,
   beside the same call on the SavedModel loaded in this process (the limit; made the
-  way the server makes it, `servable.fast_signature_call`, so the gap is transport and
-  TensorProto conversion, not a slower way of calling the model);
+  way the server makes it, through `servable.fast_signature_call` and with malloc's
+  thresholds fixed by `serving/allocator.py`, so the gap is transport, TensorProto
+  conversion and batching, not a slower way of calling the model);
 * throughput: rows/s of 1-row and 100-row requests from 8 and 32 concurrent callers,
   beside the in-process call from as many threads, and "in-process batched": the model
   called on the rows of as many requests as server-side batching could merge
