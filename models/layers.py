@@ -428,10 +428,13 @@ class _UngatedMixin:
     gate_names: Tuple[str, ...] = ()
     gate_units: Tuple[int, ...] = ()
 
+    def _named_gates(self, pc: Any, gates: Any) -> Dict[str, tf.Tensor]:
+        del pc, gates  # `pc` and `gates` are accepted and ignored.
+        return {}
+
     def gates(self, pc: Any) -> Dict[str, tf.Tensor]:
         """Personalized gate outputs by name: none, this layer has no gates."""
-        del pc
-        return {}
+        return self._named_gates(pc, None)
 
 
 # --------------------------------------------------------------------------
@@ -475,16 +478,12 @@ class MLP(_UngatedMixin, tf.keras.layers.Layer):
         gates: Optional[Sequence[tf.Tensor]] = None,
     ) -> tf.Tensor:
         x = _tensor_of_rank(x, 2, "x", "[batch, input_dim]", self)
-        layer_gates = self._layer_gates(pc, gates)
+        layer_gates = list(self._named_gates(pc, gates).values())  # none for the plain MLP
         for index, dense in enumerate(self.dense_layers):
             x = dense(x)
-            if layer_gates is not None:
+            if layer_gates:
                 x = layer_gates[index] * x
         return x
-
-    def _layer_gates(self, pc: Any, gates: Any) -> Optional[List[tf.Tensor]]:
-        del pc, gates  # The plain MLP has no gates.
-        return None
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
@@ -532,9 +531,6 @@ class PosoMLP(_PersonalizedGatesMixin, MLP):
         self._set_gate_options(gate_hidden_units, gate_scale, gate_stop_gradient)
         self._make_gate_network(self.units)
         self.gate_names = tuple(f"layer_{i}" for i in range(len(self.units)))
-
-    def _layer_gates(self, pc: Any, gates: Any) -> List[tf.Tensor]:
-        return self._gate_values(pc, gates)
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
@@ -794,7 +790,8 @@ class _SequenceAttention(tf.keras.layers.Layer):
     the sequence is pooled per head first and projected once per head, which
     costs item_dim * width per example instead of L * item_dim * width.
     Subclasses define the queries' personalization and the projection of the
-    pooled items (`_personalize_queries`, `_project_values`).
+    pooled items (`_personalize_queries`, `_project_values`), and get their
+    gates by name (`_named_gates`) from a gates mixin.
     """
 
     def __init__(self, num_heads: int = 2, head_dim: int = 16, **kwargs):
@@ -864,10 +861,6 @@ class _SequenceAttention(tf.keras.layers.Layer):
         # `mask` masks the sequence, which the output no longer has: the output
         # is one pooled vector per row. Without this Keras would reject `mask`.
         return None
-
-    def _named_gates(self, pc: Any, gates: Any) -> Dict[str, tf.Tensor]:
-        del pc, gates  # Plain attention has no gates.
-        return {}
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()

@@ -179,10 +179,9 @@ def array_from_tensor_proto(alias: str, proto, spec: Optional[TensorSpec] = None
         raise errors.invalid_argument(
             f"input '{alias}' expects {spec.dtype.name} but the request has {sent}")
     try:
-        array = tensor_protos.make_ndarray(proto)
+        return tensor_protos.make_ndarray(proto)
     except Exception as error:
         raise errors.invalid_argument(f"tensor parsing error: input '{alias}': {error}") from error
-    return np.asarray(array)
 
 
 def fast_signature_call(name: str, signature_function):

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
-__all__ = ["fill_tensor_proto", "make_tensor_proto", "make_ndarray"]
+__all__ = ["fill_tensor_proto", "make_ndarray"]
 
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 # Numeric dtypes whose tensor_content is the numpy array's own bytes. (float16 and bfloat16
@@ -61,13 +61,6 @@ def fill_tensor_proto(target: tensor_pb2.TensorProto, array) -> None:
     target.CopyFrom(tf.make_tensor_proto(array))
 
 
-def make_tensor_proto(array) -> tensor_pb2.TensorProto:
-    """A new TensorProto holding `array`."""
-    proto = tensor_pb2.TensorProto()
-    fill_tensor_proto(proto, array)
-    return proto
-
-
 def make_ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
     """The numpy array a TensorProto holds (a copy, writable). Raises what
     `tf.make_ndarray` raises for a malformed proto."""
@@ -85,4 +78,4 @@ def make_ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
             dtype = None
         if dtype in _RAW_DTYPES and len(proto.tensor_content) == count * dtype.itemsize:
             return np.frombuffer(proto.tensor_content, dtype=dtype).reshape(shape).copy()
-    return np.asarray(tf.make_ndarray(proto))
+    return tf.make_ndarray(proto)

@@ -28,6 +28,12 @@ ARRAYS = {
 }
 
 
+def _written(array) -> tensor_pb2.TensorProto:
+    proto = tensor_pb2.TensorProto()
+    tensor_protos.fill_tensor_proto(proto, array)
+    return proto
+
+
 def _same(actual: np.ndarray, expected: np.ndarray) -> None:
     assert actual.shape == expected.shape
     assert actual.dtype == expected.dtype
@@ -37,7 +43,7 @@ def _same(actual: np.ndarray, expected: np.ndarray) -> None:
 @pytest.mark.parametrize("name", sorted(ARRAYS))
 def test_written_protos_read_back_by_tensorflow(name):
     array = ARRAYS[name]
-    proto = tensor_protos.make_tensor_proto(array)
+    proto = _written(array)
     _same(tf.make_ndarray(proto), tf.make_ndarray(tf.make_tensor_proto(array)))
 
 
@@ -48,9 +54,9 @@ def test_tensorflow_protos_read_like_tensorflow(name):
 
 
 def test_fast_paths_write_what_tf_serving_answers_with():
-    numbers = tensor_protos.make_tensor_proto(np.array([1.5, 2.5], dtype=np.float32))
+    numbers = _written(np.array([1.5, 2.5], dtype=np.float32))
     assert numbers.dtype == types_pb2.DT_FLOAT and numbers.tensor_content and not numbers.float_val
-    strings = tensor_protos.make_tensor_proto(np.array([b"a", b"b"], dtype=object))
+    strings = _written(np.array([b"a", b"b"], dtype=object))
     assert strings.dtype == types_pb2.DT_STRING and list(strings.string_val) == [b"a", b"b"]
 
 
@@ -64,14 +70,14 @@ def test_repeated_value_protos_are_expanded():
 
 
 def test_arrays_read_are_writable_copies():
-    proto = tensor_protos.make_tensor_proto(np.array([1, 2], dtype=np.int32))
+    proto = _written(np.array([1, 2], dtype=np.int32))
     array = tensor_protos.make_ndarray(proto)
     array[0] = 7
     assert tensor_protos.make_ndarray(proto).tolist() == [1, 2]
 
 
 def test_content_of_the_wrong_length_is_refused():
-    proto = tensor_protos.make_tensor_proto(np.array([1.0, 2.0], dtype=np.float32))
+    proto = _written(np.array([1.0, 2.0], dtype=np.float32))
     proto.tensor_shape.dim[0].size = 3
     with pytest.raises(Exception, match="size|reshape|elements"):
         tensor_protos.make_ndarray(proto)
