@@ -174,12 +174,20 @@ class PersonalizedGates(tf.keras.layers.Layer):
     point). With the default C = 2 an untrained gate outputs about 1, so the
     gated module starts out as its ungated counterpart.
 
+    A one-hot code (a bucket, as the default bucketized AVC is) takes only
+    pc_dim values, so with `one_hot_code` the gates are computed once per code,
+    the table T = g(I) [pc_dim, sum(units)] with row k = g(e_k), and looked up
+    as pc T: for one-hot pc exactly g(pc), without evaluating the network on
+    every example (a training step's gates then cost about a third as much).
+
     Args:
       units: Output width of each gate (the width of what it scales).
       hidden_units: Width of each gate's hidden ReLU layer.
       scale: C, the upper bound of the gates.
       stop_gradient: Do not back-propagate into `pc`. Use this when `pc`
         contains ID embeddings that the gates should read but not train.
+      one_hot_code: Every row of `pc` is one-hot: compute the gates per code
+        (see above). For any other `pc` the result is not g(pc).
 
     Call arguments:
       pc: Personalization code, [batch, pc_dim].
@@ -194,6 +202,7 @@ class PersonalizedGates(tf.keras.layers.Layer):
         hidden_units: int = 32,
         scale: float = 2.0,
         stop_gradient: bool = False,
+        one_hot_code: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -201,6 +210,7 @@ class PersonalizedGates(tf.keras.layers.Layer):
         self.hidden_units = _positive_int(hidden_units, "hidden_units", self)
         self.scale = _positive_float(scale, "scale", self)
         self.stop_gradient = bool(stop_gradient)
+        self.one_hot_code = bool(one_hot_code)
 
     @property
     def num_gates(self) -> int:
@@ -258,6 +268,15 @@ class PersonalizedGates(tf.keras.layers.Layer):
         pc = tf.cast(pc, self.compute_dtype)
         if self.stop_gradient:
             pc = tf.stop_gradient(pc)
+        if self.one_hot_code:
+            # Row k of gate j's table is g_j(e_k); a one-hot pc selects its row. One product
+            # per gate: splitting one [batch, sum(units)] product would copy every value.
+            tables = self._gate_values(tf.eye(self._pc_dim(), dtype=pc.dtype))
+            return [tf.matmul(pc, table) for table in tables]
+        return self._gate_values(pc)
+
+    def _gate_values(self, pc: tf.Tensor) -> List[tf.Tensor]:
+        """The equation, evaluated on every row of `pc`."""
         hidden_kernel, hidden_bias, logit_kernel, logit_bias = self._parts()
         hidden = tf.nn.relu(tf.matmul(pc, hidden_kernel) + hidden_bias)
         if self.num_gates == 1:
@@ -302,7 +321,8 @@ class PersonalizedGates(tf.keras.layers.Layer):
         return [pc_dim * hidden + hidden + hidden * units + units for units in self.gate_units]
 
     def gate_macs(self) -> List[int]:
-        """Multiply-adds per example of each gate: pc_dim * h + h * units_j."""
+        """Multiply-adds per example of each gate's equation: pc_dim * h + h * units_j
+        (with `one_hot_code`, a lookup in a table computed once per batch instead)."""
         pc_dim, hidden = self._pc_dim(), self.hidden_units
         return [pc_dim * hidden + hidden * units for units in self.gate_units]
 
@@ -313,6 +333,7 @@ class PersonalizedGates(tf.keras.layers.Layer):
             hidden_units=self.hidden_units,
             scale=self.scale,
             stop_gradient=self.stop_gradient,
+            one_hot_code=self.one_hot_code,
         )
         return config
 
@@ -328,6 +349,7 @@ class PersonalizedGate(PersonalizedGates):
       hidden_units: Width of the hidden ReLU layer (W1).
       scale: C, the upper bound of the gate.
       stop_gradient: Do not back-propagate into `pc`.
+      one_hot_code: `pc` is one-hot: compute the gate once per code.
 
     Call arguments:
       pc: Personalization code, [batch, pc_dim].
@@ -342,10 +364,16 @@ class PersonalizedGate(PersonalizedGates):
         hidden_units: int = 32,
         scale: float = 2.0,
         stop_gradient: bool = False,
+        one_hot_code: bool = False,
         **kwargs,
     ):
         super().__init__(
-            [units], hidden_units=hidden_units, scale=scale, stop_gradient=stop_gradient, **kwargs
+            [units],
+            hidden_units=hidden_units,
+            scale=scale,
+            stop_gradient=stop_gradient,
+            one_hot_code=one_hot_code,
+            **kwargs,
         )
 
     @property
@@ -600,15 +628,16 @@ class MMoE(_UngatedMixin, tf.keras.layers.Layer):
     ) -> List[tf.Tensor]:
         x = _tensor_of_rank(x, 2, "x", "[batch, input_dim]", self)
         expert_outputs = tf.stack([expert(x) for expert in self.experts], axis=1)
-        expert_outputs = self._gate_expert_outputs(expert_outputs, pc, gates)
-        return [
-            _mix_experts(tf.nn.softmax(task_gate(x), axis=-1), expert_outputs)
-            for task_gate in self.task_gates
-        ]
-
-    def _gate_expert_outputs(self, expert_outputs: tf.Tensor, pc: Any, gates: Any) -> tf.Tensor:
-        del pc, gates  # The plain MMoE has no personalized gates.
-        return expert_outputs
+        expert_gates = self._named_gates(pc, gates).get("experts")  # [batch, experts] or None
+        outputs = []
+        for task_gate in self.task_gates:
+            weights = tf.nn.softmax(task_gate(x), axis=-1)
+            if expert_gates is not None:
+                # sum_i w_i (g_i E_i) = sum_i (w_i g_i) E_i: scaling the task's mixing
+                # weights gives Eq. 17 without scaling every expert output element.
+                weights = weights * expert_gates
+            outputs.append(_mix_experts(weights, expert_outputs))
+        return outputs
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
@@ -627,7 +656,9 @@ class PosoMMoE(_PersonalizedGatesMixin, MMoE):
 
     Every expert's output is scaled by its own scalar personalized gate g_i(pc)
     (one personalized gate with `num_experts` outputs) before the per-task
-    softmax gates mix the experts.
+    softmax gates mix the experts. Computed as sum_i (w_ti g_i) E_i: the same
+    sum, with the gates scaling each task's mixing weights w_t rather than every
+    element of every expert output.
 
     Args:
       num_tasks, num_experts, expert_units, activation: As for `MMoE`.
@@ -666,11 +697,7 @@ class PosoMMoE(_PersonalizedGatesMixin, MMoE):
             **kwargs,
         )
         self._set_gate_options(gate_hidden_units, gate_scale, gate_stop_gradient)
-        self._make_gate_network([self.num_experts])
-
-    def _gate_expert_outputs(self, expert_outputs: tf.Tensor, pc: Any, gates: Any) -> tf.Tensor:
-        (expert_gates,) = self._gate_values(pc, gates)  # [batch, experts]: g_1(pc) .. g_N(pc)
-        return tf.expand_dims(expert_gates, -1) * expert_outputs
+        self._make_gate_network([self.num_experts])  # g_1(pc) .. g_N(pc), one per expert
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()

@@ -189,9 +189,11 @@ class RankingModel(tfrs.Model):
                                      expert_units=config.expert_units, name="mmoe", **gate_options)
         # Every POSO module's gates in one network (see the module docstring); None without POSO.
         gate_units = [units for module in self._modules_with_gates().values() for units in module.gate_units]
+        # A one-hot PC takes num_buckets values: the gates are then computed once per bucket.
         self.gate_network = (layers.PersonalizedGates(
             gate_units, hidden_units=config.gate_hidden_units, scale=config.gate_scale,
-            stop_gradient=config.gate_stop_gradient, name="gates") if gate_units else None)
+            stop_gradient=config.gate_stop_gradient, one_hot_code=config.pc_source == "avc_bucket_onehot",
+            name="gates") if gate_units else None)
         self.towers = {
             task.name: tf.keras.Sequential(
                 # Task-prefixed names: a Sequential builds outside the model's name scope, and

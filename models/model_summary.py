@@ -202,8 +202,9 @@ def _mmoe_macs(mmoe: layers.MMoE, length: int) -> int:
 
 
 def _poso_mmoe_macs(mmoe: layers.PosoMMoE, length: int) -> int:
-    gated_elements = mmoe.num_experts * mmoe.expert_units[-1]
-    return _mmoe_macs(mmoe, length) + _own_gate_macs(mmoe) + gated_elements
+    # The expert gates scale each task's mixing weights (equal to scaling the expert outputs).
+    gated_weights = mmoe.num_tasks * mmoe.num_experts
+    return _mmoe_macs(mmoe, length) + _own_gate_macs(mmoe) + gated_weights
 
 
 def _feature_gated_moe_macs(moe: layers.FeatureGatedMoE, length: int) -> int:

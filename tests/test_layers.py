@@ -133,6 +133,7 @@ def randomize_weights(layer, rng):
 LAYER_FACTORIES = {
     "gate": lambda: layers.PersonalizedGate(4, hidden_units=5, scale=3.0),
     "gates": lambda: layers.PersonalizedGates([4, 2, 3], hidden_units=5, stop_gradient=True),
+    "one_hot_gates": lambda: layers.PersonalizedGates([4, 2], hidden_units=5, one_hot_code=True),
     "mlp": lambda: layers.MLP([8, 4], activation="tanh"),
     "poso_mlp": lambda: layers.PosoMLP([8, 4], gate_hidden_units=5, gate_scale=3.0),
     "moe": lambda: layers.FeatureGatedMoE([8, 4], num_experts=3),
@@ -204,6 +205,32 @@ def test_gates_equal_gates_built_one_by_one(inputs, rng):
         PC_DIM * 5 + 5 + 5 * units + units for units in (4, 2, 3)
     ]
     assert sum(gates.gate_parameter_counts()) == gates.count_params()
+
+
+def test_one_hot_code_gates_equal_the_equation_and_its_gradients(rng):
+    codes = np.array([2, 0, 2, 1, 2])  # code 2 repeats: its rows share one table row
+    pc = tf.one_hot(codes, PC_DIM)
+    direct = layers.PersonalizedGates([4, 2, 3], hidden_units=5, scale=2.5)
+    per_code = layers.PersonalizedGates([4, 2, 3], hidden_units=5, scale=2.5, one_hot_code=True)
+    direct(pc), per_code(pc)
+    randomize_weights(direct, rng)
+    per_code.set_weights(direct.get_weights())
+
+    results = []
+    for gates in (direct, per_code):
+        with tf.GradientTape() as tape:
+            outputs = gates(pc)
+            # Weighted so that every gate and every row moves the loss differently.
+            loss = tf.add_n([tf.reduce_sum(o * (1.0 + tf.range(o.shape[1], dtype=tf.float32)))
+                             for o in outputs])
+        results.append((outputs, tape.gradient(loss, gates.parameters)))
+
+    (direct_outputs, direct_gradient), (table_outputs, table_gradient) = results
+    for index, output in enumerate(table_outputs):
+        np.testing.assert_allclose(output, gate_np(direct, pc.numpy(), index), rtol=1e-5, atol=1e-6)
+    assert_outputs_equal(table_outputs, direct_outputs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(table_gradient, direct_gradient, rtol=1e-4, atol=1e-5)
+    assert np.abs(direct_gradient.numpy()).sum() > 0.0
 
 
 def test_each_gate_starts_glorot_uniform_for_its_own_shape(inputs):
