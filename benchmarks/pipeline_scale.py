@@ -208,6 +208,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beam-mode", default=config_lib.RunConfig.beam_direct_running_mode,
                         choices=["multi_processing", "multi_threading", "in_memory"])
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each window's data and pipeline home under --work (for profiling)")
     parser.add_argument("--verbose", action="store_true")
 
 
@@ -231,7 +233,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             rows += summarize(window, measure_window(window, work, args.train_steps, args.beam_mode))
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if args.keep:
+                print(f"kept {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
         print_table(rows)
     verdict(rows)
     return 0

@@ -14,8 +14,10 @@ SLICE_KEYS = (specs.USER_GROUP, specs.AVC_BUCKET)
 
 
 def _metrics(primary: bool):
-    auc = tfma.MetricConfig(class_name="AUC")
-    gauc = metrics.gauc_metric_config(group_key=specs.USER_ID)
+    # GAUC, AUC, log loss, count and means, all from one walk over each output's examples per
+    # slice (models/metrics.py says why TFMA's own AUC and log loss are not used).
+    configs = metrics.ranking_metric_configs()
+    auc, gauc = configs[metrics.AUC_NAME], configs[metrics.GAUC_NAME]
     if primary:
         # The floor holds overall and on the primary tasks only: small slices of a day, and
         # rare tasks (a day may hold a few dozen follows), are too noisy for a hard floor.
@@ -29,18 +31,12 @@ def _metrics(primary: bool):
             threshold=tfma.MetricThreshold(change_threshold=tfma.GenericChangeThreshold(
                 direction=tfma.MetricDirection.HIGHER_IS_BETTER,
                 absolute={"value": -config_lib.MAX_NEW_USER_GAUC_DROP})))
-    return [
-        tfma.MetricConfig(class_name="ExampleCount"),
-        auc,
-        tfma.MetricConfig(class_name="BinaryCrossentropy"),  # log loss
-        tfma.MetricConfig(class_name="MeanLabel"),
-        tfma.MetricConfig(class_name="MeanPrediction"),
-        gauc,
-    ]
+    return list(configs.values())
 
 
 def make_eval_config() -> tfma.EvalConfig:
-    """GAUC, AUC and log loss per task, overall and per user group and AVC bucket.
+    """GAUC, AUC and log loss (and count, mean label and prediction) per task, overall and per
+    user group and AVC bucket.
 
     Blessing, on the primary tasks: the overall AUC above AUC_FLOOR, and the new-user GAUC no
     more than MAX_NEW_USER_GAUC_DROP below the last blessed model's (the first run has no

@@ -14,7 +14,7 @@ from pipeline import config as config_lib
 from pipeline import evaluation
 from pipeline import pipeline as pipeline_lib
 
-_METRICS = ("gauc", "auc", "binary_crossentropy", "example_count", "mean_label")
+_METRICS = ("gauc", "auc", "log_loss", "example_count", "mean_label")
 
 
 def _latest(store, type_name: str, span: Optional[int] = None):

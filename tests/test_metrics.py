@@ -12,7 +12,8 @@ from tensorflow_model_analysis.slicer.slicer_lib import deserialize_slice_key
 from sklearn.metrics import roc_auc_score
 
 from feature_specs import AVC, TASKS, USER_GROUP, USER_GROUPS, USER_ID, VIDEO_DURATION
-from models.metrics import GroupedAUC, gauc_metric_config, grouped_auc
+from models.metrics import (CountAndMeans, ExactAUC, GroupedAUC, LogLoss, gauc_metric_config,
+                            grouped_auc, ranking_metric_configs)
 
 
 def sklearn_gauc(labels, predictions, groups, weights=None):
@@ -98,55 +99,110 @@ def test_grouped_auc_rejects_bad_input(kwargs, message):
 # ---------------------------------------------------------------------------
 # GroupedAUC combiner, without Beam
 # ---------------------------------------------------------------------------
-def _single_computation(metric, **kwargs):
-    (computation,) = metric.computations(**kwargs)
-    return computation
+def _computations(metric, **kwargs):
+    """The metric's column computation and its derived computation."""
+    columns, derived = metric.computations(**kwargs)
+    assert isinstance(columns, tfma.metrics.MetricComputation)
+    assert isinstance(derived, tfma.metrics.DerivedMetricComputation)
+    return columns, derived
+
+
+def _result(metric, accumulator, **kwargs):
+    """What TFMA reports for one slice whose accumulator is `accumulator`."""
+    columns, derived = _computations(metric, **kwargs)
+    return derived.result(columns.combiner.extract_output(accumulator))
+
+
+def _element(task, label, prediction, group, weight=1.0):
+    return tfma.metrics.StandardMetricInputs(
+        labels={task: np.array([label])},
+        predictions={task: np.array([prediction], dtype=np.float32)},
+        example_weights={task: np.array([weight])},
+        features={USER_ID: np.array([group])},
+    )
 
 
 def test_combiner_merges_and_pickles_partial_accumulators():
     labels, predictions, groups, weights = random_dataset(seed=3, size=500)
     task = TASKS[0].name
-    computation = _single_computation(GroupedAUC(), output_names=[task], example_weighted=True)
-    combiner = computation.combiner
+    metric = GroupedAUC()
+    combiner = _computations(metric, output_names=[task], example_weighted=True)[0].combiner
     accumulators = [combiner.create_accumulator() for _ in range(3)]
     for i in range(labels.size):
-        combiner.add_input(accumulators[i % 3], tfma.metrics.StandardMetricInputs(
-            labels={task: np.array([labels[i]])},
-            predictions={task: np.array([predictions[i]], dtype=np.float32)},
-            example_weights={task: np.array([weights[i]])},
-            features={USER_ID: np.array([groups[i]])},
-        ))
+        combiner.add_input(accumulators[i % 3], _element(task, labels[i], predictions[i], groups[i], weights[i]))
     # Accumulators cross process boundaries pickled; an empty one must survive too.
     accumulators = [pickle.loads(pickle.dumps(a)) for a in accumulators + [combiner.create_accumulator()]]
-    result = combiner.extract_output(combiner.merge_accumulators(accumulators))
+    result = _result(metric, combiner.merge_accumulators(accumulators), output_names=[task],
+                     example_weighted=True)
 
-    (key,) = computation.keys
+    (key,) = result
     assert (key.name, key.output_name, key.example_weighted) == ("gauc", task, True)
     expected = grouped_auc(labels, predictions.astype(np.float32), groups, weights)
     assert result == {key: pytest.approx(expected, rel=1e-12)}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_metrics_from_the_shared_columns_equal_their_references(weighted):
+    """AUC and log loss from one pass equal sklearn's and Keras' functions on the same rows."""
+    labels, predictions, groups, weights = random_dataset(seed=4, size=800)
+    predictions = predictions.astype(np.float32)
+    predictions[:5] = [0.0, 1.0, 0.0, 1.0, 0.5]  # the log loss clips 0 and 1 as Keras does
+    task = TASKS[0].name
+    kwargs = dict(output_names=[task], example_weighted=weighted)
+    combiner = _computations(GroupedAUC(), **kwargs)[0].combiner
+    accumulator = combiner.create_accumulator()
+    for i in range(labels.size):
+        combiner.add_input(accumulator, _element(task, labels[i], predictions[i], groups[i], weights[i]))
+    w = weights if weighted else None
+    results = {}
+    for metric in (GroupedAUC(), ExactAUC(), LogLoss(), CountAndMeans()):
+        # Every metric's column computation is the same one: TFMA runs it once for all.
+        assert _computations(metric, **kwargs)[0] == _computations(GroupedAUC(), **kwargs)[0]
+        results.update({key.name: value for key, value in _result(metric, accumulator, **kwargs).items()})
+
+    # In float64, as the metric computes (Keras would clip 1 - 1e-7 in float32 otherwise).
+    keras_losses = tf.keras.losses.binary_crossentropy(
+        labels.reshape(-1, 1).astype(np.float64), predictions.reshape(-1, 1).astype(np.float64)).numpy()
+    assert results == {
+        "gauc": pytest.approx(sklearn_gauc(labels, predictions, groups, w), rel=1e-12),
+        "auc": pytest.approx(roc_auc_score(labels, predictions, sample_weight=w), rel=1e-12),
+        "log_loss": pytest.approx(np.average(keras_losses, weights=w), rel=1e-12),
+        "example_count": pytest.approx(w.sum() if weighted else labels.size, rel=1e-12),
+        "mean_label": pytest.approx(np.average(labels, weights=w), rel=1e-12),
+        "mean_prediction": pytest.approx(np.average(predictions.astype(np.float64), weights=w), rel=1e-12),
+    }
+
+
+def test_auc_of_a_one_class_slice_is_nan_not_zero():
+    task = TASKS[0].name
+    combiner = _computations(ExactAUC(), output_names=[task])[0].combiner
+    accumulator = combiner.create_accumulator()
+    for prediction in (0.2, 0.7):
+        combiner.add_input(accumulator, _element(task, 1, prediction, 3))
+    (value,) = _result(ExactAUC(), accumulator, output_names=[task]).values()
+    assert math.isnan(value)
 
 
 def test_combiner_accepts_groups_that_are_not_integers():
     """User ids may be strings (another feature set's group key): same GAUC as by integer ids."""
     labels, predictions, groups, _ = random_dataset(seed=5, size=300)
     task = TASKS[0].name
-    computation = _single_computation(GroupedAUC(), output_names=[task])
-    combiner = computation.combiner
+    combiner = _computations(GroupedAUC(), output_names=[task])[0].combiner
     by_int, by_name = combiner.create_accumulator(), combiner.create_accumulator()
     for i in range(labels.size):
         for accumulator, group in ((by_int, np.array([groups[i]])), (by_name, np.array([f"user-{groups[i]}".encode()]))):
             combiner.add_input(accumulator, tfma.metrics.StandardMetricInputs(
                 labels={task: np.array([labels[i]])}, predictions={task: np.array([predictions[i]])},
                 example_weights={task: np.array([1.0])}, features={USER_ID: group}))
-    (key,) = computation.keys
     by_name = pickle.loads(pickle.dumps(by_name))
-    expected = combiner.extract_output(by_int)[key]
-    assert combiner.extract_output(by_name)[key] == pytest.approx(expected, rel=1e-12)
+    (expected,) = _result(GroupedAUC(), by_int, output_names=[task]).values()
+    (actual,) = _result(GroupedAUC(), by_name, output_names=[task]).values()
+    assert actual == pytest.approx(expected, rel=1e-12)
     assert expected == pytest.approx(grouped_auc(labels, predictions, groups), rel=1e-12)
 
 
 def test_combiner_names_a_missing_group_feature():
-    combiner = _single_computation(GroupedAUC(group_key=VIDEO_DURATION)).combiner
+    combiner = _computations(GroupedAUC(group_key=VIDEO_DURATION))[0].combiner
     element = tfma.metrics.StandardMetricInputs(
         labels=np.array([1]), predictions=np.array([0.2]), example_weights=np.array([1.0]),
         features={USER_ID: np.array([3])})
@@ -234,7 +290,9 @@ def tfma_run(tmp_path_factory):
         metrics_specs=[config_pb2.MetricsSpec(
             output_names=[task.name for task in EVAL_TASKS],
             example_weights=config_pb2.ExampleWeightOptions(weighted=True, unweighted=True),
-            metrics=[gauc_metric_config(), config_pb2.MetricConfig(class_name="AUC")],
+            # TFMA's own AUC beside ours, as a check of ours inside TFMA.
+            metrics=[*ranking_metric_configs().values(),
+                     config_pb2.MetricConfig(class_name="AUC", config='{"name": "tfma_auc"}')],
         )],
     )
     tfma.run_model_analysis(
@@ -269,10 +327,33 @@ def test_tfma_gauc_equals_grouped_auc_per_output_and_slice(tfma_run, example_wei
             assert actual == pytest.approx(expected, rel=1e-9), (slice_name, task.name)
 
 
+@pytest.mark.parametrize("example_weighted", [False, True])
+def test_tfma_auc_and_log_loss_equal_their_references_per_output_and_slice(tfma_run, example_weighted):
+    rows, predictions, written = tfma_run
+    slices = {(): np.ones(len(rows[USER_ID]), dtype=bool)}
+    for group in USER_GROUPS:
+        slices[((USER_GROUP, group),)] = rows[USER_GROUP] == group
+    for slice_name, member in slices.items():
+        for task in EVAL_TASKS:
+            labels, scores = rows[task.label][member], predictions[task.name][member]
+            weights = rows[AVC][member].astype(np.float64) if example_weighted else None
+            losses = tf.keras.losses.binary_crossentropy(
+                labels.reshape(-1, 1).astype(np.float64), scores.reshape(-1, 1).astype(np.float64)).numpy()
+            got = {name: written[(slice_name, name, task.name, example_weighted)]
+                   for name in ("auc", "log_loss", "example_count", "mean_label")}
+            assert got == {
+                "auc": pytest.approx(roc_auc_score(labels, scores, sample_weight=weights), rel=1e-9),
+                "log_loss": pytest.approx(np.average(losses, weights=weights), rel=1e-9),
+                "example_count": pytest.approx(member.sum() if weights is None else weights.sum()),
+                "mean_label": pytest.approx(np.average(labels, weights=weights), rel=1e-9),
+            }, (slice_name, task.name)
+
+
 def test_tfma_reports_auc_alongside_gauc(tfma_run):
     rows, predictions, written = tfma_run
     for task in EVAL_TASKS:
         overall_auc = written[((), "auc", task.name, False)]
-        # TFMA's AUC is a thresholded approximation; GAUC is exact, and differs from AUC.
-        assert overall_auc == pytest.approx(roc_auc_score(rows[task.label], predictions[task.name]), abs=1e-3)
+        # TFMA's own AUC bins scores into 10k thresholds: close to the exact one, not equal.
+        assert written[((), "tfma_auc", task.name, False)] == pytest.approx(overall_auc, abs=1e-3)
+        # GAUC differs from AUC.
         assert written[((), "gauc", task.name, False)] != pytest.approx(overall_auc, abs=1e-6)
