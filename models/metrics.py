@@ -1,4 +1,5 @@
-"""Grouped AUC (GAUC): the per-user ranking quality metric of the POSO paper.
+"""The Evaluator's metrics: grouped AUC (GAUC), the POSO paper's per-user ranking quality, and
+beside it exact AUC, log loss, count and means, all as TFMA custom metrics from one pass.
 
 Global AUC mixes users: a model that only learns which users click a lot scores well
 without ranking anything within a user's feed. GAUC measures what the ranker actually
@@ -18,7 +19,8 @@ This equals `sklearn.metrics.roc_auc_score(y_g, s_g, sample_weight=w_g)`.
 
 `grouped_auc` computes it with NumPy. `GroupedAUC` is the same metric as a TFMA custom
 metric, so TFX's Evaluator reports it per model output and per slice; reference it
-from an EvalConfig with `gauc_metric_config()`.
+from an EvalConfig with `gauc_metric_config()`, or take every metric of this module with
+`ranking_metric_configs()`. Why these replace TFMA's own AUC and log loss: see "TFMA metrics".
 """
 
 from __future__ import annotations

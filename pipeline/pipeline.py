@@ -133,6 +133,10 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
         components += [training_window, transform, baseline, trainer, evaluator,
                        infra_validator, pusher, config_writer]
 
+    for component in components:
+        beam_args = cfg.component_beam_args(component.id)
+        if beam_args:
+            component.with_beam_pipeline_args(beam_args)
     return tfx.dsl.Pipeline(
         pipeline_name=config_lib.KUBEFLOW_PIPELINE_NAME if for_kubeflow else config_lib.PIPELINE_NAME,
         pipeline_root=cfg.pipeline_root,

@@ -233,3 +233,25 @@ def test_tfx_container_entrypoint_runs_a_compiled_custom_component(compiled, tmp
     assert isinstance(state, avc_example_gen.UserState)
     assert (state.span, state.through_date) == (span, "2022-04-11")
     assert open(os.path.join(state.uri, "state-0")).read() == "carried"
+
+
+def test_memory_bound_components_run_in_one_beam_process_on_direct_runner():
+    """AvcExampleGen and the Evaluator hold the day's data in every Beam worker process: on
+    DirectRunner they run in one, after (so over) the pipeline's multi-processing arguments."""
+    def beam_args(**overrides):
+        cfg = config_lib.RunConfig(date=datetime.date(2022, 4, 15), home="/tmp/unused-home", **overrides)
+        by_id = {node.id: node for node in pipeline_lib.create_pipeline(cfg).components}
+        return {node_id: list(node.executor_spec.beam_pipeline_args)
+                for node_id, node in by_id.items() if hasattr(node.executor_spec, "beam_pipeline_args")}
+
+    args = beam_args()
+    assert set(args) >= {"AvcExampleGen", "StatisticsGen", "Transform", "Evaluator"}
+    for node_id, node_args in args.items():
+        mode = [a for a in node_args if a.startswith("--direct_running_mode=")][-1]
+        expected = "in_memory" if node_id in ("AvcExampleGen", "Evaluator") else "multi_processing"
+        assert mode == f"--direct_running_mode={expected}", node_id
+    # Nothing is added for a remote runner, or when the list is emptied.
+    remote = beam_args(extra_beam_args=("--runner=DataflowRunner",))
+    assert not any("in_memory" in a for node_args in remote.values() for a in node_args)
+    none = beam_args(beam_single_process_components=())
+    assert not any("in_memory" in a for node_args in none.values() for a in node_args)
