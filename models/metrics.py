@@ -430,9 +430,11 @@ def score_columns_computations(
 class _ScoreColumnsMetric(tfma.metrics.Metric):
     """A metric computed from the shared score columns of each model output and slice."""
 
-    VALUE_NAMES: Tuple[str, ...] = ()
+    DEFAULT_NAME = ""
+    VALUE_NAMES: Tuple[str, ...] = ()  # the keys' names when there are several (else the name)
 
-    def __init__(self, name: str, group_key: str = USER_ID):
+    def __init__(self, name: Optional[str] = None, group_key: str = USER_ID):
+        name = name or self.DEFAULT_NAME
         if not group_key:
             raise ValueError(f"{type(self).__name__} needs a group_key (the feature holding each "
                              "example's group id)")
@@ -462,8 +464,7 @@ class GroupedAUC(_ScoreColumnsMetric):
     that `ModelSpec.label_keys` assigns to that output.
     """
 
-    def __init__(self, name: str = GAUC_NAME, group_key: str = USER_ID):
-        super().__init__(name=name, group_key=group_key)
+    DEFAULT_NAME = GAUC_NAME
 
     @staticmethod
     def _values(columns: ScoreColumns) -> Tuple[float]:
@@ -476,8 +477,7 @@ class ExactAUC(_ScoreColumnsMetric):
     """ROC AUC over the slice, exact (sklearn's roc_auc_score; TFMA's AUC bins into 10k
     thresholds); NaN when the slice has one class only."""
 
-    def __init__(self, name: str = AUC_NAME, group_key: str = USER_ID):
-        super().__init__(name=name, group_key=group_key)
+    DEFAULT_NAME = AUC_NAME
 
     @staticmethod
     def _values(columns: ScoreColumns) -> Tuple[float]:
@@ -487,8 +487,7 @@ class ExactAUC(_ScoreColumnsMetric):
 class LogLoss(_ScoreColumnsMetric):
     """Mean binary cross-entropy (log loss) of the slice; see `log_loss`."""
 
-    def __init__(self, name: str = LOG_LOSS_NAME, group_key: str = USER_ID):
-        super().__init__(name=name, group_key=group_key)
+    DEFAULT_NAME = LOG_LOSS_NAME
 
     @staticmethod
     def _values(columns: ScoreColumns) -> Tuple[float]:
@@ -498,10 +497,8 @@ class LogLoss(_ScoreColumnsMetric):
 class CountAndMeans(_ScoreColumnsMetric):
     """example_count (total weight when weighted), mean_label and mean_prediction."""
 
+    DEFAULT_NAME = "count_and_means"
     VALUE_NAMES = (EXAMPLE_COUNT_NAME, MEAN_LABEL_NAME, MEAN_PREDICTION_NAME)
-
-    def __init__(self, name: str = "count_and_means", group_key: str = USER_ID):
-        super().__init__(name=name, group_key=group_key)
 
     @staticmethod
     def _values(columns: ScoreColumns) -> Tuple[float, float, float]:

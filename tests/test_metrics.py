@@ -311,13 +311,18 @@ def tfma_run(tmp_path_factory):
     return rows, predictions, written
 
 
-@pytest.mark.parametrize("example_weighted", [False, True])
-def test_tfma_gauc_equals_grouped_auc_per_output_and_slice(tfma_run, example_weighted):
-    rows, predictions, written = tfma_run
+def _slice_members(rows):
+    """{TFMA slice key: row mask} of the slicing specs of `tfma_run`."""
     slices = {(): np.ones(len(rows[USER_ID]), dtype=bool)}
     for group in USER_GROUPS:
         slices[((USER_GROUP, group),)] = rows[USER_GROUP] == group
-    for slice_name, member in slices.items():
+    return slices
+
+
+@pytest.mark.parametrize("example_weighted", [False, True])
+def test_tfma_gauc_equals_grouped_auc_per_output_and_slice(tfma_run, example_weighted):
+    rows, predictions, written = tfma_run
+    for slice_name, member in _slice_members(rows).items():
         for task in EVAL_TASKS:
             weights = rows[AVC][member] if example_weighted else None
             expected = grouped_auc(rows[task.label][member], predictions[task.name][member],
@@ -330,10 +335,7 @@ def test_tfma_gauc_equals_grouped_auc_per_output_and_slice(tfma_run, example_wei
 @pytest.mark.parametrize("example_weighted", [False, True])
 def test_tfma_auc_and_log_loss_equal_their_references_per_output_and_slice(tfma_run, example_weighted):
     rows, predictions, written = tfma_run
-    slices = {(): np.ones(len(rows[USER_ID]), dtype=bool)}
-    for group in USER_GROUPS:
-        slices[((USER_GROUP, group),)] = rows[USER_GROUP] == group
-    for slice_name, member in slices.items():
+    for slice_name, member in _slice_members(rows).items():
         for task in EVAL_TASKS:
             labels, scores = rows[task.label][member], predictions[task.name][member]
             weights = rows[AVC][member].astype(np.float64) if example_weighted else None
