@@ -65,7 +65,10 @@ class ServerOptions:
     grpc_port: int = 8500
     rest_port: Optional[int] = 8501
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    grpc_max_threads: int = 16
+    # Requests in the server at once: with batching, callers beyond it cannot join the batch
+    # being filled. `bench serving`, 32 callers of 100 rows: 48-52% of in-process batched
+    # throughput with 16, 55% with 32, 57-61% with 64.
+    grpc_max_threads: int = 64
     rest_num_threads: int = 8
     rest_timeout_s: float = 30.0
     file_system_poll_wait_s: float = 1.0
@@ -305,7 +308,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "default true; not a tensorflow_model_server flag)")
     add("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
         help="largest accepted request (gRPC message or REST body)")
-    add("--grpc_max_threads", type=int, default=16)
+    add("--grpc_max_threads", type=int, default=ServerOptions.grpc_max_threads)
     add("--rest_api_num_threads", type=int, default=8)
     add("--rest_api_timeout_in_ms", type=int, default=30000)
     add("--shutdown_grace_seconds", type=float, default=10.0)
