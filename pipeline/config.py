@@ -102,8 +102,9 @@ class RunConfig:
     def component_beam_args(self, component_id: str) -> List[str]:
         """Beam arguments `component_id` adds to beam_pipeline_args (TFX puts them after, so they
         win): one DirectRunner process for beam_single_process_components, nothing otherwise."""
+        # Only extra_beam_args can pick a runner, so there is no need to build the whole list.
         if (component_id not in self.beam_single_process_components
-                or _remote_runner(self.beam_pipeline_args())):
+                or _remote_runner(self.extra_beam_args)):
             return []
         return ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
 
