@@ -20,16 +20,27 @@ process on 127.0.0.1, once without and once with server-side batching
   (min(callers, max_batch_size // rows) requests) from num_batch_threads threads, i.e.
   what the server's batching would reach with no transport and perfectly filled batches.
 
+For the largest requests at the most callers, the CPU each way spends per 100 rows is
+printed too: in the in-process worker, or in the server and in the callers' client.
+
 The two goal lines at the end compare the gRPC single-row p50 with the in-process one,
 and the rows/s of gRPC with batching at the most callers, on the largest requests, with
 the better of the two in-process figures of that row.
 
+CPUs (--server-cpus): the servers and the in-process limit run pinned to the same CPUs (by
+default the upper half of those this process may use), and the callers, the load generator,
+to the others, as a load generator on its own host would be. Without the split the callers'
+gRPC client, about 0.4 ms of CPU per request in Python, is charged to the server but not to
+the in-process limit, which has no client. The in-process limit therefore runs in a worker
+process started on the server's CPUs (TensorFlow sizes its thread pools by the CPUs a process
+may use). `--server-cpus 0` runs everything on all CPUs, shared, as before 2026-12-01.
+
 Every call starts from numpy arrays and ends with numpy arrays: in-process, tensors are
 made and results fetched; over gRPC the request proto is built and the outputs decoded;
 over REST the JSON body is encoded and the answer decoded (one keep-alive connection per
-caller). Each case is bounded by --requests and --seconds. Client and server share the
-machine's CPUs, as on one host, so a throughput case moves by 10-20% from one 2-second
-window to the next, and a 1-row p50 by 0.2-0.5 ms from one minute to the next: every case
+caller). Each case is bounded by --requests and --seconds. The machine's CPUs are shared
+with other work, so a throughput case moves by 10-20% from one 2-second window to the
+next, and a 1-row p50 by 0.2-0.5 ms from one minute to the next: every case
 runs in --rounds rounds, every way once per round in a rotated order. Throughput prints the
 median over rounds, latency the p50 / p99 of all rounds' calls; the goal lines compare ways
 round by round and print the median and the spread. The figures are printed, not asserted.
@@ -50,7 +61,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import (Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional,
+                    Sequence, Tuple)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_BATCHING_PARAMETERS = REPO_ROOT / "deploy" / "batching_parameters.txt"
@@ -87,9 +99,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="the server's batching in the batched runs (TF Serving's format; "
                              "default deploy/batching_parameters.txt)")
     parser.add_argument("--num-batch-threads", type=int,
-                        help="override the parameters' num_batch_threads (e.g. to this "
-                             "machine's CPUs)")
+                        help="override the parameters' num_batch_threads (default: the "
+                             "server's CPUs, as deploy/batching_parameters.txt advises)")
+    parser.add_argument("--server-cpus", type=int,
+                        help="CPUs of the servers and of the in-process limit; the callers get "
+                             "the others (default: half of this process's CPUs; 0: no split, "
+                             "everything shares every CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    # The InProcessWorker's command line: the SavedModel and how many examples to make.
+    parser.add_argument("--in-process-worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--in-process-examples", type=int, default=1, help=argparse.SUPPRESS)
     return parser
 
 
@@ -253,10 +272,20 @@ def latency_ms(call: Callable[[], object], requests: int, seconds: float, warmup
     return samples
 
 
-def throughput_rows_per_s(make_call: Callable[[], Callable[[], object]], concurrency: int,
-                          rows: int, seconds: float, warmup_s: float = 0.5) -> float:
+class Throughput(NamedTuple):
+    rows_per_s: float
+    # CPU milliseconds per 100 rows in the counted window, by clock name (e.g. "server").
+    cpu_ms_per_100_rows: Dict[str, float]
+
+
+def measure_throughput(make_call: Callable[[], Callable[[], object]], concurrency: int,
+                       rows: int, seconds: float, warmup_s: float = 0.5,
+                       cpu_clocks: Optional[Mapping[str, Callable[[], float]]] = None
+                       ) -> Throughput:
     """Rows/s completed by `concurrency` threads calling back to back for `seconds` (the
-    first `warmup_s` not counted). `make_call` gives each thread its own caller."""
+    first `warmup_s` not counted), and the CPU seconds each of `cpu_clocks` (process CPU
+    time readers) spent per row in the counted window. `make_call` gives each thread its
+    own caller."""
     callers = [make_call() for _ in range(concurrency)]
     barrier = threading.Barrier(concurrency + 1)
     counted = [0] * concurrency
@@ -281,7 +310,12 @@ def throughput_rows_per_s(make_call: Callable[[], Callable[[], object]], concurr
         thread.start()
     now = time.perf_counter()
     window.update(start=now + warmup_s, end=now + warmup_s + seconds)
+    clocks = dict(cpu_clocks or {})
     barrier.wait()
+    time.sleep(max(0.0, window["start"] - time.perf_counter()))
+    started = {name: clock() for name, clock in clocks.items()}
+    time.sleep(max(0.0, window["end"] - time.perf_counter()))
+    spent = {name: clock() - started[name] for name, clock in clocks.items()}
     for thread in threads:
         thread.join()
     for caller in callers:
@@ -289,10 +323,206 @@ def throughput_rows_per_s(make_call: Callable[[], Callable[[], object]], concurr
             caller.close()
     if failures:
         raise RuntimeError(f"{len(failures)} calls failed, e.g. {failures[0]!r}")
-    return sum(counted) * rows / seconds
+    done = sum(counted) * rows
+    return Throughput(done / seconds, {name: 1e5 * cpu_s / max(done, 1)
+                                       for name, cpu_s in spent.items()})
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the server process -------------------------------------------------------------------------
+
+def split_cpus(server_cpus: Optional[int]) -> Tuple[Optional[FrozenSet[int]],
+                                                    Optional[FrozenSet[int]]]:
+    """(the servers' and in-process limit's CPUs, the callers' CPUs) out of those this
+    process may use; (None, None) for no split: `server_cpus` 0, a single CPU, or no CPU
+    affinity on this platform. Raises ValueError for a count that leaves no CPU to either."""
+    if server_cpus is not None and server_cpus < 0:
+        raise ValueError(f"--server-cpus must be >= 0, got {server_cpus}")
+    if server_cpus == 0 or not hasattr(os, "sched_getaffinity"):
+        return None, None
+    available = sorted(os.sched_getaffinity(0))
+    count = len(available) // 2 if server_cpus is None else server_cpus
+    if server_cpus is None and count == 0:
+        return None, None
+    if not 0 < count < len(available):
+        raise ValueError(f"--server-cpus {count} leaves no CPU for the callers or the server: this "
+                         f"process may use {len(available)} CPUs (0: no split)")
+    return frozenset(available[-count:]), frozenset(available[:-count])
+
+
+def pinned_command(cpus: Optional[FrozenSet[int]], command: Sequence[str]) -> List[str]:
+    """`command` run on `cpus` only: the affinity is set before exec, so the program and the
+    thread pools it sizes by its CPUs (TensorFlow's, gRPC's) see only those."""
+    if cpus is None:
+        return list(command)
+    cpu_set = "{" + ", ".join(str(cpu) for cpu in sorted(cpus)) + "}"
+    return [sys.executable, "-c",
+            f"import os, sys; os.sched_setaffinity(0, {cpu_set}); "
+            "os.execvp(sys.argv[1], sys.argv[1:])", *command]
+
+
+@contextlib.contextmanager
+def process_pinned_to(cpus: Optional[FrozenSet[int]]):
+    """Runs the block with every thread of this process on `cpus` (threads started meanwhile
+    inherit it), then gives each thread still alive the CPUs it had."""
+    if cpus is None:
+        yield
+        return
+    previous = {}
+    for task in os.listdir("/proc/self/task"):
+        try:
+            previous[int(task)] = os.sched_getaffinity(int(task))
+            os.sched_setaffinity(int(task), cpus)
+        except OSError:  # the thread ended meanwhile
+            pass
+    try:
+        yield
+    finally:
+        for task, mask in previous.items():
+            try:
+                os.sched_setaffinity(task, mask)
+            except OSError:
+                pass
+        for task in os.listdir("/proc/self/task"):
+            if int(task) not in previous:  # started in the block: back to the process's CPUs
+                try:
+                    os.sched_setaffinity(int(task), previous[os.getpid()])
+                except OSError:
+                    pass
+
+
+class _LogTail:
+    """Drains a child's stderr in a thread (a full pipe would stall it), keeping the last lines."""
+
+    def __init__(self, stream, on_line: Callable[[str], None] = lambda line: None,
+                 on_end: Callable[[], None] = lambda: None):
+        self.lines: List[str] = []
+        self.done = threading.Event()
+
+        def read():
+            for line in stream:
+                self.lines.append(line.rstrip())
+                del self.lines[:-50]
+                on_line(line)
+            self.done.set()
+            on_end()
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def text(self, count: int = 15) -> str:
+        return "\n  ".join(self.lines[-count:])
+
+
+class InProcessWorker:
+    """The in-process limit, in a process of its own on the servers' CPUs.
+
+    It loads the SavedModel as `run` did before the CPU split (malloc thresholds fixed, the
+    signature called through `fast_signature_call`, as the server calls it) and answers one
+    JSON line per case on stdin: {"case": "latency", "rows", "requests", "seconds"} ->
+    {"samples": [ms, ...]}; {"case": "throughput", "rows", "threads", "seconds"} ->
+    a Throughput as a dict.
+    """
+
+    def __init__(self, version_dir: str, signature_name: str, examples: int, seed: int,
+                 cpus: Optional[FrozenSet[int]]):
+        command = pinned_command(cpus, [
+            sys.executable, "-m", "benchmarks.serving_latency", "--in-process-worker",
+            version_dir, "--signature", signature_name, "--seed", str(seed),
+            "--in-process-examples", str(examples)])
+        self._process = subprocess.Popen(command, cwd=REPO_ROOT, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True)
+        self._log = _LogTail(self._process.stderr)
+        self.cpus = self._receive()["cpus"]
+
+    def _receive(self) -> dict:
+        answer = {"error": "the worker ended"}
+        for line in self._process.stdout:  # up to its next answer (skipping any other output)
+            if line.startswith("{"):
+                answer = json.loads(line)
+                break
+        if "error" in answer:
+            self.stop()
+            self._log.done.wait(5)
+            raise RuntimeError(f"in-process worker: {answer['error']}\n  {self._log.text()}")
+        return answer
+
+    def _ask(self, **case) -> dict:
+        self._process.stdin.write(json.dumps(case) + "\n")
+        self._process.stdin.flush()
+        return self._receive()
+
+    def latency_ms(self, rows: int, requests: int, seconds: float) -> List[float]:
+        return self._ask(case="latency", rows=rows, requests=requests, seconds=seconds)["samples"]
+
+    def throughput(self, rows: int, threads: int, seconds: float) -> Throughput:
+        return Throughput(**self._ask(case="throughput", rows=rows, threads=threads,
+                                      seconds=seconds))
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            self._process.stdin.close()
+            try:
+                self._process.wait(30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+    def __enter__(self) -> "InProcessWorker":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _worker_main(args: argparse.Namespace) -> int:
+    """The InProcessWorker's side: serves cases until stdin ends."""
+    try:
+        import tensorflow as tf
+
+        from serving.allocator import retain_freed_memory
+        from serving.servable import fast_signature_call
+
+        # The server fixes malloc's thresholds (serving/allocator.py); the in-process limit
+        # runs the same way, or it would not be the limit.
+        retain_freed_memory()
+        loaded = tf.saved_model.load(args.in_process_worker)
+        signature = fast_signature_call(args.signature, loaded.signatures[args.signature])
+        examples = synthetic_examples(args.in_process_examples, args.seed)
+        arrays: Dict[int, object] = {}
+
+        def rows_arrays(rows: int):
+            if rows not in arrays:
+                arrays[rows] = request_arrays(examples[:rows], signature, args.signature)
+            return arrays[rows]
+
+        print(json.dumps({"cpus": sorted(os.sched_getaffinity(0))
+                          if hasattr(os, "sched_getaffinity") else None}), flush=True)
+    except Exception as error:  # noqa: BLE001 - the parent prints it
+        print(json.dumps({"error": f"{type(error).__name__}: {error}"}), flush=True)
+        return 1
+    for line in sys.stdin:
+        try:
+            case = json.loads(line)
+            call = in_process_call(signature, rows_arrays(case["rows"]))
+            if case["case"] == "latency":
+                answer = {"samples": latency_ms(call, case["requests"], case["seconds"])}
+            else:
+                answer = measure_throughput(lambda: call, case["threads"], case["rows"],
+                                            case["seconds"],
+                                            cpu_clocks={"in-process": time.process_time}
+                                            )._asdict()
+        except Exception as error:  # noqa: BLE001 - the parent prints it
+            answer = {"error": f"{type(error).__name__}: {error}"}
+        print(json.dumps(answer), flush=True)
+    return 0
+
 
 class ServerProcess:
     """`python -m serving.server` on a models.config, with ports picked by the server."""
@@ -300,32 +530,32 @@ class ServerProcess:
     _ADDRESS = re.compile(r"Serving (gRPC|REST) on (\S+)")
 
     def __init__(self, models_config: str, flags: Sequence[str] = (),
-                 start_timeout_s: float = 180.0):
+                 start_timeout_s: float = 180.0, cpus: Optional[FrozenSet[int]] = None):
         command = [sys.executable, "-m", "serving.server", "--model_config_file", models_config,
                    "--port", "0", "--rest_api_port", "0", "--file_system_poll_wait_seconds", "0",
                    "--log_level", "INFO", *flags]
-        self._process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, text=True)
-        self._log: List[str] = []
+        self._process = subprocess.Popen(pinned_command(cpus, command), cwd=REPO_ROOT,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         text=True)
         addresses: Dict[str, str] = {}
         found = threading.Event()
 
-        def read_log():
-            for line in self._process.stderr:
-                self._log.append(line.rstrip())
-                del self._log[:-50]
-                match = self._ADDRESS.search(line)
-                if match:
-                    addresses[match.group(1)] = match.group(2)
-                    if len(addresses) == 2:
-                        found.set()
-            found.set()  # the process ended
+        def on_line(line: str) -> None:
+            match = self._ADDRESS.search(line)
+            if match:
+                addresses[match.group(1)] = match.group(2)
+                if len(addresses) == 2:
+                    found.set()
 
-        threading.Thread(target=read_log, daemon=True).start()
+        log = _LogTail(self._process.stderr, on_line, on_end=found.set)  # or the process ended
         if not found.wait(start_timeout_s) or len(addresses) < 2:
             self.stop()
-            raise RuntimeError("the server did not start:\n  " + "\n  ".join(self._log[-15:]))
+            raise RuntimeError("the server did not start:\n  " + log.text())
         self.grpc_address, self.rest_url = addresses["gRPC"], addresses["REST"]
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
 
     def stop(self) -> None:
         if self._process.poll() is None:
@@ -391,6 +621,8 @@ def _server_batching_flags(parameters_file: str, num_batch_threads: Optional[int
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.in_process_worker:
+        return _worker_main(args)
     try:
         rows_cases = _int_list(args.rows, "--rows")
         throughput_rows = _int_list(args.throughput_rows, "--throughput-rows")
@@ -399,13 +631,25 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--requests, --seconds and --rounds must be positive")
         if not os.path.isfile(args.batching_parameters):
             raise ValueError(f"--batching-parameters: no such file {args.batching_parameters}")
-        batching_flags, options = _server_batching_flags(args.batching_parameters,
-                                                         args.num_batch_threads)
+        server_cpus, caller_cpus = split_cpus(args.server_cpus)
+        batching_flags, options = _server_batching_flags(
+            args.batching_parameters,
+            args.num_batch_threads or (len(server_cpus) if server_cpus else None))
         version_dir = resolve_model_dir(args.model_dir, args.home)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    with process_pinned_to(caller_cpus):
+        return _measure(args, version_dir, rows_cases, throughput_rows, concurrencies,
+                        batching_flags, options, server_cpus, caller_cpus)
 
+
+def _cpus_text(cpus) -> str:
+    return ",".join(str(cpu) for cpu in sorted(cpus))
+
+
+def _measure(args, version_dir, rows_cases, throughput_rows, concurrencies, batching_flags,
+             options, server_cpus, caller_cpus) -> int:
     import grpc
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -413,81 +657,91 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.config import MODEL_NAME
 
     started = time.perf_counter()
-    from serving.allocator import retain_freed_memory
-    from serving.servable import fast_signature_call
-
-    # The server fixes malloc's thresholds (serving/allocator.py); the in-process limit
-    # runs the same way, or it would not be the limit.
-    retain_freed_memory()
-    loaded = tf.saved_model.load(version_dir)
-    # Called as the server calls it, so that the gap to the server is transport and protos.
-    signature = fast_signature_call(args.signature, loaded.signatures[args.signature])
+    # The callers need the signature's inputs only; the model runs in the worker and servers.
+    signature = tf.saved_model.load(version_dir).signatures[args.signature]
     merged = {(rows, callers): min(callers, max(1, options.max_batch_size // rows)) * rows
               for rows in throughput_rows for callers in concurrencies}
-    examples = synthetic_examples(max(rows_cases + throughput_rows + list(merged.values())),
-                                  args.seed)
+    example_count = max(rows_cases + throughput_rows + list(merged.values()))
+    examples = synthetic_examples(example_count, args.seed)
     arrays = {rows: request_arrays(examples[:rows], signature, args.signature)
-              for rows in set(rows_cases + throughput_rows + list(merged.values()))}
+              for rows in set(rows_cases + throughput_rows)}
+    if server_cpus is None:
+        cpus = (f"{os.cpu_count()} CPUs shared by callers, servers and the in-process limit "
+                "(no split)")
+    else:
+        cpus = (f"servers and in-process limit on CPU {_cpus_text(server_cpus)}, callers on "
+                f"CPU {_cpus_text(caller_cpus)}")
     print(f"Serving benchmark: {version_dir}\n  signature {args.signature}, loopback 127.0.0.1, "
-          f"{os.cpu_count()} CPUs shared by client and server (load average "
-          f"{os.getloadavg()[0]:.1f} at start), TensorFlow {tf.__version__}\n"
+          f"{cpus} (load average {os.getloadavg()[0]:.1f} at start), TensorFlow "
+          f"{tf.__version__}\n"
           f"  batching: max_batch_size {options.max_batch_size}, timeout "
-          f"{options.batch_timeout_s * 1e3:g} ms, {options.num_batch_threads} threads, from "
+          f"{options.batch_timeout_s * 1e3:g} ms, {options.num_batch_threads} batch "
+          f"thread{'s' if options.num_batch_threads > 1 else ''}, from "
           f"{args.batching_parameters}", flush=True)
 
     latency: Dict[tuple, list] = {}
-    throughput: Dict[tuple, List[float]] = {}  # rows/s per round
-    # Both servers run for the whole benchmark (idle when not asked), so every case is
-    # measured in-process and over each server back to back: a change in the machine's load
-    # shifts them together.
+    throughput: Dict[tuple, List[Throughput]] = {}  # per round
+    # Both servers and the worker run for the whole benchmark (idle when not asked), so every
+    # case is measured in-process and over each server back to back: a change in the
+    # machine's load shifts them together.
     with tempfile.TemporaryDirectory(prefix="serving_bench_") as scratch, \
             contextlib.ExitStack() as stack:
         models_config = _models_config(scratch, MODEL_NAME, version_dir)
-        servers = {mode: stack.enter_context(ServerProcess(models_config, flags))
+        worker = stack.enter_context(InProcessWorker(version_dir, args.signature, example_count,
+                                                     args.seed, server_cpus))
+        servers = {mode: stack.enter_context(ServerProcess(models_config, flags,
+                                                           cpus=server_cpus))
                    for mode, flags in (("", []), ("+batching", batching_flags))}
         stubs = {mode: prediction_service_pb2_grpc.PredictionServiceStub(
                      stack.enter_context(grpc.insecure_channel(server.grpc_address)))
                  for mode, server in servers.items()}
         for rows in rows_cases:
-            callers = {"in-process": in_process_call(signature, arrays[rows])}
+            # way -> measure(requests, seconds) -> per-call ms
+            ways = {"in-process": lambda requests, seconds, rows=rows:
+                    worker.latency_ms(rows, requests, seconds)}
             for mode, server in servers.items():
-                callers["gRPC" + mode] = grpc_call(stubs[mode], MODEL_NAME, args.signature,
-                                                   arrays[rows])
-                callers["REST" + mode] = stack.enter_context(contextlib.closing(
-                    RestCaller(server.rest_url, MODEL_NAME, args.signature, arrays[rows])))
+                for name, caller in (
+                        ("gRPC" + mode, grpc_call(stubs[mode], MODEL_NAME, args.signature,
+                                                  arrays[rows])),
+                        ("REST" + mode, stack.enter_context(contextlib.closing(RestCaller(
+                            server.rest_url, MODEL_NAME, args.signature, arrays[rows]))))):
+                    ways[name] = lambda requests, seconds, caller=caller: latency_ms(
+                        caller, requests, seconds)
             # In rounds, every way once per round in a rotated order, as the throughput cases:
             # a change in the machine's load then shifts all the ways of a round together.
-            names = list(callers)
+            names = list(ways)
             for round_index in range(args.rounds):
                 shift = round_index % len(names)
                 for way in names[shift:] + names[:shift]:
-                    latency.setdefault((way, rows), []).append(latency_ms(
-                        callers[way], max(1, args.requests // args.rounds),
-                        args.seconds / args.rounds))
+                    latency.setdefault((way, rows), []).append(ways[way](
+                        max(1, args.requests // args.rounds), args.seconds / args.rounds))
         for rows in throughput_rows:
             for callers in concurrencies:
                 batch = merged[(rows, callers)]
+                # way -> measure(seconds) -> Throughput
                 ways = {
-                    "in-process": (lambda: in_process_call(signature, arrays[rows]),
-                                   callers, rows),
-                    "in-process batched": (lambda: in_process_call(signature, arrays[batch]),
-                                           options.num_batch_threads, batch),
+                    "in-process": lambda seconds, rows=rows, callers=callers:
+                        worker.throughput(rows, callers, seconds),
+                    "in-process batched": lambda seconds, batch=batch:
+                        worker.throughput(batch, options.num_batch_threads, seconds),
                 }
                 for mode, server in servers.items():
-                    ways["gRPC" + mode] = (
-                        lambda stub=stubs[mode]: grpc_call(stub, MODEL_NAME, args.signature,
-                                                           arrays[rows]), callers, rows)
-                    ways["REST" + mode] = (
-                        lambda url=server.rest_url: RestCaller(url, MODEL_NAME, args.signature,
-                                                               arrays[rows]), callers, rows)
+                    for name, make_call in (
+                            ("gRPC" + mode, lambda stub=stubs[mode], rows=rows: grpc_call(
+                                stub, MODEL_NAME, args.signature, arrays[rows])),
+                            ("REST" + mode, lambda url=server.rest_url, rows=rows: RestCaller(
+                                url, MODEL_NAME, args.signature, arrays[rows]))):
+                        ways[name] = (lambda seconds, make_call=make_call, rows=rows,
+                                      callers=callers, pid=server.pid: measure_throughput(
+                                          make_call, callers, rows, seconds, cpu_clocks={
+                                              "server": lambda: process_cpu_seconds(pid),
+                                              "callers": time.process_time}))
                 names = list(ways)
                 for round_index in range(args.rounds):
                     shift = round_index % len(names)
                     for way in names[shift:] + names[:shift]:
-                        make_call, threads, rows_per_call = ways[way]
                         throughput.setdefault((way, rows, callers), []).append(
-                            throughput_rows_per_s(make_call, threads, rows_per_call,
-                                                  args.seconds))
+                            ways[way](args.seconds))
 
     print(f"\nLatency, ms p50 / p99 (sequential calls, up to {args.requests} per case in "
           f"{args.rounds} rounds)")
@@ -499,16 +753,28 @@ def run(args: argparse.Namespace) -> int:
             for way in ways))
     print(f"\nThroughput, rows/s (median of {args.rounds} rounds of {args.seconds:g} s per case; "
           "in-process batched: "
-          f"{options.num_batch_threads} callers, each call on the rows of the requests "
+          f"{options.num_batch_threads} caller{'s' if options.num_batch_threads > 1 else ''}, "
+          "each call on the rows of the requests "
           "batching could merge)")
     columns = ["in-process", "in-process batched", "gRPC", "gRPC+batching", "REST",
                "REST+batching"]
+
+    def rates(way: str, rows: int, callers: int) -> List[float]:
+        return [case.rows_per_s for case in throughput[(way, rows, callers)]]
+
     print(f"  {'rows':>4}  {'callers':>7}  " + "  ".join(f"{column:>18}" for column in columns))
     for rows in throughput_rows:
         for callers in concurrencies:
             print(f"  {rows:>4}  {callers:>7}  " + "  ".join(
-                f"{_median(throughput[(column, rows, callers)]):>18,.0f}" for column in columns))
-
+                f"{_median(rates(column, rows, callers)):>18,.0f}" for column in columns))
+    rows, callers = max(throughput_rows), max(concurrencies)
+    print(f"\nCPU ms per 100 rows, {rows}-row requests from {callers} callers (median of rounds; "
+          "callers: this process's gRPC or HTTP client)")
+    for column in columns:
+        cases = throughput[(column, rows, callers)]
+        print(f"  {column:<20}" + " + ".join(
+            f"{_median([case.cpu_ms_per_100_rows[part] for case in cases]):.2f} {part}"
+            for part in cases[0].cpu_ms_per_100_rows))
     print(f"\n(took {time.perf_counter() - started:.0f} s)")
     if 1 in rows_cases:
         overheads = [_p(served, 50) - _p(local, 50)
@@ -516,12 +782,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"gRPC single-row p50 overhead vs in-process: {_median(overheads):.2f} ms "
               f"(goal <= {GOAL_OVERHEAD_MS:g} ms; median of the rounds' p50 differences, "
               f"rounds {min(overheads):.2f}-{max(overheads):.2f} ms)")
-    rows, callers = max(throughput_rows), max(concurrencies)
     # Merged batches are not always faster per row than concurrent smaller calls, so the
     # limit is the better of the two in-process figures.
-    limit = max(_median(throughput[("in-process batched", rows, callers)]),
-                _median(throughput[("in-process", rows, callers)]))
-    served = throughput[("gRPC+batching", rows, callers)]
+    limit = max(_median(rates("in-process batched", rows, callers)),
+                _median(rates("in-process", rows, callers)))
+    served = rates("gRPC+batching", rows, callers)
     print(f"batched throughput vs in-process batched: {100 * _median(served) / limit:.0f}% "
           f"(goal >= {100 * GOAL_BATCHED_FRACTION:.0f}%; gRPC with batching over the better "
           f"in-process figure, {rows}-row requests, {callers} callers; rounds "

@@ -66,8 +66,8 @@ class ServerOptions:
     rest_port: Optional[int] = 8501
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     # Requests in the server at once: with batching, callers beyond it cannot join the batch
-    # being filled. `bench serving`, 32 callers of 100 rows: 48-52% of in-process batched
-    # throughput with 16, 55% with 32, 57-61% with 64.
+    # being filled. `bench serving --server-cpus 0`, 32 callers of 100 rows: 48-52% of
+    # in-process batched throughput with 16, 55% with 32, 57-61% with 64.
     grpc_max_threads: int = 64
     rest_num_threads: int = 8
     rest_timeout_s: float = 30.0

@@ -626,6 +626,39 @@ def test_sigterm_shuts_down_gracefully(tmp_path, scaled_exports):
     assert "Received SIGTERM" in log and "Server stopped" in log
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity and two CPUs")
+def test_serving_benchmark_gives_callers_and_servers_their_own_cpus():
+    """The bench's CPU split: disjoint halves, children started on theirs, this process's
+    threads moved for the block and given their CPUs back."""
+    from benchmarks import serving_latency
+
+    available = os.sched_getaffinity(0)
+    server_cpus, caller_cpus = serving_latency.split_cpus(None)
+    assert server_cpus | caller_cpus == available and not server_cpus & caller_cpus
+    assert len(server_cpus) == len(available) // 2
+    assert serving_latency.split_cpus(0) == (None, None)
+    with pytest.raises(ValueError, match="leaves no CPU"):
+        serving_latency.split_cpus(len(available))
+
+    child = subprocess.run(serving_latency.pinned_command(server_cpus, [
+        sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]),
+        capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == str(sorted(server_cpus))
+
+    release = threading.Event()
+    started_inside = threading.Thread(target=release.wait, daemon=True)
+    with serving_latency.process_pinned_to(caller_cpus):
+        assert os.sched_getaffinity(0) == caller_cpus
+        started_inside.start()
+        assert os.sched_getaffinity(started_inside.native_id) == caller_cpus
+    try:
+        assert os.sched_getaffinity(0) == available
+        assert os.sched_getaffinity(started_inside.native_id) == available
+    finally:
+        release.set()
+
+
 @pytest.mark.slow
 def test_serving_benchmark_runs_end_to_end(tmp_path, capsys):
     """benchmarks/serving_latency.py on a stub ranking model, with tiny bounds."""
