@@ -419,7 +419,35 @@ class _LogTail:
         return "\n  ".join(self.lines[-count:])
 
 
-class InProcessWorker:
+class _ChildProcess:
+    """A benchmark's child process (`self._process`), stopped when its block ends."""
+
+    _process: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def _ask_to_end(self) -> None:
+        self._process.terminate()
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            self._ask_to_end()
+            try:
+                self._process.wait(30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+class InProcessWorker(_ChildProcess):
     """The in-process limit, in a process of its own on the servers' CPUs.
 
     It loads the SavedModel as `run` did before the CPU split (malloc thresholds fixed, the
@@ -465,20 +493,8 @@ class InProcessWorker:
         return Throughput(**self._ask(case="throughput", rows=rows, threads=threads,
                                       seconds=seconds))
 
-    def stop(self) -> None:
-        if self._process.poll() is None:
-            self._process.stdin.close()
-            try:
-                self._process.wait(30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-
-    def __enter__(self) -> "InProcessWorker":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
+    def _ask_to_end(self) -> None:
+        self._process.stdin.close()  # its loop ends with stdin
 
 
 def _worker_main(args: argparse.Namespace) -> int:
@@ -524,7 +540,7 @@ def _worker_main(args: argparse.Namespace) -> int:
     return 0
 
 
-class ServerProcess:
+class ServerProcess(_ChildProcess):
     """`python -m serving.server` on a models.config, with ports picked by the server."""
 
     _ADDRESS = re.compile(r"Serving (gRPC|REST) on (\S+)")
@@ -553,24 +569,6 @@ class ServerProcess:
             raise RuntimeError("the server did not start:\n  " + log.text())
         self.grpc_address, self.rest_url = addresses["gRPC"], addresses["REST"]
 
-    @property
-    def pid(self) -> int:
-        return self._process.pid
-
-    def stop(self) -> None:
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-
-    def __enter__(self) -> "ServerProcess":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
 
 def _models_config(directory: str, model: str, version_dir: str) -> str:
