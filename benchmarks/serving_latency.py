@@ -30,10 +30,11 @@ the better of the two in-process figures of that row.
 CPUs (--server-cpus): the servers and the in-process limit run pinned to the same CPUs (by
 default the upper half of those this process may use), and the callers, the load generator,
 to the others, as a load generator on its own host would be. Without the split the callers'
-gRPC client, about 0.4 ms of CPU per request in Python, is charged to the server but not to
+gRPC client, about 0.4 ms of CPU per 100-row request in Python, is charged to the server but not to
 the in-process limit, which has no client. The in-process limit therefore runs in a worker
 process started on the server's CPUs (TensorFlow sizes its thread pools by the CPUs a process
-may use). `--server-cpus 0` runs everything on all CPUs, shared, as before 2026-12-01.
+may use). `--server-cpus 0` runs callers, servers and worker on all CPUs, shared (the method
+before 2026-12-01, but for the worker). num_batch_threads defaults to the server's CPUs.
 
 Every call starts from numpy arrays and ends with numpy arrays: in-process, tensors are
 made and results fetched; over gRPC the request proto is built and the outputs decoded;
@@ -54,6 +55,7 @@ import contextlib
 import http.client
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -91,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--requests", type=int, default=300,
                         help="requests per latency case over all rounds, at most (default 300)")
     parser.add_argument("--seconds", type=float, default=2.0,
-                        help="time limit of each throughput case and of each latency case over all rounds "
-                             "(default 2)")
+                        help="time limit of each throughput case and of each latency case over "
+                             "all rounds (default 2)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of every case (default 3)")
     parser.add_argument("--batching-parameters", default=str(DEPLOY_BATCHING_PARAMETERS),
@@ -182,21 +184,23 @@ def synthetic_examples(count: int, seed: int) -> List[bytes]:
     return examples
 
 
-def request_arrays(examples: Sequence[bytes], signature, signature_name: str):
-    """{input: numpy array} of `examples` for the signature (a concrete function)."""
+def request_arrays(examples: Sequence[bytes], input_specs: Mapping[str, object],
+                   signature_name: str):
+    """{input: numpy array} of `examples` for a signature with `input_specs` ({name: spec with
+    a `dtype`}: a concrete function's input signature or a SignatureDef's inputs)."""
     import numpy as np
 
     from serving import client, instances
 
-    specs = signature.structured_input_signature[1]
     if signature_name == "serving_default":
-        (name,) = specs
+        (name,) = input_specs
         array = np.empty(len(examples), dtype=object)
         array[:] = list(examples)
         return {name: array}
     rows = instances.raw_instances(examples)
-    columns = {name: [row[name] for row in rows] for name in specs}
-    return client.input_arrays(columns, dtypes={name: spec.dtype for name, spec in specs.items()})
+    columns = {name: [row[name] for row in rows] for name in input_specs}
+    return client.input_arrays(columns, dtypes={name: spec.dtype
+                                                for name, spec in input_specs.items()})
 
 
 def _json_inputs(arrays) -> Dict[str, object]:
@@ -324,7 +328,7 @@ def measure_throughput(make_call: Callable[[], Callable[[], object]], concurrenc
     if failures:
         raise RuntimeError(f"{len(failures)} calls failed, e.g. {failures[0]!r}")
     done = sum(counted) * rows
-    return Throughput(done / seconds, {name: 1e5 * cpu_s / max(done, 1)
+    return Throughput(done / seconds, {name: 1e5 * cpu_s / done if done else float("nan")
                                        for name, cpu_s in spent.items()})
 
 
@@ -333,6 +337,16 @@ def process_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_clocks(server_pid: int) -> Dict[str, Callable[[], float]]:
+    """The CPU clocks of a served case: the server's (where /proc has it) and this process's,
+    whose CPU is the callers' client (plus a few idle threads)."""
+    clocks: Dict[str, Callable[[], float]] = {}
+    if os.path.exists(f"/proc/{server_pid}/stat"):
+        clocks["server"] = lambda: process_cpu_seconds(server_pid)
+    clocks["callers"] = time.process_time
+    return clocks
 
 
 # -- the server process -------------------------------------------------------------------------
@@ -379,7 +393,7 @@ def process_pinned_to(cpus: Optional[FrozenSet[int]]):
         try:
             previous[int(task)] = os.sched_getaffinity(int(task))
             os.sched_setaffinity(int(task), cpus)
-        except OSError:  # the thread ended meanwhile
+        except ProcessLookupError:  # the thread ended meanwhile
             pass
     try:
         yield
@@ -387,13 +401,13 @@ def process_pinned_to(cpus: Optional[FrozenSet[int]]):
         for task, mask in previous.items():
             try:
                 os.sched_setaffinity(task, mask)
-            except OSError:
+            except ProcessLookupError:
                 pass
         for task in os.listdir("/proc/self/task"):
             if int(task) not in previous:  # started in the block: back to the process's CPUs
                 try:
                     os.sched_setaffinity(int(task), previous[os.getpid()])
-                except OSError:
+                except ProcessLookupError:
                     pass
 
 
@@ -457,6 +471,10 @@ class InProcessWorker(_ChildProcess):
     a Throughput as a dict.
     """
 
+    # Seconds an answer may take beyond the case's own time (the start: loading the model).
+    START_TIMEOUT_S = 180.0
+    ANSWER_MARGIN_S = 60.0
+
     def __init__(self, version_dir: str, signature_name: str, examples: int, seed: int,
                  cpus: Optional[FrozenSet[int]]):
         command = pinned_command(cpus, [
@@ -466,32 +484,55 @@ class InProcessWorker(_ChildProcess):
         self._process = subprocess.Popen(command, cwd=REPO_ROOT, stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          text=True)
-        self._log = _LogTail(self._process.stderr)
-        self.cpus = self._receive()["cpus"]
-
-    def _receive(self) -> dict:
-        answer = {"error": "the worker ended"}
-        for line in self._process.stdout:  # up to its next answer (skipping any other output)
-            if line.startswith("{"):
-                answer = json.loads(line)
-                break
-        if "error" in answer:
+        try:
+            self._log = _LogTail(self._process.stderr)
+            # Answers are JSON lines; anything else a library prints to stdout is skipped.
+            self._answers: "queue.Queue[Optional[dict]]" = queue.Queue()
+            threading.Thread(target=self._read_answers, daemon=True).start()
+            self.cpus = self._receive(self.START_TIMEOUT_S)["cpus"]
+            if cpus is not None and self.cpus is not None and set(self.cpus) != set(cpus):
+                raise RuntimeError(f"in-process worker: runs on CPUs {self.cpus}, not on "
+                                   f"{sorted(cpus)}")
+        except BaseException:
             self.stop()
-            self._log.done.wait(5)
-            raise RuntimeError(f"in-process worker: {answer['error']}\n  {self._log.text()}")
+            raise
+
+    def _read_answers(self) -> None:
+        for line in self._process.stdout:
+            if line.startswith("{"):
+                self._answers.put(json.loads(line))
+        self._answers.put(None)  # the worker ended
+
+    def _fail(self, reason: str):
+        self.stop()
+        self._log.done.wait(5)
+        raise RuntimeError(f"in-process worker: {reason} (exit code {self._process.poll()})"
+                           f"\n  {self._log.text()}")
+
+    def _receive(self, timeout_s: float) -> dict:
+        try:
+            answer = self._answers.get(timeout=timeout_s)
+        except queue.Empty:
+            self._fail(f"no answer within {timeout_s:g} s")
+        if answer is None:
+            self._fail("the worker ended")
+        if "error" in answer:
+            self._fail(answer["error"])
         return answer
 
-    def _ask(self, **case) -> dict:
-        self._process.stdin.write(json.dumps(case) + "\n")
-        self._process.stdin.flush()
-        return self._receive()
+    def _ask(self, seconds: float, **case) -> dict:
+        try:
+            self._process.stdin.write(json.dumps(dict(case, seconds=seconds)) + "\n")
+            self._process.stdin.flush()
+        except OSError as error:  # it ended between cases
+            self._fail(f"cannot send a case: {error}")
+        return self._receive(seconds + self.ANSWER_MARGIN_S)
 
     def latency_ms(self, rows: int, requests: int, seconds: float) -> List[float]:
-        return self._ask(case="latency", rows=rows, requests=requests, seconds=seconds)["samples"]
+        return self._ask(seconds, case="latency", rows=rows, requests=requests)["samples"]
 
     def throughput(self, rows: int, threads: int, seconds: float) -> Throughput:
-        return Throughput(**self._ask(case="throughput", rows=rows, threads=threads,
-                                      seconds=seconds))
+        return Throughput(**self._ask(seconds, case="throughput", rows=rows, threads=threads))
 
     def _ask_to_end(self) -> None:
         self._process.stdin.close()  # its loop ends with stdin
@@ -515,7 +556,9 @@ def _worker_main(args: argparse.Namespace) -> int:
 
         def rows_arrays(rows: int):
             if rows not in arrays:
-                arrays[rows] = request_arrays(examples[:rows], signature, args.signature)
+                arrays[rows] = request_arrays(examples[:rows],
+                                              signature.structured_input_signature[1],
+                                              args.signature)
             return arrays[rows]
 
         print(json.dumps({"cpus": sorted(os.sched_getaffinity(0))
@@ -564,11 +607,13 @@ class ServerProcess(_ChildProcess):
                     found.set()
 
         log = _LogTail(self._process.stderr, on_line, on_end=found.set)  # or the process ended
-        if not found.wait(start_timeout_s) or len(addresses) < 2:
+        try:
+            if not found.wait(start_timeout_s) or len(addresses) < 2:
+                raise RuntimeError("the server did not start:\n  " + log.text())
+        except BaseException:  # Ctrl-C while it loads, too
             self.stop()
-            raise RuntimeError("the server did not start:\n  " + log.text())
+            raise
         self.grpc_address, self.rest_url = addresses["gRPC"], addresses["REST"]
-
 
 
 def _models_config(directory: str, model: str, version_dir: str) -> str:
@@ -602,13 +647,12 @@ def _pair(samples) -> str:
     return f"{_p(samples, 50):7.2f} /{_p(samples, 99):7.2f}"
 
 
-def _server_batching_flags(parameters_file: str, num_batch_threads: Optional[int]):
-    """The server flags of the batched runs, and the options they stand for."""
+def _server_batching_flags(parameters_file: str, num_batch_threads: int):
+    """The server flags of the batched runs (the file's batching with `num_batch_threads`),
+    and the options they stand for."""
     from serving import batching
 
     options = batching.load_batching_parameters(parameters_file)
-    if num_batch_threads is None:
-        return ["--enable_batching", "--batching_parameters_file", parameters_file], options
     options = batching.BatchingOptions(
         max_batch_size=options.max_batch_size, batch_timeout_s=options.batch_timeout_s,
         num_batch_threads=num_batch_threads, max_enqueued_batches=options.max_enqueued_batches)
@@ -632,22 +676,41 @@ def run(args: argparse.Namespace) -> int:
         server_cpus, caller_cpus = split_cpus(args.server_cpus)
         batching_flags, options = _server_batching_flags(
             args.batching_parameters,
-            args.num_batch_threads or (len(server_cpus) if server_cpus else None))
+            args.num_batch_threads if args.num_batch_threads is not None
+            else len(server_cpus) if server_cpus else _usable_cpu_count())
         version_dir = resolve_model_dir(args.model_dir, args.home)
+        input_specs = _input_specs(version_dir, args.signature)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     with process_pinned_to(caller_cpus):
-        return _measure(args, version_dir, rows_cases, throughput_rows, concurrencies,
-                        batching_flags, options, server_cpus, caller_cpus)
+        return _measure(args, version_dir, input_specs, rows_cases, throughput_rows,
+                        concurrencies, batching_flags, options, server_cpus, caller_cpus)
+
+
+def _usable_cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _input_specs(version_dir: str, signature_name: str):
+    """The signature's inputs as its SignatureDef declares them: the callers need no model."""
+    from serving.servable import Signature, read_signature_defs
+
+    signature_defs = read_signature_defs(version_dir)
+    if signature_name not in signature_defs:
+        raise ValueError(f"{version_dir} has no signature {signature_name!r} (it has "
+                         f"{sorted(signature_defs)})")
+    return Signature.from_proto(signature_name, signature_defs[signature_name]).inputs
 
 
 def _cpus_text(cpus) -> str:
     return ",".join(str(cpu) for cpu in sorted(cpus))
 
 
-def _measure(args, version_dir, rows_cases, throughput_rows, concurrencies, batching_flags,
-             options, server_cpus, caller_cpus) -> int:
+def _measure(args, version_dir, input_specs, rows_cases, throughput_rows, concurrencies,
+             batching_flags, options, server_cpus, caller_cpus) -> int:
     import grpc
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -655,16 +718,14 @@ def _measure(args, version_dir, rows_cases, throughput_rows, concurrencies, batc
     from pipeline.config import MODEL_NAME
 
     started = time.perf_counter()
-    # The callers need the signature's inputs only; the model runs in the worker and servers.
-    signature = tf.saved_model.load(version_dir).signatures[args.signature]
     merged = {(rows, callers): min(callers, max(1, options.max_batch_size // rows)) * rows
               for rows in throughput_rows for callers in concurrencies}
     example_count = max(rows_cases + throughput_rows + list(merged.values()))
     examples = synthetic_examples(example_count, args.seed)
-    arrays = {rows: request_arrays(examples[:rows], signature, args.signature)
+    arrays = {rows: request_arrays(examples[:rows], input_specs, args.signature)
               for rows in set(rows_cases + throughput_rows)}
     if server_cpus is None:
-        cpus = (f"{os.cpu_count()} CPUs shared by callers, servers and the in-process limit "
+        cpus = (f"{_usable_cpu_count()} CPUs shared by callers, servers and the in-process limit "
                 "(no split)")
     else:
         cpus = (f"servers and in-process limit on CPU {_cpus_text(server_cpus)}, callers on "
@@ -730,10 +791,9 @@ def _measure(args, version_dir, rows_cases, throughput_rows, concurrencies, batc
                             ("REST" + mode, lambda url=server.rest_url, rows=rows: RestCaller(
                                 url, MODEL_NAME, args.signature, arrays[rows]))):
                         ways[name] = (lambda seconds, make_call=make_call, rows=rows,
-                                      callers=callers, pid=server.pid: measure_throughput(
-                                          make_call, callers, rows, seconds, cpu_clocks={
-                                              "server": lambda: process_cpu_seconds(pid),
-                                              "callers": time.process_time}))
+                                      callers=callers, clocks=cpu_clocks(server.pid):
+                                      measure_throughput(make_call, callers, rows, seconds,
+                                                         cpu_clocks=clocks))
                 names = list(ways)
                 for round_index in range(args.rounds):
                     shift = round_index % len(names)
@@ -766,8 +826,8 @@ def _measure(args, version_dir, rows_cases, throughput_rows, concurrencies, batc
             print(f"  {rows:>4}  {callers:>7}  " + "  ".join(
                 f"{_median(rates(column, rows, callers)):>18,.0f}" for column in columns))
     rows, callers = max(throughput_rows), max(concurrencies)
-    print(f"\nCPU ms per 100 rows, {rows}-row requests from {callers} callers (median of rounds; "
-          "callers: this process's gRPC or HTTP client)")
+    print(f"\nCPU ms per 100 rows in the {rows}-row, {callers}-caller cases (median of rounds; "
+          "callers: this process, i.e. its gRPC or HTTP client)")
     for column in columns:
         cases = throughput[(column, rows, callers)]
         print(f"  {column:<20}" + " + ".join(
