@@ -164,7 +164,7 @@ def tensor_from_json(value: Any, dtype: tf.DType, where: str) -> np.ndarray:
                     f"{where}: JSON Value: {_short(item)} found at incorrect level: {level + 1} "
                     f"in the JSON DOM. Expected at level: {len(shape)} (lists must be "
                     "rectangular)")
-            flat.append(_leaf(item, dtype, where))
+            flat.append(item)
             return
         if level >= len(shape):
             raise errors.invalid_argument(
@@ -177,12 +177,48 @@ def tensor_from_json(value: Any, dtype: tf.DType, where: str) -> np.ndarray:
             fill(element, level + 1)
 
     fill(value, 0)
-    if dtype == tf.string:
-        array = np.empty(len(flat), dtype=object)
-        array[:] = flat
-    else:
-        array = np.array(flat, dtype=dtype.as_numpy_dtype)
+    array = _whole_array(flat, dtype)
+    if array is None:  # some value needs a closer look: element by element, for the message
+        flat = [_leaf(item, dtype, where) for item in flat]
+        if dtype == tf.string:
+            array = np.empty(len(flat), dtype=object)
+            array[:] = flat
+        else:
+            array = np.array(flat, dtype=dtype.as_numpy_dtype)
     return array.reshape(shape)
+
+
+def _whole_array(flat: List[Any], dtype: tf.DType):
+    """`flat` as an array of `dtype` when every value is plainly acceptable, checked with
+    NumPy over the whole list (a raw request carries thousands of ids, and `_leaf` costs
+    microseconds each); None when any value may be refused or needs converting one by one."""
+    kinds = set(map(type, flat))
+    try:
+        if dtype == tf.string:
+            if kinds <= {str}:
+                array = np.empty(len(flat), dtype=object)
+                array[:] = [item.encode("utf-8") for item in flat]
+                return array
+            return None
+        if dtype == tf.bool:
+            return np.array(flat, dtype=bool) if kinds <= {bool} else None
+        if dtype.is_integer and kinds <= {int}:
+            wide = np.array(flat, dtype=np.int64)  # OverflowError beyond int64
+            if wide.size and (int(wide.min()) < dtype.min or int(wide.max()) > dtype.max):
+                return None
+            return wide.astype(dtype.as_numpy_dtype)
+        if dtype.is_floating and kinds <= {int, float}:
+            wide = np.array(flat, dtype=np.float64)  # OverflowError beyond float64
+            if dtype in (tf.float32, tf.float16, tf.bfloat16):
+                magnitude = np.abs(wide)
+                if np.any(np.isfinite(wide) & (magnitude > _FLOAT32_MAX)):
+                    return None
+                if int in kinds and np.any(magnitude > _FLOAT32_EXACT_INT):
+                    return None
+            return np.array(flat, dtype=dtype.as_numpy_dtype)
+    except OverflowError:
+        return None
+    return None
 
 
 def _is_named_object(value: Any) -> bool:
