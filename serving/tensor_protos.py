@@ -65,8 +65,6 @@ def fill_tensor_proto(target: tensor_pb2.TensorProto, array) -> None:
     target.CopyFrom(tf.make_tensor_proto(array))
 
 
-
-
 def make_ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
     """The numpy array a TensorProto holds (a copy, writable). Raises what
     `tf.make_ndarray` raises for a malformed proto."""
