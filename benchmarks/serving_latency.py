@@ -186,17 +186,12 @@ def synthetic_examples(count: int, seed: int) -> List[bytes]:
 
 def request_arrays(examples: Sequence[bytes], input_specs: Mapping[str, object],
                    signature_name: str):
-    """{input: numpy array} of `examples` for a signature with `input_specs` ({name: spec with
-    a `dtype`}: a concrete function's input signature or a SignatureDef's inputs)."""
-    import numpy as np
-
+    """{input: numpy array} of `examples` for a signature with `input_specs` (`_input_specs`)."""
     from serving import client, instances
 
     if signature_name == "serving_default":
         (name,) = input_specs
-        array = np.empty(len(examples), dtype=object)
-        array[:] = list(examples)
-        return {name: array}
+        return client.input_arrays(list(examples), input_name=name)
     rows = instances.raw_instances(examples)
     columns = {name: [row[name] for row in rows] for name in input_specs}
     return client.input_arrays(columns, dtypes={name: spec.dtype
@@ -551,14 +546,13 @@ def _worker_main(args: argparse.Namespace) -> int:
         retain_freed_memory()
         loaded = tf.saved_model.load(args.in_process_worker)
         signature = fast_signature_call(args.signature, loaded.signatures[args.signature])
+        input_specs = _input_specs(args.in_process_worker, args.signature)
         examples = synthetic_examples(args.in_process_examples, args.seed)
         arrays: Dict[int, object] = {}
 
         def rows_arrays(rows: int):
             if rows not in arrays:
-                arrays[rows] = request_arrays(examples[:rows],
-                                              signature.structured_input_signature[1],
-                                              args.signature)
+                arrays[rows] = request_arrays(examples[:rows], input_specs, args.signature)
             return arrays[rows]
 
         print(json.dumps({"cpus": sorted(os.sched_getaffinity(0))

@@ -180,12 +180,16 @@ def tensor_from_json(value: Any, dtype: tf.DType, where: str) -> np.ndarray:
     array = _whole_array(flat, dtype)
     if array is None:  # some value needs a closer look: element by element, for the message
         flat = [_leaf(item, dtype, where) for item in flat]
-        if dtype == tf.string:
-            array = np.empty(len(flat), dtype=object)
-            array[:] = flat
-        else:
-            array = np.array(flat, dtype=dtype.as_numpy_dtype)
+        array = (_object_array(flat) if dtype == tf.string
+                 else np.array(flat, dtype=dtype.as_numpy_dtype))
     return array.reshape(shape)
+
+
+def _object_array(items: List[Any]) -> np.ndarray:
+    """A 1-D object array of `items` (np.array would make nested lists a 2-D array)."""
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array
 
 
 def _whole_array(flat: List[Any], dtype: tf.DType):
@@ -196,9 +200,7 @@ def _whole_array(flat: List[Any], dtype: tf.DType):
     try:
         if dtype == tf.string:
             if kinds <= {str}:
-                array = np.empty(len(flat), dtype=object)
-                array[:] = [item.encode("utf-8") for item in flat]
-                return array
+                return _object_array([item.encode("utf-8") for item in flat])
             return None
         if dtype == tf.bool:
             return np.array(flat, dtype=bool) if kinds <= {bool} else None
@@ -328,9 +330,7 @@ def _json_from_array(array: np.ndarray, name: str) -> Any:
         return array.tolist()
     if array.ndim == 0:
         return flat[0]
-    holder = np.empty(len(flat), dtype=object)
-    holder[:] = flat
-    return holder.reshape(array.shape).tolist()
+    return _object_array(flat).reshape(array.shape).tolist()
 
 
 def predict_outputs_to_json(outputs: Mapping[str, np.ndarray], row_format: bool
