@@ -10,10 +10,11 @@ process on 127.0.0.1, once without and once with server-side batching
 (deploy/batching_parameters.txt), and measures on the same random raw tf.Examples:
 
 * latency: p50 / p99 of sequential 1-row and 100-row Predict calls over gRPC and REST,
-  beside the same call on the SavedModel loaded in this process (the limit; made the
-  way the server makes it, through `servable.fast_signature_call` and with malloc's
-  thresholds fixed by `serving/allocator.py`, so the gap is transport, TensorProto
-  conversion and batching, not a slower way of calling the model);
+  beside the same call on the SavedModel loaded in a process of its own (the limit; made
+  the way the server makes it, through `servable.SessionSignatures`, with malloc's
+  thresholds fixed by `serving/allocator.py` and the same TensorFlow thread pools, so the
+  gap is transport, TensorProto conversion and batching, not a slower way of calling the
+  model);
 * throughput: rows/s of 1-row and 100-row requests from 8 and 32 concurrent callers,
   beside the in-process call from as many threads, and "in-process batched": the model
   called on the rows of as many requests as server-side batching could merge
@@ -107,6 +108,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="CPUs of the servers and of the in-process limit; the callers get "
                              "the others (default: half of this process's CPUs; 0: no split, "
                              "everything shares every CPU)")
+    parser.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0,
+                        help="threads of one op, in the servers and the in-process limit alike "
+                             "(the server flag of the same name; default 0, TensorFlow's choice)")
+    parser.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0,
+                        help="ops run in parallel, in the servers and the in-process limit alike "
+                             "(default 0, TensorFlow's choice)")
     parser.add_argument("--seed", type=int, default=0)
     # The InProcessWorker's command line: the SavedModel and how many examples to make.
     parser.add_argument("--in-process-worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)
@@ -208,12 +215,10 @@ def _json_inputs(arrays) -> Dict[str, object]:
 
 # -- the callers --------------------------------------------------------------------------------
 
-def in_process_call(signature, arrays) -> Callable[[], object]:
-    import tensorflow as tf
-
+def in_process_call(runner, signature_name: str, arrays) -> Callable[[], object]:
+    """The model called as the server calls it: `runner` is a servable.SessionSignatures."""
     def call():
-        outputs = signature(**{name: tf.constant(array) for name, array in arrays.items()})
-        return {name: tensor.numpy() for name, tensor in outputs.items()}
+        return runner.run(signature_name, arrays)
     return call
 
 
@@ -459,8 +464,8 @@ class _ChildProcess:
 class InProcessWorker(_ChildProcess):
     """The in-process limit, in a process of its own on the servers' CPUs.
 
-    It loads the SavedModel as `run` did before the CPU split (malloc thresholds fixed, the
-    signature called through `fast_signature_call`, as the server calls it) and answers one
+    It loads the SavedModel as the server does (malloc thresholds fixed, thread pools sized by
+    the same flags, the signature run by `servable.SessionSignatures`) and answers one
     JSON line per case on stdin: {"case": "latency", "rows", "requests", "seconds"} ->
     {"samples": [ms, ...]}; {"case": "throughput", "rows", "threads", "seconds"} ->
     a Throughput as a dict.
@@ -471,11 +476,11 @@ class InProcessWorker(_ChildProcess):
     ANSWER_MARGIN_S = 60.0
 
     def __init__(self, version_dir: str, signature_name: str, examples: int, seed: int,
-                 cpus: Optional[FrozenSet[int]]):
+                 cpus: Optional[FrozenSet[int]], thread_pool_flags: Sequence[str] = ()):
         command = pinned_command(cpus, [
             sys.executable, "-m", "benchmarks.serving_latency", "--in-process-worker",
             version_dir, "--signature", signature_name, "--seed", str(seed),
-            "--in-process-examples", str(examples)])
+            "--in-process-examples", str(examples), *thread_pool_flags])
         self._process = subprocess.Popen(command, cwd=REPO_ROOT, stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          text=True)
@@ -536,16 +541,18 @@ class InProcessWorker(_ChildProcess):
 def _worker_main(args: argparse.Namespace) -> int:
     """The InProcessWorker's side: serves cases until stdin ends."""
     try:
-        import tensorflow as tf
-
         from serving.allocator import retain_freed_memory
-        from serving.servable import fast_signature_call
+        from serving.server import set_thread_pools
+        from serving.servable import SessionSignatures, read_signature_defs
 
-        # The server fixes malloc's thresholds (serving/allocator.py); the in-process limit
-        # runs the same way, or it would not be the limit.
+        # The server fixes malloc's thresholds (serving/allocator.py) and sizes TensorFlow's
+        # thread pools by its flags; the in-process limit runs the same way, or it would not
+        # be the limit.
         retain_freed_memory()
-        loaded = tf.saved_model.load(args.in_process_worker)
-        signature = fast_signature_call(args.signature, loaded.signatures[args.signature])
+        set_thread_pools(args.tensorflow_intra_op_parallelism,
+                         args.tensorflow_inter_op_parallelism)
+        runner = SessionSignatures(args.in_process_worker,
+                                   read_signature_defs(args.in_process_worker))
         input_specs = _input_specs(args.in_process_worker, args.signature)
         examples = synthetic_examples(args.in_process_examples, args.seed)
         arrays: Dict[int, object] = {}
@@ -563,7 +570,7 @@ def _worker_main(args: argparse.Namespace) -> int:
     for line in sys.stdin:
         try:
             case = json.loads(line)
-            call = in_process_call(signature, rows_arrays(case["rows"]))
+            call = in_process_call(runner, args.signature, rows_arrays(case["rows"]))
             if case["case"] == "latency":
                 answer = {"samples": latency_ms(call, case["requests"], case["seconds"])}
             else:
@@ -639,6 +646,12 @@ def _median(values) -> float:
 
 def _pair(samples) -> str:
     return f"{_p(samples, 50):7.2f} /{_p(samples, 99):7.2f}"
+
+
+def _thread_pool_flags(args: argparse.Namespace) -> List[str]:
+    """TensorFlow's thread pool sizes as flags both the server and the worker accept."""
+    return ["--tensorflow-intra-op-parallelism", str(args.tensorflow_intra_op_parallelism),
+            "--tensorflow-inter-op-parallelism", str(args.tensorflow_inter_op_parallelism)]
 
 
 def _server_batching_flags(parameters_file: str, num_batch_threads: int):
@@ -726,7 +739,8 @@ def _measure(args, version_dir, input_specs, rows_cases, throughput_rows, concur
                 f"CPU {_cpus_text(caller_cpus)}")
     print(f"Serving benchmark: {version_dir}\n  signature {args.signature}, loopback 127.0.0.1, "
           f"{cpus} (load average {os.getloadavg()[0]:.1f} at start), TensorFlow "
-          f"{tf.__version__}\n"
+          f"{tf.__version__}, intra-op threads {args.tensorflow_intra_op_parallelism}, "
+          f"inter-op threads {args.tensorflow_inter_op_parallelism} (0: TensorFlow's choice)\n"
           f"  batching: max_batch_size {options.max_batch_size}, timeout "
           f"{options.batch_timeout_s * 1e3:g} ms, {options.num_batch_threads} batch "
           f"thread{'s' if options.num_batch_threads > 1 else ''}, from "
@@ -740,10 +754,11 @@ def _measure(args, version_dir, input_specs, rows_cases, throughput_rows, concur
     with tempfile.TemporaryDirectory(prefix="serving_bench_") as scratch, \
             contextlib.ExitStack() as stack:
         models_config = _models_config(scratch, MODEL_NAME, version_dir)
+        thread_pool_flags = _thread_pool_flags(args)
         worker = stack.enter_context(InProcessWorker(version_dir, args.signature, example_count,
-                                                     args.seed, server_cpus))
-        servers = {mode: stack.enter_context(ServerProcess(models_config, flags,
-                                                           cpus=server_cpus))
+                                                     args.seed, server_cpus, thread_pool_flags))
+        servers = {mode: stack.enter_context(ServerProcess(
+                       models_config, [*thread_pool_flags, *flags], cpus=server_cpus))
                    for mode, flags in (("", []), ("+batching", batching_flags))}
         stubs = {mode: prediction_service_pb2_grpc.PredictionServiceStub(
                      stack.enter_context(grpc.insecure_channel(server.grpc_address)))

@@ -41,7 +41,7 @@ from serving.manager import ModelManager
 from serving.rest import RestApiHandler, RestServer
 
 __all__ = ["ServerOptions", "ModelServer", "start_server", "start_in_background", "serve", "main",
-           "build_arg_parser", "add_arguments", "batching_options", "run"]
+           "build_arg_parser", "add_arguments", "batching_options", "set_thread_pools", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def batching_options(args: argparse.Namespace) -> Optional[BatchingOptions]:
     return BatchingOptions(**values)
 
 
-def _set_thread_pools(intra_op: int, inter_op: int) -> None:
+def set_thread_pools(intra_op: int, inter_op: int) -> None:
     """Sizes TensorFlow's thread pools (0 keeps its default); only possible before the
     runtime starts, i.e. before any model is loaded in this process."""
     if intra_op < 0 or inter_op < 0:
@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.retain_freed_memory:
             allocator.retain_freed_memory()
-        _set_thread_pools(args.tensorflow_intra_op_parallelism,
+        set_thread_pools(args.tensorflow_intra_op_parallelism,
                           args.tensorflow_inter_op_parallelism)
         serve(
             model_base=None if args.model_config_file else args.model_base_path,

@@ -12,6 +12,7 @@ from tfx.components.trainer.fn_args_utils import FnArgs
 import feature_specs as fs
 import raw_examples as rx
 from models import export, model, trainer
+from serving import servable
 
 # Tiny dimensions so every variant trains and exports in seconds on 2 CPU cores.
 TINY = dict(embedding_dim=4, mlp_units=(16,), expert_units=(8,), tower_units=(4,), num_heads=2, head_dim=4,
@@ -88,7 +89,12 @@ def test_variant_trains_and_serves_the_same_after_export(case, data, export_root
     examples = tf.constant(rx.serialize_all(rows, drop=LABELS_AND_SLICES))
     from_examples = _numpy(loaded.signatures[export.SERVING_DEFAULT](examples=examples))
     from_raw = _numpy(loaded.signatures[export.SERVING_RAW](**rx.raw_tensors(rows)))
-    for served in (from_examples, from_raw):
+    # And as the model server runs it: a Session over the serve MetaGraphDef.
+    export_dir = os.path.join(export_root, "_".join(case))
+    session = servable.SessionSignatures(export_dir, servable.read_signature_defs(export_dir))
+    by_session = session.run(export.SERVING_DEFAULT, {export.EXAMPLES_INPUT: examples.numpy()})
+    raw_by_session = session.run(export.SERVING_RAW, _numpy(rx.raw_tensors(rows)))
+    for served in (from_examples, from_raw, by_session, raw_by_session):
         assert set(served) == TASK_NAMES
         for name in TASK_NAMES:
             assert served[name].shape == (40,) and served[name].dtype == np.float32

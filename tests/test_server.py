@@ -659,6 +659,23 @@ def test_serving_benchmark_gives_callers_and_servers_their_own_cpus():
         release.set()
 
 
+def test_serving_benchmark_sizes_the_servers_thread_pools_as_the_limits():
+    """The bench's thread pool flags mean the same to the server as to its in-process worker."""
+    import argparse
+
+    from benchmarks import serving_latency
+
+    bench = serving_latency.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--tensorflow-intra-op-parallelism", "1", "--tensorflow-inter-op-parallelism", "2"])
+    flags = serving_latency._thread_pool_flags(bench)
+    served = server_lib.build_arg_parser().parse_args(flags)
+    worker = serving_latency.add_arguments(argparse.ArgumentParser()).parse_args(flags)
+    for args in (served, worker):
+        assert (args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism) == (1, 2)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        server_lib.set_thread_pools(-1, 0)
+
+
 @pytest.mark.slow
 def test_serving_benchmark_runs_end_to_end(tmp_path, capsys):
     """benchmarks/serving_latency.py on a stub ranking model, with tiny bounds."""
@@ -667,7 +684,7 @@ def test_serving_benchmark_runs_end_to_end(tmp_path, capsys):
     model_dir = testing.export_ranking_stub_model(str(tmp_path / "stub"))
     assert serving_latency.main(["--model-dir", model_dir, "--rows", "1,3", "--throughput-rows",
                                  "2", "--concurrency", "2", "--requests", "3", "--seconds",
-                                 "0.2"]) == 0
+                                 "0.2", "--tensorflow-intra-op-parallelism", "1"]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"gRPC single-row p50 overhead vs in-process: -?\d+\.\d+ ms", printed)
     assert re.search(r"batched throughput vs in-process batched: \d+%", printed)

@@ -1,14 +1,13 @@
-"""TensorProto conversion (serving/tensor_protos.py) and the server's direct signature call
+"""TensorProto conversion (serving/tensor_protos.py) and the server's Session signatures
 agree with TensorFlow's own functions on every path, fast or not."""
 
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
+from tensorflow.core.protobuf import saved_model_pb2
 
 from serving import servable as servable_lib
 from serving import tensor_protos, testing
@@ -83,25 +82,30 @@ def test_content_of_the_wrong_length_is_refused():
         tensor_protos.make_ndarray(proto)
 
 
-def test_direct_signature_call_equals_the_loaded_signature_and_shares_its_state(tmp_path):
+def test_session_signatures_equal_the_loaded_functions_and_share_their_state(tmp_path):
     export_dir = testing.export_scaled_model(str(tmp_path / "model"), scale=3)
+    signature_defs = servable_lib.read_signature_defs(export_dir)
+    session = servable_lib.SessionSignatures(export_dir, signature_defs)
+    # The init op's SignatureDef is in the file (and in GetModelMetadata), not a signature.
+    assert "__saved_model_init_op" in signature_defs
+    assert session.names == ["calls", "serving_default"]
+    x = np.array([1.0, 2.0], dtype=np.float32)
     loaded = tf.saved_model.load(export_dir)
-    predict = servable_lib.fast_signature_call("serving_default",
-                                               loaded.signatures["serving_default"])
-    assert predict is not loaded.signatures["serving_default"]
-    calls = loaded.signatures["calls"]
-    before = int(calls()["calls"].numpy())
-    x = tf.constant([1.0, 2.0], dtype=tf.float32)
-    np.testing.assert_array_equal(predict(x=x)["y"].numpy(), [3.0, 6.0])
-    # The traced call updates the loaded model's own variables, as the loaded call does.
-    assert int(calls()["calls"].numpy()) == before + 1
-    np.testing.assert_array_equal(loaded.signatures["serving_default"](x=x)["y"].numpy(),
-                                  [3.0, 6.0])
+    np.testing.assert_array_equal(
+        session.run("serving_default", {"x": x})["y"],
+        loaded.signatures["serving_default"](x=tf.constant(x))["y"].numpy())
+    # Both signatures run in one Session: a call is counted by the model's own variable.
+    before = int(session.run("calls", {})["calls"])
+    session.run("serving_default", {"x": x})
+    assert int(session.run("calls", {})["calls"]) == before + 1
 
-def test_a_signature_that_cannot_be_traced_is_called_as_loaded(caplog):
-    def untraceable(**inputs):
-        return inputs
 
-    with caplog.at_level(logging.WARNING, logger=servable_lib.__name__):
-        assert servable_lib.fast_signature_call("odd", untraceable) is untraceable
-    assert "signature 'odd' is called as loaded" in caplog.text
+def test_a_signature_naming_a_missing_tensor_is_refused_by_name(tmp_path):
+    export_dir = testing.export_scaled_model(str(tmp_path / "model"), scale=3)
+    saved_model = saved_model_pb2.SavedModel()
+    path = tmp_path / "model" / "saved_model.pb"
+    saved_model.ParseFromString(path.read_bytes())
+    saved_model.meta_graphs[0].signature_def["serving_default"].outputs["y"].name = "nowhere:0"
+    path.write_bytes(saved_model.SerializeToString())
+    with pytest.raises(ValueError, match="signature 'serving_default' names a tensor"):
+        servable_lib.SessionSignatures(export_dir, servable_lib.read_signature_defs(export_dir))
