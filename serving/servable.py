@@ -1,9 +1,9 @@
 """One loaded SavedModel version and the Predict / Classify / Regress calls on it.
 
-A version is run as tensorflow_model_server runs it: the `serve` MetaGraphDef is loaded into a
-TF1 Session (`tf.compat.v1.saved_model.load`, which restores the variables and runs the init
-op, e.g. tf.Transform's vocabulary tables), and each signature is a Session callable feeding
-and fetching the tensors its SignatureDef names. Against `tf.saved_model.load`'s functions
+A version runs in a TF1 Session, as in tensorflow_model_server: the `serve` MetaGraphDef is
+loaded by `tf.compat.v1.saved_model.load` (which restores the variables and runs the init op,
+e.g. tf.Transform's vocabulary tables), and each signature is a Session callable made once at
+load (Session::MakeCallable) that feeds and fetches the tensors its SignatureDef names. Against `tf.saved_model.load`'s functions
 this skips the per-call Python of an eager function call (structure flattening, tensor
 conversion, variable handle lookups). Measured on the demo's ranking model, in one process
 pinned to one CPU (a one-off script; medians of 5 rounds): 1 row 0.72 -> 0.45 ms per call,
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -38,8 +39,11 @@ from serving.errors import ServingError
 __all__ = [
     "PREDICT_METHOD", "CLASSIFY_METHOD", "REGRESS_METHOD", "DEFAULT_SIGNATURE",
     "TensorSpec", "Signature", "SavedModelServable", "SessionSignatures", "read_signature_defs",
-    "serialize_input_examples", "array_from_tensor_proto", "shape_string",
+    "read_serve_meta_graph", "serialize_input_examples", "array_from_tensor_proto",
+    "shape_string",
 ]
+
+logger = logging.getLogger(__name__)
 
 PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
@@ -120,6 +124,12 @@ def read_signature_defs(export_dir: str) -> Dict[str, meta_graph_pb2.SignatureDe
 
     Raises ValueError saying what is wrong with the export.
     """
+    return dict(read_serve_meta_graph(export_dir).signature_def)
+
+
+def read_serve_meta_graph(export_dir: str) -> meta_graph_pb2.MetaGraphDef:
+    """The MetaGraphDef tagged exactly `serve`, else the first whose tags include it (as
+    tensorflow_model_server picks it). Raises ValueError saying what is wrong."""
     binary = os.path.join(export_dir, "saved_model.pb")
     text = os.path.join(export_dir, "saved_model.pbtxt")
     saved_model = saved_model_pb2.SavedModel()
@@ -144,7 +154,7 @@ def read_signature_defs(export_dir: str) -> Dict[str, meta_graph_pb2.SignatureDe
         raise ValueError(
             f"the SavedModel in {export_dir} has no MetaGraphDef tagged '{SERVE_TAG}' "
             f"(tag sets: {tag_sets})")
-    return dict(chosen.signature_def)
+    return chosen
 
 
 def serialize_input_examples(model_input: input_pb2.Input) -> List[bytes]:
@@ -191,67 +201,115 @@ class SessionSignatures:
     """The `serve` MetaGraphDef of a SavedModel in a Session, its signatures as callables.
 
     `run(name, inputs)` feeds {input alias: numpy array} and returns {output alias: numpy
-    array}; it is safe to call from many threads at once. Signatures share the Session, so
-    they share the model's variables and tables. The Session is closed when the object is
-    garbage collected, i.e. after the last request still holding it has finished (a version
-    is unloaded while requests may be running on it).
+    array}; the inputs must already match the SignatureDef (SavedModelServable.run checks
+    names, dtypes and shapes: the callable does not). It is safe to call from many threads
+    at once. Signatures share the Session, so they share the model's variables and tables.
+    The Session is closed when the object is garbage collected, i.e. after the last request
+    still holding it has finished (a version is unloaded while requests may be running on it).
+
+    A signature that cannot be run (a sparse tensor, a tensor the graph lacks, no outputs) is
+    left out of `names` and its reason kept in `unusable`; the others are served, as
+    tensorflow_model_server serves a model whose one signature fails.
     """
 
     def __init__(self, export_dir: str,
-                 signature_defs: Mapping[str, meta_graph_pb2.SignatureDef]):
+                 signature_defs: Mapping[str, meta_graph_pb2.SignatureDef],
+                 tags: Sequence[str] = (SERVE_TAG,)):
         graph = tf.Graph()
         # No config: the Session takes tf.config's, e.g. the server's thread pool flags.
         self._session = tf.compat.v1.Session(graph=graph)
+        self._calls = {}
+        self.unusable: Dict[str, str] = {}
         try:
-            with graph.as_default(), _v1_loader_quietly():
-                tf.compat.v1.saved_model.load(self._session, [SERVE_TAG], export_dir)
-            self._calls = {name: self._callable(name, signature_def)
-                           for name, signature_def in signature_defs.items()
-                           if not name.startswith(_RESERVED_SIGNATURE_PREFIX)}
+            with graph.as_default(), _without_v1_loader_deprecation():
+                tf.compat.v1.saved_model.load(self._session, list(tags), export_dir)
+            for name, signature_def in signature_defs.items():
+                if name.startswith(_RESERVED_SIGNATURE_PREFIX):
+                    continue
+                try:
+                    self._calls[name] = self._callable(name, signature_def)
+                except (ValueError, TypeError, tf.errors.OpError) as error:
+                    reason = getattr(error, "message", None) or str(error)
+                    self.unusable[name] = reason.strip().splitlines()[0]
+                    logger.warning("%s: signature '%s' cannot be run and is not served: %s",
+                                   export_dir, name, self.unusable[name])
         except BaseException:
             self._session.close()
             raise
 
     def _callable(self, name: str, signature_def: meta_graph_pb2.SignatureDef):
-        inputs, outputs = sorted(signature_def.inputs), sorted(signature_def.outputs)
+        """(input aliases, [(output alias, fetch index or the input alias it passes
+        through)], callable) of one signature."""
         for kind, infos in (("input", signature_def.inputs), ("output", signature_def.outputs)):
             for alias, info in infos.items():
                 if not info.name:  # a sparse or composite TensorInfo
-                    raise ValueError(f"signature '{name}' {kind} '{alias}' is not a dense "
-                                     "tensor; only dense tensors are served")
+                    raise ValueError(f"{kind} '{alias}' is not a dense tensor; only dense "
+                                     "tensors are served")
                 try:
                     self._session.graph.as_graph_element(info.name)
                 except (KeyError, ValueError, TypeError) as error:
-                    raise ValueError(f"signature '{name}' names a tensor the graph does not "
+                    raise ValueError(f"{kind} '{alias}' names a tensor the graph does not "
                                      f"have: {error}") from error
-        options = config_pb2.CallableOptions(
-            feed=[signature_def.inputs[alias].name for alias in inputs],
-            fetch=[signature_def.outputs[alias].name for alias in outputs])
+        if not signature_def.outputs:
+            raise ValueError("it has no outputs")
+        inputs = sorted(signature_def.inputs)
+        fed = {signature_def.inputs[alias].name: alias for alias in inputs}
+        if len(fed) < len(inputs):
+            raise ValueError("two of its inputs are the same tensor")
+        # An output that is also an input (a TF1 pass-through) is answered with the input:
+        # a Session cannot both feed and fetch a tensor.
+        fetch, outputs = [], []
+        for alias in sorted(signature_def.outputs):
+            tensor_name = signature_def.outputs[alias].name
+            if tensor_name in fed:
+                outputs.append((alias, fed[tensor_name]))
+            else:
+                if tensor_name not in fetch:
+                    fetch.append(tensor_name)
+                outputs.append((alias, fetch.index(tensor_name)))
+        feed = [signature_def.inputs[alias].name for alias in inputs]
         # Session::MakeCallable, as tf_keras' graph functions use it: feeds and fetches are
         # resolved once, not on every call as Session.run and make_callable with feeds do.
-        return inputs, outputs, self._session._make_callable_from_options(options)
+        make = getattr(self._session, "_make_callable_from_options", None)
+        if not fetch:  # every output passes an input through: nothing to run
+            call = None
+        elif make is None:
+            call = self._session.make_callable(fetch, feed_list=feed)
+        else:
+            call = make(config_pb2.CallableOptions(feed=feed, fetch=fetch))
+        return inputs, outputs, call
 
     @property
     def names(self) -> List[str]:
         return sorted(self._calls)
 
     def run(self, name: str, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        input_aliases, output_aliases, call = self._calls[name]
-        values = call(*[inputs[alias] for alias in input_aliases])
-        return {alias: np.asarray(value) for alias, value in zip(output_aliases, values)}
+        input_aliases, outputs, call = self._calls[name]
+        fetched = call(*[inputs[alias] for alias in input_aliases]) if call else ()
+        return {alias: np.asarray(inputs[source] if isinstance(source, str) else fetched[source])
+                for alias, source in outputs}
 
 
 _RESERVED_SIGNATURE_PREFIX = "__saved_model_"  # the init op's SignatureDef, not a signature
 
 
-@contextlib.contextmanager
-def _v1_loader_quietly():
-    """Without the v1 loader's deprecation warning, which would tell operators to use
-    tf.saved_model.load: the Session is what tensorflow_model_server uses, on purpose."""
-    from tensorflow.python.util import deprecation  # no public switch for the warning
+class _DeprecationFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.pathname.endswith("deprecation.py")
 
-    with deprecation.silence():
+
+@contextlib.contextmanager
+def _without_v1_loader_deprecation():
+    """Drops the v1 loader's deprecation warning, which would tell operators to use
+    tf.saved_model.load: the Session is what tensorflow_model_server uses, on purpose.
+    (TensorFlow warns once per function, so the one warning is simply not printed.)"""
+    log_filter = _DeprecationFilter()
+    tf_logger = tf.get_logger()
+    tf_logger.addFilter(log_filter)
+    try:
         yield
+    finally:
+        tf_logger.removeFilter(log_filter)
 
 
 def _tf_error(error: tf.errors.OpError, what: str) -> ServingError:
@@ -285,11 +343,14 @@ class SavedModelServable:
     def load(cls, model_name: str, version: int, export_dir: str,
              batching: Optional[BatchingOptions] = None) -> "SavedModelServable":
         """Loads a SavedModel; raises ValueError (or TensorFlow's error) saying why not."""
-        signature_defs = read_signature_defs(export_dir)
-        if all(name.startswith(_RESERVED_SIGNATURE_PREFIX) for name in signature_defs):
-            raise ValueError(f"the SavedModel in {export_dir} has no serving signatures "
-                             f"(SignatureDefs: {sorted(signature_defs)})")
-        runner = SessionSignatures(export_dir, signature_defs)
+        meta_graph = read_serve_meta_graph(export_dir)
+        signature_defs = dict(meta_graph.signature_def)
+        runner = SessionSignatures(export_dir, signature_defs, meta_graph.meta_info_def.tags)
+        if not runner.names:
+            reasons = "; ".join(f"{name}: {reason}" for name, reason in runner.unusable.items())
+            raise ValueError(f"the SavedModel in {export_dir} has no serving signatures that can "
+                             f"be run (SignatureDefs: {sorted(signature_defs)}"
+                             f"{'; ' + reasons if reasons else ''})")
         return cls(model_name, version, export_dir, signature_defs, runner, batching=batching)
 
     def close(self) -> None:
@@ -304,9 +365,18 @@ class SavedModelServable:
         try:
             return self.signatures[name]
         except KeyError:
+            self._refuse_unusable(name)
             raise errors.failed_precondition(
                 f"Serving signature key \"{name}\" not found. Model {self.model_name} version "
                 f"{self.version} has signatures: {sorted(self.signatures)}") from None
+
+    def _refuse_unusable(self, name: str) -> None:
+        """INVALID_ARGUMENT with the reason if `name` is a SignatureDef that cannot be run."""
+        reason = self._runner.unusable.get(name)
+        if reason is not None:
+            raise errors.invalid_argument(
+                f"signature '{name}' of model {self.model_name} version {self.version} cannot "
+                f"be run: {reason}")
 
     def _check_input_names(self, signature: Signature, names: Iterable[str]) -> None:
         names = set(names)
@@ -385,6 +455,7 @@ class SavedModelServable:
     def _typed_signature(self, signature_name: str, method: str, kind: str) -> Signature:
         name = signature_name or DEFAULT_SIGNATURE
         if name not in self.signatures:
+            self._refuse_unusable(name)
             raise errors.invalid_argument(
                 f"No signature was found with the name: {name}. Model {self.model_name} version "
                 f"{self.version} has signatures: {sorted(self.signatures)}")

@@ -1,7 +1,10 @@
-"""TensorProto conversion (serving/tensor_protos.py) and the server's Session signatures
-agree with TensorFlow's own functions on every path, fast or not."""
+"""TensorProto conversion (serving/tensor_protos.py) agrees with TensorFlow's own functions on
+every path, fast or not; the server's Session signatures agree with the loaded SavedModel's."""
 
 from __future__ import annotations
+
+import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 
 from serving import servable as servable_lib
-from serving import tensor_protos, testing
+from serving import errors, tensor_protos, testing
 
 ARRAYS = {
     "float32 matrix": np.arange(6, dtype=np.float32).reshape(2, 3) / 7,
@@ -100,12 +103,63 @@ def test_session_signatures_equal_the_loaded_functions_and_share_their_state(tmp
     assert int(session.run("calls", {})["calls"]) == before + 1
 
 
-def test_a_signature_naming_a_missing_tensor_is_refused_by_name(tmp_path):
+def test_a_signature_naming_a_missing_tensor_is_left_out_with_its_reason(tmp_path, caplog):
     export_dir = testing.export_scaled_model(str(tmp_path / "model"), scale=3)
     saved_model = saved_model_pb2.SavedModel()
     path = tmp_path / "model" / "saved_model.pb"
     saved_model.ParseFromString(path.read_bytes())
     saved_model.meta_graphs[0].signature_def["serving_default"].outputs["y"].name = "nowhere:0"
     path.write_bytes(saved_model.SerializeToString())
-    with pytest.raises(ValueError, match="signature 'serving_default' names a tensor"):
+    with caplog.at_level(logging.WARNING, logger=servable_lib.__name__):
+        session = servable_lib.SessionSignatures(export_dir,
+                                                 servable_lib.read_signature_defs(export_dir))
+    assert session.names == ["calls"]  # the other signature is still served
+    assert session.unusable["serving_default"].startswith(
+        "output 'y' names a tensor the graph does not have")
+    assert "signature 'serving_default' cannot be run and is not served" in caplog.text
+
+    # A load that fails inside TensorFlow's loader leaves TensorFlow's logging as it was.
+    filters = list(tf.get_logger().filters)
+    shutil.rmtree(tmp_path / "model" / "variables")
+    with pytest.raises(Exception):
         servable_lib.SessionSignatures(export_dir, servable_lib.read_signature_defs(export_dir))
+    assert tf.get_logger().filters == filters
+
+
+def _export_tf1_model(export_dir: str, with_dense_signature: bool = True) -> str:
+    """A TF1 SavedModel: serving_default(x) -> {y: 2x, x: x passed through}, and a signature
+    with a sparse input, which a Session callable cannot feed."""
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        x = v1.placeholder(tf.float32, [None], name="x")
+        ids = v1.sparse.placeholder(tf.int64, name="ids")
+        signatures = {"sparse": v1.saved_model.build_signature_def(
+            inputs={"ids": v1.saved_model.build_tensor_info(ids)},
+            outputs={"total": v1.saved_model.build_tensor_info(tf.sparse.reduce_sum(ids))},
+            method_name=servable_lib.PREDICT_METHOD)}
+        if with_dense_signature:
+            signatures["serving_default"] = v1.saved_model.predict_signature_def(
+                {"x": x}, {"y": 2.0 * x, "x": x})
+        with v1.Session(graph=graph) as session:
+            builder = v1.saved_model.Builder(export_dir)
+            builder.add_meta_graph_and_variables(session, [tf.saved_model.SERVING],
+                                                 signature_def_map=signatures)
+            builder.save()
+    return export_dir
+
+
+def test_a_signature_that_cannot_be_run_is_refused_alone_and_pass_throughs_are_answered(
+        tmp_path):
+    export_dir = _export_tf1_model(str(tmp_path / "model"))
+    served = servable_lib.SavedModelServable.load("m", 1, export_dir)
+    outputs = served.run("serving_default", {"x": np.array([1.5, -2.0], dtype=np.float32)})
+    np.testing.assert_array_equal(outputs["y"], [3.0, -4.0])
+    np.testing.assert_array_equal(outputs["x"], [1.5, -2.0])  # fed and fetched: the input
+    with pytest.raises(errors.ServingError, match="signature 'sparse' of model m version 1 "
+                                                  "cannot be run: input 'ids' is not a dense"):
+        served.signature("sparse")
+    assert "sparse" in served.signature_defs  # still reported by GetModelMetadata
+    with pytest.raises(ValueError, match="no serving signatures that can be run.*sparse: input"):
+        servable_lib.SavedModelServable.load(
+            "m", 2, _export_tf1_model(str(tmp_path / "sparse_only"), with_dense_signature=False))
