@@ -543,7 +543,7 @@ def _worker_main(args: argparse.Namespace) -> int:
     try:
         from serving.allocator import retain_freed_memory
         from serving.server import set_thread_pools
-        from serving.servable import SessionSignatures, read_signature_defs
+        from serving.servable import SessionSignatures, read_serve_meta_graph
 
         # The server fixes malloc's thresholds (serving/allocator.py) and sizes TensorFlow's
         # thread pools by its flags; the in-process limit runs the same way, or it would not
@@ -552,7 +552,7 @@ def _worker_main(args: argparse.Namespace) -> int:
         set_thread_pools(args.tensorflow_intra_op_parallelism,
                          args.tensorflow_inter_op_parallelism)
         runner = SessionSignatures(args.in_process_worker,
-                                   read_signature_defs(args.in_process_worker))
+                                   read_serve_meta_graph(args.in_process_worker))
         input_specs = _input_specs(args.in_process_worker, args.signature)
         examples = synthetic_examples(args.in_process_examples, args.seed)
         arrays: Dict[int, object] = {}

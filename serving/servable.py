@@ -3,11 +3,11 @@
 A version runs in a TF1 Session, as in tensorflow_model_server: the `serve` MetaGraphDef is
 loaded by `tf.compat.v1.saved_model.load` (which restores the variables and runs the init op,
 e.g. tf.Transform's vocabulary tables), and each signature is a Session callable made once at
-load (Session::MakeCallable) that feeds and fetches the tensors its SignatureDef names. Against `tf.saved_model.load`'s functions
-this skips the per-call Python of an eager function call (structure flattening, tensor
-conversion, variable handle lookups). Measured on the demo's ranking model, in one process
-pinned to one CPU (a one-off script; medians of 5 rounds): 1 row 0.72 -> 0.45 ms per call,
-100 rows 2.67 -> 2.34 ms, 1,024 rows 17.4 -> 15.6 ms.
+load (Session::MakeCallable) that feeds and fetches the tensors its SignatureDef names.
+Against `tf.saved_model.load`'s functions this skips the per-call Python of an eager function
+call (structure flattening, tensor conversion, variable handle lookups). Measured on the demo's
+ranking model, in one process pinned to one CPU (a one-off script; medians of 5 rounds): 1 row
+0.72 -> 0.45 ms per call, 100 rows 2.67 -> 2.34 ms, 1,024 rows 17.4 -> 15.6 ms.
 Requests are validated against the SignatureDef before anything runs, so a wrong input name,
 dtype or shape is an INVALID_ARGUMENT naming the input, not a TensorFlow stack trace.
 
@@ -212,9 +212,8 @@ class SessionSignatures:
     tensorflow_model_server serves a model whose one signature fails.
     """
 
-    def __init__(self, export_dir: str,
-                 signature_defs: Mapping[str, meta_graph_pb2.SignatureDef],
-                 tags: Sequence[str] = (SERVE_TAG,)):
+    def __init__(self, export_dir: str, meta_graph: meta_graph_pb2.MetaGraphDef):
+        """`meta_graph`: the export's `serve` MetaGraphDef (read_serve_meta_graph)."""
         graph = tf.Graph()
         # No config: the Session takes tf.config's, e.g. the server's thread pool flags.
         self._session = tf.compat.v1.Session(graph=graph)
@@ -222,8 +221,9 @@ class SessionSignatures:
         self.unusable: Dict[str, str] = {}
         try:
             with graph.as_default(), _without_v1_loader_deprecation():
-                tf.compat.v1.saved_model.load(self._session, list(tags), export_dir)
-            for name, signature_def in signature_defs.items():
+                tf.compat.v1.saved_model.load(self._session, list(meta_graph.meta_info_def.tags),
+                                              export_dir)
+            for name, signature_def in meta_graph.signature_def.items():
                 if name.startswith(_RESERVED_SIGNATURE_PREFIX):
                     continue
                 try:
@@ -345,7 +345,7 @@ class SavedModelServable:
         """Loads a SavedModel; raises ValueError (or TensorFlow's error) saying why not."""
         meta_graph = read_serve_meta_graph(export_dir)
         signature_defs = dict(meta_graph.signature_def)
-        runner = SessionSignatures(export_dir, signature_defs, meta_graph.meta_info_def.tags)
+        runner = SessionSignatures(export_dir, meta_graph)
         if not runner.names:
             reasons = "; ".join(f"{name}: {reason}" for name, reason in runner.unusable.items())
             raise ValueError(f"the SavedModel in {export_dir} has no serving signatures that can "

@@ -91,7 +91,7 @@ def test_variant_trains_and_serves_the_same_after_export(case, data, export_root
     from_raw = _numpy(loaded.signatures[export.SERVING_RAW](**rx.raw_tensors(rows)))
     # And as the model server runs it: a Session over the serve MetaGraphDef.
     export_dir = os.path.join(export_root, "_".join(case))
-    session = servable.SessionSignatures(export_dir, servable.read_signature_defs(export_dir))
+    session = servable.SessionSignatures(export_dir, servable.read_serve_meta_graph(export_dir))
     by_session = session.run(export.SERVING_DEFAULT, {export.EXAMPLES_INPUT: examples.numpy()})
     raw_by_session = session.run(export.SERVING_RAW, _numpy(rx.raw_tensors(rows)))
     for served in (from_examples, from_raw, by_session, raw_by_session):

@@ -87,10 +87,10 @@ def test_content_of_the_wrong_length_is_refused():
 
 def test_session_signatures_equal_the_loaded_functions_and_share_their_state(tmp_path):
     export_dir = testing.export_scaled_model(str(tmp_path / "model"), scale=3)
-    signature_defs = servable_lib.read_signature_defs(export_dir)
-    session = servable_lib.SessionSignatures(export_dir, signature_defs)
+    meta_graph = servable_lib.read_serve_meta_graph(export_dir)
+    session = servable_lib.SessionSignatures(export_dir, meta_graph)
     # The init op's SignatureDef is in the file (and in GetModelMetadata), not a signature.
-    assert "__saved_model_init_op" in signature_defs
+    assert "__saved_model_init_op" in meta_graph.signature_def
     assert session.names == ["calls", "serving_default"]
     x = np.array([1.0, 2.0], dtype=np.float32)
     loaded = tf.saved_model.load(export_dir)
@@ -112,7 +112,7 @@ def test_a_signature_naming_a_missing_tensor_is_left_out_with_its_reason(tmp_pat
     path.write_bytes(saved_model.SerializeToString())
     with caplog.at_level(logging.WARNING, logger=servable_lib.__name__):
         session = servable_lib.SessionSignatures(export_dir,
-                                                 servable_lib.read_signature_defs(export_dir))
+                                                 servable_lib.read_serve_meta_graph(export_dir))
     assert session.names == ["calls"]  # the other signature is still served
     assert session.unusable["serving_default"].startswith(
         "output 'y' names a tensor the graph does not have")
@@ -122,7 +122,7 @@ def test_a_signature_naming_a_missing_tensor_is_left_out_with_its_reason(tmp_pat
     filters = list(tf.get_logger().filters)
     shutil.rmtree(tmp_path / "model" / "variables")
     with pytest.raises(Exception):
-        servable_lib.SessionSignatures(export_dir, servable_lib.read_signature_defs(export_dir))
+        servable_lib.SessionSignatures(export_dir, servable_lib.read_serve_meta_graph(export_dir))
     assert tf.get_logger().filters == filters
 
 
