@@ -551,9 +551,9 @@ def _worker_main(args: argparse.Namespace) -> int:
         retain_freed_memory()
         set_thread_pools(args.tensorflow_intra_op_parallelism,
                          args.tensorflow_inter_op_parallelism)
-        runner = SessionSignatures(args.in_process_worker,
-                                   read_serve_meta_graph(args.in_process_worker))
-        input_specs = _input_specs(args.in_process_worker, args.signature)
+        meta_graph = read_serve_meta_graph(args.in_process_worker)
+        runner = SessionSignatures(args.in_process_worker, meta_graph)
+        input_specs = _input_specs(args.in_process_worker, args.signature, meta_graph)
         examples = synthetic_examples(args.in_process_examples, args.seed)
         arrays: Dict[int, object] = {}
 
@@ -701,11 +701,12 @@ def _usable_cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-def _input_specs(version_dir: str, signature_name: str):
-    """The signature's inputs as its SignatureDef declares them: the callers need no model."""
-    from serving.servable import Signature, read_signature_defs
+def _input_specs(version_dir: str, signature_name: str, meta_graph=None):
+    """The signature's inputs as its SignatureDef declares them: the callers need no model.
+    `meta_graph`: the export's serve MetaGraphDef when already read."""
+    from serving.servable import Signature, read_serve_meta_graph
 
-    signature_defs = read_signature_defs(version_dir)
+    signature_defs = (meta_graph or read_serve_meta_graph(version_dir)).signature_def
     if signature_name not in signature_defs:
         raise ValueError(f"{version_dir} has no signature {signature_name!r} (it has "
                          f"{sorted(signature_defs)})")

@@ -217,7 +217,7 @@ def _whole_array(flat: List[Any], dtype: tf.DType):
                     return None
                 if int in kinds and np.any(magnitude > _FLOAT32_EXACT_INT):
                     return None
-            return np.array(flat, dtype=dtype.as_numpy_dtype)
+            return wide.astype(dtype.as_numpy_dtype)
     except OverflowError:
         return None
     return None

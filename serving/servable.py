@@ -38,7 +38,7 @@ from serving.errors import ServingError
 
 __all__ = [
     "PREDICT_METHOD", "CLASSIFY_METHOD", "REGRESS_METHOD", "DEFAULT_SIGNATURE",
-    "TensorSpec", "Signature", "SavedModelServable", "SessionSignatures", "read_signature_defs",
+    "TensorSpec", "Signature", "SavedModelServable", "SessionSignatures",
     "read_serve_meta_graph", "serialize_input_examples", "array_from_tensor_proto",
     "shape_string",
 ]
@@ -117,14 +117,6 @@ class Signature:
         return bool(self.inputs) and all(
             spec.shape.rank is not None and spec.shape.rank >= 1 and spec.shape[0] is None
             for spec in specs)
-
-
-def read_signature_defs(export_dir: str) -> Dict[str, meta_graph_pb2.SignatureDef]:
-    """The SignatureDefs of the `serve` MetaGraphDef of a SavedModel directory.
-
-    Raises ValueError saying what is wrong with the export.
-    """
-    return dict(read_serve_meta_graph(export_dir).signature_def)
 
 
 def read_serve_meta_graph(export_dir: str) -> meta_graph_pb2.MetaGraphDef:
@@ -267,7 +259,7 @@ class SessionSignatures:
                 if tensor_name not in fetch:
                     fetch.append(tensor_name)
                 outputs.append((alias, fetch.index(tensor_name)))
-        feed = [signature_def.inputs[alias].name for alias in inputs]
+        feed = list(fed)  # the input tensors in the order of `inputs`
         # Session::MakeCallable, as tf_keras' graph functions use it: feeds and fetches are
         # resolved once, not on every call as Session.run and make_callable with feeds do.
         make = getattr(self._session, "_make_callable_from_options", None)

@@ -371,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
         if args.retain_freed_memory:
             allocator.retain_freed_memory()
         set_thread_pools(args.tensorflow_intra_op_parallelism,
-                          args.tensorflow_inter_op_parallelism)
+                         args.tensorflow_inter_op_parallelism)
         serve(
             model_base=None if args.model_config_file else args.model_base_path,
             model_name=args.model_name,
