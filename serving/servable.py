@@ -441,7 +441,7 @@ class SavedModelServable:
         response = predict_pb2.PredictResponse()
         self._model_spec(response.model_spec, signature.name)
         for alias, array in outputs.items():
-            tensor_protos.fill_tensor_proto(response.outputs[alias], array)
+            tensor_protos.fill_tensor_proto_field(response.outputs[alias], array)
         return response
 
     def _typed_signature(self, signature_name: str, method: str, kind: str) -> Signature:

@@ -60,6 +60,24 @@ def test_predict_serialized_examples(prediction_stub, endpoint):
                                   testing.contract_count(N))
 
 
+def test_predict_answers_in_typed_fields(prediction_stub, endpoint):
+    # TF Serving answers with Tensor::AsProtoField: its example clients (mnist_client.py,
+    # resnet_client_grpc.py) read outputs[...].float_val directly, not tensor_content.
+    response = prediction_stub.Predict(predict_request(
+        endpoint, examples=np.array(EXAMPLES, dtype=object)), timeout=30)
+    score, count = response.outputs["score"], response.outputs["count"]
+    np.testing.assert_allclose(score.float_val, testing.contract_score(X, N))
+    assert list(count.int64_val) == testing.contract_count(N).tolist()
+    assert not score.tensor_content and not count.tensor_content
+    assert [dim.size for dim in score.tensor_shape.dim] == [len(X)]
+    raw = prediction_stub.Predict(predict_request(
+        endpoint, "raw", x=np.array([1.0], np.float32), ids=np.array([[2, -1]], np.int64),
+        tag=np.array([b"\x00\xff"], dtype=object)), timeout=30)
+    assert list(raw.outputs["id_count"].int64_val) == [1]
+    assert list(raw.outputs["tag_bytes"].string_val) == [b"\x00\xff"]
+    np.testing.assert_allclose(raw.outputs["total"].float_val, [3.0])
+
+
 def test_predict_default_signature_when_unnamed(prediction_stub, endpoint):
     request = predict_request(endpoint, signature_name="", examples=np.array(EXAMPLES, object))
     response = prediction_stub.Predict(request, timeout=30)
