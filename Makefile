@@ -1,6 +1,7 @@
 # Every target runs inside the project's environment (bin/poso-env builds it on first use).
 ENV := bin/poso-env
 PYTEST_ARGS ?=
+DEMO_HOME ?= poso_home/demo
 
 .PHONY: env demo test test-slow bench-paper lock clean
 
@@ -8,7 +9,7 @@ env:            ## build (or reuse) the environment
 	$(ENV) true
 
 demo: env       ## synthetic logs -> daily TFX run -> serve -> gRPC and REST predictions
-	bin/poso demo
+	bin/poso demo --home $(DEMO_HOME)
 
 test: env       ## the default suite (well under 30 minutes)
 	$(ENV) python -m pytest $(PYTEST_ARGS)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Dict
+import os
+from typing import Any, Dict, Optional
 
 
 def positive_int(value: str) -> int:
@@ -48,3 +49,30 @@ def model_config_overrides(value: str) -> Dict[str, Any]:
     except (TypeError, ValueError) as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return overrides
+
+
+# Where `--home` comes from when the flag is not given: never the current directory, silently.
+HOME_ENVIRONMENT_VARIABLE = "POSO_HOME"
+
+
+def add_home_argument(parser: argparse.ArgumentParser, help_text: str, default: Optional[str] = None) -> None:
+    """--home, defaulting to `default`, else to $POSO_HOME, and required when both are unset."""
+    if default is not None:
+        parser.add_argument("--home", default=default, metavar="HOME", help=help_text)
+        return
+    default = os.environ.get(HOME_ENVIRONMENT_VARIABLE) or None
+    parser.add_argument("--home", default=default, required=default is None, metavar="HOME",
+                        help=f"{help_text} (default: ${HOME_ENVIRONMENT_VARIABLE}"
+                             + (f", now {default})" if default else "; required while it is unset)"))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default after its help, unless the help names it already or there is none
+    worth showing (a required flag, an off switch, an empty list); descriptions keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or action.default in (None, False, [], argparse.SUPPRESS)
+                or "(default" in text or not action.option_strings):
+            return text
+        return super()._get_help_string(action)

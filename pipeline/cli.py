@@ -1,14 +1,20 @@
-"""The `poso` command line (run it through bin/poso, which enters the environment first)."""
+"""The `poso` command line (run it through bin/poso, which enters the environment first).
+
+Every command's flags and handler live in a module named by string in COMMANDS, imported only
+when that command is chosen: `poso --help` imports neither TensorFlow nor the server, and the
+product never imports the benchmarks.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
-import json
+import importlib
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
+from pipeline import argtypes
 from pipeline import config as config_lib
 
 
@@ -23,30 +29,37 @@ def _date(text: str) -> datetime.date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD (or 'yesterday')") from None
 
 
-def _add_pipeline_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=config_lib.DEFAULT_DATA,
+def _add_pipeline_args(parser: argparse.ArgumentParser, home: Optional[str] = None, data: Optional[str] = None) -> None:
+    parser.add_argument("--data", default=data,
                         help="daily raw logs: DATA/logs/YYYY-MM-DD/*.csv|*.parquet plus user_features.csv "
-                             "and video_features.csv (default: %(default)s)")
-    parser.add_argument("--home", default=config_lib.DEFAULT_HOME,
-                        help="pipeline root, metadata store and serving base directory (default: %(default)s)")
+                             "and video_features.csv" + ("" if data else " (default: HOME/data)"))
+    argtypes.add_home_argument(parser, "pipeline root, metadata store and serving base directory", home)
     parser.add_argument("--variant", default=config_lib.DEFAULT_VARIANT,
                         help="model variant: baseline, moe, poso_mlp, poso_mha, poso_mmoe, poso_all")
-    parser.add_argument("--train-days", type=int, default=config_lib.TRAIN_DAYS)
-    parser.add_argument("--min-train-days", type=int, default=None,
-                        help="train on fewer than --train-days spans (default: refuse)")
-    parser.add_argument("--train-steps", type=int, default=config_lib.RunConfig.train_steps)
-    parser.add_argument("--batch-size", type=int, default=config_lib.RunConfig.batch_size)
+    parser.add_argument("--train-days", type=argtypes.positive_int, default=config_lib.TRAIN_DAYS,
+                        help="days of logs before the evaluation day that the model trains on")
+    parser.add_argument("--min-train-days", type=argtypes.positive_int, default=None,
+                        help="train on as few as this many valid days of the window (default: refuse "
+                             "to train on fewer than --train-days)")
+    parser.add_argument("--train-steps", type=argtypes.positive_int, default=config_lib.RunConfig.train_steps,
+                        help="Trainer steps per daily run")
+    parser.add_argument("--batch-size", type=argtypes.positive_int, default=config_lib.RunConfig.batch_size,
+                        help="training batch size (examples per step)")
     parser.add_argument("--warm-start", action="store_true", help="start from the last blessed model's weights")
     parser.add_argument("--beam-mode", default="multi_processing", choices=["multi_processing", "multi_threading", "in_memory"],
                         help="DirectRunner running mode (remote runners: pass --beam-arg=--runner=...)")
-    parser.add_argument("--beam-arg", action="append", default=[], help="extra Beam pipeline argument")
+    parser.add_argument("--beam-arg", action="append", default=[], metavar="ARG",
+                        help="extra Beam pipeline argument (repeatable)")
     parser.add_argument("--no-cache", action="store_true", help="recompute every component")
-    parser.add_argument("--verbose", action="store_true", help="show TFX and Beam logs")
+    parser.add_argument("--verbose", action="store_true", help="show TFX, TensorFlow and Beam logs")
 
 
 def _run_config(args, date: datetime.date) -> config_lib.RunConfig:
+    import os
+
     return config_lib.RunConfig(
-        date=date, data_dir=args.data, home=args.home, variant=args.variant, train_days=args.train_days,
+        date=date, data_dir=args.data or os.path.join(args.home, "data"), home=args.home,
+        variant=args.variant, train_days=args.train_days,
         min_train_days=args.min_train_days if args.min_train_days is not None else args.train_days,
         train_steps=args.train_steps, batch_size=args.batch_size, warm_start=args.warm_start,
         beam_direct_running_mode=args.beam_mode, extra_beam_args=tuple(args.beam_arg),
@@ -61,12 +74,26 @@ def _print_result(result, home: str) -> None:
     print(f"  Report:  {report.write_report(result, home)}")
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--date", type=_date, required=True,
+                        help="the evaluation day YYYY-MM-DD, 'yesterday' or 'today'")
+    _add_pipeline_args(parser)
+
+
 def cmd_run(args) -> int:
     from pipeline import local_runner
 
     local_runner.setup_logging(args.verbose)
     _print_result(local_runner.run_day(_run_config(args, args.date)), args.home)
     return 0
+
+
+def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="start", type=_date, required=True,
+                        help="first evaluation day YYYY-MM-DD (included)")
+    parser.add_argument("--to", dest="end", type=_date, required=True,
+                        help="last evaluation day YYYY-MM-DD (included)")
+    _add_pipeline_args(parser)
 
 
 def cmd_backfill(args) -> int:
@@ -78,6 +105,17 @@ def cmd_backfill(args) -> int:
     return 0
 
 
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", required=True,
+                        help="demo workspace: created, or recreated if an earlier demo made it")
+    parser.add_argument("--rows-per-day", type=argtypes.positive_int, default=4000,
+                        help="synthetic impressions per day")
+    parser.add_argument("--train-steps", type=argtypes.positive_int, default=300, help="Trainer steps")
+    parser.add_argument("--beam-mode", default="in_memory", choices=["multi_processing", "multi_threading", "in_memory"],
+                        help="DirectRunner running mode")
+    parser.add_argument("--verbose", action="store_true", help="show TFX, TensorFlow and Beam logs")
+
+
 def cmd_demo(args) -> int:
     from pipeline import demo
 
@@ -85,83 +123,94 @@ def cmd_demo(args) -> int:
                          verbose=args.verbose, beam_mode=args.beam_mode)
 
 
-def cmd_generate(args) -> int:
-    from components import synthetic_logs
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand: `module` holds its flags (`add_arguments(parser)`) and handler (`run(args)`,
+    returning the exit code); it is imported only when the command is chosen."""
 
-    return synthetic_logs.run(args) or 0
+    help: str
+    module: str = ""
+    add_arguments: str = "add_arguments"
+    run: str = "run"
+    subcommands: Optional[Dict[str, "Command"]] = None
 
 
-def _add_module_command(subparsers, name: str, module, help_text: str) -> None:
-    """A subcommand whose module brings its own flags (`add_arguments`) and entry point (`run`)."""
-    command = subparsers.add_parser(name, help=help_text)
-    module.add_arguments(command)
-    command.set_defaults(func=module.run)
+_HERE = __name__  # "pipeline.cli", or "__main__" under `python -m pipeline.cli`
+
+BENCHMARKS = {
+    "train": Command("train-step throughput per model variant", "benchmarks.train_throughput"),
+    "serving": Command("gRPC/REST latency and throughput beside the in-process call",
+                       "benchmarks.serving_latency"),
+    "paper": Command("reproduce the POSO paper's tables and figures (writes benchmarks/RESULTS.md)",
+                     "benchmarks.paper"),
+    "pipeline": Command("wall time and peak memory of a daily run per component, per window size",
+                        "benchmarks.pipeline_scale"),
+}
+
+COMMANDS = {
+    "run": Command("the daily run for one date: ingest, validate, train, evaluate, push",
+                   _HERE, "add_run_arguments", "cmd_run"),
+    "backfill": Command("daily runs for every date from --from to --to (both included), in order (resumable)",
+                        _HERE, "add_backfill_arguments", "cmd_backfill"),
+    "demo": Command("synthetic logs -> daily run -> serve -> gRPC and REST predictions",
+                    _HERE, "add_demo_arguments", "cmd_demo"),
+    "generate": Command("write synthetic daily logs in the KuaiRand schema", "components.synthetic_logs"),
+    "schedule": Command("print or install the daily trigger (cron or systemd), or write the Kubeflow recurring run",
+                        "pipeline.schedule"),
+    "serve": Command("serve pushed models over TF Serving's gRPC and REST APIs", "serving.server"),
+    "predict": Command("send a predict request over gRPC or REST", "serving.client"),
+    "compile-kubeflow": Command("compile the daily pipeline for Kubeflow Pipelines v2 / Vertex (JSON)",
+                                "pipeline.kubeflow_v2_runner"),
+    "model-summary": Command("parameters and FLOPs per module, plain vs POSO (Table 1)", "models.model_summary"),
+    "bench": Command("benchmarks (print figures; loopback only)", subcommands=BENCHMARKS),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="poso", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _description(module) -> Optional[str]:
+    """The command's description: the one of the module's own parser if it has one, else the
+    module docstring's first paragraph."""
+    if hasattr(module, "build_arg_parser"):
+        return module.build_arg_parser().description
+    return (module.__doc__ or "").split("\n\n")[0].strip() or None
 
-    run = commands.add_parser("run", help="the daily run for one date: ingest, validate, train, evaluate, push")
-    run.add_argument("--date", type=_date, required=True, help="the evaluation day YYYY-MM-DD (or 'yesterday')")
-    _add_pipeline_args(run)
-    run.set_defaults(func=cmd_run)
 
-    backfill = commands.add_parser("backfill", help="daily runs for a range of dates, in order (resumable)")
-    backfill.add_argument("--from", dest="start", type=_date, required=True)
-    backfill.add_argument("--to", dest="end", type=_date, required=True)
-    _add_pipeline_args(backfill)
-    backfill.set_defaults(func=cmd_backfill)
+def _add_commands(subparsers, commands: Dict[str, Command], chosen: Sequence[str], prefix: str) -> None:
+    """One subparser per command; only the one named first in `chosen` (all of them when `chosen`
+    is None) gets its flags, so that only its module is imported."""
+    for name, command in commands.items():
+        configure = chosen is None or (chosen and chosen[0] == name)
+        parser = subparsers.add_parser(name, help=command.help, formatter_class=argtypes.HelpFormatter,
+                                       description=command.help)
+        if command.subcommands is not None:
+            nested = parser.add_subparsers(dest=f"{prefix}{name}", required=True, metavar="NAME")
+            _add_commands(nested, command.subcommands, None if chosen is None else chosen[1:] if configure else [],
+                          prefix=f"{prefix}{name}_")
+            continue
+        if not configure:
+            continue
+        module = importlib.import_module(command.module)
+        parser.description = _description(module) if command.module != _HERE else command.help
+        getattr(module, command.add_arguments)(parser)
+        parser.set_defaults(func=getattr(module, command.run))
 
-    demo = commands.add_parser("demo", help="synthetic logs -> daily run -> serve -> gRPC and REST predictions")
-    demo.add_argument("--home", default=f"{config_lib.DEFAULT_HOME}/demo", help="demo workspace (recreated)")
-    demo.add_argument("--rows-per-day", type=int, default=4000)
-    demo.add_argument("--train-steps", type=int, default=300)
-    demo.add_argument("--beam-mode", default="in_memory", choices=["multi_processing", "multi_threading", "in_memory"])
-    demo.add_argument("--verbose", action="store_true")
-    demo.set_defaults(func=cmd_demo)
 
-    generate = commands.add_parser("generate", help="write synthetic daily logs in the KuaiRand schema")
-    from components import synthetic_logs
-    synthetic_logs.add_arguments(generate)
-    generate.set_defaults(func=cmd_generate)
-
-    from benchmarks import paper, pipeline_scale, serving_latency, train_throughput
-    from models import model_summary
-    from pipeline import kubeflow_v2_runner
-    from pipeline import schedule as schedule_lib
-
-    _add_module_command(commands, "model-summary", model_summary,
-                        "parameters and FLOPs per module, plain vs POSO (Table 1)")
-    bench = commands.add_parser("bench", help="benchmarks (print figures; loopback only)")
-    benches = bench.add_subparsers(dest="bench", required=True)
-    _add_module_command(benches, "train", train_throughput, "train-step throughput per model variant")
-    _add_module_command(benches, "serving", serving_latency,
-                        "gRPC/REST latency and throughput beside the in-process call")
-    _add_module_command(benches, "paper", paper,
-                        "reproduce the POSO paper's tables and figures (writes benchmarks/RESULTS.md)")
-    _add_module_command(benches, "pipeline", pipeline_scale,
-                        "wall time and peak memory of a daily run per component, per window size")
-    _add_module_command(commands, "compile-kubeflow", kubeflow_v2_runner,
-                        "compile the daily pipeline for Kubeflow Pipelines v2 / Vertex (JSON)")
-    _add_module_command(commands, "schedule", schedule_lib,
-                        "print or install the daily trigger (cron or systemd), or write the Kubeflow recurring run")
-
-    from serving import client, server
-    serve = commands.add_parser("serve", help="serve pushed models over TF Serving's gRPC and REST APIs",
-                                description=server.build_arg_parser().description)
-    server.add_arguments(serve)
-    serve.set_defaults(func=server.run)
-
-    predict = commands.add_parser("predict", help="send a predict request over gRPC or REST",
-                                  description=client.build_arg_parser().description)
-    client.add_arguments(predict)
-    predict.set_defaults(func=client.run)
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The parser of `poso`; with `argv`, only the command it names gets its flags (and its
+    module imported), without it every command does."""
+    parser = argparse.ArgumentParser(prog="poso", description=__doc__.split("\n")[0],
+                                     formatter_class=argtypes.HelpFormatter,
+                                     epilog=f"Commands that work on a pipeline home take --home or read "
+                                            f"${argtypes.HOME_ENVIRONMENT_VARIABLE}. "
+                                            f"`poso COMMAND --help` shows a command's flags and defaults.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = None if argv is None else [a for a in argv if not a.startswith("-")]
+    _add_commands(commands, COMMANDS, chosen, prefix="")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     return args.func(args)
 
 

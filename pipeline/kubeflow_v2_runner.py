@@ -49,8 +49,8 @@ def compile_pipeline(cfg: config_lib.RunConfig, image: str, output_path: str,
 def add_arguments(parser) -> None:
     from pipeline import cli
 
-    cli._add_pipeline_args(parser)  # the same options as `poso run`; --home/--data are remote here
-    parser.set_defaults(home=config_lib.KUBEFLOW_HOME, data=config_lib.KUBEFLOW_DATA)
+    # The same options as `poso run`; --home/--data are remote here.
+    cli._add_pipeline_args(parser, home=config_lib.KUBEFLOW_HOME, data=config_lib.KUBEFLOW_DATA)
     parser.add_argument("--image", default=config_lib.KUBEFLOW_IMAGE,
                         help="the pipeline image built from the Dockerfile (default: %(default)s)")
     parser.add_argument("--schema-file", default=config_lib.KUBEFLOW_SCHEMA_FILE,

@@ -16,6 +16,7 @@ import os
 import shlex
 import subprocess
 
+from pipeline import argtypes
 from pipeline import config as config_lib
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,8 +76,10 @@ def kfp_cli_command(spec: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=config_lib.DEFAULT_DATA)
-    parser.add_argument("--home", default=config_lib.DEFAULT_HOME)
+    parser.add_argument("--data", default=None, help="daily raw logs for `poso run` (default: HOME/data)")
+    parser.add_argument("--home", default=os.environ.get(argtypes.HOME_ENVIRONMENT_VARIABLE) or None,
+                        help=f"the pipeline home of the daily run (default: ${argtypes.HOME_ENVIRONMENT_VARIABLE}; "
+                             f"required for cron and systemd)")
     parser.add_argument("--at", default="02:30", help="time of day HH:MM (local time of the machine)")
     parser.add_argument("--kind", choices=["cron", "systemd", "kubeflow"], default="cron",
                         help="kubeflow: write the recurring run of the compiled pipeline (--pipeline-package)")
@@ -106,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
             json.dump(spec, f, indent=2)
         print(f"wrote {args.output}; create it with:\n{kfp_cli_command(spec)}")
         return 0
-    command = daily_command(args.data, args.home, args.run_args)
+    if not args.home:
+        raise SystemExit(f"poso schedule --kind {args.kind}: pass --home (or set ${argtypes.HOME_ENVIRONMENT_VARIABLE})")
+    command = daily_command(args.data or os.path.join(args.home, "data"), args.home, args.run_args)
     if args.kind == "cron":
         line = cron_line(hour, minute, command)
         if not args.install:

@@ -19,7 +19,7 @@ def test_cron_line_runs_bin_poso_for_yesterday(capsys, tmp_path):
 
 
 def test_systemd_timer_fires_daily_at_the_given_time(capsys):
-    assert cli.main(["schedule", "--kind", "systemd", "--at", "23:59"]) == 0
+    assert cli.main(["schedule", "--kind", "systemd", "--at", "23:59", "--home", "/srv/poso"]) == 0
     out = capsys.readouterr().out
     assert "OnCalendar=*-*-* 23:59:00" in out and "Type=oneshot" in out and "run --date yesterday" in out
 
@@ -27,4 +27,4 @@ def test_systemd_timer_fires_daily_at_the_given_time(capsys):
 def test_bad_time_is_refused():
     import pytest
     with pytest.raises(SystemExit, match="HH:MM"):
-        cli.main(["schedule", "--at", "25:00"])
+        cli.main(["schedule", "--at", "25:00", "--home", "/srv/poso"])
