@@ -1,0 +1,370 @@
+"""Why POSO(all) does not beat the baseline on MovieLens: paired experiments on validation users.
+
+Every experiment is a list of arms (a variant with a budget and ModelConfig overrides, on a
+fraction of the training users); each arm is compared with its reference arm (the baseline
+with the same budget and data) seed by seed. Runs with the same seed see the same data order,
+so the per-seed difference POSO - baseline varies less than either model; the tables give its
+mean, a 95% confidence interval (t distribution over seeds) and a paired t-test p-value.
+
+    MovieLens zip --components.movielens.write_examples(validation=True)--> training users
+      minus validation users / validation users (the test users never enter)
+      --benchmarks.paper_movielens.analyze--> transform graph
+      --RankingModel trained as models.trainer.train_and_export does (same datasets,
+      optimizer, seeds; no export)--> predictions on the validation users
+      --> GAUC per task, overall and by AVC regime (< 32 / >= 32 earlier ratings)
+
+The models are scored in process, not through the exported serving signature as
+`benchmarks.paper_movielens` does: the same transform graph and model, without ~10 s of
+export per run. `--test` scores on the test users instead (only for the final table:
+never choose anything on it).
+
+Runs are cached (one CSV row per run and task, keyed by arm, seed, data and a hash of the
+model code), so arms shared between experiments (the baseline) train once and an
+interrupted experiment resumes.
+
+Run: `bin/poso-env nice -n 5 python -m benchmarks.movielens_diagnosis --experiment modules`
+(`--list` names the experiments and their cost in model trainings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from benchmarks import paper_movielens
+
+__all__ = ["Arm", "EXPERIMENTS", "paired_difference", "prepare", "train_and_score", "run_experiment",
+           "format_experiment", "main"]
+
+NEW_USER_AVC = 32  # the new-user regime of paper_movielens: fewer than 32 earlier ratings
+_DEFAULT_CACHE_DIR = "/tmp/diagnosis"
+_SUBSET_SEED_OFFSET = 7_777  # the users kept in a data-size subset: another hash of the user ids
+_CODE_FILES = ("models/layers.py", "models/model.py", "models/trainer.py", "models/preprocessing.py",
+               "components/movielens.py", "feature_specs/movielens.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One model configuration to train with every seed.
+
+    overrides: ModelConfig fields on top of paper_movielens.DEFAULT_BUDGET's overrides.
+    user_fraction: the share of the training users trained on (a fixed hash of the user id).
+    """
+
+    label: str
+    variant: str
+    overrides: Tuple[Tuple[str, Any], ...] = ()
+    epochs: int = paper_movielens.DEFAULT_BUDGET["epochs"]
+    batch_size: int = paper_movielens.DEFAULT_BUDGET["batch_size"]
+    user_fraction: float = 1.0
+    reference: Optional[str] = None  # label of the arm it is compared with (None: not compared)
+
+    def config_overrides(self) -> Dict[str, Any]:
+        return {**paper_movielens.DEFAULT_BUDGET["overrides"], **dict(self.overrides)}
+
+    def key(self) -> Dict[str, Any]:
+        """What determines the run (besides seed, data and code): the cache key."""
+        return dict(variant=self.variant, overrides=self.config_overrides(), epochs=self.epochs,
+                    batch_size=self.batch_size, user_fraction=self.user_fraction)
+
+
+def _arm(label: str, variant: str, reference: Optional[str] = "baseline", **options: Any) -> Arm:
+    overrides = tuple(sorted(options.pop("overrides", {}).items()))
+    return Arm(label, variant, overrides, reference=reference, **options)
+
+
+def _with_baseline(arms: Sequence[Arm], **budget: Any) -> List[Arm]:
+    return [_arm("baseline", "baseline", reference=None, **budget)] + list(arms)
+
+
+def _budget_arms() -> List[Arm]:
+    arms = []
+    for epochs in (1, 3, 6):
+        base = f"baseline e{epochs}"
+        arms += [_arm(base, "baseline", reference=None, epochs=epochs),
+                 _arm(f"poso_all e{epochs}", "poso_all", reference=base, epochs=epochs)]
+    for rate in (3e-4, 3e-3):
+        base = f"baseline lr{rate:g}"
+        arms += [_arm(base, "baseline", reference=None, overrides={"learning_rate": rate}),
+                 _arm(f"poso_all lr{rate:g}", "poso_all", reference=base, overrides={"learning_rate": rate})]
+    return arms
+
+
+def _data_size_arms() -> List[Arm]:
+    arms = []
+    for fraction in (0.25, 0.5, 1.0):
+        base = f"baseline {fraction:.0%}"
+        arms += [_arm(base, "baseline", reference=None, user_fraction=fraction),
+                 _arm(f"poso_all {fraction:.0%}", "poso_all", reference=base, user_fraction=fraction)]
+    return arms
+
+
+# name -> (what it answers, arms). The baseline ignores the PC and gate options, so one
+# baseline arm serves every POSO arm of the same budget and data.
+EXPERIMENTS: Dict[str, Tuple[str, List[Arm]]] = {
+    "modules": ("every POSO module against the baseline at the defaults", _with_baseline(
+        [_arm(v, v) for v in ("poso_all", "poso_mha", "poso_mlp", "poso_mmoe")])),
+    "headline": ("baseline and POSO(all) at the defaults", _with_baseline([_arm("poso_all", "poso_all")])),
+    "pc": ("the PC encoding POSO's gates read", _with_baseline(
+        [_arm(f"poso_all pc={pc}", "poso_all", overrides={"pc_source": pc})
+         for pc in ("avc_bucket_embedding", "avc_bucket_onehot", "avc_raw")])),
+    "gates": ("the gates' hidden width and C", _with_baseline(
+        [_arm(f"poso_all h={h} C={c:g}", "poso_all", overrides={"gate_hidden_units": h, "gate_scale": c})
+         for h, c in ((8, 2.0), (32, 2.0), (8, 1.0))])),
+    "budget": ("the training budget (epochs, learning rate) given to both alike", _budget_arms()),
+    "data_size": ("learning curve: 25 / 50 / 100% of the training users", _data_size_arms()),
+    "stop_gradient": ("gate_stop_gradient with the learned PC embedding", _with_baseline(
+        [_arm("poso_all stop_gradient", "poso_all", overrides={"gate_stop_gradient": True})])),
+}
+
+
+# --------------------------------------------------------------------------
+# Statistics.
+# --------------------------------------------------------------------------
+
+
+def paired_difference(treatment: Sequence[float], reference: Sequence[float]) -> Dict[str, float]:
+    """Mean of treatment - reference over paired seeds, its 95% t interval and the paired t-test p."""
+    from scipy import stats
+
+    differences = np.asarray(treatment, float) - np.asarray(reference, float)
+    n = differences.size
+    mean = float(differences.mean()) if n else float("nan")
+    if n < 2:
+        return dict(n=n, mean=mean, low=float("nan"), high=float("nan"), p=float("nan"))
+    half = float(stats.t.ppf(0.975, n - 1) * differences.std(ddof=1) / np.sqrt(n))
+    p = float(stats.ttest_rel(treatment, reference).pvalue)
+    return dict(n=n, mean=mean, low=mean - half, high=mean + half, p=p)
+
+
+# --------------------------------------------------------------------------
+# Data, training, scoring.
+# --------------------------------------------------------------------------
+
+
+def code_hash(repo_root: Optional[str] = None) -> str:
+    """Short hash of the model and data code: a cached run is reused only with the same code."""
+    repo_root = repo_root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for name in _CODE_FILES:
+        with open(os.path.join(repo_root, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
+def prepare(data_zip: str, work_dir: str, test: bool = False, split_seed: int = 0) -> Dict[str, Any]:
+    """Examples (validation users, or test users with `test`), transform graph and the scored
+    users' labels, user ids and AVC; written once per work_dir and reused."""
+    from components import movielens as ml_data
+
+    data_dir = os.path.join(work_dir, f"{'test' if test else 'validation'}_split{split_seed}")
+    examples_dir = os.path.join(data_dir, "examples")
+    transform_dir = os.path.join(data_dir, "transform")
+    if not os.path.exists(os.path.join(transform_dir, "transform_fn")):
+        ml_data.write_examples(data_zip, examples_dir, test_fraction=paper_movielens.DEFAULT_BUDGET["test_fraction"],
+                               seed=split_seed, validation=not test)
+        paper_movielens.analyze(os.path.join(examples_dir, ml_data.TRAIN, "*.tfrecord.gz"), transform_dir,
+                                os.path.join(data_dir, "tft_tmp"))
+    with open(os.path.join(examples_dir, "summary.json")) as f:
+        summary = json.load(f)
+    test_pattern = os.path.join(examples_dir, ml_data.TEST, "*.tfrecord.gz")
+    _, scored = paper_movielens.read_test_examples(test_pattern)
+    return dict(data_dir=data_dir, train_pattern=os.path.join(examples_dir, ml_data.TRAIN, "*.tfrecord.gz"),
+                test_pattern=test_pattern, transform_dir=transform_dir, summary=summary, scored=scored,
+                split=("test" if test else "validation"), split_seed=split_seed)
+
+
+def training_subset(prepared: Mapping[str, Any], fraction: float) -> Tuple[str, int]:
+    """(file pattern, example count) of the training examples of a `fraction` of the training
+    users (a fixed hash of the user id, nested: 25% is inside 50%)."""
+    import tensorflow as tf
+
+    from components import movielens as ml_data
+    from feature_specs import movielens as ml
+
+    if fraction >= 1.0:
+        return prepared["train_pattern"], prepared["summary"][ml_data.TRAIN]["examples"]
+    path = os.path.join(prepared["data_dir"], f"train_users_{fraction:g}.tfrecord.gz")
+    count_path = path + ".count"
+    if not os.path.exists(count_path):
+        files = sorted(tf.io.gfile.glob(prepared["train_pattern"]))
+        kept = 0
+        with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+            for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
+                example = tf.train.Example.FromString(record.numpy())
+                user = example.features.feature[ml.USER_ID].int64_list.value[0]
+                if ml_data.test_user_mask(np.array([user]), fraction,
+                                          prepared["split_seed"] + _SUBSET_SEED_OFFSET)[0]:
+                    writer.write(record.numpy())
+                    kept += 1
+        with open(count_path, "w") as f:
+            f.write(str(kept))
+    with open(count_path) as f:
+        return path, int(f.read())
+
+
+def _scoring_dataset(prepared: Mapping[str, Any], batch_size: int = 4096):
+    """The scored users' transformed features in file order (the order of `prepared['scored']`)."""
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    from feature_specs import movielens as ml
+    from models import preprocessing
+
+    files = sorted(tf.io.gfile.glob(prepared["test_pattern"]))
+    raw_spec = preprocessing.raw_feature_spec(include_labels=False, feature_set=ml.MOVIELENS)
+    transform_layer = tft.TFTransformOutput(prepared["transform_dir"]).transform_features_layer()
+    return (tf.data.TFRecordDataset(files, compression_type="GZIP").batch(batch_size)
+            .map(lambda serialized: transform_layer(tf.io.parse_example(serialized, raw_spec))))
+
+
+def train_and_score(prepared: Mapping[str, Any], arm: Arm, seed: int) -> List[Dict[str, Any]]:
+    """Trains `arm` with `seed` as models.trainer.train_and_export does; one row per task with
+    GAUC overall and per AVC regime on the scored users."""
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    from feature_specs import movielens as ml
+    from models import metrics, model as model_lib, trainer
+
+    config = model_lib.make_config(arm.variant, feature_set=ml.MOVIELENS, **arm.config_overrides())
+    train_pattern, train_examples = training_subset(prepared, arm.user_fraction)
+    started = time.perf_counter()
+    tf.keras.utils.set_random_seed(seed)
+    train_data = trainer.make_dataset(train_pattern, tft.TFTransformOutput(prepared["transform_dir"]),
+                                      arm.batch_size, shuffle=True, shuffle_buffer=train_examples, seed=seed,
+                                      feature_set=ml.MOVIELENS)
+    model = model_lib.RankingModel(config, ml.MOVIELENS)
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate))
+    model.fit(train_data, epochs=arm.epochs, verbose=0)
+    train_seconds = time.perf_counter() - started
+
+    predict = tf.function(lambda features: model(features, training=False))
+    outputs: Dict[str, List[np.ndarray]] = {}
+    for batch in _scoring_dataset(prepared):
+        for name, value in predict(batch).items():
+            outputs.setdefault(name, []).append(value.numpy())
+    scored = prepared["scored"]
+    users, avc = scored[ml.USER_ID], scored[ml.AVC]
+    regimes = {"gauc": np.ones_like(avc, bool), "gauc_new": avc < NEW_USER_AVC, "gauc_regular": avc >= NEW_USER_AVC}
+    rows = []
+    for task in ml.MOVIELENS.tasks:
+        labels, scores = scored[task.label], np.concatenate(outputs[task.name])
+        row = dict(label=arm.label, seed=seed, task=task.name, train_seconds=train_seconds,
+                   train_examples=train_examples)
+        for column, rows_in in regimes.items():
+            row[column] = metrics.grouped_auc(labels[rows_in], scores[rows_in], users[rows_in])
+        rows.append(row)
+    tf.keras.backend.clear_session()
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Experiments: cached runs, paired tables.
+# --------------------------------------------------------------------------
+
+
+def _run_key(arm: Arm, prepared: Mapping[str, Any], code: str, seed: int) -> str:
+    return json.dumps(dict(arm.key(), split=prepared["split"], split_seed=prepared["split_seed"], code=code,
+                           seed=seed), sort_keys=True)
+
+
+def run_experiment(arms: Sequence[Arm], seeds: Sequence[int], prepared: Mapping[str, Any], cache_csv: str,
+                   log=print) -> pd.DataFrame:
+    """Rows (label, seed, task, gauc, gauc_new, gauc_regular, ...) of every arm and seed,
+    trained now or read from `cache_csv` (appended to as runs finish)."""
+    code = code_hash()
+    cache = pd.read_csv(cache_csv) if os.path.exists(cache_csv) else pd.DataFrame(columns=["key"])
+    frames = []
+    for seed in seeds:  # seed-major: an interrupted run leaves complete pairs
+        for arm in arms:
+            key = _run_key(arm, prepared, code, seed)
+            hit = cache[cache["key"] == key]
+            if hit.empty:
+                rows = pd.DataFrame(train_and_score(prepared, arm, seed))
+                rows["key"], rows["code"] = key, code
+                rows.to_csv(cache_csv, mode="a", header=not os.path.exists(cache_csv), index=False)
+                cache = pd.concat([cache, rows], ignore_index=True)
+                hit = rows
+                log(f"[diagnosis] {arm.label} seed {seed}: GAUC % "
+                    f"{ {r.task: round(100 * r.gauc, 2) for r in rows.itertuples()} } "
+                    f"({rows['train_seconds'].iloc[0]:.0f} s)")
+            frames.append(hit.assign(label=arm.label))
+    return pd.concat(frames, ignore_index=True)
+
+
+def format_experiment(results: pd.DataFrame, arms: Sequence[Arm], title: str = "") -> str:
+    """Per arm and task: seeds, mean GAUC %, and the paired difference with its reference arm
+    (pp, 95% CI, p), overall and in each AVC regime."""
+    lines = [title] if title else []
+    header = (f"{'arm':<28} {'task':<10} {'n':>2} {'GAUC %':>7}  {'diff pp [95% CI]':<26} {'p':>6}  "
+              f"{'new (AVC<32) pp':<26} {'regular pp':<26}")
+    lines += [header, "-" * len(header)]
+    for arm in arms:
+        mine = results[results["label"] == arm.label]
+        for task in mine["task"].unique():
+            rows = mine[mine["task"] == task].set_index("seed")
+            cells = [f"{arm.label:<28} {task:<10} {len(rows):>2} {100 * rows['gauc'].mean():>7.2f}"]
+            if arm.reference is not None:
+                ref = results[(results["label"] == arm.reference) & (results["task"] == task)].set_index("seed")
+                seeds = sorted(set(rows.index) & set(ref.index))
+                for i, column in enumerate(("gauc", "gauc_new", "gauc_regular")):
+                    d = paired_difference(100 * rows.loc[seeds, column], 100 * ref.loc[seeds, column])
+                    cell = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+                    cells.append(f" {cell:<26}" + (f" {d['p']:>6.3f} " if i == 0 else ""))
+            lines.append("".join(cells))
+    lines.append("diff = arm - its reference arm (the baseline of the same budget and data), paired by seed; "
+                 "CI: t over seeds; p: paired t-test.")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), help="which experiment to run")
+    parser.add_argument("--list", action="store_true", help="list the experiments and their cost, then exit")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--arms", nargs="+", default=None, help="only these arm labels (and their references)")
+    parser.add_argument("--data", default=None, help="MovieLens zip (default: paper_movielens.default_data_zip())")
+    parser.add_argument("--work-dir", default=_DEFAULT_CACHE_DIR, help="examples, transform graphs, run cache")
+    parser.add_argument("--test", action="store_true",
+                        help="score on the TEST users (final table only; never choose on it)")
+    args = parser.parse_args(argv)
+
+    if args.list or not args.experiment:
+        for name, (what, arms) in EXPERIMENTS.items():
+            cost = sum(arm.epochs / 3 * arm.user_fraction for arm in arms)
+            print(f"{name:<14} {what}: {len(arms)} arms, ~{cost:.1f} default-model trainings per seed")
+        return 0 if args.list else 2
+    what, arms = EXPERIMENTS[args.experiment]
+    if args.arms:
+        wanted = set(args.arms)
+        wanted |= {arm.reference for arm in arms if arm.label in wanted and arm.reference}
+        unknown = sorted(set(args.arms) - {arm.label for arm in arms})
+        if unknown:
+            parser.error(f"--arms: unknown arm(s) {unknown}; experiment {args.experiment} has "
+                         f"{[arm.label for arm in arms]}")
+        arms = [arm for arm in arms if arm.label in wanted]
+    os.makedirs(args.work_dir, exist_ok=True)
+    started = time.perf_counter()
+    prepared = prepare(args.data or paper_movielens.default_data_zip(), args.work_dir, test=args.test)
+    results = run_experiment(arms, args.seeds, prepared, os.path.join(args.work_dir, "runs.csv"),
+                             log=lambda line: print(line, file=sys.stderr, flush=True))
+    minutes = (time.perf_counter() - started) / 60
+    print(format_experiment(results, arms, title=(
+        f"{args.experiment}: {what}. {prepared['split']} users ({prepared['summary']['test']['users']} users, "
+        f"{prepared['summary']['test']['examples']} ratings), seeds {args.seeds}, code {code_hash()}, "
+        f"{minutes:.1f} min")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
