@@ -260,7 +260,8 @@ def format_table(results: pd.DataFrame, title: str = "") -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=None,
-                        help=f"MovieLens zip (default: ${_DATA_ENV} or {default_data_zip()})")
+                        help=f"a GroupLens MovieLens zip: ML-100K, ML-1M, ML-10M, ML-20M/25M/32M or ml-latest(-small) "
+                             f"(default: ${_DATA_ENV} or {default_data_zip()})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANT_LABELS), choices=list(VARIANT_LABELS))
     parser.add_argument("--work-dir", default=None, help="examples, transform graph and models (default: a temp dir)")

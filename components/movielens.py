@@ -1,8 +1,9 @@
 """MovieLens ratings -> tf.Examples of `feature_specs.movielens.MOVIELENS`, split by user.
 
-Reads the official GroupLens zip directly (ml-latest-small; ML-20M has the same members
-and format) and writes one example per rating, following the POSO paper's public-data
-protocol (its Table 5):
+Reads any official GroupLens release zip directly -- ML-100K (u.data, u.item), ML-1M and
+ML-10M ("::"-separated .dat files), ML-20M, ML-25M, ML-32M and ml-latest(-small) (CSV),
+the layout told from the zip's members -- and writes one example per rating, following
+the POSO paper's public-data protocol (its Table 5):
 
 * For a rating of user u at time t, everything the example knows about u comes from
   strictly earlier times (< t; ratings in the same second are simultaneous, not history):
@@ -13,6 +14,8 @@ protocol (its Table 5):
 
   Ties within one earlier second are ordered by descending movie id (then tag id), so
   the lists are deterministic. A tag's id is the CRC-32 of its stripped, lower-cased text.
+* Genres: feature_specs.movielens.genre_id of each (older names through GENRE_ALIASES, any
+  unknown name GENRE_OOV_ID). ML-100K and ML-1M have no tags: their tag lists are empty.
 * favorite = [rating >= 5], satisfied = [rating >= 4].
 * Users are split by a seeded 64-bit hash of their id: a user is a test user iff
   hash(user, seed) / 2^64 < test_fraction. Test users never occur in training.
@@ -24,7 +27,9 @@ takes minutes and a few GB, not hours.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import os
 import zipfile
@@ -37,8 +42,8 @@ import pandas as pd
 from feature_specs import movielens as ml
 from feature_specs.specs import Dtype, Kind
 
-__all__ = ["MovieLensTables", "read_movielens", "PreparedRatings", "prepare_ratings", "test_user_mask",
-           "example_columns", "examples_frame", "write_examples", "SPLITS", "TRAIN", "TEST"]
+__all__ = ["MovieLensTables", "read_movielens", "detect_layout", "LAYOUTS", "CSV", "DAT", "ML100K",
+           "PreparedRatings", "prepare_ratings", "test_user_mask", "example_columns", "examples_frame", "write_examples", "SPLITS", "TRAIN", "TEST"]
 
 TRAIN, TEST = "train", "test"
 SPLITS = (TRAIN, TEST)
@@ -47,38 +52,58 @@ _VALIDATION_SEED_OFFSET = 1_000_003  # validation users: an independent hash of 
 _TIME_BITS = 32  # sort key = user << 32 | timestamp; Unix seconds fit in 32 bits until 2106
 
 
+# The releases' file layouts, told apart by their ratings member.
+CSV, DAT, ML100K = "csv", "dat", "ml-100k"
+LAYOUTS = {
+    CSV: (ml.RATINGS_MEMBER, "ML-20M, ML-25M, ML-32M, ml-latest, ml-latest-small: ratings.csv, movies.csv, tags.csv"),
+    DAT: (ml.DAT_RATINGS_MEMBER, "ML-1M, ML-10M: ratings.dat, movies.dat (and tags.dat), '::'-separated"),
+    ML100K: (ml.ML100K_RATINGS_MEMBER, "ML-100K: u.data, u.item"),
+}
+_RATING_TYPES = {"userId": "Int64", "movieId": "Int64", "rating": "float64", "timestamp": "Int64"}
+_TAG_TYPES = {"userId": "Int64", "movieId": "Int64", "tag": str, "timestamp": "Int64"}
+_MOVIE_TYPES = {"movieId": "Int64", "title": str, "genres": str}
+_UNIT_SEPARATOR = "\x1f"  # stands in for "::" so pandas' C parser reads the .dat files
+
+
 @dataclasses.dataclass(frozen=True)
 class MovieLensTables:
     ratings: pd.DataFrame  # userId, movieId, rating, timestamp
     tags: pd.DataFrame     # userId, movieId, tag, timestamp
-    movies: pd.DataFrame   # movieId, title, genres
+    movies: pd.DataFrame   # movieId, title, genres ("|"-joined names)
+    layout: str = CSV      # which release's file layout the zip had (LAYOUTS)
 
 
-def _member(archive: zipfile.ZipFile, zip_path: str, name: str) -> str:
-    """The archive member called `name`, in the root or one top-level folder (ml-20m/...)."""
-    matches = [m for m in archive.namelist() if m.split("/")[-1] == name and m.count("/") <= 1]
-    if len(matches) != 1:
-        found = "none" if not matches else f"several: {matches}"
-        raise FileNotFoundError(f"{zip_path}: expected exactly one member {name!r} (a MovieLens zip such as "
-                                f"ml-latest-small.zip or ml-20m.zip), found {found}")
-    return matches[0]
+def _top_members(archive: zipfile.ZipFile) -> List[str]:
+    """Members in the root or one top-level folder (ml-20m/...), where GroupLens puts the files."""
+    return [m for m in archive.namelist() if m.count("/") <= 1 and not m.endswith("/")]
 
 
-def _read_csv(archive: zipfile.ZipFile, zip_path: str, name: str, columns: Sequence[str],
-              dtypes: Mapping[str, object]) -> pd.DataFrame:
-    """The member's table; its attrs["where"] is "<zip>:<member>" for error messages."""
-    member = _member(archive, zip_path, name)
-    where = f"{zip_path}:{member}"
-    with archive.open(member) as f:
-        header = f.readline().decode("utf-8").strip().split(",")
-    if tuple(header) != tuple(columns):
-        raise ValueError(f"{where}: expected columns {list(columns)}, got {header}")
-    try:
-        with archive.open(member) as f:
-            frame = pd.read_csv(f, dtype=dtypes, keep_default_na=False, na_values={
-                c: [""] for c, t in dtypes.items() if t is not str})
-    except (ValueError, pd.errors.ParserError) as error:
-        raise ValueError(f"{where}: cannot parse: {error}") from None
+def _member(archive: zipfile.ZipFile, zip_path: str, name: str, required: bool = True) -> Optional[str]:
+    """The archive member called `name` (None if absent and not required)."""
+    matches = [m for m in _top_members(archive) if m.split("/")[-1] == name]
+    if len(matches) == 1 or (not matches and not required):
+        return matches[0] if matches else None
+    found = "none" if not matches else f"several: {matches}"
+    raise FileNotFoundError(f"{zip_path}: expected exactly one member {name!r} (a MovieLens zip such as "
+                            f"ml-latest-small.zip or ml-20m.zip), found {found}")
+
+
+def detect_layout(archive: zipfile.ZipFile, zip_path: str) -> str:
+    """The key of LAYOUTS whose ratings member the zip has; ValueError for none or several."""
+    names = {m.split("/")[-1] for m in _top_members(archive)}
+    found = [layout for layout, (ratings, _) in LAYOUTS.items() if ratings in names]
+    if len(found) == 1:
+        return found[0]
+    members = sorted(_top_members(archive))
+    shown = ", ".join(members[:8]) + (f" and {len(members) - 8} more" if len(members) > 8 else "")
+    problem = "has the files of several layouts" if found else "is not a MovieLens release"
+    raise ValueError(f"{zip_path}: {problem}; expected one of: "
+                     + "; ".join(description for _, description in LAYOUTS.values())
+                     + f" (in the root or one top-level folder); it has: {shown or 'no files'}")
+
+
+def _typed(frame: pd.DataFrame, dtypes: Mapping[str, object], where: str) -> pd.DataFrame:
+    """Checks that no typed column has a missing value; attrs["where"] = where for later messages."""
     for column, dtype in dtypes.items():
         if dtype is not str and frame[column].isna().any():
             row = int(np.flatnonzero(frame[column].isna().to_numpy())[0])
@@ -87,11 +112,92 @@ def _read_csv(archive: zipfile.ZipFile, zip_path: str, name: str, columns: Seque
     return frame
 
 
-def read_movielens(zip_path: str) -> MovieLensTables:
-    """Reads ratings.csv, tags.csv and movies.csv from a GroupLens MovieLens zip.
+def _parse(source, where: str, dtypes: Mapping[str, object], **read_csv) -> pd.DataFrame:
+    try:
+        return pd.read_csv(source, dtype=dtypes, keep_default_na=False,
+                           na_values={c: [""] for c, t in dtypes.items() if t is not str}, **read_csv)
+    except (ValueError, pd.errors.ParserError) as error:
+        raise ValueError(f"{where}: cannot parse: {error}") from None
 
+
+def _read_csv(archive: zipfile.ZipFile, zip_path: str, name: str, columns: Sequence[str],
+              dtypes: Mapping[str, object]) -> pd.DataFrame:
+    """A CSV member with a header row; its attrs["where"] is "<zip>:<member>" for error messages."""
+    member = _member(archive, zip_path, name)
+    where = f"{zip_path}:{member}"
+    with archive.open(member) as f:
+        header = f.readline().decode("utf-8").strip().split(",")
+    if tuple(header) != tuple(columns):
+        raise ValueError(f"{where}: expected columns {list(columns)}, got {header}")
+    with archive.open(member) as f:
+        return _typed(_parse(f, where, dtypes), dtypes, where)
+
+
+def _read_separated(archive: zipfile.ZipFile, zip_path: str, name: str, columns: Sequence[str],
+                    dtypes: Mapping[str, object], separator: str, required: bool = True) -> Optional[pd.DataFrame]:
+    """A header-less member whose fields are split by `separator` (None if absent and not required).
+
+    Text is UTF-8 if the member decodes as such, else Latin-1 (ML-1M, ML-100K).
+    """
+    member = _member(archive, zip_path, name, required)
+    if member is None:
+        return None
+    where = f"{zip_path}:{member}"
+    with archive.open(member) as f:
+        data = f.read()
+    if len(separator) > 1:  # pandas' C parser takes one character
+        data = data.replace(separator.encode(), _UNIT_SEPARATOR.encode())
+        separator = _UNIT_SEPARATOR
+    encoding = "utf-8"
+    try:
+        if str in dtypes.values():  # numbers read the same either way
+            data.decode(encoding)
+    except UnicodeDecodeError:
+        encoding = "latin-1"
+    frame = _parse(io.BytesIO(data), where, {columns.index(c): t for c, t in dtypes.items()}, header=None,
+                   sep=separator, quoting=csv.QUOTE_NONE, encoding=encoding)
+    if frame.shape[1] != len(columns):
+        raise ValueError(f"{where}: expected {len(columns)} fields per line ({', '.join(columns)}), "
+                         f"got {frame.shape[1]}")
+    frame.columns = list(columns)
+    return _typed(frame, dtypes, where)
+
+
+def _read_tables(archive: zipfile.ZipFile, zip_path: str, layout: str):
+    """(ratings, tags or None, movies) with the columns of the CSV layout."""
+    if layout == CSV:
+        return (_read_csv(archive, zip_path, ml.RATINGS_MEMBER, ml.RATINGS_COLUMNS, _RATING_TYPES),
+                _read_csv(archive, zip_path, ml.TAGS_MEMBER, ml.TAGS_COLUMNS, _TAG_TYPES),
+                _read_csv(archive, zip_path, ml.MOVIES_MEMBER, ml.MOVIES_COLUMNS, _MOVIE_TYPES))
+    if layout == DAT:
+        return (_read_separated(archive, zip_path, ml.DAT_RATINGS_MEMBER, ml.RATINGS_COLUMNS, _RATING_TYPES,
+                                ml.DAT_SEPARATOR),
+                _read_separated(archive, zip_path, ml.DAT_TAGS_MEMBER, ml.TAGS_COLUMNS, _TAG_TYPES,
+                                ml.DAT_SEPARATOR, required=False),
+                _read_separated(archive, zip_path, ml.DAT_MOVIES_MEMBER, ml.MOVIES_COLUMNS, _MOVIE_TYPES,
+                                ml.DAT_SEPARATOR))
+    ratings = _read_separated(archive, zip_path, ml.ML100K_RATINGS_MEMBER, ml.RATINGS_COLUMNS, _RATING_TYPES, "\t")
+    flag_types = {flag: "Int64" for flag in ml.ML100K_GENRE_FLAGS}
+    items = _read_separated(archive, zip_path, ml.ML100K_MOVIES_MEMBER, ml.ML100K_MOVIE_FIELDS,
+                            {"movieId": "Int64", "title": str, **flag_types}, "|")
+    flags = items[list(ml.ML100K_GENRE_FLAGS)].to_numpy(np.int64)
+    bad = (flags != 0) & (flags != 1)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise ValueError(f"{items.attrs['where']}: genre flag {ml.ML100K_GENRE_FLAGS[column]!r} is "
+                         f"{flags[row, column]} in data row {row + 1}, expected 0 or 1")
+    genres = ["|".join(g for g, flag in zip(ml.ML100K_GENRE_FLAGS, row) if flag) or "unknown" for row in flags]
+    movies = pd.DataFrame({"movieId": items["movieId"], "title": items["title"], "genres": genres})
+    movies.attrs["where"] = items.attrs["where"]
+    return ratings, None, movies
+
+
+def read_movielens(zip_path: str) -> MovieLensTables:
+    """Reads the ratings, tags (where the release has them) and movies of a GroupLens MovieLens zip.
+
+    The layout (LAYOUTS: ML-100K, ML-1M/10M, ML-20M and later) is told from the zip's members.
     Raises FileNotFoundError for a missing zip or member and ValueError naming the file
-    (and row) for wrong columns or values.
+    (and row) for a zip of no known layout, wrong columns or values.
     """
     if not os.path.isfile(zip_path):
         raise FileNotFoundError(f"MovieLens zip {zip_path!r} does not exist")
@@ -100,12 +206,11 @@ def read_movielens(zip_path: str) -> MovieLensTables:
     except zipfile.BadZipFile as error:
         raise ValueError(f"{zip_path}: not a zip file ({error})") from None
     with archive:
-        ratings = _read_csv(archive, zip_path, ml.RATINGS_MEMBER, ml.RATINGS_COLUMNS,
-                            {"userId": "Int64", "movieId": "Int64", "rating": "float64", "timestamp": "Int64"})
-        tags = _read_csv(archive, zip_path, ml.TAGS_MEMBER, ml.TAGS_COLUMNS,
-                         {"userId": "Int64", "movieId": "Int64", "tag": str, "timestamp": "Int64"})
-        movies = _read_csv(archive, zip_path, ml.MOVIES_MEMBER, ml.MOVIES_COLUMNS,
-                           {"movieId": "Int64", "title": str, "genres": str})
+        layout = detect_layout(archive, zip_path)
+        ratings, tags, movies = _read_tables(archive, zip_path, layout)
+    if tags is None:
+        tags = pd.DataFrame({c: pd.Series(dtype=object if t is str else "Int64") for c, t in _TAG_TYPES.items()})
+        tags.attrs["where"] = f"{zip_path} (no tags)"
     bad = ~ratings["rating"].between(0.5, 5.0)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
@@ -122,7 +227,7 @@ def read_movielens(zip_path: str) -> MovieLensTables:
     tags = tags[tags["tag"].str.strip() != ""]  # an empty tag is no tag
     tags = tags.astype({"userId": np.int64, "movieId": np.int64, "timestamp": np.int64})
     movies = movies.astype({"movieId": np.int64})
-    return MovieLensTables(ratings, tags, movies)
+    return MovieLensTables(ratings, tags, movies, layout)
 
 
 def tag_id(tag: str) -> int:
@@ -131,16 +236,10 @@ def tag_id(tag: str) -> int:
 
 
 def _genre_ids(movies: pd.DataFrame) -> Dict[int, List[int]]:
-    position = {genre: i + 1 for i, genre in enumerate(ml.GENRES)}
-    genres = {}
-    for movie_id, text in zip(movies["movieId"].to_numpy(), movies["genres"].to_numpy()):
-        unknown = [g for g in text.split("|") if g not in position]
-        if unknown:
-            raise ValueError(f"{movies.attrs.get('where', ml.MOVIES_MEMBER)}: movie {movie_id} has genre(s) "
-                             f"{unknown} not in "
-                             f"feature_specs.movielens.GENRES")
-        genres[int(movie_id)] = [position[g] for g in text.split("|")]
-    return genres
+    """movie id -> its distinct genre ids (feature_specs.movielens.genre_id), in the file's order."""
+    ids = {name: ml.genre_id(name) for name in set("|".join(movies["genres"].to_numpy()).split("|"))}
+    return {int(movie_id): list(dict.fromkeys(ids[g] for g in text.split("|")))
+            for movie_id, text in zip(movies["movieId"].to_numpy(), movies["genres"].to_numpy())}
 
 
 def test_user_mask(user_ids: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:

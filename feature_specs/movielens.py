@@ -19,22 +19,49 @@ from feature_specs.specs import (HISTORY_LENGTH, Dtype, Feature, FeatureSet, Kin
                                  Task)
 
 __all__ = ["MOVIELENS", "RATINGS_MEMBER", "TAGS_MEMBER", "MOVIES_MEMBER", "RATINGS_COLUMNS", "TAGS_COLUMNS",
-           "MOVIES_COLUMNS", "GENRES", "USER_ID", "MOVIE_ID", "MOVIE_GENRES", "HIST_MOVIE_IDS", "HIST_TAGS",
+           "MOVIES_COLUMNS", "DAT_RATINGS_MEMBER", "DAT_TAGS_MEMBER", "DAT_MOVIES_MEMBER", "DAT_SEPARATOR",
+           "ML100K_RATINGS_MEMBER", "ML100K_MOVIES_MEMBER", "ML100K_GENRE_FLAGS", "ML100K_MOVIE_FIELDS",
+           "GENRES", "GENRE_ALIASES", "GENRE_OOV_ID", "genre_id", "USER_ID", "MOVIE_ID", "MOVIE_GENRES", "HIST_MOVIE_IDS", "HIST_TAGS",
            "AVC", "FAVORITE", "SATISFIED", "FAVORITE_MIN_RATING", "SATISFIED_MIN_RATING"]
 
 # ---------------------------------------------------------------------------
-# Raw files, as GroupLens publishes them (ml-latest-small, ml-20m: same format).
+# Raw files, as GroupLens publishes them. Every layout has ratings and movies with the same
+# columns (RATINGS_COLUMNS, MOVIES_COLUMNS; genres "|"-joined), some also tags (TAGS_COLUMNS).
 # ---------------------------------------------------------------------------
+# ML-20M, ML-25M, ML-32M and ml-latest(-small): CSV with a header row, UTF-8.
 RATINGS_MEMBER, TAGS_MEMBER, MOVIES_MEMBER = "ratings.csv", "tags.csv", "movies.csv"
 RATINGS_COLUMNS: Tuple[str, ...] = ("userId", "movieId", "rating", "timestamp")
 TAGS_COLUMNS: Tuple[str, ...] = ("userId", "movieId", "tag", "timestamp")
 MOVIES_COLUMNS: Tuple[str, ...] = ("movieId", "title", "genres")
-# The genres GroupLens documents (README.txt); ML-20M spells "Children" the same way.
+# ML-1M (no tags; Latin-1) and ML-10M: the same columns, "::"-separated, no header row.
+DAT_RATINGS_MEMBER, DAT_TAGS_MEMBER, DAT_MOVIES_MEMBER = "ratings.dat", "tags.dat", "movies.dat"
+DAT_SEPARATOR = "::"
+# ML-100K (no tags; Latin-1): u.data is "user item rating timestamp", tab-separated; u.item is
+# "|"-separated: id, title, release date, video release date, IMDb URL, then 0/1 genre flags.
+ML100K_RATINGS_MEMBER, ML100K_MOVIES_MEMBER = "u.data", "u.item"
+ML100K_GENRE_FLAGS: Tuple[str, ...] = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)
+ML100K_MOVIE_FIELDS: Tuple[str, ...] = ("movieId", "title", "release_date", "video_release_date",
+                                        "imdb_url") + ML100K_GENRE_FLAGS
+# The genres GroupLens documents for ml-latest (README.txt); ML-20M spells "Children" the same way.
 GENRES: Tuple[str, ...] = (
     "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
     "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western", "IMAX",
     "(no genres listed)",
 )
+# Older releases' names for the same genres (ML-100K, ML-1M).
+GENRE_ALIASES = {"Children's": "Children", "unknown": "(no genres listed)"}
+# Every other genre name (a newer release's, a typo) shares this id: the movie still reads.
+GENRE_OOV_ID = len(GENRES) + 1
+
+
+def genre_id(name: str) -> int:
+    """1 + position in GENRES (through GENRE_ALIASES); GENRE_OOV_ID for any other name."""
+    name = GENRE_ALIASES.get(name, name)
+    return GENRES.index(name) + 1 if name in GENRES else GENRE_OOV_ID
+
 
 # Task definitions on the 0.5..5 star scale.
 FAVORITE_MIN_RATING = 5.0
@@ -50,7 +77,7 @@ FAVORITE, SATISFIED = "favorite", "satisfied"
 _FEATURES: Tuple[Feature, ...] = (
     Feature(MOVIE_ID, Dtype.INT64, Kind.CATEGORICAL, hash_buckets=50_000, embedding_dim=16),
     Feature(MOVIE_GENRES, Dtype.INT64, Kind.SEQUENCE, hash_buckets=1_000, max_length=len(GENRES), embedding_dim=8,
-            description="the candidate movie's genres, as 1 + position in GENRES"),
+            description="the candidate movie's genres: genre_id of each, distinct, in the file's order"),
     Feature(HIST_MOVIE_IDS, Dtype.INT64, Kind.SEQUENCE, hash_buckets=50_000, max_length=HISTORY_LENGTH,
             embedding_dim=16, description="the user's rated movies before this rating, most recent first"),
     Feature(HIST_TAGS, Dtype.INT64, Kind.SEQUENCE, hash_buckets=10_000, max_length=HISTORY_LENGTH,

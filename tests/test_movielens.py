@@ -1,6 +1,7 @@
 """MovieLens: examples equal a brute-force pandas computation; split by user; the MOVIELENS
 feature set through tf.Transform, RankingModel, export and the paper benchmark's runner."""
 
+import hashlib
 import os
 import zipfile
 import zlib
@@ -19,6 +20,7 @@ from models import export, model, preprocessing, trainer
 TINY = dict(embedding_dim=4, mlp_units=(16,), expert_units=(8,), tower_units=(4,), num_heads=2, head_dim=4,
             gate_hidden_units=4, num_experts=2, num_value_projections=2, learning_rate=0.01)
 NUM_USERS = 12
+ML_LATEST_SMALL = paper_movielens.default_data_zip()
 
 
 def _fabricate(seed: int = 0):
@@ -29,6 +31,7 @@ def _fabricate(seed: int = 0):
                            "genres": ["|".join(rng.choice(ml.GENRES[:-1], size=rng.integers(1, 4), replace=False))
                                       for _ in range(80)]})
     movies.loc[3, "genres"] = "(no genres listed)"
+    movies.loc[5, "title"] = "Amélie (2001)"  # Latin-1 in ML-100K and ML-1M, UTF-8 elsewhere
     ratings, tags = [], []
     for user in range(1, NUM_USERS + 1):
         count = 45 if user == 1 else int(rng.integers(3, 20))
@@ -38,7 +41,7 @@ def _fabricate(seed: int = 0):
         for _ in range(int(rng.integers(60, 70) if user == 1 else rng.integers(0, 6))):
             time = int(rng.choice(times)) if rng.random() < 0.5 else int(1_000_000 + rng.integers(0, 2400))
             tags.append((user, int(rng.choice(movies["movieId"])), str(rng.choice(["Funny", "funny ", "dark, slow",
-                                                                                  "twist", "Oscar"])), time))
+                                                                                  "twist", "Oscar", "café"])), time))
     return (pd.DataFrame(ratings, columns=ml.RATINGS_COLUMNS), pd.DataFrame(tags, columns=ml.TAGS_COLUMNS), movies)
 
 
@@ -53,6 +56,51 @@ def _write_zip(path, ratings, tags, movies, folder="ml-test/", skip=(), rename=N
     return str(path)
 
 
+# Each release's own file layout (folder, members, separators, encodings, genre names).
+RELEASES = {"ml-100k": "ml-100k/", "ml-1m": "ml-1m/", "ml-10m": "ml-10M100K/", "ml-25m": "ml-25m/"}
+
+
+def _old_genre_names(genres, flags=False):
+    """A movie's genres as ML-100K/ML-1M spell them ("Children's"; ML-100K has no IMAX)."""
+    names = [{"Children": "Children's", "(no genres listed)": "unknown"}.get(g, g) for g in genres.split("|")]
+    if not flags:
+        return names
+    return [g for g in ml.ML100K_GENRE_FLAGS if g in names] or ["unknown"]  # in flag order
+
+
+def _write_layout(path, release, ratings, tags, movies, replace=None):
+    """A zip in `release`'s layout holding these tables; `replace`: member name -> text instead."""
+    folder = RELEASES[release]
+    if release == "ml-25m":
+        return _write_zip(path, ratings, tags, movies, folder=folder)
+    rating_text = ratings["rating"].map(lambda r: f"{r:g}")
+    if release == "ml-100k":
+        members = {"u.data": "".join(f"{u}\t{m}\t{r}\t{t}\n" for u, m, r, t in zip(
+            ratings["userId"], ratings["movieId"], rating_text, ratings["timestamp"])),
+                   "u.item": "".join(
+            f"{m}|{title}|01-Jan-1995||http://us.imdb.com/M/title-exact?{m}|"
+            + "|".join("1" if g in _old_genre_names(genres, flags=True) else "0" for g in ml.ML100K_GENRE_FLAGS)
+            + "\n" for m, title, genres in movies.itertuples(index=False)),
+                   "u.user": "1|24|M|technician|85711\n", "u.genre": "unknown|0\nAction|1\n\n"}
+        encoding = "latin-1"
+    else:
+        members = {"ratings.dat": "".join(f"{u}::{m}::{r}::{t}\n" for u, m, r, t in zip(
+            ratings["userId"], ratings["movieId"], rating_text, ratings["timestamp"])),
+                   "movies.dat": "".join(f"{m}::{title}::{'|'.join(_old_genre_names(genres))}\n"
+                                         for m, title, genres in movies.itertuples(index=False))}
+        if release == "ml-10m":
+            members["tags.dat"] = "".join(f"{u}::{m}::{tag}::{t}\n" for u, m, tag, t in tags.itertuples(index=False))
+        else:
+            members["users.dat"] = "1::F::1::10::48067\n"
+        encoding = "utf-8" if release == "ml-10m" else "latin-1"
+    members.update(replace or {})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(folder + "README", "fabricated")
+        for name, text in members.items():
+            archive.writestr(folder + name, text.encode(encoding))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def fabricated(tmp_path_factory):
     ratings, tags, movies = _fabricate()
@@ -63,7 +111,7 @@ def fabricated(tmp_path_factory):
 def _brute_force(ratings, tags, movies):
     """The protocol, one rating at a time, straight from its definition."""
     tags = tags.assign(tag_id=[zlib.crc32(t.strip().lower().encode()) for t in tags["tag"]])
-    genre_ids = {m: [ml.GENRES.index(g) + 1 for g in text.split("|")]
+    genre_ids = {m: list(dict.fromkeys(ml.genre_id(g) for g in text.split("|")))
                  for m, text in zip(movies["movieId"], movies["genres"])}
     rows = []
     for r in ratings.itertuples():
@@ -96,6 +144,58 @@ def test_examples_equal_brute_force_and_use_only_earlier_history(fabricated):
     rated_at = {(u, m): t for u, m, t in fabricated["ratings"][["userId", "movieId", "timestamp"]].itertuples(index=False)}
     for row in got.itertuples():
         assert all(rated_at[(row.user_id, movie)] < row.timestamp for movie in row.hist_movie_ids)
+
+
+@pytest.mark.parametrize("release", sorted(RELEASES))
+def test_every_release_layout_reads_end_to_end_to_examples(release, fabricated, tmp_path):
+    ratings, tags, movies = fabricated["ratings"], fabricated["tags"], fabricated["movies"]
+    path = _write_layout(tmp_path / f"{release}.zip", release, ratings, tags, movies)
+    tables = ml_data.read_movielens(path)
+    assert tables.layout == {"ml-100k": ml_data.ML100K, "ml-25m": ml_data.CSV}.get(release, ml_data.DAT)
+    pd.testing.assert_frame_equal(tables.ratings.reset_index(drop=True), ratings, check_dtype=False)
+    assert tables.movies.set_index("movieId")["title"].to_dict() == movies.set_index("movieId")["title"].to_dict()
+    has_tags = release in ("ml-10m", "ml-25m")
+    want_tags = tags if has_tags else tags.iloc[:0]
+    assert tables.tags.reset_index(drop=True)[["userId", "movieId", "tag"]].values.tolist() == \
+        want_tags[["userId", "movieId", "tag"]].values.tolist()
+    if release != "ml-25m":  # as the release spells them; genre_id maps them back
+        movies = movies.assign(genres=["|".join(_old_genre_names(g, flags=release == "ml-100k"))
+                                       for g in movies["genres"]])
+    # End to end: the written tf.Examples of both splits equal the protocol's brute force.
+    ml_data.write_examples(path, str(tmp_path / "examples"), test_fraction=0.3, seed=0)
+    records = [r for split in ml_data.SPLITS for r in tf.data.TFRecordDataset(
+        tf.io.gfile.glob(str(tmp_path / "examples" / split / "*.tfrecord.gz")), compression_type="GZIP")]
+    got = {}
+    for record in records:
+        features = tf.train.Example.FromString(record.numpy()).features.feature
+        values = {name: list(features[name].int64_list.value) for name in features}
+        got[(values[ml.USER_ID][0], values[ml.MOVIE_ID][0])] = values
+    want = _brute_force(ratings, want_tags, movies)
+    assert len(got) == len(want) == len(ratings)
+    for row in want.itertuples():
+        example = got[(row.user_id, row.movie_id)]
+        for name in (ml.AVC, ml.FAVORITE, ml.SATISFIED):
+            assert example[name] == [getattr(row, name)], (name, row)
+        for name in (ml.HIST_MOVIE_IDS, ml.HIST_TAGS, ml.MOVIE_GENRES):
+            assert example.get(name, []) == getattr(row, name), (name, row)
+    assert any(example.get(ml.HIST_TAGS) for example in got.values()) == has_tags
+
+
+def test_ml_latest_small_reads_as_before(tmp_path):
+    """The real ml-latest-small: the examples' columns hash as they did before the other layouts
+    were added (components/movielens.py at f31c43a)."""
+    if not os.path.isfile(ML_LATEST_SMALL):
+        pytest.skip(f"{ML_LATEST_SMALL} is not here: set POSO_MOVIELENS_ZIP")
+    tables = ml_data.read_movielens(ML_LATEST_SMALL)
+    assert (tables.layout, len(tables.ratings), len(tables.tags), len(tables.movies)) == ("csv", 100_836, 3_683, 9_742)
+    prepared = ml_data.prepare_ratings(tables)
+    columns = ml_data.example_columns(prepared, np.arange(len(prepared)))
+    digest = hashlib.sha256()
+    for name in sorted(columns):
+        for array in columns[name]:
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    assert digest.hexdigest() == "e72d85f2d0dbfce1dd1a979c221984b7034a488f9814d2f42572189cb71d8a05"
 
 
 def _read_split(path):
@@ -145,9 +245,40 @@ def test_bad_zips_get_errors_naming_the_file(fabricated, tmp_path):
         userId=lambda f: f["userId"].mask(f.index == 2, "x")), tags, movies)
     with pytest.raises(ValueError, match=r"text_id.zip:ml-test/ratings.csv: cannot parse"):
         ml_data.read_movielens(path)
-    path = _write_zip(tmp_path / "genre.zip", ratings, tags, movies.assign(genres="Action|Space opera"))
-    with pytest.raises(ValueError, match=r"movies.csv: movie 7 has genre\(s\) \['Space opera'\]"):
-        ml_data.prepare_ratings(ml_data.read_movielens(path))
+    path = _write_zip(tmp_path / "readme.zip", ratings, tags, movies, skip=(ml.RATINGS_MEMBER,))
+    with pytest.raises(ValueError, match=r"readme.zip: is not a MovieLens release; expected one of: ML-20M.*"
+                                         r"it has: ml-test/movies.csv, ml-test/tags.csv"):
+        ml_data.read_movielens(path)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("ml-test/ratings.csv", ratings.to_csv(index=False))
+        archive.writestr("ml-test/ratings.dat", "1::7::5::1000000\n")
+    with pytest.raises(ValueError, match=r"readme.zip: has the files of several layouts"):
+        ml_data.read_movielens(path)
+    path = _write_layout(tmp_path / "fields.zip", "ml-10m", ratings, tags, movies)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("ml-10M100K-copy/ratings.dat", "1::7::5::1000000\n")
+    with pytest.raises(FileNotFoundError, match=r"expected exactly one member 'ratings.dat'.*several"):
+        ml_data.read_movielens(path)
+    path = _write_layout(tmp_path / "fields.zip", "ml-1m", ratings, tags, movies,
+                         replace={"ratings.dat": "1::7::5\n2::7::4\n"})
+    with pytest.raises(ValueError, match=r"fields.zip:ml-1m/ratings.dat: expected 4 fields per line "
+                                         r"\(userId, movieId, rating, timestamp\), got 3"):
+        ml_data.read_movielens(path)
+    path = _write_layout(tmp_path / "flags.zip", "ml-100k", ratings, tags, movies,
+                         replace={"u.item": "7|Movie|01-Jan-1995||http://x|0|2" + "|0" * 17 + "\n"})
+    with pytest.raises(ValueError, match=r"flags.zip:ml-100k/u.item: genre flag 'Action' is 2 in data row 1"):
+        ml_data.read_movielens(path)
+
+
+def test_unknown_genres_share_the_out_of_vocabulary_id(fabricated, tmp_path):
+    movies, movie = fabricated["movies"].copy(), fabricated["ratings"]["movieId"].iat[0]
+    movies.loc[movies["movieId"] == movie, "genres"] = "Action|Space opera|Children's|Cyberpunk"
+    path = _write_zip(tmp_path / "genre.zip", fabricated["ratings"], fabricated["tags"], movies)
+    prepared = ml_data.prepare_ratings(ml_data.read_movielens(path))
+    genres = ml_data.examples_frame(prepared).set_index(ml.MOVIE_ID)[ml.MOVIE_GENRES]
+    want = (ml.GENRES.index("Action") + 1, ml.GENRE_OOV_ID, ml.GENRES.index("Children") + 1)
+    assert genres.loc[[movie]].map(tuple).unique().tolist() == [want]
+    assert ml.GENRE_OOV_ID not in {ml.genre_id(g) for g in ml.GENRES + tuple(ml.GENRE_ALIASES)}
 
 
 @pytest.fixture(scope="module")
