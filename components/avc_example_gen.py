@@ -8,7 +8,18 @@ history. AVC is exact across days because the per-user state is an artifact carr
 day D-1 to day D (`previous_user_state`), so day D never rereads earlier days.
 
 Bad rows go to the `quarantine` artifact with their file, row number and reason; a day with
-more than `max_bad_row_fraction` bad rows fails with a message naming them.
+more than `max_bad_row_fraction` bad rows fails with a message naming them. Bad rows: a row
+that does not parse, is outside its day, names an unknown video, holds a label other than 0 or
+1, or repeats an earlier row of the day exactly (an impression logged twice: the first is kept).
+A user missing from the user table is a new sign-up: the profile features take their defaults,
+and the rows are counted (`rows_without_user_profile`). A second copy of a file (same content)
+is refused before any row is read. With `quarantine_dir`, the bad rows and the day's counts are
+also copied to QUARANTINE_DIR/DATE/, outside TFX's outputs (which TFX deletes when the step
+fails), before the step can fail.
+
+`input_fingerprint` (names, sizes and SHA-256 of the day's log files, computed when the
+pipeline is built) is an execution property only so that TFX's cache key holds it: a changed
+file means a new execution, and new Examples for every step downstream.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 from typing import Any, Dict, List, Optional
 
 import apache_beam as beam
@@ -74,6 +86,8 @@ class AvcExampleGenSpec(ComponentSpec):
         "input_base": ExecutionParameter(type=str),
         "date": ExecutionParameter(type=str),
         "max_bad_row_fraction": ExecutionParameter(type=float),
+        "input_fingerprint": ExecutionParameter(type=str, optional=True),
+        "quarantine_dir": ExecutionParameter(type=str, optional=True),
     }
     INPUTS = {"previous_user_state": ChannelParameter(type=UserState, optional=True)}
     OUTPUTS = {
@@ -114,7 +128,8 @@ class _ValidateRows(beam.DoFn):
 
 
 class _ProcessUser(beam.DoFn):
-    """CoGroupByKey result for one user -> serialized examples (main output) and the new state.
+    """CoGroupByKey result for one user -> serialized examples (main output), the new state, and
+    the user's exact duplicate rows (`bad`): a user's rows of every file meet only here.
 
     Examples are encoded in batches (see avc.encode_examples), flushed at the end of each bundle.
     """
@@ -123,19 +138,27 @@ class _ProcessUser(beam.DoFn):
                  users_path: str = impression_logs.USER_TABLE_FILE, videos_path: str = impression_logs.VIDEO_TABLE_FILE):
         self._users, self._videos = users, videos
         self._users_path, self._videos_path = users_path, videos_path
+        self._duplicates = beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, "duplicate_rows")
+        self._without_profile = beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, "rows_without_user_profile")
 
     def start_bundle(self):
         self._pending: List[Dict[str, Any]] = []
 
     def process(self, keyed):
         user_id, grouped = keyed
-        impressions = [imp for chunk in grouped["impressions"] for imp in chunk]
+        impressions, duplicates = impression_logs.split_duplicates(
+            imp for chunk in grouped["impressions"] for imp in chunk)
+        for duplicate in duplicates:
+            self._duplicates.inc()
+            yield beam.pvalue.TaggedOutput("bad", duplicate)
         states = list(grouped["state"])
         previous = states[0] if states else None
         if not impressions:  # not seen today: carry the state over unchanged
             yield beam.pvalue.TaggedOutput("state", previous)
             return
         user_row = self._users.get(user_id)
+        if user_row is None:  # a new sign-up: profile defaults (see the module docstring)
+            self._without_profile.inc(len(impressions))
         try:
             examples, state = avc.process_user_day(user_id, impressions, previous, user_row, self._videos)
         except ValueError as error:
@@ -212,6 +235,13 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         max_bad = float(exec_properties.get("max_bad_row_fraction") or 0.01)
         previous = _previous_state(input_dict.get("previous_user_state") or [], input_base, date)
         files = impression_logs.day_files(input_base, date)
+        described = impression_logs.describe_files(files)
+        copies = impression_logs.duplicate_files(described, files)
+        if copies:
+            raise impression_logs.LogFormatError(
+                f"{date.isoformat()}: " + "; ".join(f"{copy} has the same content as {original}"
+                                                    for copy, original in copies)
+                + ": a second copy of the day's log would count every impression twice; remove the copy")
         users_path = os.path.join(input_base, impression_logs.USER_TABLE_FILE)
         videos_path = os.path.join(input_base, impression_logs.VIDEO_TABLE_FILE)
         users = impression_logs.read_table(users_path, specs.USER_ID)
@@ -225,18 +255,20 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         rows = (pipeline
                 | "LogFiles" >> beam.Create(files)
                 | "Validate" >> beam.ParDo(_ValidateRows(date, frozenset(videos))).with_outputs("bad", main="good"))
-        (rows.bad
-         | "BadRowToJson" >> beam.Map(lambda b: json.dumps({"file": b.file, "row": b.row_number,
-                                                          "reason": b.reason, "raw": b.raw}))
-         | "WriteQuarantine" >> beam.io.WriteToText(os.path.join(quarantine.uri, QUARANTINE_FILE),
-                                                    shard_name_template=""))
         by_user = {
             "impressions": rows.good,
             "state": _read_state(pipeline, previous) | "KeyState" >> beam.Map(lambda s: (s.user_id, s)),
         }
         processed = (by_user
                      | "GroupByUser" >> beam.CoGroupByKey()
-                     | "ComputeAvc" >> beam.ParDo(_ProcessUser(users, videos, users_path, videos_path)).with_outputs("state", main="examples"))
+                     | "ComputeAvc" >> beam.ParDo(_ProcessUser(users, videos, users_path, videos_path)).with_outputs(
+                         "state", "bad", main="examples"))
+        ((rows.bad, processed.bad)
+         | "AllBadRows" >> beam.Flatten()
+         | "BadRowToJson" >> beam.Map(lambda b: json.dumps({"file": b.file, "row": b.row_number,
+                                                          "reason": b.reason, "raw": b.raw}))
+         | "WriteQuarantine" >> beam.io.WriteToText(os.path.join(quarantine.uri, QUARANTINE_FILE),
+                                                    shard_name_template=""))
         (processed.examples
          | "WriteExamples" >> beam.io.WriteToTFRecord(
              os.path.join(examples.uri, f"Split-{SPLIT}", EXAMPLES_PREFIX),
@@ -249,12 +281,19 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         result = pipeline.run()
         result.wait_until_finish()
 
-        good = _counter(result, "good_rows")
+        duplicates = _counter(result, "duplicate_rows")
+        good = _counter(result, "good_rows") - duplicates  # duplicates passed validation first
         bad_rows = _read_bad_rows(os.path.join(quarantine.uri, QUARANTINE_FILE))
-        summary = {"date": date.isoformat(), "files": files, "good_rows": good, "bad_rows": len(bad_rows),
+        counts = {"good_rows": good, "bad_rows": len(bad_rows), "duplicate_rows": duplicates,
+                  "rows_without_user_profile": _counter(result, "rows_without_user_profile")}
+        summary = {"date": date.isoformat(), "files": [dict(d, path=p) for p, d in zip(files, described)],
+                   "input_fingerprint": impression_logs.fingerprint(described), **counts,
                    "reasons": _count_reasons(bad_rows)}
         with open(os.path.join(quarantine.uri, QUARANTINE_SUMMARY), "w") as f:
             json.dump(summary, f, indent=2)
+        bad_rows_path = os.path.join(quarantine.uri, QUARANTINE_FILE)
+        if exec_properties.get("quarantine_dir"):
+            bad_rows_path = keep_quarantine(quarantine.uri, str(exec_properties["quarantine_dir"]), date)
         total = good + len(bad_rows)
         if total == 0:
             raise impression_logs.LogFormatError(f"{date.isoformat()}: the log files {files} have no rows")
@@ -263,23 +302,45 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             raise impression_logs.LogFormatError(
                 f"{date.isoformat()}: {len(bad_rows)} of {total} rows are bad "
                 f"({len(bad_rows) / total:.2%} > {max_bad:.2%}); first ones: {shown}. "
-                f"All bad rows with reasons: {os.path.join(quarantine.uri, QUARANTINE_FILE)}")
+                f"All bad rows with reasons: {bad_rows_path}")
 
         span = span_of(date)
         examples.split_names = artifact_utils.encode_split_names([SPLIT])
         examples.span = span
         examples.set_string_custom_property("payload_format", "FORMAT_TF_EXAMPLE")
         examples.set_string_custom_property("file_format", "tfrecords_gzip")
-        examples.set_int_custom_property("rows", good)
+        for name, value in counts.items():
+            examples.set_int_custom_property("rows" if name == "good_rows" else name, value)
+        examples.set_string_custom_property("input_fingerprint", summary["input_fingerprint"])
         state_out.span = span
         state_out.through_date = date.isoformat()
         quarantine.span = span
         quarantine.set_int_custom_property("bad_rows", len(bad_rows))
 
 
+def quarantine_dir_of(home: str) -> str:
+    return os.path.join(home, "quarantine")
+
+
+def keep_quarantine(quarantine_uri: str, quarantine_dir: str, date: datetime.date) -> str:
+    """Copies a day's bad rows and counts to QUARANTINE_DIR/DATE/ (replacing an earlier ingest's);
+    returns the path of the bad rows there."""
+    kept = os.path.join(quarantine_dir, date.isoformat())
+    os.makedirs(kept, exist_ok=True)
+    for name in (QUARANTINE_FILE, QUARANTINE_SUMMARY):
+        source = os.path.join(quarantine_uri, name)
+        if os.path.exists(source):
+            shutil.copyfile(source, os.path.join(kept, name + ".partial"))
+            os.replace(os.path.join(kept, name + ".partial"), os.path.join(kept, name))
+        elif os.path.exists(os.path.join(kept, name)):
+            os.remove(os.path.join(kept, name))  # no bad rows this time: none from an earlier ingest
+    return os.path.join(kept, QUARANTINE_FILE)
+
+
 def run_executor_for_day(input_base: str, date: datetime.date, output_dir: str, beam_pipeline_args: List[str],
                          previous_user_state: Optional[types.Artifact] = None,
-                         max_bad_row_fraction: float = 0.01) -> Dict[str, List[types.Artifact]]:
+                         max_bad_row_fraction: float = 0.01,
+                         quarantine_dir: str = "") -> Dict[str, List[types.Artifact]]:
     """The executor on one day outside a pipeline (benchmarks, tests): its three output artifacts,
     written under output_dir/<examples|user_state|quarantine>."""
     executor = Executor(base_beam_executor.BaseBeamExecutor.Context(
@@ -292,7 +353,8 @@ def run_executor_for_day(input_base: str, date: datetime.date, output_dir: str, 
         os.makedirs(artifact.uri, exist_ok=True)
         outputs[key] = [artifact]
     executor.Do({"previous_user_state": [previous_user_state] if previous_user_state else []}, outputs,
-                {"input_base": input_base, "date": date.isoformat(), "max_bad_row_fraction": max_bad_row_fraction})
+                {"input_base": input_base, "date": date.isoformat(), "max_bad_row_fraction": max_bad_row_fraction,
+                 "quarantine_dir": quarantine_dir})
     return outputs
 
 
@@ -337,9 +399,10 @@ class AvcExampleGen(base_beam_component.BaseBeamComponent):
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(Executor)
 
     def __init__(self, input_base: str, date: str, previous_user_state: types.BaseChannel = None,
-                 max_bad_row_fraction: float = 0.01):
+                 max_bad_row_fraction: float = 0.01, input_fingerprint: str = "", quarantine_dir: str = ""):
         super().__init__(spec=AvcExampleGenSpec(
             input_base=input_base, date=date, max_bad_row_fraction=max_bad_row_fraction,
+            input_fingerprint=input_fingerprint, quarantine_dir=quarantine_dir,
             previous_user_state=previous_user_state,
             examples=types.Channel(type=standard_artifacts.Examples),
             user_state=types.Channel(type=UserState),

@@ -10,8 +10,10 @@ import csv
 import dataclasses
 import datetime
 import glob
+import hashlib
+import json
 import os
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from feature_specs import specs
 
@@ -20,6 +22,11 @@ LOGS_DIR = "logs"
 USER_TABLE_FILE = "user_features.csv"
 VIDEO_TABLE_FILE = "video_features.csv"
 LOG_FORMATS = ("csv", "parquet")
+
+
+# Log columns holding a task's 0/1 label: any other value is a bad row, not a label to clip.
+LABEL_COLUMNS = tuple(f.name for f in specs.features_of_kind(specs.Kind.LABEL) if f.name in specs.LOG_COLUMNS)
+_HASH_CHUNK = 1 << 20
 
 
 class LogFormatError(ValueError):
@@ -45,6 +52,75 @@ def day_files(input_base: str, date: datetime.date) -> List[str]:
     if not files:
         raise LogFormatError(f"no log files for {date.isoformat()}: expected {folder}/*.csv or *.parquet")
     return files
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_files(files: Sequence[str], cache_file: Optional[str] = None) -> List[Dict[str, object]]:
+    """[{"name", "size", "sha256"}] of each file, in order.
+
+    With `cache_file`, a file whose (path, size, mtime) is in the cache is not read again; the cache
+    (a JSON file) is rewritten with every file described.
+    """
+    cache: Dict[str, List] = {}
+    if cache_file and os.path.exists(cache_file):
+        try:
+            with open(cache_file) as f:
+                cache = json.load(f)
+        except (OSError, ValueError):
+            cache = {}  # a damaged cache is only slower
+    described, changed = [], False
+    for path in files:
+        stat = os.stat(path)
+        key = os.path.abspath(path)
+        size_and_time = [stat.st_size, stat.st_mtime_ns]
+        entry = cache.get(key)
+        if entry is None or entry[:2] != size_and_time:
+            entry = size_and_time + [file_sha256(path)]
+            cache[key], changed = entry, True
+        described.append({"name": os.path.basename(path), "size": stat.st_size, "sha256": entry[2]})
+    if cache_file and changed:
+        os.makedirs(os.path.dirname(os.path.abspath(cache_file)), exist_ok=True)
+        partial = f"{cache_file}.{os.getpid()}.tmp"
+        with open(partial, "w") as f:
+            json.dump(cache, f)
+        os.replace(partial, cache_file)
+    return described
+
+
+def fingerprint(described: Iterable[Dict[str, object]]) -> str:
+    """A day's input in one string: 'name:size:sha256' per log file, sorted by name.
+
+    Only the day's log files: the feature tables are shared by every day (after changing them,
+    rerun with --no-cache)."""
+    return ";".join(f"{d['name']}:{d['size']}:{d['sha256']}" for d in sorted(described, key=lambda d: d["name"]))
+
+
+def day_fingerprint(input_base: str, date: datetime.date, cache_file: Optional[str] = None) -> str:
+    """fingerprint() of the day's log files; '' when the day has none."""
+    try:
+        files = day_files(input_base, date)
+    except LogFormatError:
+        return ""
+    return fingerprint(describe_files(files, cache_file))
+
+
+def duplicate_files(described: Sequence[Dict[str, object]], files: Sequence[str]) -> List[Tuple[str, str]]:
+    """(copy, original) for every file with the same content as an earlier one of the day."""
+    first: Dict[str, str] = {}
+    copies = []
+    for path, d in zip(files, described):
+        if d["sha256"] in first:
+            copies.append((path, first[d["sha256"]]))
+        else:
+            first[str(d["sha256"])] = path
+    return copies
 
 
 def available_dates(input_base: str) -> List[datetime.date]:
@@ -144,6 +220,9 @@ def validate_row(path: str, row_number: int, fields: List[str], date: datetime.d
     for name in (specs.USER_ID, specs.VIDEO_ID, specs.TIME_MS, specs.PLAY_TIME_MS, specs.DURATION_MS):
         if values[name] < 0:
             return bad(f"column {name!r}: negative value {values[name]}")
+    for name in LABEL_COLUMNS:
+        if values[name] not in (0, 1):
+            return bad(f"column {name!r}: label {values[name]} is not 0 or 1")
     day_start = specs.day_start_ms(date)
     if not day_start <= values[specs.TIME_MS] < day_start + DAY_MS:
         return bad(f"column {specs.TIME_MS!r}: {values[specs.TIME_MS]} is outside {date.isoformat()} "
@@ -153,6 +232,20 @@ def validate_row(path: str, row_number: int, fields: List[str], date: datetime.d
     if values[specs.VIDEO_ID] not in known_videos:
         return bad(f"column {specs.VIDEO_ID!r}: unknown video {values[specs.VIDEO_ID]}")
     return Impression(tuple(values[c] for c in specs.LOG_COLUMNS), path, row_number), None
+
+
+def split_duplicates(impressions: Iterable[Impression]) -> Tuple[List[Impression], List[BadRow]]:
+    """(unique impressions, a BadRow for every exact duplicate): rows equal in every column are one
+    impression logged twice; the first in (file, row) order is kept."""
+    first: Dict[Tuple[int, ...], Impression] = {}
+    duplicates = []
+    for imp in sorted(impressions, key=lambda i: (i.file, i.row_number)):
+        kept = first.setdefault(imp.values, imp)
+        if kept is not imp:
+            duplicates.append(BadRow(imp.file, imp.row_number,
+                                     f"duplicate row: same as {kept.file} row {kept.row_number}",
+                                     ",".join(str(v) for v in imp.values)))
+    return list(first.values()), duplicates
 
 
 def read_table(path: str, key: str) -> Dict[int, Dict[str, str]]:

@@ -69,6 +69,11 @@ class RunConfig:
         return os.path.join(self.home_dir, "metadata.sqlite")
 
     @property
+    def fingerprint_cache_path(self) -> str:
+        """SHA-256 of the log files by (path, size, mtime): each file is read once to fingerprint it."""
+        return os.path.join(self.home_dir, "input_fingerprints.json")
+
+    @property
     def serving_root(self) -> str:
         return os.path.join(self.home_dir, "serving")
 

@@ -23,7 +23,8 @@ from typing import List, Optional
 import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
-from components.avc_example_gen import SPLIT, AvcExampleGen, UserState, span_of
+from components import impression_logs
+from components.avc_example_gen import SPLIT, AvcExampleGen, UserState, quarantine_dir_of, span_of
 from components.infra_validator import ServingInfraValidator, ServingConfigWriter
 from components.span_registry import RegisteredUserState, SpanWindowExamples, registry_dir_of
 from components.span_window import BaselineModelStrategy, SchemaAnomaliesGate, SpanWindowStrategy
@@ -49,7 +50,12 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
     example_gen = AvcExampleGen(
         input_base=cfg.data_dir, date=date,
         previous_user_state=previous_state.outputs["user_state"],
-        max_bad_row_fraction=cfg.max_bad_row_fraction)
+        max_bad_row_fraction=cfg.max_bad_row_fraction,
+        # Part of the cache key: a changed log file is ingested again. On Kubeflow the date is
+        # known only at run time: no fingerprint there (a changed file needs a run without cache).
+        input_fingerprint="" if for_kubeflow else impression_logs.day_fingerprint(
+            cfg.data_dir, cfg.date, cfg.fingerprint_cache_path),
+        quarantine_dir=quarantine_dir_of(cfg.home_dir))
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
     schema_gen = tfx.components.ImportSchemaGen(schema_file=schema_file or cfg.schema_path)
     example_validator = tfx.components.ExampleValidator(

@@ -169,12 +169,24 @@ def test_artifact_properties(multi_day):
     assert examples.get_int_custom_property("rows") == len(logs[START])
 
 
+def _row(date, **values):
+    """One log line of `date` for user 1, video 1, with `values` set."""
+    fields = {c: "0" for c in specs.LOG_COLUMNS}
+    fields.update({specs.USER_ID: "1", specs.VIDEO_ID: "1", specs.DATE: date.strftime("%Y%m%d"),
+                   specs.TIME_MS: str(_day_ms(date) + 5)})
+    fields.update({k: str(v) for k, v in values.items()})
+    return ",".join(fields[c] for c in specs.LOG_COLUMNS)
+
+
+_LABEL = impression_logs.LABEL_COLUMNS[0]
 BAD_LINES = {
     "1,2,3": "expected 19 columns",
     ",".join(["x"] + ["0"] * 18): "column 'user_id': 'x' is not an integer",
     ",".join(["-1", "1", "20220411", "0", str(_day_ms(START + datetime.timedelta(days=3))), *["0"] * 14]): "negative value",
     ",".join(["1", "1", "20220411", "0", "5", *["0"] * 14]): "outside 2022-04-11",
     ",".join(["1", "99999", "20220411", "0", str(_day_ms(START + datetime.timedelta(days=3)) + 5), *["0"] * 14]): "unknown video",
+    _row(START + datetime.timedelta(days=3), **{_LABEL: 7}): f"column {_LABEL!r}: label 7 is not 0 or 1",
+    _row(START + datetime.timedelta(days=3), **{_LABEL: -1}): f"column {_LABEL!r}: label -1 is not 0 or 1",
 }
 
 
@@ -187,7 +199,7 @@ def test_bad_rows_are_quarantined_with_reasons(multi_day, tmp_path):
     base, out, _, logs, outputs = multi_day
     base = _copy_base(base, tmp_path)
     date = START + datetime.timedelta(days=DAYS)
-    _write_day(base, date, random.Random(1), 600, extra_lines=list(BAD_LINES))
+    _write_day(base, date, random.Random(1), 800, extra_lines=list(BAD_LINES))
     result = _run_day(base, str(tmp_path), date, outputs[max(logs)]["user_state"][0], max_bad=0.01)
     quarantine = result["quarantine"][0]
     with open(os.path.join(quarantine.uri, avc_example_gen.QUARANTINE_FILE)) as f:
@@ -195,20 +207,90 @@ def test_bad_rows_are_quarantined_with_reasons(multi_day, tmp_path):
     assert len(bad) == len(BAD_LINES)
     for row in bad:
         assert any(want in row["reason"] for line, want in BAD_LINES.items() if line == row["raw"]), row
-        assert row["row"] > 600 and row["file"].endswith("log.csv")
-    assert len(_read_examples(result["examples"][0])) == 600
+        assert row["row"] > 800 and row["file"].endswith("log.csv")
+    assert len(_read_examples(result["examples"][0])) == 800
 
 
 def test_too_many_bad_rows_fail_naming_file_rows_and_reasons(multi_day, tmp_path):
+    """The bad rows are kept outside the step's outputs (TFX deletes a failed step's), and the
+    message points there."""
+    import shutil
+
     base, out, _, logs, outputs = multi_day
     base = _copy_base(base, tmp_path)
     date = START + datetime.timedelta(days=DAYS)
     _write_day(base, date, random.Random(2), 100, extra_lines=list(BAD_LINES) * 2)
+    kept = str(tmp_path / "home" / "quarantine")
     with pytest.raises(impression_logs.LogFormatError) as error:
-        _run_day(base, str(tmp_path), date, outputs[max(logs)]["user_state"][0], max_bad=0.01)
+        avc_example_gen.run_executor_for_day(
+            base, date, str(tmp_path / "out"), config.direct_runner_args("in_memory"),
+            outputs[max(logs)]["user_state"][0], max_bad_row_fraction=0.01, quarantine_dir=kept)
+    shutil.rmtree(tmp_path / "out")  # as TFX does with a failed execution's outputs
     message = str(error.value)
-    assert "log.csv row 101" in message and "rows are bad" in message and "bad_rows.jsonl" in message
-    assert os.path.exists(os.path.join(str(tmp_path), date.isoformat(), "quarantine", "bad_rows.jsonl"))
+    kept_rows = os.path.join(kept, date.isoformat(), avc_example_gen.QUARANTINE_FILE)
+    assert "log.csv row 101" in message and "rows are bad" in message and message.endswith(kept_rows)
+    with open(kept_rows) as f:
+        bad = [json.loads(line) for line in f]
+    assert len(bad) == 2 * len(BAD_LINES) and all(row["reason"] for row in bad)
+    with open(os.path.join(kept, date.isoformat(), avc_example_gen.QUARANTINE_SUMMARY)) as f:
+        assert json.load(f)["bad_rows"] == 2 * len(BAD_LINES)
+
+
+def test_exact_duplicate_rows_are_quarantined_and_counted(multi_day, tmp_path):
+    """Rows equal in every column are one impression logged twice, within a file or across files."""
+    base, out, _, logs, outputs = multi_day
+    base = _copy_base(base, tmp_path)
+    date = START + datetime.timedelta(days=DAYS)
+    records = _write_day(base, date, random.Random(5), 400)
+    lines = [",".join(str(r[c]) for c in specs.LOG_COLUMNS) for r in records[:3]]
+    with open(os.path.join(impression_logs.day_dir(base, date), "log.csv"), "a") as f:
+        f.write(lines[0] + "\n")
+    with open(os.path.join(impression_logs.day_dir(base, date), "late.csv"), "w") as f:
+        f.write(",".join(specs.LOG_COLUMNS) + "\n" + "\n".join(lines[1:]) + "\n")
+    result = _run_day(base, str(tmp_path), date, outputs[max(logs)]["user_state"][0], max_bad=0.01)
+    with open(os.path.join(result["quarantine"][0].uri, avc_example_gen.QUARANTINE_FILE)) as f:
+        bad = sorted((os.path.basename(row["file"]), row["row"], row["reason"]) for row in map(json.loads, f))
+    # The first in (file, row) order is kept: late.csv sorts before log.csv.
+    kept = [("late.csv", 1), ("late.csv", 2), ("log.csv", 1)]
+    assert [(name, number) for name, number, _ in bad] == [("log.csv", 2), ("log.csv", 3), ("log.csv", 401)]
+    for (_, _, reason), (name, number) in zip(bad, kept):
+        assert reason.startswith("duplicate row: same as ") and reason.endswith(f"{name} row {number}"), reason
+    examples = result["examples"][0]
+    assert len(_read_examples(examples)) == 400 == examples.get_int_custom_property("rows")
+    assert examples.get_int_custom_property("duplicate_rows") == 3
+
+
+def test_a_second_copy_of_the_days_file_is_refused(multi_day, tmp_path):
+    import shutil
+
+    base, _, _, logs, outputs = multi_day
+    base = _copy_base(base, tmp_path)
+    folder = impression_logs.day_dir(base, max(logs))
+    shutil.copyfile(os.path.join(folder, "log.csv"), os.path.join(folder, "log_copy.csv"))
+    with pytest.raises(impression_logs.LogFormatError, match=r"log_copy\.csv has the same content as .*log\.csv"):
+        _run_day(base, str(tmp_path), max(logs), outputs[max(logs) - datetime.timedelta(days=1)]["user_state"][0])
+
+
+def test_users_missing_from_the_user_table_get_defaults_and_are_counted(multi_day):
+    _, _, _, logs, outputs = multi_day
+    for date in logs:
+        without = sum(1 for r in logs[date] if r[specs.USER_ID] >= USERS - 3)  # _write_tables leaves them out
+        assert outputs[date]["examples"][0].get_int_custom_property("rows_without_user_profile") == without
+    assert without > 0
+
+
+def test_file_fingerprints_are_cached_by_size_and_mtime(tmp_path):
+    path, cache = tmp_path / "log.csv", str(tmp_path / "cache.json")
+    path.write_text("a,b\n1,2\n")
+    first = impression_logs.describe_files([str(path)], cache)
+    assert first[0]["sha256"] == impression_logs.file_sha256(str(path)) and first[0]["size"] == 8
+    path.write_text("a,b\n1,3\n")   # same size, new mtime: hashed again
+    os.utime(path, ns=(1, 2))
+    second = impression_logs.describe_files([str(path)], cache)
+    assert second[0]["sha256"] != first[0]["sha256"]
+    with open(cache) as f:
+        assert json.load(f)[str(path)] == [8, 2, second[0]["sha256"]]
+    assert impression_logs.fingerprint(second) == f"log.csv:8:{second[0]['sha256']}"
 
 
 def test_missing_state_for_a_later_day_is_refused(multi_day, tmp_path):
