@@ -8,7 +8,10 @@ Recommender Systems") multiplies the outputs of ordinary modules by
     g(pc) = C * sigmoid(W2 relu(W1 pc + b1) + b2)                        (gate)
 
 With C = 2 an untrained gate outputs about 1, so a POSO module starts out close
-to its plain counterpart and learns per-user-group deviations from it.
+to its plain counterpart (at its output scale; tests/test_layers.py measures it)
+and learns per-user-group deviations from it. POSO(MHA) needs one more step for
+that: its N value projections start at 1/sqrt(N) of the usual scale, since their
+sum would otherwise start sqrt(N) times too large (see `PosoMultiHeadAttention`).
 
 Layers here:
 
@@ -133,9 +136,11 @@ def _serialize_activation(activation: Any) -> Any:
 # --------------------------------------------------------------------------
 
 
-def _glorot_uniform_blocks(block_shapes: Sequence[Tuple[int, int]], axis: int):
+def _glorot_uniform_blocks(
+    block_shapes: Sequence[Tuple[int, int]], axis: int, scale: float = 1.0
+):
     """Initializer of kernels [fan_in, fan_out] concatenated along `axis`, each
-    Glorot-uniform for its own shape.
+    Glorot-uniform for its own shape, times `scale`.
 
     Several kernels kept in one variable must start out as they would one by one
     (Keras' Dense default), not as one big kernel whose fans are the sums of theirs.
@@ -145,7 +150,7 @@ def _glorot_uniform_blocks(block_shapes: Sequence[Tuple[int, int]], axis: int):
         del shape, kwargs  # The blocks define the shape.
         # A new initializer per block: an unseeded one returns the same values on every call.
         blocks = [
-            tf.keras.initializers.GlorotUniform()(block_shape, dtype=dtype)
+            scale * tf.keras.initializers.GlorotUniform()(block_shape, dtype=dtype)
             for block_shape in block_shapes
         ]
         return tf.concat(blocks, axis=axis)
@@ -171,8 +176,9 @@ class PersonalizedGates(tf.keras.layers.Layer):
     most of POSO's training-step overhead.
 
     Outputs lie in (0, C) (in [0, C] once the sigmoid saturates in floating
-    point). With the default C = 2 an untrained gate outputs about 1, so the
-    gated module starts out as its ungated counterpart.
+    point). With the default C = 2 an untrained gate outputs about 1 (mean 1: the
+    logits start symmetric about 0), so a module it scales starts at its ungated
+    counterpart's output scale (for POSO(MHA) see `PosoMultiHeadAttention`).
 
     A one-hot code (a bucket, as the default bucketized AVC is) takes only
     pc_dim values, so with `one_hot_code` each gate is computed once per code,
@@ -946,6 +952,21 @@ class PosoMultiHeadAttention(_PersonalizedGatesMixin, _SequenceAttention):
     `PersonalizedGates` holds both. Attention itself is as in
     `MultiHeadAttention`.
 
+    Start scale. Untrained gates are about 1 (C = 2, sigmoid(~0) = 1/2), so V
+    starts as the sum of N projections. With every W_v^i drawn independently
+    with zero mean, variances add: Var(sum_i S W_v^i) = N Var(S W_v^1), i.e.
+    sqrt(N) times the output scale of plain attention (2x at N = 4). The paper
+    (Eq. 14) is silent on this. Here each W_v^i starts Glorot-uniform for its
+    own shape times 1/sqrt(N), so the sum of N of them has exactly the variance
+    of one plain W_v: the untrained layer matches `MultiHeadAttention`'s output
+    scale. Chosen over rescaling the mixture in the forward pass because Eq. 14
+    then holds as written (no constant beside C), and because a mixture
+    normalised by N, C/N sum_i g_i V_i, would start at 1/sqrt(N) of the plain
+    scale instead (the mean of N independent projections): the mismatch would
+    only change sign. This is the fan-in rule applied to the stacked kernel
+    [W_v^1; ..; W_v^N], which reads the N gated copies of the pooled items as
+    one input N times as wide.
+
     Args:
       num_heads: Number of heads.
       head_dim: Width of each head.
@@ -1011,8 +1032,11 @@ class PosoMultiHeadAttention(_PersonalizedGatesMixin, _SequenceAttention):
             self.value_kernels = self.add_weight(
                 "value_kernels",
                 shape=(self.num_value_projections * item_dim, self.width),
+                # Each W_v^i Glorot-uniform / sqrt(N): see the class docstring.
                 initializer=_glorot_uniform_blocks(
-                    [(item_dim, self.width)] * self.num_value_projections, axis=0
+                    [(item_dim, self.width)] * self.num_value_projections,
+                    axis=0,
+                    scale=1.0 / math.sqrt(self.num_value_projections),
                 ),
             )
         return self.value_kernels

@@ -406,6 +406,95 @@ def test_poso_equals_plain_when_gates_are_one(inputs, rng, make_pair):
     assert_outputs_equal(call_layer(poso, inputs), call_layer(plain, inputs), atol=1e-6, rtol=1e-5)
 
 
+# ---------------------------------------------------------------------------
+# Untrained, POSO layers start at their plain counterparts' output scale.
+# ---------------------------------------------------------------------------
+
+# The model's default sizes (models.model.ModelConfig): what the scale must hold for.
+SCALE_PAIRS = {
+    "mlp": (lambda: layers.PosoMLP([256, 128], gate_hidden_units=8), lambda: layers.MLP([256, 128])),
+    "attention": (lambda: layers.PosoMultiHeadAttention(2, 16, num_value_projections=4,
+                                                        gate_hidden_units=8),
+                  lambda: layers.MultiHeadAttention(2, 16)),
+    "mmoe": (lambda: layers.PosoMMoE(4, num_experts=4, expert_units=(64,), gate_hidden_units=8),
+             lambda: layers.MMoE(4, num_experts=4, expert_units=(64,))),
+}
+
+
+def _shared_parts(layer):
+    """The sub-layers a POSO layer has in common with its plain counterpart."""
+    if isinstance(layer, (layers.MultiHeadAttention, layers.PosoMultiHeadAttention)):
+        return [layer.query_projection, layer.key_projection]
+    if isinstance(layer, layers.MMoE):
+        return layer.experts + layer.task_gates
+    return layer.dense_layers
+
+
+def _scale_inputs(seed, pc_kind):
+    rng = np.random.default_rng(seed)
+    batch = 1024
+    pc = (np.eye(12, dtype=np.float32)[rng.integers(0, 12, batch)] if pc_kind == "one_hot"
+          else rng.normal(size=(batch, 12)).astype(np.float32))
+    return {
+        "x": rng.normal(size=(batch, 64)).astype(np.float32),
+        "pc": pc,
+        "sequence": rng.normal(size=(batch, 10, 24)).astype(np.float32),
+        "mask": np.ones((batch, 10), dtype=bool),
+    }
+
+
+def _output_std(layer, inputs):
+    return float(np.concatenate(to_numpy(call_layer(layer, inputs)), axis=1).std())
+
+
+@pytest.mark.parametrize("pc_kind", ["one_hot", "normal"])
+@pytest.mark.parametrize("name", sorted(SCALE_PAIRS))
+def test_untrained_poso_layer_starts_at_the_plain_output_scale(name, pc_kind):
+    """Output std of a freshly initialized POSO layer over its plain counterpart's, with the
+    parts they share given the same weights (what differs is only what POSO adds)."""
+    ratios = []
+    for seed in range(6):
+        tf.keras.utils.set_random_seed(seed)
+        inputs = _scale_inputs(seed, pc_kind)
+        poso, plain = (make() for make in SCALE_PAIRS[name])
+        call_layer(poso, inputs), call_layer(plain, inputs)  # builds them
+        for poso_part, plain_part in zip(_shared_parts(poso), _shared_parts(plain)):
+            poso_part.set_weights(plain_part.get_weights())
+        ratios.append(_output_std(poso, inputs) / _output_std(plain, inputs))
+    # Gates of mean 1 raise the mean square by 1 + Var(g) per gated layer: under 1% for the
+    # wide gates, more for POSO(MMoE)'s 4-output gate (its Glorot W2 is wider-spread: std of g
+    # about 0.13 on a one-hot PC, 0.4 on a unit-normal one). Single draws spread by 5-20%
+    # (POSO(MHA)'s value kernels are drawn afresh), hence the mean over seeds. POSO(MHA)'s N = 4
+    # value projections at the usual initial scale would give about 2.
+    assert 0.9 < np.mean(ratios) < 1.1, ratios
+
+
+@pytest.mark.parametrize("pc_kind", ["one_hot", "normal"])
+def test_untrained_gates_average_one(pc_kind):
+    """Over fresh draws each gate averages 1 (C = 2, logits symmetric about 0)."""
+    values = [[], [], []]
+    for seed in range(6):
+        tf.keras.utils.set_random_seed(seed)
+        gates = layers.PersonalizedGates([256, 4, 128], hidden_units=8)
+        for gate, output in zip(values, gates(_scale_inputs(seed, pc_kind)["pc"])):
+            gate.append(output.numpy())
+    for gate in values:
+        assert abs(np.mean(gate) - 1.0) < 0.05, np.mean(gate)
+        assert np.std(gate) < 0.5, np.std(gate)
+
+
+def test_poso_attention_value_kernels_start_at_one_over_sqrt_n_scale(inputs):
+    """Each of the N stacked value kernels is Glorot-uniform for its shape, / sqrt(N)."""
+    layer = layers.PosoMultiHeadAttention(NUM_HEADS, HEAD_DIM, num_value_projections=4)
+    call_layer(layer, inputs)
+    limit = np.sqrt(6.0 / (ITEM_DIM + NUM_HEADS * HEAD_DIM)) / 2.0  # Glorot limit / sqrt(4)
+    for index in range(4):
+        kernel = layer.value_kernel(index).numpy()
+        assert np.abs(kernel).max() <= limit
+        assert np.abs(kernel).max() > 0.5 * limit  # drawn over the whole range, not smaller
+    assert not np.allclose(layer.value_kernel(0), layer.value_kernel(1))
+
+
 @pytest.mark.parametrize("name", ["poso_mlp", "poso_attention", "poso_mmoe"])
 def test_precomputed_gates_replace_the_layers_own(inputs, rng, name):
     layer = LAYER_FACTORIES[name]()
