@@ -181,11 +181,10 @@ class PersonalizedGates(tf.keras.layers.Layer):
     counterpart's output scale (for POSO(MHA) see `PosoMultiHeadAttention`).
 
     A one-hot code (a bucket, as the default bucketized AVC is) takes only
-    pc_dim values, so with `one_hot_code` each gate is computed once per code,
-    a table T_j = g_j(I) [pc_dim, units_j] with row k = g_j(e_k), and looked up
-    as pc T_j: for one-hot pc exactly g_j(pc), without evaluating the network on
-    every example (in a 512-example training step the gates then cost about
-    half as much).
+    pc_dim values, so with `one_hot_code` each gate is computed once per batch
+    and code, a table T_j = g_j(I) [pc_dim, units_j] with row k = g_j(e_k), and
+    each example gathers its code's row, T_j[argmax pc]: for one-hot pc exactly
+    g_j(pc), with no multiply-add per example (`gate_macs`).
 
     Args:
       units: Output width of each gate (the width of what it scales).
@@ -276,10 +275,11 @@ class PersonalizedGates(tf.keras.layers.Layer):
         if self.stop_gradient:
             pc = tf.stop_gradient(pc)
         if self.one_hot_code:
-            # Row k of gate j's table is g_j(e_k); a one-hot pc selects its row. One product
-            # per gate: splitting one [batch, sum(units)] product would copy every value.
+            # Row k of gate j's table is g_j(e_k); a one-hot pc selects its row. The code is an
+            # input, never trained through, so the lookup needs no gradient with respect to it.
             tables = self._evaluate(tf.eye(self._pc_dim(), dtype=pc.dtype))
-            return [tf.matmul(pc, table) for table in tables]
+            codes = tf.argmax(pc, axis=1)
+            return [tf.gather(table, codes) for table in tables]
         return self._evaluate(pc)
 
     def _evaluate(self, pc: tf.Tensor) -> List[tf.Tensor]:
@@ -328,10 +328,23 @@ class PersonalizedGates(tf.keras.layers.Layer):
         return [pc_dim * hidden + hidden + hidden * units + units for units in self.gate_units]
 
     def gate_macs(self) -> List[int]:
-        """Multiply-adds per example of each gate's equation: pc_dim * h + h * units_j
-        (with `one_hot_code`, a lookup in a table computed once per batch instead)."""
+        """Multiply-adds per example of each gate as it runs: the equation, pc_dim * h + h * units_j;
+        with `one_hot_code` 0, a row lookup (its tables cost `gate_table_macs` per batch)."""
+        if self.one_hot_code:
+            return [0] * self.num_gates
+        return self.equation_macs()
+
+    def equation_macs(self) -> List[int]:
+        """Multiply-adds of each gate's equation on one code: pc_dim * h + h * units_j."""
         pc_dim, hidden = self._pc_dim(), self.hidden_units
         return [pc_dim * hidden + hidden * units for units in self.gate_units]
+
+    def gate_table_macs(self) -> List[int]:
+        """Multiply-adds per batch of each gate's table with `one_hot_code` (the equation on
+        each of the pc_dim codes), else 0."""
+        if not self.one_hot_code:
+            return [0] * self.num_gates
+        return [self._pc_dim() * macs for macs in self.equation_macs()]
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()

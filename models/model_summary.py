@@ -1,6 +1,6 @@
 """Parameters and FLOPs of the ranking model's modules, plain vs POSO (the POSO paper's Table 1).
 
-    bin/poso-env python -m models.model_summary [--variant-pair baseline,poso_all] [--config JSON] [--json]
+    bin/poso model-summary [--variant-pair baseline,poso_all] [--config JSON] [--json]
 
 Two `RankingModel`s are built, the "plain" and the "POSO" variant of the pair (by default
 `baseline` and `poso_all`), with every other hyper-parameter equal: the default
@@ -22,7 +22,10 @@ the built layers' weight shapes and the behaviour-sequence length L:
 * attention: L * width for the scores Q K^T; values are linear in the items, so each head
   pools the raw items first (num_heads * L * item_dim) and the pooled items are projected
   once (item_dim * width) instead of projecting all L items;
-* a personalized gate costs its two kernels (pc_dim * h + h * units); applying it costs one
+* a personalized gate costs what runs: its two kernels (pc_dim * h + h * units) on a dense
+  code; on a one-hot code (the default AVC bucket) a row lookup in a table of the gate's values
+  per code, 0 per example, plus the tables once per batch (pc_dim times the equation: reported
+  beside the table, `gate_table_macs_per_batch`, not in the per-example counts); applying it costs one
   multiply per gated element (units for a POSO(MLP) layer, width for POSO(MHA)'s query,
   which equals gating every key, num_experts * expert width for POSO(MMoE)); POSO(MHA)
   scales each head's pooled items by its N value gates (N * num_heads * item_dim) and
@@ -30,7 +33,7 @@ the built layers' weight shapes and the behaviour-sequence length L:
   item_dim * width);
 * an MMoE costs its experts, its task gates' kernels and T * num_experts * expert width
   for mixing the experts; the feature-gated MoE is a one-task MMoE;
-* embedding lookups and the one-hot PC cost 0; the masked mean of a pooled (candidate)
+* embedding lookups cost 0; the masked mean of a pooled (candidate)
   sequence costs max_length * embedding_dim.
 
 Not counted: bias adds, activations, sigmoid/softmax, the 1/sqrt(d) scaling, masking,
@@ -44,10 +47,7 @@ exactly the parts POSO changes.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -56,11 +56,10 @@ import tensorflow as tf
 import feature_specs as fs
 from models import layers
 from models import model as model_lib
-from pipeline import argtypes
 
 __all__ = [
     "DEFAULT_VARIANT_PAIR", "MODULE_ROWS", "ROWS", "summarize", "format_table", "parameter_counts",
-    "module_flops", "random_transformed_features", "build_model", "add_arguments", "run", "main",
+    "module_flops", "random_transformed_features", "build_model", "check_variant_pair",
 ]
 
 DEFAULT_VARIANT_PAIR: Tuple[str, str] = ("baseline", "poso_all")
@@ -297,7 +296,7 @@ def _shared_overrides(config: Union[None, model_lib.ModelConfig, Mapping[str, An
     return {key: value for key, value in values.items() if key not in _KIND_FIELDS}
 
 
-def _check_pair(variant_pair: Sequence[str]) -> Tuple[str, str]:
+def check_variant_pair(variant_pair: Sequence[str]) -> Tuple[str, str]:
     if isinstance(variant_pair, str) or len(variant_pair) != 2:
         raise ValueError(f"variant pair must be two variant names (plain, POSO), got {variant_pair!r}")
     for name in variant_pair:
@@ -319,19 +318,23 @@ def summarize(config: Union[None, model_lib.ModelConfig, Mapping[str, Any]] = No
       the variants of the pair.
 
     Returns a JSON-friendly dict: "variants" {"plain": name, "poso": name}, "configs" (both
-    full configs), "sequence_length", "pc_dim", "rows" {row: {"plain_params", "poso_params",
+    full configs), "sequence_length", "pc_dim", "one_hot_gates" (the POSO variant's gates are
+    table lookups), "gate_table_macs_per_batch" (what computing those tables costs), "rows" {row: {"plain_params", "poso_params",
     "params_increase_pct", "plain_flops", "poso_flops", "flops_increase_pct"}} in `ROWS`
     order, and "overhead" {"dense_params_pct", "params_pct", "flops_pct"} of POSO over plain
     (dense network params, whole-model params, whole-model FLOPs).
     """
-    plain_name, poso_name = _check_pair(variant_pair)
+    plain_name, poso_name = check_variant_pair(variant_pair)
     shared = _shared_overrides(config)
     measured = {}
     for role, name in (("plain", plain_name), ("poso", poso_name)):
         ranking = build_model(model_lib.make_config(name, **shared))
         pc_dim = int(ranking.personalization_code(random_transformed_features(1, include_labels=False)).shape[1])
+        table_macs = ranking.gate_network.gate_table_macs() if ranking.gate_network is not None else []
         measured[role] = dict(config=ranking.config.to_dict(), params=parameter_counts(ranking),
-                              flops=flop_counts(ranking), pc_dim=pc_dim)
+                              flops=flop_counts(ranking), pc_dim=pc_dim,
+                              one_hot_gates=bool(ranking.gate_network and ranking.gate_network.one_hot_code),
+                              gate_table_macs=sum(table_macs))
     rows = {}
     for row in ROWS:
         plain_params, poso_params = measured["plain"]["params"][row], measured["poso"]["params"][row]
@@ -345,6 +348,8 @@ def summarize(config: Union[None, model_lib.ModelConfig, Mapping[str, Any]] = No
         configs={role: measured[role]["config"] for role in ("plain", "poso")},
         sequence_length=_behaviour_length(),
         pc_dim=measured["poso"]["pc_dim"],
+        one_hot_gates=measured["poso"]["one_hot_gates"],
+        gate_table_macs_per_batch=measured["poso"]["gate_table_macs"],
         rows=rows,
         overhead=dict(dense_params_pct=rows["Dense network"]["params_increase_pct"],
                       params_pct=rows["Whole model"]["params_increase_pct"],
@@ -381,7 +386,9 @@ def format_table(summary: Mapping[str, Any]) -> str:
         f"FLOPs = forward multiply-adds per example (behaviour sequence length {summary['sequence_length']}); "
         "embedding lookups count 0.",
         f"Gates: pc_source={config['pc_source']} (pc_dim {summary['pc_dim']}), "
-        f"gate_hidden_units={config['gate_hidden_units']}.",
+        f"gate_hidden_units={config['gate_hidden_units']}"
+        + (f"; one-hot code: each gate is a row lookup (0 MACs per example) in tables computed once per "
+           f"batch ({summary['gate_table_macs_per_batch']:,} MACs per batch)." if summary["one_hot_gates"] else "."),
         "",
         render(header),
         rule,
@@ -396,37 +403,3 @@ def format_table(summary: Mapping[str, Any]) -> str:
         f"(dense network; whole model with embedding tables: {_pct(overhead['params_pct'])} parameters)",
     ]
     return "\n".join(text)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line: `poso model-summary`.
-# --------------------------------------------------------------------------------------------
-
-
-def _variant_pair_argument(value: str) -> Tuple[str, str]:
-    try:
-        return _check_pair([part.strip() for part in value.split(",")])
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variant-pair", type=_variant_pair_argument, default=DEFAULT_VARIANT_PAIR,
-                        metavar="PLAIN,POSO",
-                        help=f"the two variants to compare (default: {','.join(DEFAULT_VARIANT_PAIR)}); "
-                             f"known: {', '.join(model_lib.VARIANTS)}")
-    parser.add_argument("--config", type=argtypes.model_config_overrides, default=None, metavar="JSON",
-                        help='ModelConfig overrides shared by both variants, e.g. \'{"gate_hidden_units": 8}\'')
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
-
-
-def run(args: argparse.Namespace) -> int:
-    summary = summarize(args.config, args.variant_pair)
-    print(json.dumps(summary, indent=2) if args.json else format_table(summary))
-    return 0
-
-
-if __name__ == "__main__":  # the same parser as the `poso` command's
-    from pipeline import cli
-
-    sys.exit(cli.main(["model-summary", *sys.argv[1:]]))

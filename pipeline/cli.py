@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import datetime
 import importlib
+import json
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -116,6 +117,33 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="show TFX, TensorFlow and Beam logs")
 
 
+def add_model_summary_arguments(parser: argparse.ArgumentParser) -> None:
+    from models import model as model_lib
+    from models import model_summary
+
+    def variant_pair(value: str):
+        try:
+            return model_summary.check_variant_pair([part.strip() for part in value.split(",")])
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    default = model_summary.DEFAULT_VARIANT_PAIR
+    parser.add_argument("--variant-pair", type=variant_pair, default=default, metavar="PLAIN,POSO",
+                        help=f"the two variants to compare (default: {','.join(default)}); "
+                             f"known: {', '.join(model_lib.VARIANTS)}")
+    parser.add_argument("--config", type=argtypes.model_config_overrides, default=None, metavar="JSON",
+                        help='ModelConfig overrides shared by both variants, e.g. \'{"gate_hidden_units": 8}\'')
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+
+
+def cmd_model_summary(args) -> int:
+    from models import model_summary
+
+    summary = model_summary.summarize(args.config, args.variant_pair)
+    print(json.dumps(summary, indent=2) if args.json else model_summary.format_table(summary))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipeline import demo
 
@@ -161,7 +189,8 @@ COMMANDS = {
     "predict": Command("send a predict request over gRPC or REST", "serving.client"),
     "compile-kubeflow": Command("compile the daily pipeline for Kubeflow Pipelines v2 / Vertex (JSON)",
                                 "pipeline.kubeflow_v2_runner"),
-    "model-summary": Command("parameters and FLOPs per module, plain vs POSO (Table 1)", "models.model_summary"),
+    "model-summary": Command("parameters and FLOPs per module, plain vs POSO (Table 1)",
+                             _HERE, "add_model_summary_arguments", "cmd_model_summary"),
     "bench": Command("benchmarks (print figures; loopback only)", subcommands=BENCHMARKS),
 }
 

@@ -1,7 +1,9 @@
 """models.model_summary (parameters and FLOPs, plain vs POSO) and the train-throughput benchmark smoke run."""
 
 import argparse
+import ast
 import json
+import pathlib
 import re
 
 import numpy as np
@@ -11,6 +13,7 @@ import tensorflow as tf
 import feature_specs as fs
 from benchmarks import train_throughput
 from models import layers, model, model_summary
+from pipeline import cli
 
 # Small dimensions for the tests that do not need the default model.
 TINY = dict(embedding_dim=4, mlp_units=(16,), expert_units=(8,), tower_units=(4,), num_heads=2, head_dim=4,
@@ -85,8 +88,13 @@ def test_flops_are_positive_and_poso_adds_its_gates(summary, built):
     for row in model_summary.MODULE_ROWS:
         assert rows[row]["poso_flops"] > rows[row]["plain_flops"], row
     config = model.ModelConfig()
-    assert rows["MLP"]["poso_flops"] - rows["MLP"]["plain_flops"] == sum(
-        _gate_macs(fs.PC.num_buckets, config.gate_hidden_units, units) for units in config.mlp_units)
+    # The default PC is one-hot: each gate is a row lookup (0 MACs per example); what remains is
+    # one multiply per gated element. The tables cost the equation once per code and batch.
+    assert summary["one_hot_gates"]
+    assert rows["MLP"]["poso_flops"] - rows["MLP"]["plain_flops"] == sum(config.mlp_units)
+    gates = built["poso"].gate_network
+    assert summary["gate_table_macs_per_batch"] == fs.PC.num_buckets * sum(
+        _gate_macs(fs.PC.num_buckets, config.gate_hidden_units, units) - units for units in gates.gate_units)
     # Plain attention: Q once; K at every position; scores per position; each head pools the
     # raw items (heads * L * item_dim) and projects the pooled item once (item_dim * width).
     attention = built["plain"].attention
@@ -109,11 +117,15 @@ def test_table_has_every_row_and_ends_with_the_overhead(summary):
     assert f"{overhead['params_pct']:+.1f}% parameters" in last
 
 
-def test_other_pairs_and_overrides(capsys):
+def _summary_parser():
     parser = argparse.ArgumentParser()
-    model_summary.add_arguments(parser)
+    cli.add_model_summary_arguments(parser)
+    return parser
+
+
+def test_other_pairs_and_overrides(capsys):
     overrides = dict(TINY, pc_source="avc_bucket_embedding")
-    assert model_summary.run(parser.parse_args(
+    assert cli.cmd_model_summary(_summary_parser().parse_args(
         ["--variant-pair", "baseline,poso_mlp", "--config", json.dumps(overrides), "--json"])) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["variants"] == {"plain": "baseline", "poso": "poso_mlp"}
@@ -123,6 +135,9 @@ def test_other_pairs_and_overrides(capsys):
         assert rows[row]["poso_params"] == rows[row]["plain_params"], row
         assert rows[row]["poso_flops"] == rows[row]["plain_flops"], row
     assert rows["MLP"]["poso_params"] - rows["MLP"]["plain_params"] == _gate_params(3, 4, 16)
+    # A dense (embedded) code runs the gate's equation on every example.
+    assert not result["one_hot_gates"] and result["gate_table_macs_per_batch"] == 0
+    assert rows["MLP"]["poso_flops"] - rows["MLP"]["plain_flops"] == _gate_macs(3, 4, 16)
     # Both variants carry the PC embedding table (it is an input of every variant).
     assert rows["Embedding tables"]["plain_params"] >= fs.PC.num_buckets * TINY["pc_embedding_dim"]
 
@@ -134,10 +149,19 @@ def test_bad_arguments_are_named():
         model_summary.summarize({"mlp_unit": [8]})
     with pytest.raises(TypeError, match="no FLOP counting rule for Dense"):
         model_summary.module_flops(tf.keras.layers.Dense(3), LENGTH)
-    parser = argparse.ArgumentParser()
-    model_summary.add_arguments(parser)
     with pytest.raises(SystemExit):
-        parser.parse_args(["--config", "[1, 2]"])
+        _summary_parser().parse_args(["--config", "[1, 2]"])
+    with pytest.raises(SystemExit):
+        _summary_parser().parse_args(["--variant-pair", "baseline,nope"])
+
+
+def test_models_import_neither_pipeline_nor_benchmarks():
+    for path in sorted(pathlib.Path(model.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] not in ("pipeline", "benchmarks", "serving"), f"{path.name}: {name}"
 
 
 def test_random_transformed_features_are_valid():
