@@ -58,6 +58,7 @@ class Arm:
 
     overrides: ModelConfig fields on top of paper_movielens.DEFAULT_BUDGET's overrides.
     user_fraction: the share of the training users trained on (a fixed hash of the user id).
+    max_avc: if set, train only on ratings with fewer earlier ratings (AVC < max_avc).
     """
 
     label: str
@@ -66,6 +67,7 @@ class Arm:
     epochs: int = paper_movielens.DEFAULT_BUDGET["epochs"]
     batch_size: int = paper_movielens.DEFAULT_BUDGET["batch_size"]
     user_fraction: float = 1.0
+    max_avc: Optional[int] = None
     reference: Optional[str] = None  # label of the arm it is compared with (None: not compared)
 
     def config_overrides(self) -> Dict[str, Any]:
@@ -74,7 +76,8 @@ class Arm:
     def key(self) -> Dict[str, Any]:
         """What determines the run (besides seed, data and code): the cache key."""
         return dict(variant=self.variant, overrides=self.config_overrides(), epochs=self.epochs,
-                    batch_size=self.batch_size, user_fraction=self.user_fraction)
+                    batch_size=self.batch_size, user_fraction=self.user_fraction,
+                    **({"max_avc": self.max_avc} if self.max_avc is not None else {}))
 
 
 def _arm(label: str, variant: str, reference: Optional[str] = "baseline", **options: Any) -> Arm:
@@ -122,6 +125,9 @@ EXPERIMENTS: Dict[str, Tuple[str, List[Arm]]] = {
          for h, c in ((8, 2.0), (32, 2.0), (8, 1.0))])),
     "budget": ("the training budget (epochs, learning rate) given to both alike", _budget_arms()),
     "data_size": ("learning curve: 25 / 50 / 100% of the training users", _data_size_arms()),
+    "specialist": ("is there new-user behaviour a shared model misses? the baseline trained only on ratings "
+                   "with AVC < 32 against the baseline trained on all (compare the new-regime column)",
+                   _with_baseline([_arm(f"baseline AVC<{NEW_USER_AVC} only", "baseline", max_avc=NEW_USER_AVC)])),
     "stop_gradient": ("gate_stop_gradient with the learned PC embedding", _with_baseline(
         [_arm("poso_all stop_gradient", "poso_all", overrides={"gate_stop_gradient": True})])),
 }
@@ -183,17 +189,18 @@ def prepare(data_zip: str, work_dir: str, test: bool = False, split_seed: int = 
                 split=("test" if test else "validation"), split_seed=split_seed)
 
 
-def training_subset(prepared: Mapping[str, Any], fraction: float) -> Tuple[str, int]:
+def training_subset(prepared: Mapping[str, Any], fraction: float, max_avc: Optional[int] = None) -> Tuple[str, int]:
     """(file pattern, example count) of the training examples of a `fraction` of the training
-    users (a fixed hash of the user id, nested: 25% is inside 50%)."""
+    users (a fixed hash of the user id, nested: 25% is inside 50%), only those with
+    AVC < `max_avc` if given."""
     import tensorflow as tf
 
     from components import movielens as ml_data
     from feature_specs import movielens as ml
 
-    if fraction >= 1.0:
+    if fraction >= 1.0 and max_avc is None:
         return prepared["train_pattern"], prepared["summary"][ml_data.TRAIN]["examples"]
-    path = os.path.join(prepared["data_dir"], f"train_users_{fraction:g}.tfrecord.gz")
+    path = os.path.join(prepared["data_dir"], f"train_users_{fraction:g}_avc_below_{max_avc}.tfrecord.gz")
     count_path = path + ".count"
     if not os.path.exists(count_path):
         files = sorted(tf.io.gfile.glob(prepared["train_pattern"]))
@@ -202,8 +209,10 @@ def training_subset(prepared: Mapping[str, Any], fraction: float) -> Tuple[str, 
             for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
                 example = tf.train.Example.FromString(record.numpy())
                 user = example.features.feature[ml.USER_ID].int64_list.value[0]
-                if ml_data.test_user_mask(np.array([user]), fraction,
-                                          prepared["split_seed"] + _SUBSET_SEED_OFFSET)[0]:
+                avc = example.features.feature[ml.AVC].int64_list.value[0]
+                kept_user = fraction >= 1.0 or ml_data.test_user_mask(
+                    np.array([user]), fraction, prepared["split_seed"] + _SUBSET_SEED_OFFSET)[0]
+                if kept_user and (max_avc is None or avc < max_avc):
                     writer.write(record.numpy())
                     kept += 1
         with open(count_path, "w") as f:
@@ -237,7 +246,7 @@ def train_and_score(prepared: Mapping[str, Any], arm: Arm, seed: int) -> List[Di
     from models import metrics, model as model_lib, trainer
 
     config = model_lib.make_config(arm.variant, feature_set=ml.MOVIELENS, **arm.config_overrides())
-    train_pattern, train_examples = training_subset(prepared, arm.user_fraction)
+    train_pattern, train_examples = training_subset(prepared, arm.user_fraction, arm.max_avc)
     started = time.perf_counter()
     tf.keras.utils.set_random_seed(seed)
     train_data = trainer.make_dataset(train_pattern, tft.TFTransformOutput(prepared["transform_dir"]),
