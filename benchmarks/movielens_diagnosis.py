@@ -59,6 +59,7 @@ class Arm:
     overrides: ModelConfig fields on top of paper_movielens.DEFAULT_BUDGET's overrides.
     user_fraction: the share of the training users trained on (a fixed hash of the user id).
     max_avc: if set, train only on ratings with fewer earlier ratings (AVC < max_avc).
+    curve: also score after every epoch (see `expand_curves`).
     """
 
     label: str
@@ -68,6 +69,7 @@ class Arm:
     batch_size: int = paper_movielens.DEFAULT_BUDGET["batch_size"]
     user_fraction: float = 1.0
     max_avc: Optional[int] = None
+    curve: bool = False  # score after every epoch: arms "<label> e<k>" for k = 1..epochs
     reference: Optional[str] = None  # label of the arm it is compared with (None: not compared)
 
     def config_overrides(self) -> Dict[str, Any]:
@@ -77,7 +79,8 @@ class Arm:
         """What determines the run (besides seed, data and code): the cache key."""
         return dict(variant=self.variant, overrides=self.config_overrides(), epochs=self.epochs,
                     batch_size=self.batch_size, user_fraction=self.user_fraction,
-                    **({"max_avc": self.max_avc} if self.max_avc is not None else {}))
+                    **({"max_avc": self.max_avc} if self.max_avc is not None else {}),
+                    **({"curve": True} if self.curve else {}))
 
 
 def _arm(label: str, variant: str, reference: Optional[str] = "baseline", **options: Any) -> Arm:
@@ -90,15 +93,14 @@ def _with_baseline(arms: Sequence[Arm], **budget: Any) -> List[Arm]:
 
 
 def _budget_arms() -> List[Arm]:
+    """Learning curves (scored after every epoch) at the default learning rate and at 3x it."""
     arms = []
-    for epochs in (1, 3, 6):
-        base = f"baseline e{epochs}"
-        arms += [_arm(base, "baseline", reference=None, epochs=epochs),
-                 _arm(f"poso_all e{epochs}", "poso_all", reference=base, epochs=epochs)]
-    for rate in (3e-4, 3e-3):
+    for rate, epochs in ((1e-3, 6), (3e-3, 4)):
         base = f"baseline lr{rate:g}"
-        arms += [_arm(base, "baseline", reference=None, overrides={"learning_rate": rate}),
-                 _arm(f"poso_all lr{rate:g}", "poso_all", reference=base, overrides={"learning_rate": rate})]
+        arms += [_arm(base, "baseline", reference=None, epochs=epochs, curve=True,
+                      overrides={"learning_rate": rate}),
+                 _arm(f"poso_all lr{rate:g}", "poso_all", reference=base, epochs=epochs, curve=True,
+                      overrides={"learning_rate": rate})]
     return arms
 
 
@@ -254,25 +256,32 @@ def train_and_score(prepared: Mapping[str, Any], arm: Arm, seed: int) -> List[Di
                                       feature_set=ml.MOVIELENS)
     model = model_lib.RankingModel(config, ml.MOVIELENS)
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate))
-    model.fit(train_data, epochs=arm.epochs, verbose=0)
-    train_seconds = time.perf_counter() - started
-
-    predict = tf.function(lambda features: model(features, training=False))
-    outputs: Dict[str, List[np.ndarray]] = {}
-    for batch in _scoring_dataset(prepared):
-        for name, value in predict(batch).items():
-            outputs.setdefault(name, []).append(value.numpy())
     scored = prepared["scored"]
     users, avc = scored[ml.USER_ID], scored[ml.AVC]
     regimes = {"gauc": np.ones_like(avc, bool), "gauc_new": avc < NEW_USER_AVC, "gauc_regular": avc >= NEW_USER_AVC}
+    predict = tf.function(lambda features: model(features, training=False))
     rows = []
-    for task in ml.MOVIELENS.tasks:
-        labels, scores = scored[task.label], np.concatenate(outputs[task.name])
-        row = dict(label=arm.label, seed=seed, task=task.name, train_seconds=train_seconds,
-                   train_examples=train_examples)
-        for column, rows_in in regimes.items():
-            row[column] = metrics.grouped_auc(labels[rows_in], scores[rows_in], users[rows_in])
-        rows.append(row)
+
+    def score(epoch: int) -> None:
+        outputs: Dict[str, List[np.ndarray]] = {}
+        for batch in _scoring_dataset(prepared):
+            for name, value in predict(batch).items():
+                outputs.setdefault(name, []).append(value.numpy())
+        for task in ml.MOVIELENS.tasks:
+            labels, scores = scored[task.label], np.concatenate(outputs[task.name])
+            row = dict(label=arm.label, seed=seed, task=task.name, epoch=epoch,
+                       train_seconds=time.perf_counter() - started, train_examples=train_examples)
+            for column, rows_in in regimes.items():
+                row[column] = metrics.grouped_auc(labels[rows_in], scores[rows_in], users[rows_in])
+            rows.append(row)
+
+    # A curve arm is scored after every epoch: epoch k of a longer run is exactly a k-epoch
+    # run (same seed, same per-epoch data order, constant learning rate).
+    callbacks = [tf.keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: score(epoch + 1))
+                 ] if arm.curve else []
+    model.fit(train_data, epochs=arm.epochs, verbose=0, callbacks=callbacks)
+    if not arm.curve:
+        score(arm.epochs)
     tf.keras.backend.clear_session()
     return rows
 
@@ -307,8 +316,25 @@ def run_experiment(arms: Sequence[Arm], seeds: Sequence[int], prepared: Mapping[
                 log(f"[diagnosis] {arm.label} seed {seed}: GAUC % "
                     f"{ {r.task: round(100 * r.gauc, 2) for r in rows.itertuples()} } "
                     f"({rows['train_seconds'].iloc[0]:.0f} s)")
-            frames.append(hit.assign(label=arm.label))
+            if arm.curve:
+                frames.append(hit.assign(label=[f"{arm.label} e{int(e)}" for e in hit["epoch"]]))
+            else:
+                frames.append(hit.assign(label=arm.label))
     return pd.concat(frames, ignore_index=True)
+
+
+def expand_curves(arms: Sequence[Arm]) -> List[Arm]:
+    """Each curve arm as one arm per epoch, "<label> e<k>", compared with "<reference> e<k>"."""
+    expanded = []
+    for arm in arms:
+        if not arm.curve:
+            expanded.append(arm)
+            continue
+        for epoch in range(1, arm.epochs + 1):
+            reference = f"{arm.reference} e{epoch}" if arm.reference else None
+            expanded.append(dataclasses.replace(arm, label=f"{arm.label} e{epoch}", epochs=epoch, curve=False,
+                                                reference=reference))
+    return expanded
 
 
 def format_experiment(results: pd.DataFrame, arms: Sequence[Arm], title: str = "") -> str:
@@ -368,7 +394,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = run_experiment(arms, args.seeds, prepared, os.path.join(args.work_dir, "runs.csv"),
                              log=lambda line: print(line, file=sys.stderr, flush=True))
     minutes = (time.perf_counter() - started) / 60
-    print(format_experiment(results, arms, title=(
+    print(format_experiment(results, expand_curves(arms), title=(
         f"{args.experiment}: {what}. {prepared['split']} users ({prepared['summary']['test']['users']} users, "
         f"{prepared['summary']['test']['examples']} ratings), seeds {args.seeds}, code {code_hash()}, "
         f"{minutes:.1f} min")))
