@@ -360,10 +360,33 @@ def submergence(models: Mapping[str, Any], split) -> Dict[str, Any]:
                 masked_activity_to={name: float(value) for name, value in regular_values.items()})
 
 
-def plot_submergence(result: Mapping[str, Any], path: str, labels: Mapping[str, str]) -> str:
-    from pipeline import report
+def _plt():
+    import matplotlib
 
-    plt = report._plt()
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_gates_by_avc(gate_means: Mapping[str, Mapping[int, float]], path: str) -> str:
+    """Mean output of each personalized gate against the AVC bucket (the paper's Fig. 4)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, by_bucket in sorted(gate_means.items()):
+        ax.plot(list(by_bucket), list(by_bucket.values()), marker="o", label=name)
+    ax.set_xlabel("AVC bucket (PC)")
+    ax.set_ylabel("mean gate output")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_submergence(result: Mapping[str, Any], path: str, labels: Mapping[str, str]) -> str:
+    plt = _plt()
     models = list(result["changes"])
     masks = list(next(iter(result["changes"].values())))
     fig, ax = plt.subplots(figsize=(7, 4.0))
@@ -683,11 +706,9 @@ def render_section_table(payload: Mapping[str, Any], section: str) -> List[str]:
 
 def plot_section_d(payload: Mapping[str, Any], out_dir: str) -> None:
     """The PNGs of (d), drawn from its stored results."""
-    from pipeline import report
-
     plot_submergence(payload["submergence"], os.path.join(out_dir, payload["plots"]["submergence"]),
                      payload["labels"])
-    report.plot_gates_by_avc({name: {int(b): v for b, v in by.items()} for name, by in payload["gates_by_avc"].items()},
+    plot_gates_by_avc({name: {int(b): v for b, v in by.items()} for name, by in payload["gates_by_avc"].items()},
                              os.path.join(out_dir, payload["plots"]["gates_by_avc"]))
 
 

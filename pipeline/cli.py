@@ -183,6 +183,8 @@ COMMANDS = {
     "demo": Command("synthetic logs -> daily run -> serve -> gRPC and REST predictions",
                     _HERE, "add_demo_arguments", "cmd_demo"),
     "generate": Command("write synthetic daily logs in the KuaiRand schema", "components.synthetic_logs"),
+    "ui": Command("the dashboard on 127.0.0.1: runs by day, what serves, blessing decisions, metric trends, "
+                  "lineage (read-only over --home)", "pipeline.dashboard.server"),
     "schedule": Command("print or install the daily trigger (cron or systemd), or write the Kubeflow recurring run",
                         "pipeline.schedule"),
     "serve": Command("serve pushed models over TF Serving's gRPC and REST APIs", "serving.server"),

@@ -24,6 +24,7 @@ MIN_SLICE_SIZE = 20
 
 GRPC_PORT, REST_PORT = 8500, 8501    # TF Serving's defaults
 SERVING_HOST = "127.0.0.1"
+DASHBOARD_PORT = 8080                # `poso ui`
 
 
 @dataclasses.dataclass(frozen=True)
