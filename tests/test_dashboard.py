@@ -180,6 +180,9 @@ def test_day_page_shows_the_blessing_decision_with_values_thresholds_and_sizes(h
         assert failure in text
     # Pipeline runs of the day from ML Metadata, and the plots.
     assert "daily run" in text and "Trainer" in text
+    # AvcExampleGen's counts of the day (HOME/quarantine/DATE/summary.json) beside the quarantined rows.
+    ingest = json.load(open(os.path.join(home, "quarantine", date, "summary.json")))
+    assert f"duplicate rows {ingest['duplicate_rows']:,}" in text
     assert len(browser.find_elements("css selector", ".charts svg")) >= len(specs.TASKS) + 2
     assert _page_width(browser) <= PAGE_WIDTH
 

@@ -29,7 +29,7 @@ def _y_range(series: Series, reference: Optional[float], from_zero: bool = False
     if not values:
         return 0.0, 1.0
     low, high = min(values), max(values)
-    pad = (high - low) * 0.08 or 0.05
+    pad = (high - low) * 0.08 or abs(high) * 0.1 or 0.05
     return (low if from_zero and low == 0 else low - pad), high + pad
 
 

@@ -33,6 +33,9 @@ _DAILY_RUN_NODE = "training_window"   # a resolver every daily run has and no in
 _EXAMPLE_GEN_NODE = "AvcExampleGen"   # its `date` property is the run's day
 _ANOMALIES_FILE = "SchemaDiff.pb"     # what ExampleValidator writes in each Split-* folder
 _EPOCH = datetime.date(1970, 1, 1)    # a span is the day number since (components/avc_example_gen.py)
+# AvcExampleGen keeps each day's bad rows and counts here, also when the step then fails
+# (components/avc_example_gen.py: quarantine_dir_of, QUARANTINE_SUMMARY).
+_QUARANTINE_DIR, _QUARANTINE_SUMMARY = "quarantine", "summary.json"
 
 
 def span_date(span: int) -> str:
@@ -106,6 +109,7 @@ class Day:
     rows: Optional[int] = None          # examples AvcExampleGen wrote for the day
     quarantined: Optional[int] = None   # rows it set aside
     anomalies: Optional[List[str]] = None   # ExampleValidator's anomalies of the day
+    ingest: Optional[Dict[str, object]] = None  # AvcExampleGen's counts and bad-row reasons of the day
 
     @property
     def latest_run(self) -> Optional[PipelineRun]:
@@ -281,6 +285,10 @@ class HomeReader:
         for run in runs:
             if run.date is not None:
                 days.setdefault(run.date, Day(run.date, summaries.get(run.date), [])).runs.append(run)
+        for day in days.values():
+            day.ingest = self._json(os.path.join(self.home, _QUARANTINE_DIR, day.date, _QUARANTINE_SUMMARY))
+            if day.ingest is not None:
+                day.quarantined = day.ingest.get("bad_rows")
         if store is not None:
             examples = self._latest_by_span(store, "Examples")
             quarantine = self._latest_by_span(store, "poso.QuarantinedRows")

@@ -28,7 +28,7 @@ th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .charts{display:flex;flex-wrap:wrap;gap:8px}svg.chart{font-size:10px;background:#fff}
 svg.chart .title{font-size:12px;font-weight:600}svg.chart .grid{stroke:#eee}
 svg.chart .axis{stroke:#999}svg.chart .reference{stroke:#888;stroke-dasharray:4 3}
-.facts th{width:190px}.box{border:1px solid #ccd;background:#f7f8fc;padding:8px 12px;margin:8px 0}
+.facts th{width:190px}table.runs td:nth-child(-n+6){white-space:nowrap}.box{border:1px solid #ccd;background:#f7f8fc;padding:8px 12px;margin:8px 0}
 """
 
 
@@ -78,12 +78,12 @@ def layout(title: str, body: str, links: bool = True) -> str:
             f"<body>{nav}{body}</body></html>")
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = ()) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = (), css: str = "") -> str:
     """Rows hold HTML already escaped; `numeric` column indexes are right-aligned."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
                                     for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<table class="{css}"><tr>{head}</tr>{body}</table>' if css else f"<table><tr>{head}</tr>{body}</table>"
 
 
 # --- the overview ------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def runs_table(days: List[data_lib.Day]) -> str:
             _count(day.quarantined), _count(len(day.anomalies)) if day.anomalies is not None else "-",
             f'<span class="path">{_e(failure or "; ".join(summary.get("blessing_failures") or [])[:300])}</span>'])
     return _table(["Day", "Status", "Blessed", "Pushed", "Cached steps", "Duration", "Train rows", "Day rows",
-                   "Quarantined", "Anomalies", "Why"], rows, numeric=(5, 6, 7, 8, 9))
+                   "Quarantined", "Anomalies", "Why"], rows, numeric=(5, 6, 7, 8, 9), css="runs")
 
 
 def trend_charts(summaries: Dict[str, Dict[str, object]]) -> str:
@@ -185,7 +185,7 @@ def _facts(date: str, summary: Dict[str, object], day: Optional[data_lib.Day], m
                                    links) + f" to {_e(summary.get('pushed_destination'))}"
                    if summary.get("pushed") else "no")]
     if day is not None:
-        facts += [("Day's rows", _count(day.rows)), ("Quarantined rows", _count(day.quarantined)),
+        facts += [("Day's rows", _count(day.rows)), ("Quarantined rows", _count(day.quarantined) + _ingest_counts(day)),
                   ("Anomalies", "<br>".join(_e(a) for a in day.anomalies) or "none" if day.anomalies is not None else "-")]
     if run is not None:
         facts += [("Cached steps", f"{run.cached} of {len(run.components)}"),
@@ -203,6 +203,17 @@ def _facts(date: str, summary: Dict[str, object], day: Optional[data_lib.Day], m
     if links and summary:
         facts.append(("Summary", _link(f"/runs/{date}.json", f"{date}.json", links)))
     return '<table class="facts">' + "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in facts) + "</table>"
+
+
+def _ingest_counts(day: data_lib.Day) -> str:
+    """AvcExampleGen's other counts and the bad rows' reasons, when it recorded them."""
+    ingest = day.ingest or {}
+    counts = [f"{_e(k.replace('_', ' '))} {_count(v)}" for k, v in sorted(ingest.items())
+              if k.endswith("_rows") and k not in ("good_rows", "bad_rows") and isinstance(v, int)]
+    reasons = ingest.get("reasons") or {}
+    if isinstance(reasons, dict) and reasons:
+        counts.append("reasons: " + "; ".join(f"{_e(r)} {_count(n)}" for r, n in sorted(reasons.items())))
+    return f" <span class=muted>({', '.join(counts)})</span>" if counts else ""
 
 
 def blessing_section(summary: Dict[str, object]) -> str:

@@ -1,6 +1,7 @@
-"""`poso ui`: the dashboard over HTTP (the standard library's threading server), GET and HEAD only.
+"""The run dashboard: a web page over a pipeline home (runs by day, what serves, blessing
+decisions, metric trends, lineage), served on 127.0.0.1 and only reading the home.
 
-Routes: /  (runs by day, what serves, trends); /runs/DATE (a day: blessing decision, plots, its
+The standard library's threading HTTP server, GET and HEAD only. Routes: /  (runs by day, what serves, trends); /runs/DATE (a day: blessing decision, plots, its
 pipeline runs); /runs/DATE.json (its summary); /versions/N and /models/ID (lineage). Every
 request reads the home afresh, so the page follows the runs as they land; nothing is written.
 """
@@ -120,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=argtypes.non_negative_int, default=config_lib.DASHBOARD_PORT,
                         help="port to listen on; 0 picks a free one")
     parser.add_argument("--host", default=config_lib.SERVING_HOST,
-                        help="address to listen on (the default is this machine only)")
+                        help="address to listen on (the default serves this machine only)")
 
 
 def run(args) -> int:
