@@ -1,4 +1,4 @@
-"""Infra validation without Docker, and the models.config beside TF Serving's base directory.
+"""Infra validation without Docker.
 
 TFX's InfraValidator starts tensorflow/serving only through Docker or Kubernetes, neither of
 which exists on these machines. `ServingInfraValidator` instead starts the project's TF
@@ -19,8 +19,6 @@ from typing import Any, Dict, List
 import numpy as np
 import tensorflow as tf
 from tfx import types
-from tfx.dsl.component.experimental.annotations import InputArtifact, Parameter
-from tfx.dsl.component.experimental.decorators import component
 from tfx.dsl.components.base import base_component, base_executor, executor_spec
 from tfx.types import artifact_utils, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
@@ -128,24 +126,3 @@ class ServingInfraValidator(base_component.BaseComponent):
         super().__init__(spec=ServingInfraValidatorSpec(
             model=model, examples=examples, num_requests=num_requests, model_name=model_name,
             blessing=types.Channel(type=standard_artifacts.InfraBlessing)))
-
-
-@component
-def ServingConfigWriter(pushed_model: InputArtifact[standard_artifacts.PushedModel],
-                        models_config_path: Parameter[str], model_name: Parameter[str],
-                        base_path: Parameter[str]) -> None:
-    """Keeps TF Serving's models.config (model_config_list) beside the base directory."""
-    if not pushed_model.get_int_custom_property("pushed"):
-        logging.info("Model not pushed; %s left as it is", models_config_path)
-        return
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    config = model_server_config_pb2.ModelServerConfig()
-    model = config.model_config_list.config.add(name=model_name, base_path=base_path, model_platform="tensorflow")
-    model.model_version_policy.latest.num_versions = 1
-    os.makedirs(os.path.dirname(models_config_path), exist_ok=True)
-    temporary = models_config_path + ".tmp"
-    with open(temporary, "w") as f:
-        f.write(text_format.MessageToString(config))
-    os.replace(temporary, models_config_path)  # servers polling the file never see half of it

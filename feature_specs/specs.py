@@ -23,7 +23,7 @@ __all__ = [
     "USER_ID", "VIDEO_ID", "DATE", "HOURMIN", "TIME_MS", "TAB", "AUTHOR_ID", "MUSIC_ID",
     "USER_ACTIVE_DEGREE", "UPLOAD_DT", "VIDEO_DURATION", "TAG", "PLAY_TIME_MS", "DURATION_MS",
     "AVC", "IS_NEW_USER", "ITEM_AGE_DAYS", "HIST_VIDEO_IDS", "HIST_TAGS", "VIDEO_TAGS",
-    "HOUR", "USER_GROUP", "AVC_BUCKET", "PC_BUCKET", "SEQUENCE_PADDING_VALUE",
+    "HOUR", "USER_GROUP", "AVC_BUCKET", "PC_BUCKET", "SEQUENCE_PADDING_VALUE", "SERVING_MODEL_NAME",
 ]
 
 
@@ -209,6 +209,9 @@ USER_GROUP, AVC_BUCKET = "user_group", "avc_bucket"
 PC_BUCKET = "pc_bucket"
 # Raw-tensor serving requests pad variable-length lists with this value.
 SEQUENCE_PADDING_VALUE = -1
+# The name the ranking model is served under (requests' model_spec.name, the base directory's
+# name): part of the serving contract, so the client needs nothing from the pipeline.
+SERVING_MODEL_NAME = "poso_ranking"
 
 _DEGREES = ("full_active", "high_active", "middle_active", "low_active", "single_low_active",
             "2_14_day_new", "30day_retention", "day_new", "UNKNOWN")

@@ -72,7 +72,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (action.required or action.default in (None, False, [], argparse.SUPPRESS)
+        if (action.required or action.default in (None, False, [], "", argparse.SUPPRESS)
                 or "(default" in text or not action.option_strings):
             return text
         return super()._get_help_string(action)

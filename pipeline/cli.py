@@ -75,16 +75,32 @@ def _print_result(result, home: str) -> None:
     print(f"  Report:  {report.write_report(result, home)}")
 
 
+def _add_unpin_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--unpin", action="store_true",
+                        help="lift a `poso rollback` pin first, so that this run's push serves")
+
+
+def _unpin(args) -> None:
+    if args.unpin:
+        from components import serving_config
+
+        released = serving_config.remove_pin(_run_config(args, datetime.date.today()).pin_path)
+        if released is not None:
+            print(f"Pin on version {released} lifted (--unpin): the next push serves", flush=True)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--date", type=_date, required=True,
                         help="the evaluation day YYYY-MM-DD, 'yesterday' or 'today'")
     _add_pipeline_args(parser)
+    _add_unpin_arg(parser)
 
 
 def cmd_run(args) -> int:
     from pipeline import local_runner
 
     local_runner.setup_logging(args.verbose)
+    _unpin(args)
     _print_result(local_runner.run_day(_run_config(args, args.date)), args.home)
     return 0
 
@@ -95,12 +111,14 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", dest="end", type=_date, required=True,
                         help="last evaluation day YYYY-MM-DD (included)")
     _add_pipeline_args(parser)
+    _add_unpin_arg(parser)
 
 
 def cmd_backfill(args) -> int:
     from pipeline import local_runner
 
     local_runner.setup_logging(args.verbose)
+    _unpin(args)
     for result in local_runner.backfill(_run_config(args, args.start), args.start, args.end):
         _print_result(result, args.home)
     return 0
@@ -161,6 +179,7 @@ class Command:
     add_arguments: str = "add_arguments"
     run: str = "run"
     subcommands: Optional[Dict[str, "Command"]] = None
+    quiet: bool = False  # drop TensorFlow's native banners unless --verbose (pipeline/quiet.py)
 
 
 _HERE = __name__  # "pipeline.cli", or "__main__" under `python -m pipeline.cli`
@@ -177,29 +196,38 @@ BENCHMARKS = {
 
 COMMANDS = {
     "run": Command("the daily run for one date: ingest, validate, train, evaluate, push",
-                   _HERE, "add_run_arguments", "cmd_run"),
+                   _HERE, "add_run_arguments", "cmd_run", quiet=True),
     "backfill": Command("daily runs for every date from --from to --to (both included), in order (resumable)",
-                        _HERE, "add_backfill_arguments", "cmd_backfill"),
+                        _HERE, "add_backfill_arguments", "cmd_backfill", quiet=True),
     "demo": Command("synthetic logs -> daily run -> serve -> gRPC and REST predictions",
-                    _HERE, "add_demo_arguments", "cmd_demo"),
+                    _HERE, "add_demo_arguments", "cmd_demo", quiet=True),
     "generate": Command("write synthetic daily logs in the KuaiRand schema", "components.synthetic_logs"),
     "ui": Command("the dashboard on 127.0.0.1: runs by day, what serves, blessing decisions, metric trends, "
                   "lineage (read-only over --home)", "pipeline.dashboard.server"),
+    "daily": Command("what the schedule runs: `run --date yesterday` with a log file per day, log retention "
+                     "and --on-failure / --on-not-blessed hooks", "pipeline.daily"),
     "schedule": Command("print or install the daily trigger (cron or systemd), or write the Kubeflow recurring run",
                         "pipeline.schedule"),
+    "versions": Command("pushed model versions: when, which day's run pushed them, which one serves",
+                        "pipeline.versions", "add_versions_arguments", "cmd_versions"),
+    "rollback": Command("serve an earlier pushed version, pinned until `poso rollback --release`",
+                        "pipeline.versions", "add_rollback_arguments", "cmd_rollback"),
+    "serving-config": Command("print the models.config for servers that see the base directory elsewhere "
+                              "(deploy/models.config)", "pipeline.versions", "add_serving_config_arguments",
+                              "cmd_serving_config"),
     "serve": Command("serve pushed models over TF Serving's gRPC and REST APIs", "serving.server"),
     "predict": Command("send a predict request over gRPC or REST", "serving.client"),
     "compile-kubeflow": Command("compile the daily pipeline for Kubeflow Pipelines v2 / Vertex (JSON)",
-                                "pipeline.kubeflow_v2_runner"),
+                                "pipeline.kubeflow_v2_runner", quiet=True),
     "model-summary": Command("parameters and FLOPs per module, plain vs POSO (Table 1)",
-                             _HERE, "add_model_summary_arguments", "cmd_model_summary"),
+                             _HERE, "add_model_summary_arguments", "cmd_model_summary", quiet=True),
     "bench": Command("benchmarks (print figures; loopback only)", subcommands=BENCHMARKS),
 }
 
 
 def _description(module) -> Optional[str]:
-    """The command's description: the one of the module's own parser if it has one, else the
-    module docstring's first paragraph."""
+    """The description of a command with a module of its own: the one of the module's own parser
+    if it has one, else the module docstring's first paragraph."""
     if hasattr(module, "build_arg_parser"):
         return module.build_arg_parser().description
     return (module.__doc__ or "").split("\n\n")[0].strip() or None
@@ -220,7 +248,8 @@ def _add_commands(subparsers, commands: Dict[str, Command], chosen: Sequence[str
         if not configure:
             continue
         module = importlib.import_module(command.module)
-        parser.description = _description(module) if command.module != _HERE else command.help
+        if command.add_arguments == "add_arguments":  # the module is the command's own
+            parser.description = _description(module)
         getattr(module, command.add_arguments)(parser)
         parser.set_defaults(func=getattr(module, command.run))
 
@@ -240,7 +269,13 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from_command_line = argv is None  # not when called in-process (tests, notebooks)
     argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    if from_command_line and chosen in COMMANDS and COMMANDS[chosen].quiet and "--verbose" not in argv:
+        from pipeline import quiet
+
+        quiet.filter_native_stderr()
     args = build_parser(argv).parse_args(argv)
     return args.func(args)
 

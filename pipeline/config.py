@@ -7,9 +7,11 @@ import datetime
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from feature_specs import SERVING_MODEL_NAME
+
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE_NAME = "poso_ranking"
-MODEL_NAME = "poso_ranking"          # the serving model name (TF Serving base directory name)
+MODEL_NAME = SERVING_MODEL_NAME      # the serving model name (TF Serving base directory name)
 DEFAULT_HOME = "poso_home"           # relative to the working directory unless absolute
 DEFAULT_DATA = os.path.join(DEFAULT_HOME, "data")
 TRAIN_DAYS = 7                       # the paper's offline protocol: train on 7 days, test on the next
@@ -86,6 +88,11 @@ class RunConfig:
     @property
     def models_config_path(self) -> str:
         return os.path.join(self.serving_root, "models.config")
+
+    @property
+    def pin_path(self) -> str:
+        """The version `poso rollback` pinned (components/serving_config.py)."""
+        return os.path.join(self.serving_root, "pinned_version.json")
 
     @property
     def schema_path(self) -> str:

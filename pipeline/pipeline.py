@@ -5,7 +5,7 @@ For the run date D:
   (against the schema derived from feature_specs) -> SchemaAnomaliesGate;
   training_window (spans D-7..D-1, each validated) -> Transform -> Trainer -> Evaluator on span D
   (against the last blessed model) + ServingInfraValidator -> Pusher (blessed models only) ->
-  ServingConfigWriter (models.config beside TF Serving's base directory).
+  ServingConfigWriter (models.config beside TF Serving's base directory; a rollback's pin holds).
 `ingest_only` builds just the first part: how earlier days are ingested in order.
 
 `for_kubeflow=True` builds the same DAG for KubeflowV2DagRunner, which compiles only TFX's
@@ -25,7 +25,8 @@ from tfx import v1 as tfx
 
 from components import impression_logs
 from components.avc_example_gen import SPLIT, AvcExampleGen, UserState, quarantine_dir_of, span_of
-from components.infra_validator import ServingInfraValidator, ServingConfigWriter
+from components.infra_validator import ServingInfraValidator
+from components.serving_config_writer import ServingConfigWriter
 from components.span_registry import RegisteredUserState, SpanWindowExamples, registry_dir_of
 from components.span_window import BaselineModelStrategy, SchemaAnomaliesGate, SpanWindowStrategy
 from pipeline import config as config_lib
@@ -135,7 +136,7 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
                 filesystem=tfx.proto.PushDestination.Filesystem(base_directory=cfg.serving_model_dir)))
         config_writer = ServingConfigWriter(
             pushed_model=pusher.outputs["pushed_model"], models_config_path=cfg.models_config_path,
-            model_name=config_lib.MODEL_NAME, base_path=cfg.serving_model_dir)
+            model_name=config_lib.MODEL_NAME, base_path=cfg.serving_model_dir, pin_path=cfg.pin_path)
         components += [training_window, transform, baseline, trainer, evaluator,
                        infra_validator, pusher, config_writer]
 

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional
 
 from tfx import v1 as tfx
 
+from components import serving_config
 from components.avc_example_gen import span_of
 from feature_specs import specs
 from pipeline import config as config_lib
@@ -153,6 +154,7 @@ def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
         "pushed_destination": _custom(pushed, "pushed_destination", None),
         "serving_base_directory": cfg.serving_model_dir,
         "models_config": cfg.models_config_path,
+        "pinned_version": serving_config.read_pin(cfg.pin_path),
         "pipeline_root": cfg.pipeline_root,
         "metadata": cfg.metadata_path,
         "candidate_model_dir": os.path.join(model.uri, "Format-Serving") if model is not None else None,
@@ -192,6 +194,9 @@ def format_summary(summary: Dict[str, object]) -> str:
     lines.append("  Infra validation: " + ("passed" if summary["infra_blessed"] else f"FAILED {summary['infra_reason']}"))
     if summary["pushed"]:
         lines.append(f"  Pushed version {summary['pushed_version']} to {summary['pushed_destination']}")
+        if summary.get("pinned_version") is not None:
+            lines.append(f"  Not serving it: version {summary['pinned_version']} is pinned by `poso rollback` "
+                         f"(lift with `poso rollback --release` or `poso run --unpin`)")
     else:
         lines.append("  Not pushed")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ Modules (import them directly; this package imports nothing heavy):
 * `serving.batching` server-side request batching; TF Serving's batching parameters file.
 * `serving.warmup`   write / read assets.extra/tf_serving_warmup_requests.
 * `serving.config`   models.config (ModelServerConfig) parsing and version policies.
-* `serving.testing`  small SavedModels for server tests, the contract suite and CLI tests.
+* `serving.testing`  small SavedModels for server tests and the contract suite.
 
 Production runs tensorflow/serving on the same files: see deploy/README.md.
 """

@@ -46,7 +46,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from feature_specs import SEQUENCE_PADDING_VALUE
+from feature_specs import SEQUENCE_PADDING_VALUE, SERVING_MODEL_NAME
 from serving import instances as instances_lib
 from serving import tensor_protos
 
@@ -775,8 +775,6 @@ def format_table(outputs: Mapping[str, np.ndarray]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `poso predict` flags."""
-    from pipeline.config import MODEL_NAME
-
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--grpc", metavar="HOST:PORT", nargs="?", const=DEFAULT_GRPC_ADDRESS,
                        help=f"send over gRPC (the default; address default {DEFAULT_GRPC_ADDRESS})")
@@ -790,7 +788,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "serialized tf.Examples: TFRecord files (gzip or not), directories of them, or globs. "
         f"Sent to signature {DEFAULT_SIGNATURE}"))
     parser.add_argument("--model", "--model-name", "--model_name", dest="model",
-                        default=MODEL_NAME, help="served model name (default %(default)s)")
+                        default=SERVING_MODEL_NAME, help="served model name (default %(default)s)")
     parser.add_argument("--signature", "--signature-name", "--signature_name", dest="signature",
                         help="signature to call (default: see --json and --examples); a raw-"
                              "feature signature given --examples gets the examples' features")

@@ -1,9 +1,7 @@
 """models.model_summary (parameters and FLOPs, plain vs POSO) and the train-throughput benchmark smoke run."""
 
 import argparse
-import ast
 import json
-import pathlib
 import re
 
 import numpy as np
@@ -153,15 +151,6 @@ def test_bad_arguments_are_named():
         _summary_parser().parse_args(["--config", "[1, 2]"])
     with pytest.raises(SystemExit):
         _summary_parser().parse_args(["--variant-pair", "baseline,nope"])
-
-
-def test_models_import_neither_pipeline_nor_benchmarks():
-    for path in sorted(pathlib.Path(model.__file__).parent.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            for name in names:
-                assert name.split(".")[0] not in ("pipeline", "benchmarks", "serving"), f"{path.name}: {name}"
 
 
 def test_random_transformed_features_are_valid():

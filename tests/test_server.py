@@ -22,6 +22,7 @@ from tensorflow_serving.apis import (get_model_status_pb2, model_management_pb2,
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
+import ranking_stub
 from serving import batching as batching_lib
 from serving import client, config as config_lib, server as server_lib, testing, warmup
 from serving.batching import BatchingOptions
@@ -494,11 +495,33 @@ def test_probes_ask_for_the_pipelines_model(manifests):
 
     status_path = f"/v1/models/{MODEL_NAME}"
     (container,) = manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
-    for probe in ("startupProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": status_path, "port": "http"}
+    assert container["startupProbe"]["httpGet"] == {"path": status_path, "port": "http"}
+    assert container["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
     readiness = container["readinessProbe"]["exec"]["command"]
     assert readiness[:2] == ["bash", "-c"] and f"GET {status_path} " in readiness[2]
     assert manifests["compose"]["healthcheck"]["test"][1:] == readiness
+
+
+def test_servers_wait_for_the_first_push_instead_of_restarting(manifests, tmp_path):
+    """The init container (Kubernetes) and the one-shot service (Compose) run the same wait,
+    which loops while the base directory has no version and ends once the Pusher wrote one."""
+    import subprocess
+
+    from pipeline.config import MODEL_NAME
+
+    (init,) = manifests["Deployment"]["spec"]["template"]["spec"]["initContainers"]
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    assert compose["wait-for-first-push"]["entrypoint"] == init["command"]
+    assert manifests["compose"]["depends_on"]["wait-for-first-push"] == {"condition": "service_completed_successfully"}
+    script = init["command"][2].replace("/models/", f"{tmp_path}/")
+    base = tmp_path / MODEL_NAME
+    base.mkdir()
+    assert subprocess.run(["timeout", "2", "bash", "-c", script], capture_output=True).returncode == 124
+    (base / "1700000000").mkdir()
+    assert subprocess.run(["timeout", "2", "bash", "-c", script], capture_output=True).returncode == 124
+    (base / "1700000000" / "saved_model.pb").write_bytes(b"")
+    assert subprocess.run(["timeout", "10", "bash", "-c", script], capture_output=True).returncode == 0
 
 
 def _bash_probe_answer(command: str, port: int) -> bytes:
@@ -519,7 +542,7 @@ def test_deploy_config_serves_on_this_server(manifests, tmp_path):
     from pipeline.config import MODEL_NAME
 
     serving_dir = tmp_path / "serving"
-    testing.export_ranking_stub_model(str(serving_dir / MODEL_NAME / "1"))
+    ranking_stub.export_ranking_stub_model(str(serving_dir / MODEL_NAME / "1"))
     config_text = (DEPLOY / "models.config").read_text()
     assert f'base_path: "/models/{MODEL_NAME}"' in config_text
     models_config = _write(tmp_path / "models.config",
@@ -681,7 +704,7 @@ def test_serving_benchmark_runs_end_to_end(tmp_path, capsys):
     """benchmarks/serving_latency.py on a stub ranking model, with tiny bounds."""
     from benchmarks import serving_latency
 
-    model_dir = testing.export_ranking_stub_model(str(tmp_path / "stub"))
+    model_dir = ranking_stub.export_ranking_stub_model(str(tmp_path / "stub"))
     assert serving_latency.main(["--model-dir", model_dir, "--rows", "1,3", "--throughput-rows",
                                  "2", "--concurrency", "2", "--requests", "3", "--seconds",
                                  "0.2", "--tensorflow-intra-op-parallelism", "1"]) == 0

@@ -1,6 +1,6 @@
 """`poso predict` (serving.client.main) against this project's server on a ranking stub model.
 
-The stub (serving.testing.export_ranking_stub_model) has the ranking model's serving_default
+The stub (tests/ranking_stub.py) has the ranking model's serving_default
 and serving_raw signatures and closed-form per-task scores, so each test knows the answer.
 """
 
@@ -16,13 +16,14 @@ import tensorflow as tf
 import feature_specs as fs
 import raw_examples
 from pipeline import cli
-from serving import client, instances, server as server_lib, testing
+import ranking_stub
+from serving import client, instances, server as server_lib
 
 MODEL = "ranker"
 TASKS = [task.name for task in fs.TASKS]
 ROWS = raw_examples.make_raw_rows(5, seed=7)
 EXAMPLES = raw_examples.serialize_all(ROWS)
-EXPECTED = testing.ranking_stub_scores([row[fs.PC.source] for row in ROWS],
+EXPECTED = ranking_stub.ranking_stub_scores([row[fs.PC.source] for row in ROWS],
                                        [len(row[fs.HIST_VIDEO_IDS]) for row in ROWS])
 # The raw features of each row, as `poso predict --json` takes them.
 RAW_ROWS = instances.raw_instances(EXAMPLES)
@@ -31,7 +32,7 @@ RAW_ROWS = instances.raw_instances(EXAMPLES)
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
     base = tmp_path_factory.mktemp("cli_models") / MODEL
-    testing.export_ranking_stub_model(str(base / "1"))
+    ranking_stub.export_ranking_stub_model(str(base / "1"))
     with server_lib.start_server(str(base), MODEL, grpc_port=0, rest_port=0,
                                  file_system_poll_wait_s=0) as server:
         yield {"grpc": server.grpc_address, "rest": server.rest_url}
