@@ -17,8 +17,11 @@ test: env       ## the default suite (well under 30 minutes)
 test-slow: env  ## the long runs too
 	$(ENV) python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
-bench-paper: env  ## reproduce the paper's tables and plots into benchmarks/RESULTS.md (~30 min; PAPER_ARGS=...)
+bench-paper: env  ## every section of the paper's tables and plots into benchmarks/RESULTS.md (~65 min on 2 cores; PAPER_ARGS=...)
 	bin/poso bench paper $(PAPER_ARGS)
+
+bench-paper-%: env  ## one section: bench-paper-a (MovieLens) .. bench-paper-e (item cold start)
+	bin/poso bench paper --sections $* $(PAPER_ARGS)
 
 lock:           ## re-resolve requirements.in into requirements.lock (inside the environment)
 	$(ENV) bash -c 'set -e; d=$$(mktemp -d); python -m venv $$d; $$d/bin/pip install -q -r requirements.in; \

@@ -1,14 +1,30 @@
 """One command that reproduces the POSO paper's offline results and writes benchmarks/RESULTS.md.
 
-    bin/poso bench paper [--seeds 0,1,2] [--sections a,b,c,d] [--out benchmarks]   (or: make bench-paper)
+    bin/poso bench paper [--seeds 0,..,5] [--headline-seeds 0,..,11] [--sections a,b,c,d,e] [--out benchmarks]
+    make bench-paper            (every section)      make bench-paper-b    (one section)
 
 Sections:
   a  MovieLens (ml-latest-small): `benchmarks.paper_movielens.run_movielens`, GAUC per variant.
   b  The cold-start table (the paper's Table 2) on synthetic KuaiRand-schema logs: GAUC of new and
      regular users per task; every POSO variant's difference from the baseline in percentage points.
-  c  The personalization-code ablation (Table 6): the gates read all features (MoE), is_new_user,
-     the user-ID embedding, or the AVC bucket (the default PC).
+  c  The personalization-code ablation (Table 6): POSO(all) whose gates read all non-sequential
+     features (the paper's "All features" row), is_new_user, the user-ID embedding, or the AVC
+     bucket (the default PC); and, under its own name, the `moe` variant (a softmax mixture of MLPs
+     gated on the input, which the paper's row is not).
   d  The submergence diagnostic (Fig. 1b) and the gates against AVC (Fig. 4), as PNGs.
+  e  Item cold start (Table 3): POSO(all) with PC = item age against the baseline, on impressions
+     of new videos (uploaded under feature_specs' NEW_ITEM_DAYS days before) and of the others.
+
+Seeds: headline rows (the baseline, POSO(all) and every cold-start method the project has; in
+(e) POSO with the item-age PC) run with `--headline-seeds` (default 12 seeds), the other rows with
+`--seeds` (default 6); every table says how many seeds each row has. Every difference from the
+baseline is paired by seed and shown with its 95% confidence interval (t distribution) and the
+paired t-test's p-value (`benchmarks.stats`).
+
+Time: about 25-30 s per trained model on 2 cores (RESULTS.md of 2026-11-23: 23-33 s per model
+and seed in every section), so the default run trains 48 MovieLens and 78 synthetic models,
+about 65 min with the data preparation; within 3 hours even at half that speed. RESULTS.md
+lists every section's wall time, seeds and commit as recorded by its last run.
 
 Protocol (b-d): the synthetic logs go through the project's real code path (AvcExampleGen's
 executor, tf.Transform with `preprocessing_fn`, see `benchmarks.paper_data`), computed once and
@@ -16,8 +32,8 @@ shared by every model. Each model trains on the 7 training days and is evaluated
 day; GAUC (`models.metrics.grouped_auc`, per user) per task, sliced by `user_group`. Every model
 has the same hyper-parameters (the `ModelConfig` defaults plus the variant's module kinds), the
 same number of steps and batch size; a seed sets the initial weights and the data order (the
-data stay fixed). Differences from the baseline are paired by seed: mean and std over seeds of
-(GAUC_variant - GAUC_baseline) in percentage points.
+data stay fixed). Differences from the baseline are paired by seed: mean over seeds of
+(GAUC_variant - GAUC_baseline) in percentage points, with its 95% CI and p-value.
 
 Raw results go to OUT/results/<section>.json (one file per section, replaced when the section is
 rerun); RESULTS.md is rendered from every JSON present, so `--sections a` adds MovieLens to
@@ -41,20 +57,26 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
+from benchmarks import stats as paired_stats
 from feature_specs import specs
 from pipeline import argtypes
 
-SECTIONS = ("a", "b", "c", "d")
+SECTIONS = ("a", "b", "c", "d", "e")
 SECTION_TITLES = {
     "a": "(a) MovieLens (ml-latest-small)",
     "b": "(b) Cold start on synthetic KuaiRand-schema logs (paper Table 2)",
     "c": "(c) Personalization-code ablation (paper Table 6)",
     "d": "(d) Submergence (paper Fig. 1b) and gates against AVC (paper Fig. 4)",
+    "e": "(e) Item cold start on synthetic KuaiRand-schema logs (paper Table 3)",
 }
-DEFAULT_SEEDS = (0, 1, 2)
+# Seeds of the headline rows and of the others (see the module docstring for the time they take).
+DEFAULT_SEEDS = tuple(range(6))
+DEFAULT_HEADLINE_SEEDS = tuple(range(12))
 BASELINE = "baseline"
 POSO = "poso_all"
 GROUPS = ("new", "regular")
+# Section (e) slices by video instead: impressions of new videos and of the others.
+VIDEO_GROUPS = ("new_video", "regular_video")
 TASK_NAMES = tuple(t.name for t in specs.TASKS)
 # The cold-start goal: POSO's new-user GAUC above the baseline's on every task, and regular
 # users' GAUC at most this many percentage points below it.
@@ -74,6 +96,8 @@ class ModelSpec:
     variant: str
     overrides: Tuple[Tuple[str, Any], ...] = ()
     label: str = ""
+    # A headline row (baseline, POSO(all), a cold-start method) runs with the headline seeds.
+    headline: bool = False
 
     @property
     def pc_source(self) -> str:
@@ -83,20 +107,30 @@ class ModelSpec:
 
 
 TABLE2_MODELS = (
-    ModelSpec(BASELINE, BASELINE, label="Baseline"),
+    ModelSpec(BASELINE, BASELINE, label="Baseline", headline=True),
     ModelSpec("poso_mlp", "poso_mlp", label="POSO(MLP)"),
     ModelSpec("poso_mha", "poso_mha", label="POSO(MHA)"),
     ModelSpec("poso_mmoe", "poso_mmoe", label="POSO(MMoE)"),
-    ModelSpec(POSO, POSO, label="POSO(MLP+MHA+MMoE)"),
+    ModelSpec(POSO, POSO, label="POSO(MLP+MHA+MMoE)", headline=True),
 )
 ABLATION_MODELS = (
-    ModelSpec(BASELINE, BASELINE, label="Baseline (no gates)"),
-    ModelSpec("moe", "moe", label="All features (MoE gated on the input)"),
+    ModelSpec(BASELINE, BASELINE, label="Baseline (no gates)", headline=True),
+    ModelSpec("poso_all[all_features]", POSO, (("pc_source", "all_features"),),
+              label="POSO, PC = all features (the paper's row)"),
     ModelSpec("poso_all[is_new_user]", POSO, (("pc_source", "is_new_user"),), label="POSO, PC = is_new_user"),
     ModelSpec("poso_all[user_id]", POSO, (("pc_source", "user_id"),), label="POSO, PC = user-ID embedding"),
-    ModelSpec(POSO, POSO, label="POSO, PC = AVC bucket"),
+    ModelSpec(POSO, POSO, label="POSO, PC = AVC bucket", headline=True),
+    ModelSpec("moe", "moe", label="MoE gated on the input (variant `moe`, not POSO's gates)"),
+)
+ITEM_COLD_START_MODELS = (
+    ModelSpec(BASELINE, BASELINE, label="Baseline", headline=True),
+    ModelSpec("poso_all[item_age]", POSO, (("pc_source", "item_age"),), label="POSO(all), PC = item age",
+              headline=True),
+    ModelSpec(POSO, POSO, label="POSO(all), PC = AVC bucket (user cold start)", headline=True),
 )
 SUBMERGENCE_MODELS = (TABLE2_MODELS[0], TABLE2_MODELS[-1])
+# MovieLens (a): the variants of the headline rows.
+HEADLINE_VARIANTS = (BASELINE, POSO)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,14 +263,18 @@ def _support(labels: np.ndarray, users: np.ndarray) -> int:
 
 
 def gauc_rows(predictions: Mapping[str, np.ndarray], split) -> List[Dict[str, Any]]:
-    """GAUC per task and user group (and over all users), with the number of users averaged."""
+    """GAUC per task and user group (and over all users; and per video group when the split has
+    them), with the number of users averaged."""
     from models import metrics
 
+    masks = {group: split.user_groups == group for group in GROUPS}
+    masks["all"] = np.ones(len(split), bool)
+    if getattr(split, "video_groups", None) is not None:
+        masks.update({group: split.video_groups == group.replace("_video", "") for group in VIDEO_GROUPS})
     rows = []
     for task in specs.TASKS:
         labels = split.features[task.label]
-        for group in GROUPS + ("all",):
-            mask = np.ones(len(split), bool) if group == "all" else split.user_groups == group
+        for group, mask in masks.items():
             rows.append(dict(task=task.name, group=group,
                              gauc=metrics.grouped_auc(labels[mask], predictions[task.name][mask],
                                                       split.user_ids[mask]),
@@ -287,8 +325,8 @@ class SyntheticRunner:
         self.results(spec, seed, keep_model=True)
         return self._models[(spec.name, seed)]
 
-    def table(self, models: Sequence[ModelSpec], seeds: Sequence[int]) -> pd.DataFrame:
-        return pd.DataFrame([row for spec in models for seed in seeds for row in self.results(spec, seed)])
+    def table(self, models: Sequence[ModelSpec], seeds_of: Callable[[ModelSpec], Sequence[int]]) -> pd.DataFrame:
+        return pd.DataFrame([row for spec in models for seed in seeds_of(spec) for row in self.results(spec, seed)])
 
 
 # ---------------------------------------------------------------------------
@@ -425,7 +463,9 @@ def gates_by_avc(model, tft_output_dir: str, example_files: Sequence[str], work_
 # Sections
 # ---------------------------------------------------------------------------
 def run_movielens_section(zip_path: str, seeds: Sequence[int], variants: Sequence[str], work_dir: str,
-                          budget: Mapping[str, Any]) -> Dict[str, Any]:
+                          budget: Mapping[str, Any], headline_seeds: Optional[Sequence[int]] = None
+                          ) -> Dict[str, Any]:
+    """(a): the headline variants with `headline_seeds` (and `seeds`), the others with `seeds`."""
     try:
         from benchmarks.paper_movielens import run_movielens
     except ImportError as error:
@@ -433,12 +473,22 @@ def run_movielens_section(zip_path: str, seeds: Sequence[int], variants: Sequenc
     if not os.path.isfile(zip_path):
         return dict(available=False, reason=f"the MovieLens archive {zip_path} does not exist "
                                             f"(set {MOVIELENS_ENV} or --movielens-zip)")
-    frame = run_movielens(zip_path, seeds, variants, work_dir, **budget)
+    all_seeds = _headline_seeds(seeds, headline_seeds)
+    runs = [([v for v in variants if v in HEADLINE_VARIANTS], all_seeds),
+            ([v for v in variants if v not in HEADLINE_VARIANTS], list(seeds))]
+    frame = pd.concat([run_movielens(zip_path, run_seeds, run_variants, work_dir, **budget)
+                       for run_variants, run_seeds in runs if run_variants], ignore_index=True)
     missing = {"variant", "seed", "task", "gauc"} - set(frame.columns)
     if missing:
         raise ValueError(f"run_movielens returned a frame without the columns {sorted(missing)}")
     return dict(available=True, zip=zip_path, variants=list(variants), budget=dict(budget),
+                headline_variants=[v for v in variants if v in HEADLINE_VARIANTS],
                 rows=frame.to_dict(orient="records"))
+
+
+def _headline_seeds(seeds: Sequence[int], headline_seeds: Optional[Sequence[int]]) -> List[int]:
+    """The headline rows' seeds: every seed of the other rows too, so that they all pair."""
+    return list(dict.fromkeys(list(seeds) + list(headline_seeds or ())))
 
 
 def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, work_dir: str, command: str,
@@ -446,16 +496,26 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
                  movielens_variants: Optional[Sequence[str]] = None,
                  movielens_budget: Optional[Mapping[str, Any]] = None,
                  table2_models: Sequence[ModelSpec] = TABLE2_MODELS,
-                 ablation_models: Sequence[ModelSpec] = ABLATION_MODELS) -> Dict[str, Dict[str, Any]]:
-    """Runs `sections`, writes OUT/results/<section>.json and renders OUT/RESULTS.md."""
+                 ablation_models: Sequence[ModelSpec] = ABLATION_MODELS,
+                 item_models: Sequence[ModelSpec] = ITEM_COLD_START_MODELS,
+                 headline_seeds: Optional[Sequence[int]] = None) -> Dict[str, Dict[str, Any]]:
+    """Runs `sections`, writes OUT/results/<section>.json and renders OUT/RESULTS.md.
+
+    Headline models (`ModelSpec.headline`) run with `seeds` and `headline_seeds`, the others with
+    `seeds`."""
     results_dir = os.path.join(out_dir, RESULTS_DIR)
     os.makedirs(results_dir, exist_ok=True)
     os.makedirs(work_dir, exist_ok=True)
     written: Dict[str, Dict[str, Any]] = {}
     commit = git_commit()  # the code that runs, whatever is committed meanwhile
+    all_headline_seeds = _headline_seeds(seeds, headline_seeds)
+
+    def seeds_of(spec: ModelSpec) -> List[int]:
+        return all_headline_seeds if spec.headline else list(seeds)
 
     def save(section: str, payload: Dict[str, Any], started: float, **meta: Any) -> None:
-        payload = dict(section=section, meta=_meta(command, seeds, started, commit, **meta), **payload)
+        payload = dict(section=section, meta=_meta(command, seeds, started, commit,
+                                                   headline_seeds=all_headline_seeds, **meta), **payload)
         with open(os.path.join(results_dir, f"{section}.json"), "w") as f:
             json.dump(payload, f, indent=1, default=_json_default)
         written[section] = payload
@@ -468,27 +528,29 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
 
             movielens_variants = list(model_lib.VARIANTS)
         payload = run_movielens_section(movielens_zip or default_movielens_zip(), seeds, movielens_variants,
-                                        os.path.join(work_dir, "movielens"), dict(movielens_budget or {}))
+                                        os.path.join(work_dir, "movielens"), dict(movielens_budget or {}),
+                                        headline_seeds=all_headline_seeds)
         if not payload["available"]:
             _log(f"  unavailable: {payload['reason']}")
         save("a", payload, started)
 
-    synthetic = [s for s in sections if s in ("b", "c", "d")]
+    synthetic = [s for s in sections if s in ("b", "c", "d", "e")]
     if synthetic:
-        _log("Synthetic data (shared by b, c, d)")
+        _log("Synthetic data (shared by b, c, d, e)")
         runner = SyntheticRunner(work_dir, budget)
         for section in synthetic:
             started = time.time()
             _log(SECTION_TITLES[section])
-            if section in ("b", "c"):
-                models = table2_models if section == "b" else ablation_models
+            if section in ("b", "c", "e"):
+                models = {"b": table2_models, "c": ablation_models, "e": item_models}[section]
                 if section == "b":
                     # Keep seed 0's baseline and POSO for (d) instead of training them again.
                     for spec in models:
                         if spec in SUBMERGENCE_MODELS:
                             runner.model(spec, seeds[0])
-                frame = runner.table(models, seeds)
-                save(section, dict(models=[dataclasses.asdict(m) | {"pc_source": m.pc_source} for m in models],
+                frame = runner.table(models, seeds_of)
+                save(section, dict(models=[dataclasses.asdict(m) | {"pc_source": m.pc_source, "seeds": seeds_of(m)}
+                                           for m in models],
                                    rows=frame.to_dict(orient="records")),
                      started, data=runner.description)
             else:
@@ -524,23 +586,28 @@ def _json_default(value):
 # ---------------------------------------------------------------------------
 def summarize(frame: pd.DataFrame, keys: Sequence[str] = ("group", "task"), value: str = "gauc") -> pd.DataFrame:
     """Per model and `keys`: the metric `value` (GAUC) as mean and std over seeds (columns
-    gauc_mean, gauc_std), and the paired difference from the baseline of the same seed in
-    percentage points (diff_pp_mean, diff_pp_std)."""
+    gauc_mean, gauc_std, seeds), and the difference from the baseline of the same seed in
+    percentage points, over the seeds both have a value for (`benchmarks.stats.paired_difference`):
+    pairs, diff_pp_mean, diff_pp_std, diff_pp_low / diff_pp_high (95% CI), p_value."""
     keys = list(keys)
     frame = frame.drop(columns=[c for c in ("gauc",) if c != value and c in frame.columns]).rename(
         columns={value: "gauc"})
-    base = frame[frame["model"] == BASELINE][keys + ["seed", "gauc"]].rename(columns={"gauc": "base"})
-    merged = frame.merge(base, on=keys + ["seed"], how="left")
-    merged["diff_pp"] = 100 * (merged["gauc"] - merged["base"])
-    order = list(dict.fromkeys(frame["model"]))
-    stats = (merged.groupby(["model"] + keys, sort=False)
-             .agg(gauc_mean=("gauc", "mean"), gauc_std=("gauc", "std"), diff_pp_mean=("diff_pp", "mean"),
-                  diff_pp_std=("diff_pp", "std"), seeds=("seed", "nunique"))
-             .reset_index())
-    if "users" in frame.columns:
-        support = frame.groupby(["model"] + keys, sort=False)["users"].mean().reset_index()
-        stats = stats.merge(support, on=["model"] + keys, how="left")
-    stats["model"] = pd.Categorical(stats["model"], order, ordered=True)
+    base = frame[frame["model"] == BASELINE].set_index(keys + ["seed"])["gauc"].to_dict()
+    records = []
+    for key, group in frame.groupby(["model"] + keys, sort=False):
+        model, key_values = key[0], tuple(key[1:])
+        pairs = [(100 * gauc, 100 * base[key_values + (seed,)]) for seed, gauc in zip(group["seed"], group["gauc"])
+                 if key_values + (seed,) in base and np.isfinite(gauc) and np.isfinite(base[key_values + (seed,)])]
+        diff = paired_stats.paired_difference([p[0] for p in pairs], [p[1] for p in pairs])
+        record = dict(model=model, **dict(zip(keys, key_values)), gauc_mean=group["gauc"].mean(),
+                      gauc_std=group["gauc"].std(), seeds=int(group["seed"].nunique()), pairs=diff["n"],
+                      diff_pp_mean=diff["mean"], diff_pp_std=diff["std"], diff_pp_low=diff["low"],
+                      diff_pp_high=diff["high"], p_value=diff["p"])
+        if "users" in group.columns:
+            record["users"] = group["users"].mean()
+        records.append(record)
+    stats = pd.DataFrame(records)
+    stats["model"] = pd.Categorical(stats["model"], list(dict.fromkeys(frame["model"])), ordered=True)
     return stats.sort_values(["model"] + keys).reset_index(drop=True)
 
 
@@ -575,6 +642,27 @@ def format_diff(mean: float, std: float) -> str:
     return _pm(mean, std, 2, signed=True)
 
 
+def format_p(p: float) -> str:
+    return "p n/a" if p != p else "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def format_paired(row: Mapping[str, Any]) -> str:
+    """A difference from the baseline: "+0.25 [-0.10, +0.60] p=0.120" (pp, 95% CI, paired t-test);
+    just the mean with fewer than 2 paired seeds."""
+    text = format_diff(row["diff_pp_mean"], float("nan"))
+    if row["pairs"] >= 2 and row["diff_pp_low"] == row["diff_pp_low"]:
+        text += f" [{row['diff_pp_low']:+.2f}, {row['diff_pp_high']:+.2f}] {format_p(row['p_value'])}"
+    return text
+
+
+def _seed_lines(stats: pd.DataFrame, labels: Mapping[str, str]) -> List[str]:
+    """Which rows have fewer seeds than the most-seeded row (the tables' Seeds column says how many)."""
+    per_model = stats.groupby("model", observed=True)["seeds"].max()
+    fewer = [f"{labels.get(model, model)} ({count})" for model, count in per_model.items()
+             if count < per_model.max()]
+    return [f"Rows with fewer than {per_model.max()} seeds: {', '.join(fewer)}."] if fewer else []
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -588,7 +676,15 @@ def _meta_lines(meta: Mapping[str, Any]) -> List[str]:
             f"- Machine: {m['cores']} cores, {m['cpu']}, {m['memory_gib']} GiB memory; {m['os']}; "
             f"Python {m['python']}, TensorFlow {meta['tensorflow']}",
             f"- Git commit: {meta['commit']}",
-            f"- Seeds: {', '.join(str(s) for s in meta['seeds'])} (model initialization and data order)"]
+            f"- Seeds: {_seed_text(meta)} (model initialization and data order)"]
+
+
+def _seed_text(meta: Mapping[str, Any]) -> str:
+    seeds, headline = list(meta["seeds"]), list(meta.get("headline_seeds") or meta["seeds"])
+    if headline == seeds:
+        return f"{', '.join(str(s) for s in seeds)} ({len(seeds)})"
+    return (f"headline rows {', '.join(str(s) for s in headline)} ({len(headline)}), other rows "
+            f"{', '.join(str(s) for s in seeds)} ({len(seeds)})")
 
 
 def _data_lines(data: Mapping[str, Any]) -> List[str]:
@@ -605,32 +701,33 @@ def _data_lines(data: Mapping[str, Any]) -> List[str]:
             "the ModelConfig defaults for every model"]
 
 
-def _gauc_tables(stats: pd.DataFrame, labels: Mapping[str, str]) -> List[str]:
-    """Table 2 format: the baseline's GAUC, every other model's difference in pp; then support."""
-    header = ["Model"] + [f"{group} {task}" for group in GROUPS for task in TASK_NAMES]
+def _gauc_tables(stats: pd.DataFrame, labels: Mapping[str, str], groups: Sequence[str] = GROUPS) -> List[str]:
+    """Table 2 format: the baseline's GAUC, every other model's paired difference in pp with its
+    95% CI and p-value; then every model's GAUC; then support."""
+    header = ["Model", "Seeds"] + [f"{group} {task}" for group in groups for task in TASK_NAMES]
     indexed = stats.set_index(["model", "group", "task"])
-    rows = []
-    for model in stats["model"].cat.categories:
-        cells = [labels.get(model, model)]
-        for group in GROUPS:
+    models = [m for m in stats["model"].cat.categories if m in set(stats["model"])]
+    rows, absolute = [], []
+    for model in models:
+        seeds = f"{indexed.loc[model, 'seeds'].max()}"
+        cells, gaucs = [labels.get(model, model), seeds], [labels.get(model, model), seeds]
+        for group in groups:
             for task in TASK_NAMES:
                 r = indexed.loc[(model, group, task)]
-                cells.append(format_gauc(r["gauc_mean"], r["gauc_std"]) if model == BASELINE
-                             else format_diff(r["diff_pp_mean"], r["diff_pp_std"]))
+                cells.append(format_gauc(r["gauc_mean"], r["gauc_std"]) if model == BASELINE else format_paired(r))
+                gaucs.append(format_gauc(r["gauc_mean"], r["gauc_std"]))
         rows.append(cells)
-    lines = ["GAUC of the baseline; for the other models the difference from the baseline in percentage "
-             "points (paired by seed), mean ± std over seeds:", ""] + _table(header, rows)
-    absolute = []
-    for model in stats["model"].cat.categories:
-        absolute.append([labels.get(model, model)] + [
-            format_gauc(indexed.loc[(model, g, t), "gauc_mean"], indexed.loc[(model, g, t), "gauc_std"])
-            for g in GROUPS for t in TASK_NAMES])
+        absolute.append(gaucs)
+    lines = ["GAUC of the baseline (mean ± std over seeds); for the other models the difference from the "
+             "baseline in percentage points, paired by seed: mean [95% CI] and the paired t-test's p-value:",
+             ""] + _table(header, rows)
+    lines += [""] + _seed_lines(stats, labels)
     lines += ["", "GAUC of every model (mean ± std over seeds):", ""] + _table(header, absolute)
     if "users" in stats.columns:
-        base = [f"{indexed.loc[(BASELINE, g, t), 'users']:.0f}" for g in GROUPS for t in TASK_NAMES]
+        base = [f"{indexed.loc[(BASELINE, g, t), 'users']:.0f}" for g in groups for t in TASK_NAMES]
         lines += ["", "Users GAUC averages over (with both a positive and a negative impression on the "
-                      "evaluation day):", ""] + _table(header[1:], [base])
-        few = [f"{g} {t} ({indexed.loc[(BASELINE, g, t), 'users']:.0f} users)" for g in GROUPS for t in TASK_NAMES
+                      "evaluation day):", ""] + _table(header[2:], [base])
+        few = [f"{g} {t} ({indexed.loc[(BASELINE, g, t), 'users']:.0f} users)" for g in groups for t in TASK_NAMES
                if not indexed.loc[(BASELINE, g, t), "users"] >= MIN_SUPPORT_USERS]
         if few:
             lines += ["", f"Fewer than {MIN_SUPPORT_USERS} users behind: {', '.join(few)}; "
@@ -668,20 +765,21 @@ def render_section_a(payload: Mapping[str, Any]) -> List[str]:
         stats = summarize(frame, keys=("task",), value=metric)
         indexed = stats.set_index(["model", "task"])
         has_baseline = BASELINE in indexed.index.get_level_values(0)
-        header = ["Model"]
+        header = ["Model", "Seeds"]
         for task in tasks:
-            header += [f"{task}"] + ([f"{task} Δ pp"] if has_baseline else [])
+            header += [f"{task}"] + ([f"{task} Δ pp [95% CI] p"] if has_baseline else [])
         rows = []
         for model in stats["model"].cat.categories:
-            cells = [model]
+            cells = [model, f"{indexed.loc[model, 'seeds'].max()}"]
             for task in tasks:
                 r = indexed.loc[(model, task)]
                 cells.append(format_gauc(r["gauc_mean"], r["gauc_std"]))
                 if has_baseline:
-                    cells.append("" if model == BASELINE else format_diff(r["diff_pp_mean"], r["diff_pp_std"]))
+                    cells.append("" if model == BASELINE else format_paired(r))
             rows.append(cells)
-        lines += [f"{title}: mean ± std over seeds; Δ = difference from the baseline in percentage points "
-                  "(paired by seed):", ""] + _table(header, rows) + [""]
+        lines += [f"{title}: mean ± std over seeds; Δ = difference from the baseline in percentage points, "
+                  "paired by seed: mean [95% CI] and the paired t-test's p-value:", ""] + _table(header, rows)
+        lines += [""] + _seed_lines(stats, {}) + [""]
     return lines
 
 
@@ -693,7 +791,10 @@ def render_section_table(payload: Mapping[str, Any], section: str) -> List[str]:
         payload["meta"]["data"])
     lines += [f"- Models: " + "; ".join(f"{m['label']} = variant `{m['variant']}`, PC `{m['pc_source']}`"
                                           for m in payload["models"]), ""]
-    lines += _gauc_tables(stats, labels) + [""]
+    if section == "e":
+        lines += [f"New videos: impressions of videos uploaded less than {specs.NEW_ITEM_DAYS} days before "
+                  "(feature_specs.NEW_ITEM_DAYS); regular videos: the others. GAUC per user, as elsewhere.", ""]
+    lines += _gauc_tables(stats, labels, VIDEO_GROUPS if section == "e" else GROUPS) + [""]
     if section == "b":
         lines += ["Goal (synthetic): POSO improves new-user GAUC on every task and costs regular users at most "
                   f"{REGULAR_USER_TOLERANCE_PP} pp (means over seeds):", ""]
@@ -747,15 +848,22 @@ def render(out_dir: str) -> str:
             with open(path) as f:
                 payloads[section] = json.load(f)
     lines = ["# POSO paper reproduction: results", "",
-             "Generated by `poso bench paper` (benchmarks/paper.py) from the JSON files in "
-             f"`{RESULTS_DIR}/`; do not edit by hand. Rerun a section with `poso bench paper --sections X`.", ""]
+             "Generated by `poso bench paper` (benchmarks/paper.py; `make bench-paper` runs every section) from "
+             f"the JSON files in `{RESULTS_DIR}/`; do not edit by hand. Rerun a section with "
+             "`make bench-paper-X` (`poso bench paper --sections X`).", ""]
     missing = [s for s in SECTIONS if s not in payloads]
     if missing:
         lines += [f"Sections not run yet: {', '.join(SECTION_TITLES[s] for s in missing)}.", ""]
+    if payloads:
+        # The synthetic sections share one data preparation, counted in the first of them that ran.
+        overview = [[SECTION_TITLES[section], f"{p['meta']['wall_seconds'] / 60:.1f}", _seed_text(p["meta"]),
+                     p["meta"]["commit"][:12], p["meta"]["date"]] for section, p in payloads.items()]
+        lines += ["How long each section took when it last ran (wall time on the machine below each title):", ""]
+        lines += _table(["Section", "Wall time (min)", "Seeds", "Commit", "Date"], overview) + [""]
     for section, payload in payloads.items():
         if section == "a":
             lines += render_section_a(payload)
-        elif section in ("b", "c"):
+        elif section in ("b", "c", "e"):
             lines += render_section_table(payload, section)
         else:
             plot_section_d(payload, out_dir)
@@ -791,8 +899,13 @@ def _sections(value: str) -> List[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Budget()
     here = os.path.dirname(os.path.abspath(__file__))
-    parser.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS), help="comma-separated (default 0,1,2)")
-    parser.add_argument("--sections", type=_sections, default=list(SECTIONS), help="any of a,b,c,d (default all)")
+    parser.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS),
+                        help="seeds of every row, comma-separated (default %(default)s)")
+    parser.add_argument("--headline-seeds", type=_int_list, default=list(DEFAULT_HEADLINE_SEEDS),
+                        help="extra seeds of the headline rows: baseline, POSO(all), cold-start methods "
+                             "(default %(default)s)")
+    parser.add_argument("--sections", type=_sections, default=list(SECTIONS),
+                        help=f"any of {','.join(SECTIONS)} (default all)")
     parser.add_argument("--out", default=here, help="where RESULTS.md, the PNGs and results/*.json go "
                                                     "(default: %(default)s)")
     parser.add_argument("--work-dir", default=os.path.join("poso_home", "paper"),
@@ -830,7 +943,7 @@ def run(args: argparse.Namespace) -> int:
                  movielens_zip=args.movielens_zip,
                  movielens_variants=([v.strip() for v in args.movielens_variants.split(",") if v.strip()]
                                      if args.movielens_variants else None),
-                 movielens_budget=args.movielens_budget)
+                 movielens_budget=args.movielens_budget, headline_seeds=args.headline_seeds)
     _log(f"Wrote {os.path.join(args.out, RESULTS_FILE)} in {(time.time() - started) / 60:.1f} min")
     return 0
 

@@ -60,6 +60,8 @@ class Split:
     user_ids: np.ndarray
     user_groups: np.ndarray
     avc_buckets: np.ndarray
+    # "new" (uploaded under specs.NEW_ITEM_DAYS days before the impression) or "regular"
+    video_groups: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.user_ids.shape[0])
@@ -168,20 +170,31 @@ def load_split(files: List[str], transform_dir: str, batch_size: int = 2048) -> 
 
     slice_spec = {specs.USER_ID: tf.io.FixedLenFeature([], tf.int64),
                   specs.USER_GROUP: tf.io.FixedLenFeature([], tf.string),
-                  specs.AVC_BUCKET: tf.io.FixedLenFeature([], tf.int64)}
+                  specs.AVC_BUCKET: tf.io.FixedLenFeature([], tf.int64),
+                  specs.ITEM_AGE_DAYS: tf.io.FixedLenFeature([], tf.float32)}
     records = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(batch_size)
     keys: Dict[str, List[np.ndarray]] = {name: [] for name in slice_spec}
     for serialized in records:
         parsed = tf.io.parse_example(serialized, slice_spec)
         for name in slice_spec:
             keys[name].append(parsed[name].numpy())
-    user_ids, groups, buckets = (np.concatenate(keys[name]) for name in slice_spec)
-    split = Split(features, user_ids, groups.astype(str), buckets)
+    user_ids, groups, buckets, item_age_days = (np.concatenate(keys[name]) for name in slice_spec)
+    split = Split(features, user_ids, groups.astype(str), buckets,
+                  video_groups=video_groups(item_age_days))
     sizes = {name: len(value) for name, value in features.items()}
     if len(set(sizes.values()) | {len(split)}) != 1:
         raise RuntimeError(f"load_split: transformed features and slice keys differ in length: {sizes}, "
                            f"{len(split)} slice keys")
     return split
+
+
+VIDEO_GROUPS = ("new", "regular")
+
+
+def video_groups(item_age_days: np.ndarray) -> np.ndarray:
+    """"new" for an impression of a video uploaded less than specs.NEW_ITEM_DAYS days before it,
+    else "regular" (the paper's new videos; its further impression cap is not modelled here)."""
+    return np.where(np.asarray(item_age_days) < specs.NEW_ITEM_DAYS, VIDEO_GROUPS[0], VIDEO_GROUPS[1])
 
 
 def describe(split: Split) -> Dict[str, object]:
@@ -191,6 +204,9 @@ def describe(split: Split) -> Dict[str, object]:
         mask = split.user_groups == group
         out[f"{group}_examples"] = int(mask.sum())
         out[f"{group}_users"] = int(np.unique(split.user_ids[mask]).size)
+    if split.video_groups is not None:
+        for group in VIDEO_GROUPS:
+            out[f"{group}_video_examples"] = int((split.video_groups == group).sum())
     return out
 
 

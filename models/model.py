@@ -36,6 +36,7 @@ PC_SOURCES: Tuple[str, ...] = (
     "is_new_user",           # the 0/1 new-user flag
     "user_id",               # the user-id embedding, gradient stopped (PC must not train the id)
     "item_age",              # the item's (z-scored log) age: item cold start
+    "all_features",          # every non-sequential input (x), gradient stopped: the paper's Table 6 row
 )
 
 # PC sources that read one transformed feature each (besides avc_raw: the feature set's PC source).
@@ -228,9 +229,17 @@ class RankingModel(tfrs.Model):
         mask = tf.reduce_any(tf.stack([x != fs.PADDING_INDEX for x in ids], axis=0), axis=0)
         return sequence, mask
 
-    def personalization_code(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        """The PC all POSO gates read, [B, pc_dim], per `config.pc_source`."""
+    def personalization_code(self, features: Mapping[str, tf.Tensor],
+                             non_sequential: Optional[tf.Tensor] = None) -> tf.Tensor:
+        """The PC all POSO gates read, [B, pc_dim], per `config.pc_source`.
+
+        "all_features" is x, the non-sequential inputs (embeddings, pooled sequences, dense
+        features; `non_sequential` if already computed) with the gradient stopped, as for the
+        user id: the gates read the embeddings but do not train them.
+        """
         source = self.config.pc_source
+        if source == "all_features":
+            return tf.stop_gradient(self._non_sequential(features) if non_sequential is None else non_sequential)
         if source == "avc_bucket_onehot":
             return tf.one_hot(features[fs.PC_BUCKET], self.feature_set.pc.num_buckets, dtype=tf.float32)
         if source == "avc_bucket_embedding":
@@ -248,8 +257,8 @@ class RankingModel(tfrs.Model):
         """The last hidden activations: the MMoE's output for each task (in task order), i.e.
         what the towers read. The paper's Fig. 1b measures how these move when a feature is
         masked."""
-        gates = self._module_gates(self.personalization_code(features))
         non_sequential = self._non_sequential(features)
+        gates = self._module_gates(self.personalization_code(features, non_sequential))
         sequence, mask = self._behaviour_sequence(features)
         attended = self.attention(non_sequential, sequence, mask=mask, gates=gates.get("attention"))
         hidden = self.mlp(tf.concat([non_sequential, attended], axis=1), gates=gates.get("mlp"))

@@ -28,6 +28,7 @@ CASES = [
     ("poso_all", "user_id"),
     ("poso_all", "item_age"),
     ("poso_all", "avc_bucket_onehot"),
+    ("poso_mlp", "all_features"),
 ]
 LABELS_AND_SLICES = [f.name for f in fs.features_of_kind(fs.Kind.LABEL, fs.Kind.SLICE)]
 TASK_NAMES = {task.name for task in fs.TASKS}
@@ -119,8 +120,10 @@ def test_pc_sources_give_their_documented_codes(data):
         widths[source] = ranking.personalization_code(features).shape[1]
     onehot = model.RankingModel(model.make_config("poso_all", **TINY)).personalization_code(features).numpy()
     np.testing.assert_array_equal(onehot.argmax(axis=1), features[fs.PC_BUCKET].numpy())
+    non_sequential = model.RankingModel(model.make_config("baseline", **TINY))._non_sequential(features)
     assert widths == {"avc_bucket_onehot": fs.PC.num_buckets, "avc_bucket_embedding": TINY["pc_embedding_dim"],
-                      "avc_raw": 1, "is_new_user": 1, "user_id": TINY["embedding_dim"], "item_age": 1}
+                      "avc_raw": 1, "is_new_user": 1, "user_id": TINY["embedding_dim"], "item_age": 1,
+                      "all_features": non_sequential.shape[1]}
 
 
 def test_one_gate_network_computes_every_modules_gates(data):
@@ -142,14 +145,19 @@ def test_one_gate_network_computes_every_modules_gates(data):
     assert plain.gate_network is None and plain.gate_outputs(features) == {}
 
 
-def test_user_id_pc_does_not_train_the_user_embedding_through_gates(data):
+@pytest.mark.parametrize("pc_source", ["user_id", "all_features"])
+def test_embedding_pcs_do_not_train_the_embeddings_through_gates(data, pc_source):
     features = {k: v[:16] for k, v in data["transformed"].items()}
-    ranking = model.RankingModel(model.make_config("poso_all", pc_source="user_id", **TINY))
+    ranking = model.RankingModel(model.make_config("poso_all", pc_source=pc_source, **TINY))
     ranking(features)
-    user_table = ranking.embeddings[fs.USER_ID].embeddings
+    tables = [table.embeddings for table in ranking.embeddings.values()]
     with tf.GradientTape() as tape:
         gate_sum = tf.add_n([tf.reduce_sum(g) for g in ranking.gate_outputs(features).values()])
-    assert tape.gradient(gate_sum, user_table) is None
+    gradients = tape.gradient(gate_sum, tables + [ranking.gate_network.parameters])
+    assert all(gradient is None for gradient in gradients[:-1])
+    assert gradients[-1] is not None  # the gates themselves do learn
+    if pc_source == "all_features":  # the code is x itself: every non-sequential input
+        np.testing.assert_array_equal(ranking.personalization_code(features), ranking._non_sequential(features))
 
 
 def test_tiny_overfit_run_decreases_the_loss(data):

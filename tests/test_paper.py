@@ -1,10 +1,12 @@
-"""End-to-end test of `poso bench paper`'s machinery on tiny synthetic data (1 seed, 2 models).
+"""End-to-end test of `poso bench paper`'s machinery on tiny synthetic data (the baseline with 2
+seeds as a headline row, POSO(all) with 1, and POSO with the item-age PC for the item table).
 
 The real code path runs (synthetic logs -> AvcExampleGen -> tf.Transform -> training -> GAUC ->
 submergence and gates -> JSON -> RESULTS.md); the assertions check that RESULTS.md shows the
 numbers that were computed, and that the plots exist.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -13,11 +15,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from scipy import stats as scipy_stats
+
 from benchmarks import paper
 from models import metrics
 
 TINY = paper.Budget(rows_per_day=600, train_days=1, warmup_days=1, new_user_share=0.1, train_steps=3, batch_size=64)
-MODELS = (paper.TABLE2_MODELS[0], paper.TABLE2_MODELS[-1])  # baseline, POSO(all)
+# The baseline a headline row (seeds 0 and 1), POSO(all) not (seed 0 only).
+MODELS = (paper.TABLE2_MODELS[0], dataclasses.replace(paper.TABLE2_MODELS[-1], headline=False))
+ITEM_MODELS = paper.ITEM_COLD_START_MODELS[:2]  # baseline, POSO(all) with the item-age PC
 COMMAND = "poso bench paper --test"
 
 
@@ -25,8 +31,9 @@ COMMAND = "poso bench paper --test"
 def run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("out"))
     work = str(tmp_path_factory.mktemp("work"))
-    written = paper.run_sections(["a", "b", "d"], [0], out, work, COMMAND, budget=TINY,
-                                 movielens_zip=os.path.join(work, "no-such-movielens.zip"), table2_models=MODELS)
+    written = paper.run_sections(["a", "b", "d", "e"], [0], out, work, COMMAND, budget=TINY,
+                                 movielens_zip=os.path.join(work, "no-such-movielens.zip"), table2_models=MODELS,
+                                 item_models=ITEM_MODELS, headline_seeds=[1])
     with open(os.path.join(out, paper.RESULTS_FILE)) as f:
         markdown = f.read()
     return dict(out=out, work=work, written=written, markdown=markdown)
@@ -59,22 +66,27 @@ def _first_table(text: str) -> pd.DataFrame:
 def test_table2_shows_the_computed_gaucs_and_differences(run):
     frame = pd.DataFrame(run["written"]["b"]["rows"])
     assert set(frame["model"]) == {m.name for m in MODELS}
-    assert frame["seed"].unique().tolist() == [0]
+    seeds = frame.groupby("model")["seed"].unique()
+    assert sorted(seeds[paper.BASELINE]) == [0, 1] and list(seeds[paper.POSO]) == [0]
     text = _section(run["markdown"], "b")
-    table = _first_table(text.split("mean ± std over seeds:", 1)[1]).set_index("Model")
+    table = _first_table(text.split("p-value:", 1)[1]).set_index("Model")
+    assert table.loc[MODELS[0].label, "Seeds"] == "2" and table.loc[MODELS[1].label, "Seeds"] == "1"
+    assert f"Rows with fewer than 2 seeds: {MODELS[1].label} (1)." in text
     for group in paper.GROUPS:
         for task in paper.TASK_NAMES:
-            rows = frame[(frame["group"] == group) & (frame["task"] == task)].set_index("model")["gauc"]
-            base, poso = rows[paper.BASELINE], rows[paper.POSO]
+            rows = frame[(frame["group"] == group) & (frame["task"] == task)]
+            base = rows[rows["model"] == paper.BASELINE].set_index("seed")["gauc"]
+            poso = rows[rows["model"] == paper.POSO].set_index("seed")["gauc"][0]
             column = f"{group} {task}"
-            expected_base = "n/a" if np.isnan(base) else f"{base:.4f}"
-            expected_diff = "n/a" if np.isnan(poso - base) else f"{100 * (poso - base):+.2f}"
+            # The baseline's mean over its 2 seeds; POSO's difference paired with seed 0 only.
+            expected_base = "n/a" if base.isna().any() else f"{base.mean():.4f} ± {base.std():.4f}"
+            expected_diff = "n/a" if np.isnan(poso - base[0]) else f"{100 * (poso - base[0]):+.2f}"
             assert table.loc[MODELS[0].label, column] == expected_base, column
             assert table.loc[MODELS[1].label, column] == expected_diff, column
     # The numbers are real GAUCs of two different models, not placeholders.
     long_view = frame[(frame["task"] == "long_view") & (frame["group"] == "all")].set_index("model")["gauc"]
     assert 0.0 < long_view.min() and long_view.max() < 1.0
-    assert long_view[paper.BASELINE] != long_view[paper.POSO]
+    assert long_view[paper.POSO] not in long_view[paper.BASELINE].values
     assert (frame[frame["task"] == "long_view"]["users"] > 0).all()
 
 
@@ -109,9 +121,30 @@ def test_submergence_and_gate_plots(run):
         assert f"]({name})" in run["markdown"]
 
 
+def test_item_cold_start_table_slices_by_video(run):
+    frame = pd.DataFrame(run["written"]["e"]["rows"])
+    assert {"poso_all[item_age]", paper.BASELINE} == set(frame["model"])
+    assert set(paper.VIDEO_GROUPS) <= set(frame["group"])
+    assert {m["pc_source"] for m in run["written"]["e"]["models"]} == {"avc_bucket_onehot", "item_age"}
+    text = _section(run["markdown"], "e")
+    table = _first_table(text.split("p-value:", 1)[1]).set_index("Model")
+    assert [c for c in table.columns if c != "Seeds"] == [f"{g} {t}" for g in paper.VIDEO_GROUPS
+                                                          for t in paper.TASK_NAMES]
+    # Both video groups occur on the tiny evaluation day, and every example is in one of them.
+    examples = frame[frame["task"] == "long_view"].groupby("group")["examples"].first()
+    assert examples["new_video"] > 0 and examples["regular_video"] > 0
+    assert examples["new_video"] + examples["regular_video"] == examples["all"]
+
+
 def test_results_record_the_run(run):
     text = run["markdown"]
-    assert f"`{COMMAND}`" in text and "Seeds: 0" in text and "cores" in text
+    assert f"`{COMMAND}`" in text and "Seeds: headline rows 0, 1 (2), other rows 0 (1)" in text and "cores" in text
+    overview_text = text.split("when it last ran", 1)[1].split("\n\n")[1]  # the table after the sentence
+    overview = _first_table(overview_text)
+    assert list(overview["Section"]) == [paper.SECTION_TITLES[s] for s in "abde"]
+    b = run["written"]["b"]["meta"]
+    assert overview.set_index("Section").loc[paper.SECTION_TITLES["b"], "Wall time (min)"] == \
+        f"{b['wall_seconds'] / 60:.1f}"
     assert "**Unavailable**" in _section(text, "a")
     with open(os.path.join(run["out"], paper.RESULTS_DIR, "b.json")) as f:
         saved = json.load(f)
@@ -127,6 +160,26 @@ def test_rerunning_one_section_keeps_the_others(run):
         after = f.read()
     assert _section(after, "b") == before
     assert "`poso bench paper --sections a`" in _section(after, "a")
+
+
+def test_summarize_gives_the_paired_t_interval_and_p():
+    rng = np.random.default_rng(3)
+    base, poso = rng.normal(0.7, 0.01, 8), None
+    poso = base + rng.normal(0.003, 0.002, 8)
+    rows = [dict(model=name, seed=seed, group="new", task="like", gauc=value[seed])
+            for name, value in ((paper.BASELINE, base), (paper.POSO, poso)) for seed in range(8)]
+    # A seed the baseline lacks is not paired.
+    rows.append(dict(model=paper.POSO, seed=9, group="new", task="like", gauc=0.9))
+    stats = paper.summarize(pd.DataFrame(rows)).set_index("model")
+    row = stats.loc[paper.POSO]
+    expected = scipy_stats.ttest_rel(100 * poso, 100 * base)
+    interval = expected.confidence_interval(0.95)
+    assert row["seeds"] == 9 and row["pairs"] == 8
+    np.testing.assert_allclose([row["diff_pp_low"], row["diff_pp_high"], row["p_value"]],
+                               [interval.low, interval.high, expected.pvalue], rtol=1e-9)
+    assert paper.format_paired(row) == (f"{100 * np.mean(poso - base):+.2f} [{interval.low:+.2f}, "
+                                        f"{interval.high:+.2f}] {paper.format_p(expected.pvalue)}")
+    assert paper.format_p(0.0004) == "p<0.001" and paper.format_p(0.0123) == "p=0.012"
 
 
 def test_summarize_pairs_differences_by_seed():
@@ -165,7 +218,9 @@ def test_cli_rejects_unknown_sections():
     args = parser.parse_args(["bench", "paper", "--sections", "d,b", "--seeds", "3,4"])
     assert args.sections == ["b", "d"] and args.seeds == [3, 4]
     with pytest.raises(SystemExit):
-        parser.parse_args(["bench", "paper", "--sections", "b,e"])
+        parser.parse_args(["bench", "paper", "--sections", "b,f"])
+    args = parser.parse_args(["bench", "paper"])
+    assert args.seeds == list(paper.DEFAULT_SEEDS) and len(args.headline_seeds) >= 8
 
 
 def test_movielens_table_shows_the_returned_frame(tmp_path):
@@ -180,7 +235,10 @@ def test_movielens_table_shows_the_returned_frame(tmp_path):
     text = "\n".join(paper.render_section_a(payload))
     row = next(l for l in text.splitlines() if l.startswith(f"| {paper.POSO} |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    # favorite: GAUC 0.715 ± std(0.72, 0.71); Δ (2 pp, 3 pp) -> +2.50 ± 0.71
-    assert cells[1] == f"0.7150 ± {np.std([0.72, 0.71], ddof=1):.4f}"
-    assert cells[2] == f"+2.50 ± {np.std([2.0, 3.0], ddof=1):.2f}"
+    # favorite: GAUC 0.715 ± std(0.72, 0.71); Δ (2 pp, 3 pp) -> +2.50 [95% CI] p
+    assert cells[1] == "2"
+    assert cells[2] == f"0.7150 ± {np.std([0.72, 0.71], ddof=1):.4f}"
+    expected = scipy_stats.ttest_rel([72.0, 71.0], [70.0, 68.0])
+    interval = expected.confidence_interval(0.95)
+    assert cells[3] == f"+2.50 [{interval.low:+.2f}, {interval.high:+.2f}] {paper.format_p(expected.pvalue)}"
     assert "fewer than 32 earlier ones" in text
