@@ -154,12 +154,18 @@ def test_results_record_the_run(run):
 
 def test_rerunning_one_section_keeps_the_others(run):
     before = _section(run["markdown"], "b")
+    # Another benchmark's section, written into RESULTS.md by hand or by its own command.
+    findings = "## Diagnosis on ml-latest-small\n\nWhy POSO(all) does not help: ...\n\n| a | b |\n|---|---|\n"
+    with open(os.path.join(run["out"], paper.RESULTS_FILE), "a") as f:
+        f.write("\n" + findings)
     paper.run_sections(["a"], [0, 1], run["out"], run["work"], "poso bench paper --sections a",
                        movielens_zip=os.path.join(run["work"], "still-missing.zip"))
     with open(os.path.join(run["out"], paper.RESULTS_FILE)) as f:
         after = f.read()
     assert _section(after, "b") == before
     assert "`poso bench paper --sections a`" in _section(after, "a")
+    assert after.count("## Diagnosis on ml-latest-small") == 1 and after.rstrip().endswith(findings.rstrip())
+    assert after.index("## Diagnosis") > after.index(f"## {paper.SECTION_TITLES['d']}")
 
 
 def test_summarize_gives_the_paired_t_interval_and_p():
