@@ -141,6 +141,7 @@ class Serving:
     versions: List[int]                 # version folders on disk
     served: List[int]                   # the ones the policy serves
     pushes: Dict[int, "Push"]           # version -> its push, from MLMD
+    config_written: Optional[datetime.datetime] = None   # models.config's last change (a pin, a rollback)
 
 
 @dataclasses.dataclass
@@ -324,7 +325,9 @@ class HomeReader:
         else:  # TF Serving's default policy is the latest version
             count = int(latest.group(1)) if latest and latest.group(1) else 1
             policy, served = f"latest {count}", versions[-count:]
-        return Serving(path if text else "", base_path, policy, versions, served, self._pushes())
+        written = (datetime.datetime.fromtimestamp(os.path.getmtime(path), tz=datetime.timezone.utc)
+                   if text else None)
+        return Serving(path if text else "", base_path, policy, versions, served, self._pushes(), written)
 
     def _pushes(self, store=None) -> Dict[int, Push]:
         store = store or self._store()

@@ -106,6 +106,8 @@ def serving_box(serving: data_lib.Serving) -> str:
         since = (f", since {_e(_time(push.pushed_at))}, pushed by the run of "
                  + _link(f"/runs/{push.date}", push.date, True) if push else "")
         lines.append(f"Version <b>{_link(f'/versions/{version}', version, True)}</b>{since}")
+    if serving.policy.startswith("specific"):
+        lines.append(f"Pinned in models.config since {_e(_time(serving.config_written))}")
     others = [_link(f"/versions/{v}", v, v in serving.pushes) for v in reversed(serving.versions) if v not in serving.served]
     return (f'<div class="box">{"<br>".join(lines)}<br><span class=muted>Policy {_e(serving.policy)} in '
             f'{_e(serving.models_config or "(no models.config)")}; other versions on disk: '
@@ -174,6 +176,9 @@ def _facts(date: str, summary: Dict[str, object], day: Optional[data_lib.Day], m
            links: bool) -> str:
     run = day.latest_run if day else None
     facts = [("Status", _status(day.status) if day else "-")]
+    if run is not None and run.failed_step is not None:
+        facts.append(("Failed step", f"{_e(run.failed_step.component)} (execution {run.failed_step.execution_id}; "
+                                     f"the cause is in the run's log)"))
     if summary:
         window = summary.get("train_window") or ["?", "?"]
         facts += [("Training window", f"{_e(window[0])} .. {_e(window[-1])}, {_count(summary.get('train_rows'))} rows"),
