@@ -304,6 +304,14 @@ def test_serving_follows_the_version_policy_of_models_config(tmp_path, policy, s
     assert page.startswith('<div class="box">Version <b>') and ("Pinned in models.config" in page) == ("specific" in policy)
 
 
+def test_a_rollback_pin_is_shown_with_its_time(tmp_path):
+    reader = _serving_home(tmp_path, "specific { versions: 2 }")
+    with open(reader.cfg.pin_path, "w") as f:
+        json.dump({"version": 2, "pinned_at": "2026-12-02T20:00:00+00:00"}, f)
+    page = pages.serving_box(reader.serving())
+    assert "Pinned to version 2 by <code>poso rollback</code> at 2026-12-02T20:00:00+00:00" in page
+
+
 def test_values_from_the_home_are_escaped():
     evil = '<script>alert("x")</script>'
     summary = {"date": "2022-04-09", "train_window": ["2022-04-08", "2022-04-08"], "train_rows": 1, "eval_rows": 1,

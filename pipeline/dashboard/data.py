@@ -141,7 +141,8 @@ class Serving:
     versions: List[int]                 # version folders on disk
     served: List[int]                   # the ones the policy serves
     pushes: Dict[int, "Push"]           # version -> its push, from MLMD
-    config_written: Optional[datetime.datetime] = None   # models.config's last change (a pin, a rollback)
+    config_written: Optional[datetime.datetime] = None   # models.config's last change
+    pin: Optional[Dict[str, object]] = None   # `poso rollback`'s pin: version, pinned_at
 
 
 @dataclasses.dataclass
@@ -327,7 +328,8 @@ class HomeReader:
             policy, served = f"latest {count}", versions[-count:]
         written = (datetime.datetime.fromtimestamp(os.path.getmtime(path), tz=datetime.timezone.utc)
                    if text else None)
-        return Serving(path if text else "", base_path, policy, versions, served, self._pushes(), written)
+        return Serving(path if text else "", base_path, policy, versions, served, self._pushes(), written,
+                       self._json(self.cfg.pin_path))
 
     def _pushes(self, store=None) -> Dict[int, Push]:
         store = store or self._store()

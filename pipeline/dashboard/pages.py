@@ -106,7 +106,11 @@ def serving_box(serving: data_lib.Serving) -> str:
         since = (f", since {_e(_time(push.pushed_at))}, pushed by the run of "
                  + _link(f"/runs/{push.date}", push.date, True) if push else "")
         lines.append(f"Version <b>{_link(f'/versions/{version}', version, True)}</b>{since}")
-    if serving.policy.startswith("specific"):
+    if serving.pin:
+        lines.append(f"Pinned to version {_e(serving.pin.get('version'))} by <code>poso rollback</code> at "
+                     f"{_e(serving.pin.get('pinned_at'))}: later pushes are not served until "
+                     f"<code>poso rollback --release</code>")
+    elif serving.policy.startswith("specific"):
         lines.append(f"Pinned in models.config since {_e(_time(serving.config_written))}")
     others = [_link(f"/versions/{v}", v, v in serving.pushes) for v in reversed(serving.versions) if v not in serving.served]
     return (f'<div class="box">{"<br>".join(lines)}<br><span class=muted>Policy {_e(serving.policy)} in '
@@ -153,7 +157,8 @@ def trend_charts(summaries: Dict[str, Dict[str, object]]) -> str:
 # --- one day -----------------------------------------------------------------------------------
 _SHOWN_FIELDS = {"date", "train_window", "train_rows", "eval_rows", "eval_examples_uri", "blessed",
                  "infra_blessed", "infra_reason", "pushed", "pushed_version", "pushed_destination",
-                 "serving_base_directory", "models_config", "pipeline_root", "metadata", "candidate_model_dir",
+                 "serving_base_directory", "models_config", "pinned_version", "pipeline_root", "metadata",
+                 "candidate_model_dir",
                  "evaluation_uri", "metrics", "blessing_failures", "baseline_metrics", "wall_seconds"}
 
 
@@ -188,6 +193,8 @@ def _facts(date: str, summary: Dict[str, object], day: Optional[data_lib.Day], m
                    + (f" {_e(summary['infra_reason'])}" if summary.get("infra_reason") else "")),
                   ("Pushed", _link(f"/versions/{summary.get('pushed_version')}", f"version {summary.get('pushed_version')}",
                                    links) + f" to {_e(summary.get('pushed_destination'))}"
+                   + (f"; not served: version {_e(summary['pinned_version'])} was pinned by poso rollback"
+                      if summary.get("pinned_version") is not None else "")
                    if summary.get("pushed") else "no")]
     if day is not None:
         facts += [("Day's rows", _count(day.rows)), ("Quarantined rows", _count(day.quarantined) + _ingest_counts(day)),
