@@ -618,8 +618,10 @@ def cold_start_goal(stats: pd.DataFrame, model: str = POSO) -> Dict[str, Any]:
     rows = stats[stats["model"] == model].set_index(["group", "task"])
     new = {task: float(rows.loc[("new", task), "diff_pp_mean"]) for task in TASK_NAMES}
     regular = {task: float(rows.loc[("regular", task), "diff_pp_mean"]) for task in TASK_NAMES}
+    # Tasks where the new-user difference is positive and its paired t-test has p < 0.05.
+    significant = [task for task in TASK_NAMES if new[task] > 0 and rows.loc[("new", task), "p_value"] < 0.05]
     # A task without a GAUC (no user with both labels) cannot count as improved.
-    return dict(model=model, new_diff_pp=new, regular_diff_pp=regular,
+    return dict(model=model, new_diff_pp=new, regular_diff_pp=regular, new_significant=significant,
                 new_met=all(v > 0 for v in new.values()),
                 regular_met=all(v >= -REGULAR_USER_TOLERANCE_PP for v in regular.values()))
 
@@ -741,7 +743,8 @@ def _goal_lines(goal: Mapping[str, Any], label: str) -> List[str]:
     regular = ", ".join(f"{t} {format_diff(v, float('nan'))}" for t, v in goal["regular_diff_pp"].items())
     return [f"- {label}: new-user GAUC above the baseline on every task: "
             f"**{'met' if goal['new_met'] else 'missed'}** (pp: {new}); regular users at most "
-            f"{REGULAR_USER_TOLERANCE_PP} pp below: **{'met' if goal['regular_met'] else 'missed'}** (pp: {regular})"]
+            f"{REGULAR_USER_TOLERANCE_PP} pp below: **{'met' if goal['regular_met'] else 'missed'}** (pp: {regular}); "
+            f"new-user gains with p < 0.05: {', '.join(goal.get('new_significant') or ['none'])}"]
 
 
 # MovieLens metrics shown when run_movielens returns them (gauc is required).

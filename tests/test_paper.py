@@ -98,6 +98,8 @@ def test_goal_lines_follow_the_numbers(run):
     assert verdicts == ["met" if goal["new_met"] else "missed", "met" if goal["regular_met"] else "missed"]
     for task, value in goal["new_diff_pp"].items():
         assert (f"{task} n/a" if np.isnan(value) else f"{task} {value:+.2f}") in line
+    # One seed: no p-value, so no gain counts as significant.
+    assert goal["new_significant"] == [] and line.endswith("new-user gains with p < 0.05: none")
 
 
 def test_submergence_and_gate_plots(run):
