@@ -28,7 +28,7 @@ th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .charts{display:flex;flex-wrap:wrap;gap:8px}svg.chart{font-size:10px;background:#fff}
 svg.chart .title{font-size:12px;font-weight:600}svg.chart .grid{stroke:#eee}
 svg.chart .axis{stroke:#999}svg.chart .reference{stroke:#888;stroke-dasharray:4 3}
-.facts th{width:190px}table.runs td:nth-child(-n+6){white-space:nowrap}.box{border:1px solid #ccd;background:#f7f8fc;padding:8px 12px;margin:8px 0}
+.facts th{width:190px}table.runs td:nth-child(-n+6),table.runs td:nth-child(11){white-space:nowrap}.box{border:1px solid #ccd;background:#f7f8fc;padding:8px 12px;margin:8px 0}
 """
 
 
@@ -118,9 +118,24 @@ def serving_box(serving: data_lib.Serving) -> str:
             f'{", ".join(others) or "none"}</span></div>')
 
 
+def _primary_auc(day: data_lib.Day, earlier: List[data_lib.Day]) -> str:
+    """Each primary task's overall AUC and its change since the previous day with a summary."""
+    if not day.summary:
+        return "-"
+    before = next((d.summary for d in earlier if d.summary), None)
+    cells = []
+    for task in (t.name for t in specs.TASKS if t.primary):
+        value = data_lib.metric_value(day.summary.get("metrics"), "overall", task, "auc")
+        previous = data_lib.metric_value(before.get("metrics"), "overall", task, "auc") if before else None
+        change = f" <span class=muted>({value - previous:+.3f})</span>" if value is not None and previous is not None else ""
+        cells.append(f"{_e(task)} {value:.3f}{change}" if value is not None else f"{_e(task)} -")
+    return "<br>".join(cells)
+
+
 def runs_table(days: List[data_lib.Day]) -> str:
+    """Newest first; `days` comes newest first."""
     rows = []
-    for day in days:
+    for i, day in enumerate(days):
         run, summary = day.latest_run, day.summary or {}
         blessed = summary.get("blessed") if summary else None
         version = summary.get("pushed_version") if summary.get("pushed") else None
@@ -131,9 +146,10 @@ def runs_table(days: List[data_lib.Day]) -> str:
             f"{run.cached} of {len(run.components)}" if run else "-", _seconds(day.seconds),
             _count(summary.get("train_rows")), _count(day.rows if day.rows is not None else summary.get("eval_rows")),
             _count(day.quarantined), _count(len(day.anomalies)) if day.anomalies is not None else "-",
+            _primary_auc(day, days[i + 1:]),
             f'<span class="path">{_e(failure or "; ".join(summary.get("blessing_failures") or [])[:300])}</span>'])
     return _table(["Day", "Status", "Blessed", "Pushed", "Cached steps", "Duration", "Train rows", "Day rows",
-                   "Quarantined", "Anomalies", "Why"], rows, numeric=(5, 6, 7, 8, 9), css="runs")
+                   "Quarantined", "Anomalies", "AUC (change)", "Why"], rows, numeric=(5, 6, 7, 8, 9), css="runs")
 
 
 def trend_charts(summaries: Dict[str, Dict[str, object]]) -> str:
