@@ -188,6 +188,8 @@ BENCHMARKS = {
     "train": Command("train-step throughput per model variant", "benchmarks.train_throughput"),
     "serving": Command("gRPC/REST latency and throughput beside the in-process call",
                        "benchmarks.serving_latency"),
+    "rest-parse": Command("MB/s of the server's REST JSON decoding, row and columnar, up to the 64 MiB limit",
+                          "benchmarks.rest_parse"),
     "paper": Command("reproduce the POSO paper's tables and figures (writes benchmarks/RESULTS.md)",
                      "benchmarks.paper"),
     "pipeline": Command("wall time and peak memory of a daily run per component, per window size",
@@ -215,7 +217,8 @@ COMMANDS = {
     "serving-config": Command("print the models.config for servers that see the base directory elsewhere "
                               "(deploy/models.config)", "pipeline.versions", "add_serving_config_arguments",
                               "cmd_serving_config"),
-    "serve": Command("serve pushed models over TF Serving's gRPC and REST APIs", "serving.server"),
+    "serve": Command("serve pushed models over TF Serving's gRPC and REST APIs", "serving.server",
+                     run="run_and_exit"),
     "predict": Command("send a predict request over gRPC or REST", "serving.client"),
     "compile-kubeflow": Command("compile the daily pipeline for Kubeflow Pipelines v2 / Vertex (JSON)",
                                 "pipeline.kubeflow_v2_runner", quiet=True),

@@ -30,7 +30,7 @@ def _answer(context: grpc.ServicerContext, method: str, work: Callable[[], T]) -
     try:
         return work()
     except ServingError as error:
-        logger.debug("%s -> %s: %s", method, error.code.name, error.message)
+        logger.info("gRPC %s -> %s: %s", method, error.code.name, error.message)
         context.abort(error.code, error.message)
     except Exception as error:  # a bug must still end the call with a status
         logger.exception("%s failed", method)

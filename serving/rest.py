@@ -28,7 +28,8 @@ from aiohttp import web
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, model_pb2,
                                      regression_pb2)
 
-from serving import errors, json_codec
+from serving import allocator, errors, json_codec
+from serving.deadlines import deadline
 from serving.errors import ServingError
 from serving.manager import ModelManager
 from serving.servable import DEFAULT_SIGNATURE, SIGNATURE_DEF_FIELD
@@ -47,6 +48,8 @@ _MAX_INT64 = 2 ** 63 - 1
 # How much of an oversized body is read and dropped so the client sees the 413 rather than
 # a reset connection; past this the connection is simply closed.
 _DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
+# After a request with a body this large its decoded objects are freed: give the memory back.
+_RELEASE_AFTER_BYTES = 16 * 1024 * 1024
 
 Answer = Tuple[int, Dict[str, Any]]
 
@@ -156,19 +159,28 @@ class RestServer:
     Args:
       max_request_bytes: larger bodies are answered 413 without being parsed.
       num_threads: threads running model work (JSON decoding, inference, encoding).
-      timeout_s: requests running longer are answered 504 (<= 0: no limit).
+      timeout_s: requests running longer are answered 504 (<= 0: no limit); the thread
+        working on one stops at its next deadline check (serving/deadlines.py).
       shutdown_grace_s: how long `stop` lets in-flight requests finish.
+      max_bytes_in_work: the bodies being decoded and run at once add up to at most this
+        (one larger body runs alone); others wait, within their timeout. Decoded JSON takes
+        several times its size in memory, so this bounds what large requests can take.
+        Default: twice max_request_bytes.
     """
 
     def __init__(self, handler: RestApiHandler, host: str = "127.0.0.1", port: int = 8501, *,
                  max_request_bytes: int = 64 * 1024 * 1024, num_threads: int = 8,
-                 timeout_s: float = 30.0, shutdown_grace_s: float = 10.0):
+                 timeout_s: float = 30.0, shutdown_grace_s: float = 10.0,
+                 max_bytes_in_work: Optional[int] = None):
         self._handler = handler
         self._host = host
         self._requested_port = port
         self._max_request_bytes = max_request_bytes
         self._timeout_s = timeout_s
         self._shutdown_grace_s = shutdown_grace_s
+        self._max_bytes_in_work = max_bytes_in_work or 2 * max_request_bytes
+        self._bytes_in_work = 0
+        self._work_done: Optional[asyncio.Condition] = None
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=num_threads, thread_name_prefix="rest")
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -202,7 +214,33 @@ class RestServer:
             raise failure[0]
         return self.port
 
+    def _handle(self, method: str, raw_path: str, body: bytes) -> Answer:
+        """The handler's answer, on an executor thread, under the request's deadline."""
+        try:
+            with deadline(self._timeout_s):
+                return self._handler.handle(method, raw_path, body)
+        finally:
+            if len(body) >= _RELEASE_AFTER_BYTES:
+                del body
+                allocator.release_free_memory()
+
+    async def _run(self, method: str, raw_path: str, body: bytes) -> Answer:
+        """Waits for room in the bytes-in-work budget, then runs the request."""
+        size = min(len(body), self._max_bytes_in_work)
+        async with self._work_done:
+            await self._work_done.wait_for(
+                lambda: self._bytes_in_work + size <= self._max_bytes_in_work)
+            self._bytes_in_work += size
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._handle, method, raw_path, body)
+        finally:
+            async with self._work_done:
+                self._bytes_in_work -= size
+                self._work_done.notify_all()
+
     async def _start_site(self, sock: socket.socket) -> None:
+        self._work_done = asyncio.Condition()
         # Bodies are read by _serve itself, so aiohttp's own limit is off.
         app = web.Application(client_max_size=0)
         app.router.add_route("*", "/{tail:.*}", self._serve)
@@ -248,8 +286,7 @@ class RestServer:
                 f"Request body {'of ' + str(size) + ' bytes ' if size else ''}exceeds the "
                 f"limit of {self._max_request_bytes} bytes")}
         else:
-            work = asyncio.get_running_loop().run_in_executor(
-                self._executor, self._handler.handle, request.method, raw_path, body)
+            work = self._run(request.method, raw_path, body)
             try:
                 if self._timeout_s > 0:
                     status, document = await asyncio.wait_for(work, self._timeout_s)

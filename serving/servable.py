@@ -34,6 +34,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
 
 from serving import errors, tensor_protos
 from serving.batching import BatchingOptions, BatchScheduler
+from serving.deadlines import check_deadline
 from serving.errors import ServingError
 
 __all__ = [
@@ -405,6 +406,7 @@ class SavedModelServable:
         if len(set(wanted)) != len(wanted):
             raise errors.invalid_argument(f"duplicate output tensor alias in {wanted}")
 
+        check_deadline("request before running the model")
         rows = {array.shape[0] for array in inputs.values() if array.ndim >= 1}
         if (self.batcher is not None and signature.batchable and len(rows) == 1
                 and all(array.ndim >= 1 for array in inputs.values())):
@@ -422,6 +424,14 @@ class SavedModelServable:
             return self._runner.run(signature_name, inputs)
         except tf.errors.OpError as error:
             raise _tf_error(error, what) from error
+        except UnicodeDecodeError as error:
+            # TensorFlow's message quotes the bad input (e.g. "Could not parse example input,
+            # value: '\xff...'"), which its Python binding cannot decode as UTF-8.
+            message = (error.object.decode("utf-8", "backslashreplace")
+                       if isinstance(error.object, bytes) else str(error))
+            message = message.strip().splitlines()[0] if message.strip() else str(error)
+            raise errors.invalid_argument(f"{what}: {message} (undecodable input; a serialized "
+                                          "tf.Example, say, that is not one)") from error
         except (TypeError, ValueError) as error:
             raise errors.invalid_argument(f"{what}: {error}") from error
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -36,14 +37,20 @@ import grpc
 
 from serving import allocator, config as config_lib
 from serving.batching import BatchingOptions
+from serving.errors import ServingError
 from serving.grpc_service import add_services
 from serving.manager import ModelManager
 from serving.rest import RestApiHandler, RestServer
 
 __all__ = ["ServerOptions", "ModelServer", "start_server", "start_in_background", "serve", "main",
-           "build_arg_parser", "add_arguments", "batching_options", "set_thread_pools", "run"]
+           "build_arg_parser", "add_arguments", "batching_options", "set_thread_pools", "run",
+           "run_and_exit", "exit_process", "configure_logging"]
 
 logger = logging.getLogger(__name__)
+
+# tensorflow_model_server's (glog's) layout: "2026-12-02 19:33:49.123: I serving.manager] ...".
+LOG_FORMAT = "%(asctime)s.%(msecs)03d: %(levelname).1s %(name)s] %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
@@ -77,6 +84,7 @@ class ServerOptions:
     enable_model_warmup: bool = True
     warmup_iterations: int = 1
     shutdown_grace_s: float = 10.0
+    allow_version_labels_for_unavailable_models: bool = False
 
     def __post_init__(self):
         if self.max_request_bytes < 1:
@@ -111,6 +119,8 @@ class ModelServer:
             poll_interval_s=options.file_system_poll_wait_s,
             config_file=config_file,
             config_poll_interval_s=options.model_config_file_poll_wait_s,
+            allow_version_labels_for_unavailable_models=(
+                options.allow_version_labels_for_unavailable_models),
         )
         self._grpc_server: Optional[grpc.Server] = None
         self._rest_server: Optional[RestServer] = None
@@ -162,7 +172,7 @@ class ModelServer:
             if not self.grpc_port:
                 raise OSError(f"cannot bind gRPC to {address}")
             self._grpc_server.start()
-            logger.info("Serving gRPC on %s", self.grpc_address)
+            logger.info("Running gRPC ModelServer at %s ...", self.grpc_address)
             if options.rest_port is not None:
                 self._rest_server = RestServer(
                     RestApiHandler(self.manager), options.host, options.rest_port,
@@ -170,7 +180,7 @@ class ModelServer:
                     num_threads=options.rest_num_threads, timeout_s=options.rest_timeout_s,
                     shutdown_grace_s=options.shutdown_grace_s)
                 self.rest_port = self._rest_server.start()
-                logger.info("Serving REST on %s", self.rest_url)
+                logger.info("Exporting HTTP/REST API at %s ...", self.rest_url)
         except BaseException:
             self.stop()
             raise
@@ -312,6 +322,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--rest_api_num_threads", type=int, default=8)
     add("--rest_api_timeout_in_ms", type=int, default=30000)
     add("--shutdown_grace_seconds", type=float, default=10.0)
+    add("--allow_version_labels_for_unavailable_models", type=_bool_flag, nargs="?", const=True,
+        default=False, help="a new version label may name a version that is not loaded yet "
+                            "(without it a config whose label does so is refused, at start too)")
     add("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -363,10 +376,22 @@ def set_thread_pools(intra_op: int, inter_op: int) -> None:
         logger.warning("Cannot size TensorFlow's thread pools now: %s", error)
 
 
+def configure_logging(level: str) -> None:
+    """Timestamped lines on stderr at `level` and above, for the whole process.
+
+    Whatever handler is already on the root logger is replaced: absl installs one (by calling
+    logging.basicConfig() at WARNING) the first time anything logs through it before its
+    flags are parsed, e.g. while TFX modules are imported for `poso`'s parser, and a plain
+    basicConfig would then do nothing."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, force=True)
+    # TensorFlow's logger has its own handler when it was first used before any root
+    # handler: its lines would be printed twice, once without a timestamp.
+    logging.getLogger("tensorflow").handlers.clear()
+
+
 def run(args: argparse.Namespace) -> int:
     """Serves until SIGTERM or SIGINT; returns the exit code (2: bad flags or files)."""
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         if args.retain_freed_memory:
             allocator.retain_freed_memory()
@@ -389,11 +414,39 @@ def run(args: argparse.Namespace) -> int:
             enable_model_warmup=args.enable_model_warmup,
             warmup_iterations=args.num_request_iterations_for_warmup,
             shutdown_grace_s=args.shutdown_grace_seconds,
+            allow_version_labels_for_unavailable_models=(
+                args.allow_version_labels_for_unavailable_models),
         )
     except (ValueError, OSError) as error:
         logger.error("%s", error)
         return 2
+    except ServingError as error:
+        logger.error("Failed to start server. Error: %s: %s", error.code.name, error.message)
+        return 2
     return 0
+
+
+def exit_process(code: int) -> None:
+    """Ends the process now with `code`, once logs and stdio are flushed.
+
+    The server has stopped by then; what an ordinary exit would still do is the interpreter's
+    teardown, and with TensorFlow imported that alone takes over 5 s here (measured: a
+    process that only imports tensorflow takes 5.5 s from its last line to its exit, with
+    no Python frame running), which an orchestrator waiting on the PID counts against the
+    grace period."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def run_and_exit(args: argparse.Namespace) -> int:
+    """`run`, then `exit_process` (the `poso serve` entry point; never returns)."""
+    exit_process(run(args))
+    return 0  # not reached
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "poso serve") -> int:
@@ -408,4 +461,4 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "poso serve") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m serving.server"))
+    exit_process(main(prog="python -m serving.server"))
