@@ -147,7 +147,7 @@ def runs_table(days: List[data_lib.Day]) -> str:
             _count(summary.get("train_rows")), _count(day.rows if day.rows is not None else summary.get("eval_rows")),
             _count(day.quarantined), _count(len(day.anomalies)) if day.anomalies is not None else "-",
             _primary_auc(day, days[i + 1:]),
-            f'<span class="path">{_e(failure or "; ".join(summary.get("blessing_failures") or [])[:300])}</span>'])
+            _e(failure or "; ".join(summary.get("blessing_failures") or [])[:300])])
     return _table(["Day", "Status", "Blessed", "Pushed", "Cached steps", "Duration", "Train rows", "Day rows",
                    "Quarantined", "Anomalies", "AUC (change)", "Why"], rows, numeric=(5, 6, 7, 8, 9), css="runs")
 
