@@ -930,14 +930,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "(default: %(default)s)")
     parser.add_argument("--work-dir", default=os.path.join("poso_home", "paper"),
                         help="cache of generated data and models (default: %(default)s)")
-    parser.add_argument("--rows-per-day", type=argtypes.positive_int, default=defaults.rows_per_day)
-    parser.add_argument("--train-days", type=argtypes.positive_int, default=defaults.train_days)
+    parser.add_argument("--rows-per-day", type=argtypes.positive_int, default=defaults.rows_per_day,
+                        help="synthetic impressions per day")
+    parser.add_argument("--train-days", type=argtypes.positive_int, default=defaults.train_days,
+                        help="days trained on")
     parser.add_argument("--warmup-days", type=argtypes.positive_int, default=defaults.warmup_days,
                         help="days ingested (AVC history) before the training window")
-    parser.add_argument("--new-user-share", type=float, default=defaults.new_user_share)
-    parser.add_argument("--data-seed", type=int, default=defaults.data_seed)
-    parser.add_argument("--train-steps", type=argtypes.positive_int, default=defaults.train_steps)
-    parser.add_argument("--batch-size", type=argtypes.positive_int, default=defaults.batch_size)
+    parser.add_argument("--new-user-share", type=float, default=defaults.new_user_share,
+                        help="share of impressions from new users")
+    parser.add_argument("--data-seed", type=int, default=defaults.data_seed, help="seed of the synthetic data")
+    parser.add_argument("--train-steps", type=argtypes.positive_int, default=defaults.train_steps,
+                        help="training steps per model")
+    parser.add_argument("--batch-size", type=argtypes.positive_int, default=defaults.batch_size,
+                        help="training batch size")
     parser.add_argument("--movielens-zip", default=None,
                         help=f"ml-latest-small.zip (default: ${MOVIELENS_ENV}, else ../shared/data/ml-latest-small/"
                              "ml-latest-small.zip beside the checkout)")

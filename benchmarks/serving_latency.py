@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0,
                         help="ops run in parallel, in the servers and the in-process limit alike "
                              "(default 0, TensorFlow's choice)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the request examples")
     # The InProcessWorker's command line: the SavedModel and how many examples to make.
     parser.add_argument("--in-process-worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--in-process-examples", type=int, default=1, help=argparse.SUPPRESS)

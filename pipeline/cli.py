@@ -210,6 +210,8 @@ COMMANDS = {
                      "and --on-failure / --on-not-blessed hooks", "pipeline.daily"),
     "schedule": Command("print or install the daily trigger (cron or systemd), or write the Kubeflow recurring run",
                         "pipeline.schedule"),
+    "runs": Command("each day's run: status, blessed, pushed version, cached steps, duration, rows",
+                    "pipeline.runs"),
     "versions": Command("pushed model versions: when, which day's run pushed them, which one serves",
                         "pipeline.versions", "add_versions_arguments", "cmd_versions"),
     "rollback": Command("serve an earlier pushed version, pinned until `poso rollback --release`",
@@ -217,6 +219,8 @@ COMMANDS = {
     "serving-config": Command("print the models.config for servers that see the base directory elsewhere "
                               "(deploy/models.config)", "pipeline.versions", "add_serving_config_arguments",
                               "cmd_serving_config"),
+    "gc": Command("delete old pushed versions and pipeline_root artifacts no kept model needs (dry run by default)",
+                  "pipeline.gc"),
     "serve": Command("serve pushed models over TF Serving's gRPC and REST APIs", "serving.server",
                      run="run_and_exit"),
     "predict": Command("send a predict request over gRPC or REST", "serving.client"),

@@ -295,7 +295,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="re-read the config file this often (0: never)")
     add("--file_system_poll_wait_seconds", type=float, default=1.0,
         help="scan the base paths for new versions this often")
-    add("--enable_batching", type=_bool_flag, nargs="?", const=True, default=False)
+    add("--enable_batching", type=_bool_flag, nargs="?", const=True, default=False,
+        help="merge concurrent requests into batches (see the batching flags)")
     add("--batching_parameters_file",
         help="text-format BatchingParameters (TF Serving's format, e.g. "
              "deploy/batching_parameters.txt); instead of the four flags below")
@@ -307,7 +308,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"default {BatchingOptions.max_enqueued_batches}")
     add("--enable_model_warmup", type=_bool_flag, nargs="?", const=True, default=True,
         help="replay assets.extra/tf_serving_warmup_requests before serving a version")
-    add("--num_request_iterations_for_warmup", type=int, default=1)
+    add("--num_request_iterations_for_warmup", type=int, default=1,
+        help="times each warm-up request is replayed before a version takes traffic")
     add("--tensorflow_intra_op_parallelism", type=int, default=0,
         help="threads of one op (0: TensorFlow's choice, the machine's cores)")
     add("--tensorflow_inter_op_parallelism", type=int, default=0,
@@ -318,14 +320,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "default true; not a tensorflow_model_server flag)")
     add("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
         help="largest accepted request (gRPC message or REST body)")
-    add("--grpc_max_threads", type=int, default=ServerOptions.grpc_max_threads)
-    add("--rest_api_num_threads", type=int, default=8)
-    add("--rest_api_timeout_in_ms", type=int, default=30000)
-    add("--shutdown_grace_seconds", type=float, default=10.0)
+    add("--grpc_max_threads", type=int, default=ServerOptions.grpc_max_threads, help="gRPC worker threads")
+    add("--rest_api_num_threads", type=int, default=8, help="REST worker threads")
+    add("--rest_api_timeout_in_ms", type=int, default=30000, help="REST request timeout")
+    add("--shutdown_grace_seconds", type=float, default=10.0,
+        help="on SIGTERM, how long requests in flight may finish")
     add("--allow_version_labels_for_unavailable_models", type=_bool_flag, nargs="?", const=True,
         default=False, help="a new version label may name a version that is not loaded yet "
                             "(without it a config whose label does so is refused, at start too)")
-    add("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="server log level")
     return parser
 
 
