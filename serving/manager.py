@@ -37,6 +37,7 @@ from tensorflow_serving.apis import get_model_status_pb2, model_pb2
 from serving import config as config_lib
 from serving import errors, warmup
 from serving.batching import BatchingOptions
+from serving.metrics import ServerMetrics
 from serving.servable import SavedModelServable
 
 __all__ = ["ModelManager", "VersionState"]
@@ -103,13 +104,15 @@ class ModelManager:
       config_file: a models.config to re-read every `config_poll_interval_s` (> 0).
       allow_version_labels_for_unavailable_models: a new label may name a version that is
         not available yet (tensorflow_model_server's flag of the same name).
+      metrics: where version loads and batch sizes are counted.
     """
 
     def __init__(self, config: config_lib.ModelServerConfig, *,
                  batching: Optional[BatchingOptions] = None, enable_warmup: bool = True,
                  warmup_iterations: int = 1, poll_interval_s: float = 1.0,
                  config_file: Optional[str] = None, config_poll_interval_s: float = 0.0,
-                 allow_version_labels_for_unavailable_models: bool = False):
+                 allow_version_labels_for_unavailable_models: bool = False,
+                 metrics: Optional[ServerMetrics] = None):
         config_lib.validate_model_server_config(config)
         self._config = config_lib.ModelServerConfig()
         self._config.CopyFrom(config)
@@ -120,6 +123,7 @@ class ModelManager:
         self._config_file = config_file
         self._config_poll_interval_s = config_poll_interval_s
         self._allow_unavailable_labels = allow_version_labels_for_unavailable_models
+        self._metrics = metrics
         self._config_file_text: Optional[str] = None
         self._models: Dict[str, _Model] = {
             model.name: _Model(config=model) for model in self._config.model_config_list.config}
@@ -289,7 +293,9 @@ class ModelManager:
                     path)
         servable = None
         try:
-            servable = SavedModelServable.load(name, version, path, batching=self._batching)
+            servable = SavedModelServable.load(
+                name, version, path, batching=self._batching,
+                on_batch=self._metrics.record_batch if self._metrics is not None else None)
             if self._enable_warmup:
                 servable.warmup_requests_replayed = warmup.replay_warmup_requests(
                     servable, self._warmup_iterations)
@@ -300,6 +306,8 @@ class ModelManager:
             message = f"Failed to load version {version} of model {name} from {path}: {reason}"
             logger.error("Loading servable version {name: %s version: %d} failed: %s", name,
                          version, reason)
+            if self._metrics is not None:
+                self._metrics.record_load(path, success=False)
             with self._lock:
                 model.records[version] = _VersionRecord(VersionState.END, code, message)
                 model.refused[version] = fingerprint
@@ -309,6 +317,8 @@ class ModelManager:
             model.servables = {**model.servables, version: servable}
             model.records[version] = _VersionRecord(VersionState.AVAILABLE)
             model.refused.pop(version, None)
+        if self._metrics is not None:
+            self._metrics.record_load(path, success=True)
         logger.info("Successfully loaded servable version {name: %s version: %d}: AVAILABLE "
                     "(signatures %s; %d warm-up requests replayed)", name, version,
                     sorted(servable.signatures), servable.warmup_requests_replayed)

@@ -40,6 +40,7 @@ from serving.batching import BatchingOptions
 from serving.errors import ServingError
 from serving.grpc_service import add_services
 from serving.manager import ModelManager
+from serving.metrics import ServerMetrics, load_monitoring_config
 from serving.rest import RestApiHandler, RestServer
 
 __all__ = ["ServerOptions", "ModelServer", "start_server", "start_in_background", "serve", "main",
@@ -85,6 +86,8 @@ class ServerOptions:
     warmup_iterations: int = 1
     shutdown_grace_s: float = 10.0
     allow_version_labels_for_unavailable_models: bool = False
+    # GET this path on the REST port answers the Prometheus metrics (None: not served).
+    monitoring_path: Optional[str] = None
 
     def __post_init__(self):
         if self.max_request_bytes < 1:
@@ -111,6 +114,7 @@ class ModelServer:
                  options: ServerOptions = ServerOptions(),
                  config_file: Optional[str] = None):
         self.options = options
+        self.metrics = ServerMetrics(self._available_versions)
         self.manager = ModelManager(
             config,
             batching=options.batching,
@@ -121,6 +125,7 @@ class ModelServer:
             config_poll_interval_s=options.model_config_file_poll_wait_s,
             allow_version_labels_for_unavailable_models=(
                 options.allow_version_labels_for_unavailable_models),
+            metrics=self.metrics,
         )
         self._grpc_server: Optional[grpc.Server] = None
         self._rest_server: Optional[RestServer] = None
@@ -128,6 +133,11 @@ class ModelServer:
         self._stop_lock = threading.Lock()
         self.grpc_port: Optional[int] = None
         self.rest_port: Optional[int] = None
+
+    def _available_versions(self):
+        manager = getattr(self, "manager", None)  # the registry asks before there is one
+        for name in manager.model_names() if manager is not None else ():
+            yield name, len(manager.available_versions(name))
 
     @classmethod
     def for_model(cls, model_base_path: str, model_name: str,
@@ -163,7 +173,7 @@ class ModelServer:
                     ("grpc.max_send_message_length", -1),
                     ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared
                 ])
-            add_services(self._grpc_server, self.manager)
+            add_services(self._grpc_server, self.manager, self.metrics)
             address = _host_port(options.host, options.grpc_port)
             try:
                 self.grpc_port = self._grpc_server.add_insecure_port(address)
@@ -175,12 +185,18 @@ class ModelServer:
             logger.info("Running gRPC ModelServer at %s ...", self.grpc_address)
             if options.rest_port is not None:
                 self._rest_server = RestServer(
-                    RestApiHandler(self.manager), options.host, options.rest_port,
+                    RestApiHandler(self.manager, self.metrics), options.host, options.rest_port,
                     max_request_bytes=options.max_request_bytes,
                     num_threads=options.rest_num_threads, timeout_s=options.rest_timeout_s,
-                    shutdown_grace_s=options.shutdown_grace_s)
+                    shutdown_grace_s=options.shutdown_grace_s, metrics=self.metrics,
+                    metrics_path=options.monitoring_path)
                 self.rest_port = self._rest_server.start()
                 logger.info("Exporting HTTP/REST API at %s ...", self.rest_url)
+                if options.monitoring_path:
+                    logger.info("Prometheus metrics at %s%s", self.rest_url,
+                                options.monitoring_path)
+            elif options.monitoring_path:
+                logger.warning("No REST port: the Prometheus metrics are not served")
         except BaseException:
             self.stop()
             raise
@@ -328,7 +344,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--allow_version_labels_for_unavailable_models", type=_bool_flag, nargs="?", const=True,
         default=False, help="a new version label may name a version that is not loaded yet "
                             "(without it a config whose label does so is refused, at start too)")
-    add("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="server log level")
+    add("--monitoring_config_file",
+        help='text-format MonitoringConfig, e.g. prometheus_config { enable: true path: '
+             '"/monitoring/prometheus/metrics" }: Prometheus metrics on the REST port')
+    add("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="server log level")
     return parser
 
 
@@ -419,6 +439,8 @@ def run(args: argparse.Namespace) -> int:
             shutdown_grace_s=args.shutdown_grace_seconds,
             allow_version_labels_for_unavailable_models=(
                 args.allow_version_labels_for_unavailable_models),
+            monitoring_path=(load_monitoring_config(args.monitoring_config_file)
+                             if args.monitoring_config_file else None),
         )
     except (ValueError, OSError) as error:
         logger.error("%s", error)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -451,6 +452,11 @@ def test_batching_merges_concurrent_requests(tmp_path, scaled_exports):
         assert call_count(server, "ranker") < 8
         batcher = server.manager.servable(model_pb2.ModelSpec(name="ranker")).batcher
         assert batcher.requests_run == 8 and batcher.batches_run < 8
+        # Every batch run is in the batch size histogram (the warm-up's and calls' too).
+        scraped = server.metrics.exposition().decode()
+        found = re.search(r':tensorflow:serving:batching:batch_size_count\{model_name="ranker",'
+                          r'op_name="serving_default"\} (\S+)', scraped)
+        assert found and float(found.group(1)) == batcher.batches_run
 
 
 def test_batching_parameters_file_in_tf_serving_format(tmp_path):
@@ -693,9 +699,12 @@ def test_poso_serve_logs_like_tensorflow_model_server_and_stops_on_sigterm(tmp_p
     base = tmp_path / "ranker"
     base.mkdir()
     install_version(base, 1, scaled_exports[2])
+    monitoring = _write(tmp_path / "monitoring.config",
+                        'prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }')
     process = subprocess.Popen(
         [str(REPO_ROOT / "bin" / "poso"), "serve", "--port=0", "--rest-port=0",
-         "--model_name=ranker", f"--model-base-path={base}", "--shutdown_grace_seconds=2"],
+         "--model_name=ranker", f"--model-base-path={base}", "--shutdown_grace_seconds=2",
+         f"--monitoring_config_file={monitoring}"],
         stderr=subprocess.PIPE, text=True, cwd=str(tmp_path), env=_wrapper_env(tmp_path))
     log_lines = []
     try:
@@ -712,6 +721,13 @@ def test_poso_serve_logs_like_tensorflow_model_server_and_stops_on_sigterm(tmp_p
         assert client.predict_rest(rest_url, "ranker", {"x": [1.5]})["y"].tolist() == [3.0]
         with pytest.raises(client.ServingClientError):
             client.predict_rest(rest_url, "no_such_model", {"x": [1.5]})
+        with urllib.request.urlopen(rest_url + "/monitoring/prometheus/metrics",
+                                    timeout=10) as answer:
+            scraped = answer.read().decode()
+        assert re.search(r':tensorflow:serving:request_count_total\{API="Predict",'
+                         r'entrypoint="REST",model_name="ranker",signature_name="serving_default",'
+                         r'status="OK",version="1"\} 1\.0', scraped), scraped
+        assert 'poso_serving_available_versions{model_name="ranker"} 1.0' in scraped
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         _, remaining = process.communicate(timeout=30)
