@@ -71,6 +71,7 @@ class Split:
 class SyntheticData:
     settings: SyntheticSettings
     root: str
+    logs_dir: str  # synthetic_logs.generate's out_dir (logs/DATE/log.csv and truth.arrow)
     train_files: List[str]
     eval_files: List[str]
     transform_dir: str
@@ -121,23 +122,29 @@ def analyze(train_files: List[str], output_dir: str, temp_dir: str) -> str:
 
 
 def prepare(work_dir: str, settings: SyntheticSettings = SyntheticSettings(),
-            log=print) -> SyntheticData:
-    """Generates, ingests and analyzes the synthetic data once (cached by `settings`)."""
+            log=print, preset: str = "default") -> SyntheticData:
+    """Generates, ingests and analyzes the synthetic data once (cached by `settings` and the
+    generator's `preset`, see components.synthetic_logs.PRESETS)."""
     from components import synthetic_logs
 
-    root = os.path.join(os.path.abspath(work_dir), f"synthetic-{settings.key()}")
+    behaviour = hashlib.sha1(repr(synthetic_logs.PRESETS[preset]).encode()).hexdigest()[:8]
+    name = settings.key() if preset == "default" else f"{preset}-{behaviour}-{settings.key()}"
+    root = os.path.join(os.path.abspath(work_dir), f"synthetic-{name}")
     dates = [START + datetime.timedelta(days=d) for d in range(settings.days)]
     train_dates = dates[settings.warmup_days:-1]
     examples_dir = os.path.join(root, "examples")
     transform_dir = os.path.join(root, "transform")
     done = os.path.join(root, _DONE)
-    if not os.path.exists(done):
-        logs_dir = os.path.join(root, "logs")
+    logs_dir = os.path.join(root, "logs")
+    # Caches from before the generator wrote its truth files are made again.
+    if not os.path.exists(done) or not glob.glob(os.path.join(logs_dir, "logs", "*", synthetic_logs.TRUTH_FILE)):
+        for stale in (examples_dir, transform_dir):
+            maybe_remove(stale)
         log(f"  generating {settings.days} days x {settings.rows_per_day:,} impressions "
-            f"(new-user share {settings.new_user_share}) ...")
+            f"(new-user share {settings.new_user_share}, preset {preset}) ...")
         synthetic_logs.generate(logs_dir, START, settings.days, seed=settings.data_seed,
                                 impressions_per_day=settings.rows_per_day,
-                                new_user_share=settings.new_user_share)
+                                new_user_share=settings.new_user_share, preset=preset)
         previous = None
         for date in dates:
             log(f"  AvcExampleGen {date.isoformat()} ...")
@@ -148,7 +155,7 @@ def prepare(work_dir: str, settings: SyntheticSettings = SyntheticSettings(),
         with open(done, "w") as f:
             json.dump(dataclasses.asdict(settings), f)
     return SyntheticData(
-        settings=settings, root=root,
+        settings=settings, root=root, logs_dir=logs_dir,
         train_files=[f for d in train_dates for f in _example_files(examples_dir, d)],
         eval_files=_example_files(examples_dir, dates[-1]), transform_dir=transform_dir,
         train_dates=[d.isoformat() for d in train_dates], eval_date=dates[-1].isoformat())

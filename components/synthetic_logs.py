@@ -3,6 +3,8 @@
 Output layout (the layout `components.impression_logs` reads)::
 
     OUT/logs/YYYY-MM-DD/log.csv    one file per date (or log.parquet), columns LOG_COLUMNS
+    OUT/logs/YYYY-MM-DD/truth.arrow  beside it: every label's true probability per impression
+                                   (TRUTH_FILE, read_truth; the product reads only *.csv/*.parquet)
     OUT/user_features.csv          columns USER_TABLE_COLUMNS (as KuaiRand's user_features_pure.csv)
     OUT/video_features.csv         columns VIDEO_TABLE_COLUMNS (as video_features_basic_pure.csv)
 
@@ -47,6 +49,18 @@ just their base rates), a ranker that ignores newness orders videos for new user
 users' tastes: ranking new users' long views by duration as learned from all users is about
 as bad as chance, while the same ranking learned from new users has an AUC of about 0.6.
 
+These constants are the "default" preset; `Behaviour` holds them and PRESETS has the others:
+"none" (new users respond exactly as regular users) and "submergence" (no personal-affinity
+term and quality weighing 0.3 for everyone, so rankings follow the video's tag and duration;
+new users' tag effects are independent of regular users' and their finish logit falls with
+log duration at 1.6 against regular users' 0.3). Only the responses differ between presets:
+the same seed gives the same users, videos and times.
+
+Truth: every label above is drawn from a probability given the impression (long_view from
+finish and play: P = p_f + (1 - p_f) * sigmoid(mu_n + 0.7 s - logit(18 s / duration)) for
+videos over 18 s, p_f otherwise; like, follow, comment, forward and profile entry
+marginalized over the labels they depend on). TRUTH_FILE holds these, keyed by the log row.
+
 Exposure: 97% of impressions are drawn by popularity times freshness among videos uploaded
 by that date, 3% uniformly (`is_rand` = 1). Times of day follow a diurnal profile.
 
@@ -72,6 +86,7 @@ by the population, not by the number of impressions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import os
@@ -90,11 +105,17 @@ import pyarrow.csv as pa_csv
 from components.impression_logs import DAY_MS, USER_TABLE_FILE, VIDEO_TABLE_FILE, day_dir
 from feature_specs import specs
 
-__all__ = ["generate", "add_arguments", "run", "main", "LOG_FILE_FORMATS", "REAL_USER_FILE", "REAL_VIDEO_FILE"]
+__all__ = ["generate", "add_arguments", "run", "main", "read_truth", "Behaviour", "PRESETS", "LOG_FILE_FORMATS",
+           "REAL_USER_FILE", "REAL_VIDEO_FILE", "TRUTH_FILE", "TRUTH_KEY", "TRUTH_LABELS", "LOG_ROW"]
 
 _log = logging.getLogger(__name__)
 
 LOG_FILE_FORMATS = ("csv", "parquet")
+# Beside each day's log: every label's true probability per impression. An Arrow IPC file, so the
+# product's readers (components.impression_logs: *.csv, *.parquet) never take it for a log.
+TRUTH_FILE = "truth.arrow"
+LOG_ROW = "log_row"  # 1-based data row of the impression in the day's log (the header is row 0)
+TRUTH_KEY = (LOG_ROW, specs.USER_ID, specs.VIDEO_ID, specs.TIME_MS)
 REAL_USER_FILE = "user_features_pure.csv"
 REAL_VIDEO_FILE = "video_features_basic_pure.csv"
 
@@ -108,6 +129,8 @@ REAL_VIDEO_FILE = "video_features_basic_pure.csv"
  *_U_ONEHOT) = specs.USER_TABLE_COLUMNS
 (_V_ID, _V_AUTHOR, _V_TYPE, _V_UPLOAD_DT, _V_UPLOAD_TYPE, _V_VISIBLE, _V_DURATION, _V_WIDTH,
  _V_HEIGHT, _V_MUSIC, _V_MUSIC_TYPE, _V_TAG) = specs.VIDEO_TABLE_COLUMNS
+# The log's 0/1 labels, whose probabilities TRUTH_FILE holds (under the same names).
+TRUTH_LABELS = (_L_CLICK, _L_LIKE, _L_FOLLOW, _L_COMMENT, _L_FORWARD, _L_HATE, _L_LONG_VIEW, _L_PROFILE_ENTER)
 
 _HOUR_MS = 3_600_000
 _NEW_USER_MS = specs.NEW_USER_HOURS * _HOUR_MS
@@ -151,17 +174,54 @@ _DIURNAL = np.array([20, 12, 8, 6, 6, 8, 15, 30, 40, 45, 45, 50, 55, 50, 45, 45,
 _DIURNAL_CDF = np.concatenate([[0.0], np.cumsum(_DIURNAL / _DIURNAL.sum())])
 _TAB_WEIGHTS = np.array([20, 45, 8, 3, 12, 2, 5, 1, 1, 1, 0.5, 0.5, 0.5, 0.3, 0.2], dtype=np.float64)
 
-# Behaviour model (see the module docstring); index 0 = regular users, 1 = new users.
+# Behaviour model (see the module docstring and Behaviour).
 _LATENT_DIM = 8
-_PERSONAL_WEIGHT = (1.0, 0.3)
-_QUALITY_WEIGHT = (0.6, 0.3)
-_FINISH_BASE, _FINISH_DURATION = (-1.8, 0.3), (0.6, 1.6)
-_PARTIAL_BASE = (-1.3, -2.3)
-_REPLAY_MEAN = (0.3, 0.15)
-_LIKE_BASE = (-5.6, -4.2)
-_CLICK_BASE = (-0.8, -0.6)
-_FOLLOW_BASE = (-7.2, -6.6)
 _LONG_VIEW_MS = 18_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Behaviour:
+    """How users respond to an impression; pairs are (regular users, new users).
+
+    interest s = personal * <p_u, q_v> + quality * z_v + T[tag_v] + b_u, with new users' tag
+    effects T1 = new_tag_shared * T0 + new_tag_noise * N(0, 1); finish, partial play, like,
+    click and follow logits as in the module docstring, with these constants.
+    """
+
+    personal: Tuple[float, float] = (1.0, 0.3)
+    quality: Tuple[float, float] = (0.6, 0.3)
+    finish_base: Tuple[float, float] = (-1.8, 0.3)
+    finish_duration: Tuple[float, float] = (0.6, 1.6)
+    partial_base: Tuple[float, float] = (-1.3, -2.3)
+    replay_mean: Tuple[float, float] = (0.3, 0.15)
+    like_base: Tuple[float, float] = (-5.6, -4.2)
+    click_base: Tuple[float, float] = (-0.8, -0.6)
+    follow_base: Tuple[float, float] = (-7.2, -6.6)
+    new_tag_shared: float = 0.2
+    new_tag_noise: float = 0.6
+
+    def regular_for_new(self) -> "Behaviour":
+        """The same world with new users responding exactly as regular users do."""
+        pairs = {f.name: (getattr(self, f.name)[0],) * 2 for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), tuple)}
+        return dataclasses.replace(self, new_tag_shared=1.0, new_tag_noise=0.0, **pairs)
+
+
+# Presets of `generate(preset=...)` / `poso generate --preset`. Fixed from the generator's ground
+# truth and a plain baseline only (benchmarks/README.md, "Headroom"), before any model was
+# compared on them.
+_SUBMERGENCE = Behaviour(
+    # Rankings follow the video (quality, tag, duration), which the features carry, not a user's
+    # latent taste, which a model could not learn for a user seen a few times.
+    personal=(0.0, 0.0), quality=(0.3, 0.3),
+    # New users like other tags and short videos much more than regular users do.
+    finish_duration=(0.3, 1.6), new_tag_shared=0.0, new_tag_noise=1.0,
+)
+PRESETS: Dict[str, Behaviour] = {
+    "default": Behaviour(),
+    "none": Behaviour().regular_for_new(),
+    "submergence": _SUBMERGENCE,
+}
 
 # Synthetic feature tables: marginals close to KuaiRand-Pure's.
 _DEGREE_WEIGHTS = {
@@ -191,6 +251,11 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def _bernoulli(rng: np.random.Generator, logits: np.ndarray) -> np.ndarray:
     return rng.random(logits.shape[0]) < _sigmoid(logits)
+
+
+def _mix(p_cause: np.ndarray, logits: np.ndarray, effect: float) -> np.ndarray:
+    """P(label) when label ~ Bernoulli(sigmoid(logits + effect * cause)), cause ~ Bernoulli(p_cause)."""
+    return p_cause * _sigmoid(logits + effect) + (1.0 - p_cause) * _sigmoid(logits)
 
 
 def _sample_time_of_day(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -390,7 +455,8 @@ def _csv_bytes(table: _Table, columns: Sequence[str]) -> bytes:
 class _Videos:
     """The video catalogue: what the behaviour model and exposure need per video."""
 
-    def __init__(self, seed: int, table: _Table, primary_tag: np.ndarray, real_upload_rank: Optional[np.ndarray]):
+    def __init__(self, seed: int, table: _Table, primary_tag: np.ndarray, real_upload_rank: Optional[np.ndarray],
+                 behaviour: "Behaviour"):
         n = len(primary_tag)
         self.table, self.tag = table, primary_tag
         self.ids = pd.to_numeric(pd.Series(table[_V_ID])).to_numpy(np.int64)
@@ -405,7 +471,9 @@ class _Videos:
         self.quality = (rng.normal(0.0, 1.0, n) - 0.5 * is_ad).astype(np.float32)
         self.popularity = np.exp(0.7 * self.quality + rng.normal(0.0, 0.8, n))
         self.tag_effect_regular = rng.normal(0.0, 0.5, n_tags).astype(np.float32)
-        self.tag_effect_new = (0.2 * self.tag_effect_regular + rng.normal(0.0, 0.6, n_tags)).astype(np.float32)
+        # Drawn as N(0, 1) and scaled, so that every preset keeps the same later draws.
+        self.tag_effect_new = (behaviour.new_tag_shared * self.tag_effect_regular
+                               + behaviour.new_tag_noise * rng.normal(0.0, 1.0, n_tags)).astype(np.float32)
         imputed = np.clip(np.exp(rng.normal(np.log(80_000), 0.9, n)), 5_000, 1_200_000)
         # The log's duration_ms is always present, even where the feature file lacks it.
         self.duration_ms = np.where(np.isfinite(duration) & (duration > 0), duration, imputed).round().astype(np.int64)
@@ -549,8 +617,8 @@ class _DayPlan:
 
 class _World:
     def __init__(self, seed: int, start: datetime.date, impressions_per_day: int, new_user_share: float,
-                 kuairand_dir: Optional[str]):
-        self.seed, self.start = seed, start
+                 kuairand_dir: Optional[str], behaviour: Behaviour):
+        self.seed, self.start, self.behaviour = seed, start, behaviour
         self.rows_per_day, self.new_user_share = impressions_per_day, new_user_share
         if kuairand_dir is not None:
             user_table = _read_real_table(os.path.join(kuairand_dir, REAL_USER_FILE), specs.USER_TABLE_COLUMNS)
@@ -560,11 +628,11 @@ class _World:
             upload_order = np.lexsort((tiebreak, video_table[_V_UPLOAD_DT].astype(str)))
             upload_rank = np.empty(n_videos, np.int64)
             upload_rank[upload_order] = np.arange(n_videos)
-            self.videos = _Videos(seed, video_table, _primary_tags(video_table[_V_TAG]), upload_rank)
+            self.videos = _Videos(seed, video_table, _primary_tags(video_table[_V_TAG]), upload_rank, behaviour)
         else:
             user_table = None
             n_videos = max(_MIN_VIDEOS, int(round(_VIDEOS_PER_DAILY_IMPRESSION * impressions_per_day)))
-            self.videos = _Videos(seed, *_synthetic_video_table(seed, n_videos), None)
+            self.videos = _Videos(seed, *_synthetic_video_table(seed, n_videos), None, behaviour)
         self.users = _Users(seed, user_table)
         n_pre = max(int(round(_USERS_PER_DAILY_IMPRESSION * impressions_per_day)),
                     min(_MIN_USERS, impressions_per_day // 4), 1)
@@ -610,8 +678,10 @@ class _World:
         return plan
 
     def simulate(self, day: int, users: np.ndarray, counts: np.ndarray, arriving: np.ndarray, chunk: int,
-                 exposure: Tuple[np.ndarray, np.ndarray]) -> Dict[str, np.ndarray]:
-        """The log rows of one chunk of a day's users, as LOG_COLUMNS arrays."""
+                 exposure: Tuple[np.ndarray, np.ndarray],
+                 truth: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+        """The log rows of one chunk of a day's users, as LOG_COLUMNS arrays; `truth` (if given)
+        receives each TRUTH_LABELS column's probability per row."""
         rng, n = _rng(self.seed, _S_ROWS, day, chunk), int(counts.sum())
         date = self.start + datetime.timedelta(days=day)
         day_start = specs.day_start_ms(date)
@@ -641,35 +711,57 @@ class _World:
         self.videos.seen[video] = True
         tab = _categorical(rng, _TAB_WEIGHTS, n)
 
-        # Behaviour (module docstring).
-        v, u = self.videos, self.users
+        # Behaviour (module docstring); each label's probability given the impression is kept
+        # as the truth.
+        v, u, b = self.videos, self.users, self.behaviour
         affinity = np.einsum("ij,ij->i", u.latent[user], v.latent[video])
         tag = v.tag[video]
-        interest = (np.take(_PERSONAL_WEIGHT, new) * affinity + np.take(_QUALITY_WEIGHT, new) * v.quality[video]
+        interest = (np.take(b.personal, new) * affinity + np.take(b.quality, new) * v.quality[video]
                     + np.where(new == 1, v.tag_effect_new[tag], v.tag_effect_regular[tag]) + u.bias[user])
         interest = interest.astype(np.float64)
         log_duration = v.log_duration[video]
-        finished = _bernoulli(rng, np.take(_FINISH_BASE, new) + 0.8 * interest
-                              - np.take(_FINISH_DURATION, new) * log_duration)
+        finish_logit = np.take(b.finish_base, new) + 0.8 * interest - np.take(b.finish_duration, new) * log_duration
+        finished = _bernoulli(rng, finish_logit)
         uniform = rng.uniform(1e-12, 1.0, n)
         noise = np.log(uniform) - np.log1p(-uniform)
-        partial = _sigmoid(np.take(_PARTIAL_BASE, new) + 0.7 * interest + noise)
-        replay = 1.0 + rng.exponential(1.0, n) * np.take(_REPLAY_MEAN, new)
+        partial_logit = np.take(b.partial_base, new) + 0.7 * interest
+        partial = _sigmoid(partial_logit + noise)
+        replay = 1.0 + rng.exponential(1.0, n) * np.take(b.replay_mean, new)
         duration = v.duration_ms[video]
         play = np.floor(np.where(finished, replay, np.minimum(partial, 1.0 - 1e-9)) * duration).astype(np.int64)
         finished = play >= duration
         long_view = np.where(duration <= _LONG_VIEW_MS, finished, play >= _LONG_VIEW_MS)
 
-        click = _bernoulli(rng, np.take(_CLICK_BASE, new) + 0.6 * interest + self.tab_effect[tab])
-        like = _bernoulli(rng, np.take(_LIKE_BASE, new) + 0.9 * interest + u.like_bias[user] + 1.2 * finished)
-        follow = _bernoulli(rng, np.take(_FOLLOW_BASE, new) + 0.7 * interest + 1.5 * like)
-        comment = _bernoulli(rng, -6.8 + 0.5 * interest + 1.5 * like)
-        forward = _bernoulli(rng, -7.6 + 0.5 * interest + 1.0 * like)
-        hate = _bernoulli(rng, -6.5 - 0.9 * interest)
-        profile_enter = _bernoulli(rng, -5.0 + 0.5 * interest + 2.5 * follow)
+        click_logit = np.take(b.click_base, new) + 0.6 * interest + self.tab_effect[tab]
+        like_logit = np.take(b.like_base, new) + 0.9 * interest + u.like_bias[user]
+        follow_logit = np.take(b.follow_base, new) + 0.7 * interest
+        comment_logit, forward_logit = -6.8 + 0.5 * interest, -7.6 + 0.5 * interest
+        hate_logit, profile_logit = -6.5 - 0.9 * interest, -5.0 + 0.5 * interest
+        click = _bernoulli(rng, click_logit)
+        like = _bernoulli(rng, like_logit + 1.2 * finished)
+        follow = _bernoulli(rng, follow_logit + 1.5 * like)
+        comment = _bernoulli(rng, comment_logit + 1.5 * like)
+        forward = _bernoulli(rng, forward_logit + 1.0 * like)
+        hate = _bernoulli(rng, hate_logit)
+        profile_enter = _bernoulli(rng, profile_logit + 2.5 * follow)
         profile_stay = np.where(profile_enter, np.ceil(rng.exponential(15_000.0, n)), 0).astype(np.int64)
         comments_open = comment | _bernoulli(rng, -3.5 + 0.4 * interest)
         comment_stay = np.where(comments_open, np.ceil(rng.exponential(20_000.0, n)), 0).astype(np.int64)
+
+        if truth is not None:
+            # P(label | impression): the draws above, marginalized over the labels they depend on.
+            p_finish = _sigmoid(finish_logit)
+            # Not finished: play / duration = sigmoid(partial_logit + Logistic) >= 18 s / duration.
+            long_share = np.clip(_LONG_VIEW_MS / duration, 1e-12, 1.0 - 1e-12)
+            p_long_play = _sigmoid(partial_logit - np.log(long_share) + np.log1p(-long_share))
+            p_like = _mix(p_finish, like_logit, 1.2)
+            p_follow = _mix(p_like, follow_logit, 1.5)
+            probabilities = {
+                _L_LONG_VIEW: np.where(duration <= _LONG_VIEW_MS, p_finish, p_finish + (1 - p_finish) * p_long_play),
+                _L_LIKE: p_like, _L_FOLLOW: p_follow, _L_CLICK: _sigmoid(click_logit),
+                _L_COMMENT: _mix(p_like, comment_logit, 1.5), _L_FORWARD: _mix(p_like, forward_logit, 1.0),
+                _L_HATE: _sigmoid(hate_logit), _L_PROFILE_ENTER: _mix(p_follow, profile_logit, 2.5)}
+            truth.update({name: probabilities[name].astype(np.float32) for name in TRUTH_LABELS})
 
         hourmin = (time_of_day // _HOUR_MS) * 100 + (time_of_day // 60_000) % 60
         as_int = lambda a: np.asarray(a, dtype=np.int64)  # noqa: E731
@@ -757,6 +849,40 @@ class _LogWriter:
             self._raise_if_failed()
 
 
+class _TruthWriter:
+    """Writes one day's TRUTH_FILE chunk by chunk (Arrow IPC); it appears under its name when complete."""
+
+    SCHEMA = pa.schema([(LOG_ROW, pa.int64()), (specs.USER_ID, pa.int64()), (specs.VIDEO_ID, pa.int64()),
+                        (specs.TIME_MS, pa.int64())] + [(name, pa.float32()) for name in TRUTH_LABELS])
+
+    def __init__(self, path: str):
+        self.path, self._tmp, self.rows = path, path + ".tmp", 0
+        self._writer = pa.ipc.new_file(self._tmp, self.SCHEMA)
+
+    def write(self, log_columns: Dict[str, np.ndarray], probabilities: Dict[str, np.ndarray]) -> None:
+        n = len(log_columns[_L_USER])
+        columns = {LOG_ROW: np.arange(self.rows + 1, self.rows + n + 1, dtype=np.int64),
+                   **{name: log_columns[name] for name in TRUTH_KEY[1:]}, **probabilities}
+        self._writer.write_table(pa.Table.from_pydict(columns, schema=self.SCHEMA))
+        self.rows += n
+
+    def close(self, complete: bool = True) -> None:
+        self._writer.close()
+        if complete:
+            os.replace(self._tmp, self.path)
+        else:
+            os.remove(self._tmp)
+
+
+def read_truth(day_folder: str) -> pd.DataFrame:
+    """A day's TRUTH_FILE: TRUTH_KEY columns, then each TRUTH_LABELS column's probability."""
+    path = os.path.join(day_folder, TRUTH_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: logs written by `poso generate` (this version) have it")
+    with pa.ipc.open_file(path) as reader:
+        return reader.read_pandas()
+
+
 def _write_table_csv(path: str, parts: Iterator[_Table], columns: Sequence[str]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -766,7 +892,8 @@ def _write_table_csv(path: str, parts: Iterator[_Table], columns: Sequence[str])
     os.replace(tmp, path)
 
 
-def _validate(start_date, days, seed, impressions_per_day, new_user_share, file_format, kuairand_dir) -> None:
+def _validate(start_date, days, seed, impressions_per_day, new_user_share, file_format, kuairand_dir,
+              preset) -> None:
     if not isinstance(start_date, datetime.date) or isinstance(start_date, datetime.datetime):
         raise TypeError(f"start_date must be a datetime.date, got {start_date!r}")
     for name, value, low in (("days", days, 1), ("seed", seed, 0), ("impressions_per_day", impressions_per_day, 1)):
@@ -778,15 +905,18 @@ def _validate(start_date, days, seed, impressions_per_day, new_user_share, file_
         raise ValueError(f"file_format must be one of {LOG_FILE_FORMATS}, got {file_format!r}")
     if kuairand_dir is not None and not os.path.isdir(kuairand_dir):
         raise FileNotFoundError(f"KuaiRand directory {kuairand_dir} does not exist")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
 
 
 def generate(out_dir: str, start_date: datetime.date, days: int, seed: int, impressions_per_day: int = 20000,
              kuairand_dir: Optional[str] = None, new_user_share: float = 0.05,
-             file_format: str = "csv") -> List[str]:
+             file_format: str = "csv", preset: str = "default") -> List[str]:
     """Writes `days` days of synthetic logs from `start_date` and the feature files under `out_dir`.
 
     Args:
-      out_dir: output root; gets logs/YYYY-MM-DD/log.{csv,parquet}, user_features.csv and
+      out_dir: output root; gets logs/YYYY-MM-DD/log.{csv,parquet} (and TRUTH_FILE beside it: every
+        label's true probability per impression, see read_truth), user_features.csv and
         video_features.csv (existing files of those names are replaced; a date folder's log in
         the other format is removed, so each date folder holds exactly one log file).
       start_date: the first date (in feature_specs.LOG_TIMEZONE).
@@ -799,12 +929,18 @@ def generate(out_dir: str, start_date: datetime.date, days: int, seed: int, impr
       new_user_share: target share of impressions from users within NEW_USER_HOURS of their
         first impression (realized to within a few percent, relative).
       file_format: "csv" or "parquet" (all columns int64).
+      preset: how new users respond, a key of PRESETS: "default" (new users differ from regular
+        ones in base rates, tag tastes and duration sensitivity), "none" (new users respond as
+        regular ones) or "submergence" (rankings follow the video for regular users; new users'
+        tag tastes and duration sensitivity differ). benchmarks/README.md measures each one's
+        headroom.
 
     Returns:
       The paths of the log files written, one per date, in date order.
     """
-    _validate(start_date, days, seed, impressions_per_day, new_user_share, file_format, kuairand_dir)
-    world = _World(int(seed), start_date, int(impressions_per_day), float(new_user_share), kuairand_dir)
+    _validate(start_date, days, seed, impressions_per_day, new_user_share, file_format, kuairand_dir, preset)
+    world = _World(int(seed), start_date, int(impressions_per_day), float(new_user_share), kuairand_dir,
+                   PRESETS[preset])
     paths = []
     for day in range(days):
         date = start_date + datetime.timedelta(days=day)
@@ -817,13 +953,19 @@ def generate(out_dir: str, start_date: datetime.date, days: int, seed: int, impr
         plan = world.plan_day(day)
         exposure = world.videos.exposure(day)
         writer = _LogWriter(os.path.join(folder, f"log.{file_format}"), file_format)
+        truth_writer = _TruthWriter(os.path.join(folder, TRUTH_FILE))
         try:
             for chunk, (users, counts, arriving) in enumerate(plan.chunks()):
-                writer.write(world.simulate(day, users, counts, arriving, chunk, exposure))
+                probabilities: Dict[str, np.ndarray] = {}
+                columns = world.simulate(day, users, counts, arriving, chunk, exposure, probabilities)
+                writer.write(columns)
+                truth_writer.write(columns, probabilities)
         except BaseException:
             writer.close(complete=False)
+            truth_writer.close(complete=False)
             raise
         writer.close()
+        truth_writer.close()
         _log.info("wrote %s (%d rows)", writer.path, impressions_per_day)
         paths.append(writer.path)
     _write_table_csv(os.path.join(out_dir, USER_TABLE_FILE), world.users.feature_rows(), specs.USER_TABLE_COLUMNS)
@@ -853,13 +995,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-user-share", type=float, default=0.05,
                         help="share of impressions from users in their first NEW_USER_HOURS (default 0.05)")
     parser.add_argument("--format", choices=LOG_FILE_FORMATS, default="csv", help="log file format (default csv)")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="default",
+                        help="how new users respond (default: default). default: they differ from regular users "
+                             "in base rates, tag tastes and duration sensitivity; none: they respond as regular "
+                             "users; submergence: rankings follow the video's tags and duration, new users' tag "
+                             "tastes and duration sensitivity differ (the paper benchmark's plain baseline leaves "
+                             "4.2 pp of new users' long_view GAUC below the ceiling, 0.9 pp of regular users'; "
+                             f"benchmarks/README.md). Every day also gets logs/DATE/{TRUTH_FILE}, "
+                             "each label's true probability per impression (the product ignores it)")
     parser.add_argument("--verbose", action="store_true", help="print the throughput")
 
 
 def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     paths = generate(args.out, args.start, args.days, args.seed, impressions_per_day=args.rows_per_day,
-                     kuairand_dir=args.kuairand, new_user_share=args.new_user_share, file_format=args.format)
+                     kuairand_dir=args.kuairand, new_user_share=args.new_user_share, file_format=args.format,
+                     preset=args.preset)
     if args.verbose:
         seconds = time.perf_counter() - began
         rows = args.rows_per_day * args.days

@@ -188,12 +188,12 @@ BENCHMARKS = {
     "train": Command("train-step throughput per model variant", "benchmarks.train_throughput"),
     "serving": Command("gRPC/REST latency and throughput beside the in-process call",
                        "benchmarks.serving_latency"),
-    "rest-parse": Command("MB/s of the server's REST JSON decoding, row and columnar, up to the 64 MiB limit",
-                          "benchmarks.rest_parse"),
     "paper": Command("reproduce the POSO paper's tables and figures (writes benchmarks/RESULTS.md)",
                      "benchmarks.paper"),
     "pipeline": Command("wall time and peak memory of a daily run per component, per window size",
                         "benchmarks.pipeline_scale"),
+    "headroom": Command("ceiling GAUC from the synthetic generator's true probabilities, per preset, and the "
+                        "headroom a model closes", "benchmarks.headroom"),
 }
 
 COMMANDS = {
@@ -210,8 +210,6 @@ COMMANDS = {
                      "and --on-failure / --on-not-blessed hooks", "pipeline.daily"),
     "schedule": Command("print or install the daily trigger (cron or systemd), or write the Kubeflow recurring run",
                         "pipeline.schedule"),
-    "runs": Command("each day's run: status, blessed, pushed version, cached steps, duration, rows",
-                    "pipeline.runs"),
     "versions": Command("pushed model versions: when, which day's run pushed them, which one serves",
                         "pipeline.versions", "add_versions_arguments", "cmd_versions"),
     "rollback": Command("serve an earlier pushed version, pinned until `poso rollback --release`",
@@ -219,10 +217,7 @@ COMMANDS = {
     "serving-config": Command("print the models.config for servers that see the base directory elsewhere "
                               "(deploy/models.config)", "pipeline.versions", "add_serving_config_arguments",
                               "cmd_serving_config"),
-    "gc": Command("delete old pushed versions and pipeline_root artifacts no kept model needs (dry run by default)",
-                  "pipeline.gc"),
-    "serve": Command("serve pushed models over TF Serving's gRPC and REST APIs", "serving.server",
-                     run="run_and_exit"),
+    "serve": Command("serve pushed models over TF Serving's gRPC and REST APIs", "serving.server"),
     "predict": Command("send a predict request over gRPC or REST", "serving.client"),
     "compile-kubeflow": Command("compile the daily pipeline for Kubeflow Pipelines v2 / Vertex (JSON)",
                                 "pipeline.kubeflow_v2_runner", quiet=True),

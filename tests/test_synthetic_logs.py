@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from components import synthetic_logs
+from components import impression_logs
 from components.impression_logs import DAY_MS, LOGS_DIR, USER_TABLE_FILE, VIDEO_TABLE_FILE
 from feature_specs import specs
 
@@ -28,7 +29,7 @@ def _all_files(root):
 
 def _read_logs(root):
     paths = sorted(os.path.join(root, LOGS_DIR, d, f) for d in os.listdir(os.path.join(root, LOGS_DIR))
-                   for f in os.listdir(os.path.join(root, LOGS_DIR, d)))
+                   for f in os.listdir(os.path.join(root, LOGS_DIR, d)) if f != synthetic_logs.TRUTH_FILE)
     frames = [pd.read_parquet(p) if p.endswith(".parquet") else pd.read_csv(p) for p in paths]
     return pd.concat(frames, ignore_index=True)
 
@@ -68,7 +69,9 @@ def test_layout_and_schemas_match_kuairand(six_days):
     out, paths, logs = six_days
     dates = [START + datetime.timedelta(days=i) for i in range(6)]
     assert paths == [os.path.join(out, LOGS_DIR, d.isoformat(), "log.csv") for d in dates]
-    assert _all_files(out) == sorted([USER_TABLE_FILE, VIDEO_TABLE_FILE] + [os.path.relpath(p, out) for p in paths])
+    truth = [os.path.join(os.path.dirname(os.path.relpath(p, out)), synthetic_logs.TRUTH_FILE) for p in paths]
+    assert _all_files(out) == sorted([USER_TABLE_FILE, VIDEO_TABLE_FILE] + [os.path.relpath(p, out) for p in paths]
+                                     + truth)
     for path in paths:
         assert _header(path) == list(specs.LOG_COLUMNS)
     assert _header(os.path.join(out, USER_TABLE_FILE)) == list(specs.USER_TABLE_COLUMNS)
@@ -94,6 +97,103 @@ def test_layout_and_schemas_match_kuairand(six_days):
             assert set(table[name].astype(str)) <= set(declared[name]), name
             checked += 1
     assert checked >= 6
+
+
+def _truth(out, date):
+    return synthetic_logs.read_truth(os.path.join(out, LOGS_DIR, date.isoformat()))
+
+
+def test_truth_aligns_with_the_log_and_its_labels_are_drawn_from_it(six_days):
+    out, paths, logs = six_days
+    truth = pd.concat([_truth(out, START + datetime.timedelta(days=i)) for i in range(6)], ignore_index=True)
+    assert list(truth.columns) == list(synthetic_logs.TRUTH_KEY) + list(synthetic_logs.TRUTH_LABELS)
+    assert len(truth) == len(logs)
+    for key in synthetic_logs.TRUTH_KEY[1:]:
+        np.testing.assert_array_equal(truth[key].to_numpy(), logs[key].to_numpy())
+    np.testing.assert_array_equal(truth[synthetic_logs.LOG_ROW], np.tile(np.arange(1, 30_001), 6))
+    for label in synthetic_logs.TRUTH_LABELS:
+        p, y = truth[label].to_numpy(np.float64), logs[label].to_numpy()
+        assert ((p >= 0) & (p <= 1)).all(), label
+        # The labels' count is the probabilities' sum up to sampling noise (4 standard deviations) ...
+        assert abs(y.sum() - p.sum()) < 4 * np.sqrt(np.sum(p * (1 - p))) + 1, label
+    # ... and so is every fifth of the impressions ordered by probability (calibration, not just the mean).
+    for label in (LONG_VIEW, CLICK, LIKE):
+        p, y = truth[label].to_numpy(np.float64), logs[label].to_numpy()
+        for part in np.array_split(np.argsort(p, kind="stable"), 5):
+            assert abs(y[part].sum() - p[part].sum()) < 4 * np.sqrt(np.sum(p[part] * (1 - p[part]))) + 1, label
+    # The truth ranks far better than chance within users: it is the signal the labels come from.
+    assert _auc(logs[LONG_VIEW], truth[LONG_VIEW]) > 0.75
+
+
+def test_the_product_reads_only_the_log_beside_the_truth(six_days):
+    out, paths, _ = six_days
+    assert os.path.isfile(os.path.join(os.path.dirname(paths[0]), synthetic_logs.TRUTH_FILE))
+    for day, path in enumerate(paths):
+        assert impression_logs.day_files(out, START + datetime.timedelta(days=day)) == [path]
+    assert impression_logs.available_dates(out) == [START + datetime.timedelta(days=i) for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory):
+    """Three days of every preset from the same seed: the same impressions, different responses.
+    On the last day the files tell new users exactly (day-1 arrivals are no longer new)."""
+    root = tmp_path_factory.mktemp("presets")
+    last = START + datetime.timedelta(days=2)
+    runs = {}
+    for preset in synthetic_logs.PRESETS:
+        out = str(root / preset)
+        synthetic_logs.generate(out, START, 3, seed=3, impressions_per_day=30_000, preset=preset)
+        logs = _read_logs(out)
+        on_last = (logs[DATE] == int(last.strftime("%Y%m%d"))).to_numpy()
+        truth = _truth(out, last)
+        truth["new"] = _flag_new_impressions(logs)[on_last].to_numpy()
+        truth["log_duration"] = np.log(logs[DURATION][on_last].to_numpy())
+        runs[preset] = (logs, truth)
+    return runs
+
+
+def _duration_slope(truth, new):
+    """How the long-view probability's logit falls with log duration, for new or regular impressions."""
+    rows = truth[truth["new"] == new]
+    p = np.clip(rows[LONG_VIEW].to_numpy(np.float64), 1e-6, 1 - 1e-6)
+    return float(np.polyfit(rows["log_duration"], np.log(p) - np.log1p(-p), 1)[0])
+
+
+def test_presets_change_only_responses_and_differ_as_documented(presets):
+    default_logs, default_truth = presets["default"]
+    for preset, (logs, truth) in presets.items():
+        # Same seed: the same users, videos and times in every preset; only the responses differ.
+        for key in (USER, VIDEO, TIME):
+            np.testing.assert_array_equal(logs[key].to_numpy(), default_logs[key].to_numpy())
+        assert 0.02 < truth["new"].mean() < 0.1  # new users are a small share
+    new = default_truth["new"].to_numpy()
+    none_truth, submergence_truth = presets["none"][1], presets["submergence"][1]
+    slopes = {preset: (_duration_slope(truth, True), _duration_slope(truth, False))
+              for preset, (_, truth) in presets.items()}
+    print(slopes)
+    # none: regular users respond as in the default world, new users as regular users do.
+    for label in synthetic_logs.TRUTH_LABELS:
+        np.testing.assert_array_equal(none_truth[label][~new], default_truth[label][~new])
+        assert (none_truth[label][new] != default_truth[label][new]).mean() > 0.9
+    assert abs(slopes["none"][0] - slopes["none"][1]) < 0.15
+    assert abs(none_truth[LONG_VIEW][new].mean() - none_truth[LONG_VIEW][~new].mean()) < 0.03
+    # default and submergence: new users turn from long videos much more steeply than regular users.
+    for preset in ("default", "submergence"):
+        assert slopes[preset][0] < slopes[preset][1] - 0.5, preset
+    # default: new users like more (the POSO paper's Fig. 1a); none: as much as regular users.
+    assert default_truth[LIKE][new].mean() > 1.5 * default_truth[LIKE][~new].mean()
+    assert none_truth[LIKE][new].mean() < 1.2 * none_truth[LIKE][~new].mean()
+
+
+def test_default_preset_is_unchanged(tmp_path):
+    """The default preset writes the very logs it wrote before presets and truth files existed:
+    sha256 of day 1 of seed 5 at 20,000 rows, generated at f31c43a."""
+    import hashlib
+
+    path = synthetic_logs.generate(str(tmp_path), START, 1, seed=5, impressions_per_day=20_000)[0]
+    with open(path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == \
+            "560fd64faef83ed99185f6202ffdc2d5a05f6f037fcca3517ae0862297d3d67d"
 
 
 def test_times_lie_within_their_day(six_days):
@@ -213,8 +313,9 @@ def test_parquet_holds_the_same_rows_as_csv(tmp_path):
     pd.testing.assert_frame_equal(parquet, _read_logs(as_csv))
     # Regenerating in the other format leaves exactly one log file per date.
     synthetic_logs.generate(as_parquet, START, 2, seed=1, impressions_per_day=2000)
-    assert sorted(f for f in _all_files(as_parquet) if f.startswith(LOGS_DIR)) == [
-        os.path.join(LOGS_DIR, (START + datetime.timedelta(days=i)).isoformat(), "log.csv") for i in range(2)]
+    assert sorted(f for f in _all_files(as_parquet) if f.startswith(LOGS_DIR)) == sorted(
+        os.path.join(LOGS_DIR, (START + datetime.timedelta(days=i)).isoformat(), name)
+        for i in range(2) for name in ("log.csv", synthetic_logs.TRUTH_FILE))
 
 
 def test_a_failed_day_leaves_no_partial_log_file(tmp_path, monkeypatch):

@@ -1,0 +1,246 @@
+"""Headroom on synthetic logs with a known ceiling: how much of the attainable GAUC a model gains.
+
+    bin/poso bench headroom [--presets submergence,none,default] [--seeds 0,1,2] [--models baseline,poso_all]
+
+For each generator preset (components.synthetic_logs.PRESETS) the data take the paper
+benchmark's path (benchmarks.paper_data: generate -> AvcExampleGen -> tf.Transform, sizes and
+training budget from benchmarks.paper.Budget). The evaluation day's examples are joined to the
+generator's truth file (every label's true probability per impression), and per task and user
+group (GAUC = models.metrics.grouped_auc, per user):
+
+    ceiling  = GAUC of the ranking by the true probabilities
+    headroom = ceiling - GAUC(baseline)                         (per seed)
+    closed   = (GAUC(model) - GAUC(baseline)) / headroom        (paired by seed)
+
+The ceiling is what any model could reach on these impressions (up to the labels' sampling
+noise, which can put a model a little above it); the headroom is what the plain baseline
+leaves. benchmarks/README.md ("Headroom") has each preset's measured figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from feature_specs import specs
+from pipeline import argtypes
+
+__all__ = ["truth_for_examples", "ceiling_rows", "HeadroomRunner", "summarize", "format_table", "add_arguments",
+           "run", "main"]
+
+DEFAULT_PRESETS = ("submergence", "none", "default")
+DEFAULT_MODELS = ("baseline",)
+GROUPS = ("new", "regular", "all")
+
+
+def _example_keys(files: Sequence[str]) -> pd.DataFrame:
+    """user_id, video_id and avc of every example in `files`, in file order."""
+    import tensorflow as tf
+
+    spec = {name: tf.io.FixedLenFeature([], tf.int64) for name in (specs.USER_ID, specs.VIDEO_ID, specs.AVC)}
+    parts: Dict[str, List[np.ndarray]] = {name: [] for name in spec}
+    for batch in tf.data.TFRecordDataset(list(files), compression_type="GZIP").batch(4096):
+        parsed = tf.io.parse_example(batch, spec)
+        for name in spec:
+            parts[name].append(parsed[name].numpy())
+    return pd.DataFrame({name: np.concatenate(values) for name, values in parts.items()})
+
+
+def truth_for_examples(example_files: Sequence[str], day_folder: str) -> Dict[str, np.ndarray]:
+    """Each TRUTH_LABELS column's probability for every example of `example_files` (one day, in
+    file order), from the generator's truth file in `day_folder`.
+
+    An example is its user's k-th impression of the day in AVC order; the pipeline orders a
+    user's impressions by (time_ms, file, row), so it is the user's k-th truth row in
+    (time_ms, log_row) order. Raises if any joined example's video differs.
+    """
+    from components import synthetic_logs
+
+    examples = _example_keys(example_files)
+    truth = synthetic_logs.read_truth(day_folder)
+    truth = truth.sort_values([specs.USER_ID, specs.TIME_MS, synthetic_logs.LOG_ROW], kind="stable")
+    truth["rank"] = truth.groupby(specs.USER_ID).cumcount()
+    examples["position"] = np.arange(len(examples))
+    examples = examples.sort_values([specs.USER_ID, specs.AVC], kind="stable")
+    examples["rank"] = examples.groupby(specs.USER_ID).cumcount()
+    joined = examples.merge(truth, on=[specs.USER_ID, "rank"], how="left", suffixes=("", "_truth"),
+                            validate="one_to_one")
+    mismatched = joined[specs.VIDEO_ID + "_truth"].to_numpy() != joined[specs.VIDEO_ID].to_numpy()
+    if len(truth) != len(examples) or mismatched.any():
+        raise ValueError(f"{day_folder}: the truth file ({len(truth)} rows) does not match the day's "
+                         f"{len(examples)} examples ({int(mismatched.sum())} differ in video)")
+    joined = joined.sort_values("position")
+    return {name: joined[name].to_numpy(np.float64) for name in synthetic_logs.TRUTH_LABELS}
+
+
+def _group_mask(split, group: str) -> np.ndarray:
+    return np.ones(len(split), bool) if group == "all" else split.user_groups == group
+
+
+def ceiling_rows(split, truth: Mapping[str, np.ndarray]) -> List[Dict[str, Any]]:
+    """GAUC of the true probabilities per task and user group."""
+    from models import metrics
+
+    rows = []
+    for task in specs.TASKS:
+        labels = split.features[task.label]
+        for group in GROUPS:
+            mask = _group_mask(split, group)
+            rows.append(dict(task=task.name, group=group, examples=int(mask.sum()),
+                             ceiling=metrics.grouped_auc(labels[mask], truth[task.label][mask],
+                                                         split.user_ids[mask])))
+    return rows
+
+
+class HeadroomRunner:
+    """One preset's data (prepared once, cached under work_dir) and its ceiling; trains models."""
+
+    def __init__(self, preset: str, work_dir: str, budget, log=print):
+        from benchmarks import paper_data
+
+        self.preset, self.budget, self.log = preset, budget, log
+        settings = paper_data.SyntheticSettings(**{field.name: getattr(budget, field.name)
+                                                   for field in dataclasses.fields(paper_data.SyntheticSettings)})
+        started = time.time()
+        self.data = paper_data.prepare(work_dir, settings, log=log, preset=preset)
+        self.train = paper_data.load_split(self.data.train_files, self.data.transform_dir)
+        self.eval = paper_data.load_split(self.data.eval_files, self.data.transform_dir)
+        truth = truth_for_examples(self.data.eval_files, os.path.join(self.data.logs_dir, "logs", self.data.eval_date))
+        self.ceiling = ceiling_rows(self.eval, truth)
+        self.description = dict(preset=preset, eval=paper_data.describe(self.eval), eval_date=self.data.eval_date,
+                                data_seconds=round(time.time() - started, 1))
+
+    def model_rows(self, model, seed: int) -> List[Dict[str, Any]]:
+        """GAUC per task and group of `model` (a models.model.VARIANTS name or a
+        benchmarks.paper.ModelSpec) trained with `seed` by benchmarks.paper.train_model."""
+        from benchmarks import paper
+
+        started = time.time()
+        spec = paper.ModelSpec(model, model) if isinstance(model, str) else model
+        predictions = paper.predict(paper.train_model(spec, self.train, seed, self.budget), self.eval.features)
+        rows = [dict(model=spec.name, seed=seed, task=r["task"], group=r["group"], gauc=r["gauc"])
+                for r in paper.gauc_rows(predictions, self.eval)]
+        self.log(f"  {self.preset} {spec.name} seed {seed}: {time.time() - started:.0f} s")
+        return rows
+
+
+def summarize(ceiling: pd.DataFrame, models: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
+    """Per preset, task and group: the ceiling, the baseline's headroom (pp, mean and std over
+    seeds) and every other model's gain (pp) and headroom closed (mean and std over seeds)."""
+    base = models[models["model"] == baseline].rename(columns={"gauc": "baseline"}).drop(columns="model")
+    frame = base.merge(ceiling, on=["preset", "task", "group"])
+    frame["headroom_pp"] = 100 * (frame["ceiling"] - frame["baseline"])
+    keys = ["preset", "task", "group"]
+    out = frame.groupby(keys, sort=False).agg(
+        ceiling=("ceiling", "first"), baseline=("baseline", "mean"), headroom_pp=("headroom_pp", "mean"),
+        headroom_pp_std=("headroom_pp", "std"), seeds=("seed", "nunique")).reset_index()
+    for model in models["model"].unique():
+        if model == baseline:
+            continue
+        paired = models[models["model"] == model].merge(frame, on=keys + ["seed"])
+        paired["gain_pp"] = 100 * (paired["gauc"] - paired["baseline"])
+        paired["closed"] = paired["gain_pp"] / paired["headroom_pp"]
+        stats = paired.groupby(keys, sort=False).agg(**{f"{model}_gain_pp": ("gain_pp", "mean"),
+                                                        f"{model}_closed": ("closed", "mean"),
+                                                        f"{model}_closed_std": ("closed", "std")}).reset_index()
+        out = out.merge(stats, on=keys, how="left")
+    return out
+
+
+def format_table(summary: pd.DataFrame) -> str:
+    """The summary as a Markdown table (GAUC in %, differences in pp, headroom closed in %)."""
+    models = [c[:-len("_gain_pp")] for c in summary.columns if c.endswith("_gain_pp")]
+    header = ["preset", "task", "group", "ceiling", "baseline", "headroom pp (mean ± std)"]
+    header += [f"{m}: gain pp, headroom closed" for m in models]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in summary.to_dict("records"):
+        cells = [row["preset"], row["task"], row["group"], f"{100 * row['ceiling']:.2f}",
+                 f"{100 * row['baseline']:.2f}", f"{row['headroom_pp']:+.2f} ± {row['headroom_pp_std']:.2f} "
+                                                 f"({row['seeds']} seeds)"]
+        cells += [f"{row[f'{m}_gain_pp']:+.2f}, {100 * row[f'{m}_closed']:+.1f}% ± {100 * row[f'{m}_closed_std']:.1f}"
+                  for m in models]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _names(text: str) -> List[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return names
+
+
+def _presets(text: str) -> List[str]:
+    from components import synthetic_logs
+
+    unknown = sorted(set(_names(text)) - set(synthetic_logs.PRESETS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown preset(s) {unknown}; known: {list(synthetic_logs.PRESETS)}")
+    return _names(text)
+
+
+def _models(text: str) -> List[str]:
+    from models import model as model_lib
+
+    unknown = sorted(set(_names(text)) - set(model_lib.VARIANTS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown}; known: {sorted(model_lib.VARIANTS)}")
+    return _names(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--presets", type=_presets, default=list(DEFAULT_PRESETS), metavar="A,B,...",
+                        help="generator presets (components.synthetic_logs.PRESETS)")
+    parser.add_argument("--seeds", type=lambda text: [int(s) for s in _names(text)], default=[0, 1, 2],
+                        metavar="0,1,...", help="model seeds (initial weights and data order)")
+    parser.add_argument("--models", type=_models, default=list(DEFAULT_MODELS), metavar="A,B,...",
+                        help="models.model.VARIANTS to train; the first is the baseline the headroom is measured from")
+    parser.add_argument("--data-seed", type=int, default=None,
+                        help="generator seed (default: benchmarks.paper.Budget's)")
+    parser.add_argument("--work-dir", default=os.path.join("poso_home", "headroom"),
+                        help="cache of the prepared data per preset")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows and summary here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmarks import paper
+
+    budget = paper.Budget() if args.data_seed is None else dataclasses.replace(paper.Budget(), data_seed=args.data_seed)
+    started = time.time()
+    ceilings, models, descriptions = [], [], []
+    for preset in args.presets:
+        runner = HeadroomRunner(preset, args.work_dir, budget, log=lambda m: print(m, flush=True))
+        descriptions.append(runner.description)
+        ceilings += [dict(preset=preset, **row) for row in runner.ceiling]
+        for model in args.models:
+            for seed in args.seeds:
+                models += [dict(preset=preset, **row) for row in runner.model_rows(model, seed)]
+        summary = summarize(pd.DataFrame(ceilings), pd.DataFrame(models), baseline=args.models[0])
+        print(format_table(summary[summary["preset"] == preset]), flush=True)
+    print(f"\nHeadroom (budget {dataclasses.asdict(budget)}; {time.time() - started:.0f} s)\n")
+    print(format_table(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(budget=dataclasses.asdict(budget), data=descriptions, ceiling=ceilings, models=models,
+                           summary=summary.to_dict("records"), wall_seconds=round(time.time() - started, 1)),
+                      f, indent=1)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="poso bench headroom", description=__doc__.split("\n")[0],
+                                     formatter_class=argtypes.HelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""benchmarks.headroom: the truth joins the pipeline's examples; the ceiling and headroom arithmetic."""
+
+import datetime
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks import headroom, paper_data
+from components import synthetic_logs
+from components.impression_logs import LOGS_DIR
+from feature_specs import specs
+
+START = datetime.date(2022, 4, 8)
+
+
+def test_summary_states_headroom_and_the_share_closed_paired_by_seed():
+    ceiling = pd.DataFrame([dict(preset="p", task="long_view", group="new", ceiling=0.70)])
+    models = pd.DataFrame([dict(preset="p", task="long_view", group="new", model=model, seed=seed, gauc=gauc)
+                           for model, seed, gauc in (("baseline", 0, 0.66), ("baseline", 1, 0.68),
+                                                     ("poso_all", 0, 0.67), ("poso_all", 1, 0.69))])
+    row = headroom.summarize(ceiling, models).iloc[0]
+    assert row["headroom_pp"] == pytest.approx(3.0) and row["seeds"] == 2
+    assert row["headroom_pp_std"] == pytest.approx(np.std([4.0, 2.0], ddof=1))
+    assert row["poso_all_gain_pp"] == pytest.approx(1.0)
+    assert row["poso_all_closed"] == pytest.approx((1 / 4 + 1 / 2) / 2)  # per seed, then the mean
+    assert "| p | long_view | new | 70.00 | 67.00 | +3.00 ± 1.41 (2 seeds) | +1.00, +37.5% ± 17.7 |" in \
+        headroom.format_table(headroom.summarize(ceiling, models))
+
+
+@pytest.mark.slow
+def test_truth_joins_the_pipeline_examples_and_ranks_at_the_ceiling(tmp_path):
+    logs = str(tmp_path / "logs")
+    synthetic_logs.generate(logs, START, 2, seed=2, impressions_per_day=3000, preset="submergence")
+    previous = None
+    for day in range(2):
+        previous = paper_data._run_avc_day(logs, str(tmp_path / "examples"), START + datetime.timedelta(days=day),
+                                           previous)["user_state"][0]
+    date = START + datetime.timedelta(days=1)
+    files = paper_data._example_files(str(tmp_path / "examples"), date)
+    truth = headroom.truth_for_examples(files, os.path.join(logs, LOGS_DIR, date.isoformat()))
+    # The examples' own labels are drawn from the joined probabilities.
+    import tensorflow as tf
+
+    spec = {name: tf.io.FixedLenFeature([], tf.int64) for name in (specs.USER_ID, "long_view", "is_click")}
+    parsed = tf.io.parse_example(list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator()),
+                                 spec)
+    for label in ("long_view", "is_click"):
+        p, y = truth[label], parsed[label].numpy()
+        assert abs(y.sum() - p.sum()) < 4 * np.sqrt(np.sum(p * (1 - p))) + 1
+    from models import metrics
+
+    users = parsed[specs.USER_ID].numpy()
+    labels = parsed["long_view"].numpy()
+    shuffled = np.random.default_rng(0).permutation(truth["long_view"])
+    assert metrics.grouped_auc(labels, truth["long_view"], users) > metrics.grouped_auc(labels, shuffled, users) + 0.1
+    # A truth file of another day does not join.
+    with pytest.raises(ValueError, match="does not match"):
+        headroom.truth_for_examples(files, os.path.join(logs, LOGS_DIR, START.isoformat()))
