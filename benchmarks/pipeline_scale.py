@@ -209,13 +209,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--windows", default="100000,1000000",
                         help="impressions per 7-day window, comma-separated (default: %(default)s)")
-    parser.add_argument("--train-steps", type=int, default=config_lib.RunConfig.train_steps)
+    parser.add_argument("--train-steps", type=int, default=config_lib.RunConfig.train_steps,
+                        help="Trainer steps per run")
     parser.add_argument("--beam-mode", default=config_lib.RunConfig.beam_direct_running_mode,
-                        choices=["multi_processing", "multi_threading", "in_memory"])
+                        choices=["multi_processing", "multi_threading", "in_memory"], help="DirectRunner running mode")
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
     parser.add_argument("--keep", action="store_true",
                         help="keep each window's data and pipeline home under --work (for profiling)")
-    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="show TFX, TensorFlow and Beam logs")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0,
                         help="ops run in parallel, in the servers and the in-process limit alike "
                              "(default 0, TensorFlow's choice)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the request examples")
     # The InProcessWorker's command line: the SavedModel and how many examples to make.
     parser.add_argument("--in-process-worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--in-process-examples", type=int, default=1, help=argparse.SUPPRESS)
@@ -587,7 +587,7 @@ def _worker_main(args: argparse.Namespace) -> int:
 class ServerProcess(_ChildProcess):
     """`python -m serving.server` on a models.config, with ports picked by the server."""
 
-    _ADDRESS = re.compile(r"Serving (gRPC|REST) on (\S+)")
+    _ADDRESS = re.compile(r"(?:Running (gRPC) ModelServer|Exporting HTTP/(REST) API) at (\S+)")
 
     def __init__(self, models_config: str, flags: Sequence[str] = (),
                  start_timeout_s: float = 180.0, cpus: Optional[FrozenSet[int]] = None):
@@ -603,7 +603,7 @@ class ServerProcess(_ChildProcess):
         def on_line(line: str) -> None:
             match = self._ADDRESS.search(line)
             if match:
-                addresses[match.group(1)] = match.group(2)
+                addresses[match.group(1) or match.group(2)] = match.group(3)
                 if len(addresses) == 2:
                     found.set()
 

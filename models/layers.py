@@ -22,8 +22,9 @@ Layers here:
   the non-sequential features over a behaviour sequence, with gated keys and a
   gated mixture of value projections.
 * `MMoE` / `PosoMMoE` (Eq. 17):    y_t = sum_i softmax(W_t x)_i * g_i(pc) * E_i(x).
-* `FeatureGatedMoE`: a mixture of MLP experts gated on all features, the
-  "all features" baseline of the paper's Table 6 and a drop-in for `MLP`.
+* `FeatureGatedMoE`: a mixture of MLP experts gated on all features, a
+  drop-in for `MLP` (not the paper's Table 6 "All features" row, which is POSO
+  with all features as the code: `models.model`'s pc_source "all_features").
 
 Every layer takes `pc` as a keyword argument, so plain and POSO variants are
 interchangeable (plain layers ignore `pc`), and every layer has
@@ -729,10 +730,11 @@ class PosoMMoE(_PersonalizedGatesMixin, MMoE):
 class FeatureGatedMoE(_UngatedMixin, tf.keras.layers.Layer):
     """Mixture of MLP experts gated on all features: y = sum_i softmax(W_g x)_i E_i(x).
 
-    The "all features" gating baseline of the POSO paper (Table 6): like POSO
-    it mixes several sub-networks, but the gate reads the whole input instead
-    of the personalization code. A drop-in replacement for `MLP`; it is a
-    single-task `MMoE` whose experts have the MLP's widths.
+    Like POSO it mixes several sub-networks, but with a softmax over full MLP
+    experts gated on the whole input instead of personalized gates on a code
+    (so it is not the paper's Table 6 "All features" row, which keeps POSO's
+    gates and feeds them all features). A drop-in replacement for `MLP`; it is
+    a single-task `MMoE` whose experts have the MLP's widths.
 
     Args:
       units: Layer widths of each expert MLP.

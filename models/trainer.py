@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import tensorflow as tf
@@ -85,6 +86,33 @@ def make_dataset(file_patterns: Sequence[str] | str, tft_output: tft.TFTransform
         lambda serialized: transform_layer(tf.io.parse_example(serialized, raw_spec)),
         num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+# Records of this logger are progress lines: pipeline/local_runner.py prints them during a run.
+PROGRESS_LOGGER = "poso.progress"
+
+
+class StepProgress(tf.keras.callbacks.Callback):
+    """Logs "Trainer: step k of n, loss x" about `updates` times over training (every 100 steps
+    when the total is unknown) to PROGRESS_LOGGER."""
+
+    def __init__(self, total_steps: Optional[int], updates: int = 10):
+        super().__init__()
+        self.total_steps = total_steps
+        self.every = max(1, total_steps // updates) if total_steps else 100
+        self.step, self.started = 0, time.time()
+
+    def on_train_begin(self, logs=None) -> None:
+        self.step, self.started = 0, time.time()
+
+    def on_train_batch_end(self, batch: int, logs: Optional[Mapping[str, float]] = None) -> None:
+        self.step += 1
+        if self.step % self.every and self.step != self.total_steps:
+            return
+        loss = (logs or {}).get("loss")
+        logging.getLogger(PROGRESS_LOGGER).info(
+            "Trainer: step %d%s%s (%.0f s)", self.step, f" of {self.total_steps}" if self.total_steps else "",
+            f", loss {float(loss):.4f}" if loss is not None else "", time.time() - self.started)
 
 
 class EpochSummaries(tf.keras.callbacks.Callback):
@@ -183,7 +211,8 @@ def train_and_export(train_files: Sequence[str] | str, eval_files: Sequence[str]
         model(batch)  # build the variables so they can be warm started
     warm_started = warm_start(model, base_model)
 
-    callbacks = [EpochSummaries(log_dir)] if log_dir else []
+    callbacks = [StepProgress(math.ceil(train_steps / epochs) * epochs if repeat else None)]
+    callbacks += [EpochSummaries(log_dir)] if log_dir else []
     history = model.fit(
         train_data, epochs=epochs,
         steps_per_epoch=math.ceil(train_steps / epochs) if repeat else None,

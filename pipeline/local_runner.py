@@ -24,21 +24,37 @@ from tfx import v1 as tfx
 from components import impression_logs
 from components.avc_example_gen import span_of
 from feature_specs import schema as schema_lib
+from models.trainer import PROGRESS_LOGGER
 from pipeline import config as config_lib
 from pipeline import pipeline as pipeline_lib
 
 
 class _ProgressHandler(logging.Handler):
-    """Prints TFX's per-component 'is running' / 'is finished' log lines as progress lines."""
+    """Prints TFX's per-component 'is running' / 'is finished' log lines as progress lines, marks
+    the steps TFX took from its cache, and passes on the Trainer's progress (models/trainer.py)."""
 
     def __init__(self, label: str):
         super().__init__(level=logging.INFO)
         self._label, self._start = label, time.time()
+        self._cached = False
+        self.steps = self.cached_steps = 0
+
+    def _print(self, message: str) -> None:
+        print(f"  [{self._label} +{time.time() - self._start:4.0f}s] {message}", flush=True)
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if message.startswith("Component ") and message.endswith((" is running.", " is finished.")):
-            print(f"  [{self._label} +{time.time() - self._start:4.0f}s] {message}", flush=True)
+        if record.name == PROGRESS_LOGGER:
+            self._print(message)
+        elif message.startswith("A cached execution ") and message.endswith(" is used."):
+            self._cached = True
+        elif message.startswith("Component ") and message.endswith(" is running."):
+            self._cached = False
+            self._print(message)
+        elif message.startswith("Component ") and message.endswith(" is finished."):
+            self.steps += 1
+            self.cached_steps += self._cached
+            self._print(message[:-1] + (" (cached)." if self._cached else "."))
 
 
 def ingested_spans(cfg: config_lib.RunConfig) -> set:
@@ -149,6 +165,8 @@ def _run(cfg: config_lib.RunConfig, label: str) -> None:
         raised = error
     finally:
         logging.getLogger().removeHandler(progress)
+        if progress.steps:
+            print(f"  [{label}] {progress.steps} steps, {progress.cached_steps} from the cache", flush=True)
     with metadata.Metadata(pipeline_lib.metadata_connection(cfg)) as m:
         failure = _first_failure(m.store, known_runs)
     if failure is None:
@@ -172,8 +190,10 @@ def run_day(cfg: config_lib.RunConfig) -> Dict[str, object]:
 
     schema_lib.write_schema(cfg.schema_path)
     started = time.time()
-    for day in days_to_ingest(cfg):
-        print(f"Ingesting {day.isoformat()} (AVC state carried from the day before)", flush=True)
+    ingest = days_to_ingest(cfg)
+    for k, day in enumerate(ingest, 1):
+        print(f"Ingesting {day.isoformat()}, day {k} of {len(ingest)} to ingest (AVC state carried from the "
+              f"day before)", flush=True)
         _run(dataclasses.replace(cfg, date=day, ingest_only=True), f"ingest {day.isoformat()}")
     print(f"Daily run for {cfg.date.isoformat()}: train on {cfg.train_dates[0].isoformat()}.."
           f"{cfg.train_dates[-1].isoformat()}, evaluate on {cfg.date.isoformat()}", flush=True)
@@ -186,10 +206,11 @@ def run_day(cfg: config_lib.RunConfig) -> Dict[str, object]:
 def backfill(cfg: config_lib.RunConfig, first: datetime.date, last: datetime.date) -> List[Dict[str, object]]:
     """Daily runs for first..last in order; cached steps are not recomputed."""
     results = []
-    day = first
-    while day <= last:
+    days = (last - first).days + 1
+    for k in range(days):
+        day = first + datetime.timedelta(days=k)
+        print(f"Backfill: day {k + 1} of {days}, {day.isoformat()}", flush=True)
         results.append(run_day(dataclasses.replace(cfg, date=day)))
-        day += datetime.timedelta(days=1)
     return results
 
 

@@ -64,6 +64,16 @@ def add_versions_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
 
 
+def printed_as_json_or_empty(rows: List[dict], as_json: bool, empty_message: str) -> bool:
+    """Prints `rows` as JSON (with --json) or `empty_message` when there are none; False when the
+    caller still has to print its table."""
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(empty_message)
+    return as_json or not rows
+
+
 def _pushed_at(version: int) -> str:
     """Pusher names versions by the push time in seconds since the epoch."""
     return datetime.datetime.fromtimestamp(version, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -74,11 +84,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     pinned = serving_config.read_pin(_paths(args.home).pin_path)
     rows = [{"version": v, "pushed_at": _pushed_at(v), "pushed_by_run": days.get(v), "serving": v in serving,
              "pinned": v == pinned} for v in versions]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print(f"No pushed version under {_paths(args.home).serving_model_dir} yet.")
+    if printed_as_json_or_empty(rows, args.json, f"No pushed version under {_paths(args.home).serving_model_dir} yet."):
         return 0
     print(f"{'VERSION':<12} {'PUSHED':<21} {'BLESSED BY RUN':<15} SERVING")
     for row in rows:

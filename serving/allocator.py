@@ -18,7 +18,8 @@ import ctypes
 import ctypes.util
 import logging
 
-__all__ = ["retain_freed_memory", "MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES"]
+__all__ = ["retain_freed_memory", "release_free_memory", "MMAP_THRESHOLD_BYTES",
+           "TRIM_THRESHOLD_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,25 @@ MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest accepted value on 64-bit host
 TRIM_THRESHOLD_BYTES = 256 << 20
 _M_TRIM_THRESHOLD = -1  # <malloc.h>
 _M_MMAP_THRESHOLD = -3
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_free_memory() -> bool:
+    """Gives the free memory of every malloc arena back to the kernel now (glibc's
+    malloc_trim(3)): after a request that decoded a body of many MB, whose Python objects
+    and arrays are freed but would otherwise stay with the process up to the trim threshold
+    per arena. Returns whether anything was released (False without glibc)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim(0) == 1
 
 
 def retain_freed_memory(mmap_threshold_bytes: int = MMAP_THRESHOLD_BYTES,

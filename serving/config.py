@@ -21,12 +21,17 @@ A model's versions are the integer-named sub-directories of its base path
 * latest (the default): the `num_versions` (default 1) highest versions;
 * all: every version;
 * specific: the listed versions that exist.
+
+Versions no longer aspired are unloaded as TensorFlow Serving's availability-preserving
+policy does (serving/manager.py): once an aspired version is available, or at once when no
+version is aspired (e.g. a specific policy naming only absent versions, or an empty base
+path).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, Mapping, Optional, Set
+from typing import Dict, Iterable, List, Mapping, Optional, Set
 
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
@@ -105,12 +110,13 @@ def validate_model_server_config(config: ModelServerConfig, source: str = "model
                     f"{where} ({model.name}): label {label!r} points at negative version {version}")
 
 
-def list_versions(base_path: str) -> Dict[int, str]:
+def list_versions(base_path: str, incomplete: Optional[List[str]] = None) -> Dict[int, str]:
     """{version: directory} of the integer-named sub-directories of `base_path`.
 
-    Directories without a saved_model.pb(txt) yet are skipped: a version that is still being
-    copied in becomes visible once its graph file exists (a half-written graph file is
-    refused at load time and retried when the file changes).
+    Directories without a saved_model.pb(txt) yet are skipped (and appended to `incomplete`
+    when given): a version that is still being copied in becomes visible once its graph file
+    exists (a half-written graph file is refused at load time and retried when the file
+    changes).
     """
     versions: Dict[int, str] = {}
     try:
@@ -122,6 +128,8 @@ def list_versions(base_path: str) -> Dict[int, str]:
             continue
         if any(os.path.exists(os.path.join(entry.path, name)) for name in SAVED_MODEL_FILENAMES):
             versions[int(entry.name)] = entry.path
+        elif incomplete is not None:
+            incomplete.append(entry.path)
     return versions
 
 

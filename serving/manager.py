@@ -8,11 +8,14 @@ which versions are aspired, and reconciles:
    a lock), so requests never see a half-ready version;
 2. a version that fails to load or warm up is refused: the reason is logged and kept in its
    status (state END with the error), and it is not retried until its files change;
-3. versions that are no longer aspired are unloaded, but only once an aspired version is
-   available (TensorFlow Serving's availability-preserving policy): a refused new version
-   leaves the previous one serving;
-4. version labels follow the config, but a label moves to a new version only once that
-   version is available (and before the version it left is unloaded).
+3. versions that are no longer aspired are unloaded as TensorFlow Serving's
+   availability-preserving policy does: once an aspired version is available, or at once
+   when no version is aspired at all (a `specific` policy naming only absent versions, an
+   empty base path); while aspired versions exist but none is available, the highest of the
+   others keeps serving, so a refused new version leaves the previous one serving;
+4. version labels are the config's, and as in TensorFlow Serving a config whose label names
+   a version that is not AVAILABLE is refused with FAILED_PRECONDITION (at start too), unless
+   `allow_version_labels_for_unavailable_models` lets a new label (not a moved one) name it.
 
 Requests that already hold an unloaded version finish on it; new ones resolve to what is
 published now. Version states are TensorFlow Serving's (START, LOADING, AVAILABLE,
@@ -34,6 +37,7 @@ from tensorflow_serving.apis import get_model_status_pb2, model_pb2
 from serving import config as config_lib
 from serving import errors, warmup
 from serving.batching import BatchingOptions
+from serving.metrics import ServerMetrics
 from serving.servable import SavedModelServable
 
 __all__ = ["ModelManager", "VersionState"]
@@ -57,11 +61,10 @@ class _Model:
     servables: Dict[int, SavedModelServable] = dataclasses.field(default_factory=dict)
     records: Dict[int, _VersionRecord] = dataclasses.field(default_factory=dict)
     refused: Dict[int, Fingerprint] = dataclasses.field(default_factory=dict)
-    # The labels requests resolve: the config's, except that a label moves to a new version
-    # only once that version is available.
-    labels: Dict[str, int] = dataclasses.field(default_factory=dict)
+    labels: Dict[str, int] = dataclasses.field(default_factory=dict)  # what requests resolve
     label_notes: Set[str] = dataclasses.field(default_factory=set)
     warned_empty: bool = False
+    warned_incomplete: Set[str] = dataclasses.field(default_factory=set)
 
 
 def _fingerprint(directory: str) -> Fingerprint:
@@ -99,12 +102,17 @@ class ModelManager:
       poll_interval_s: seconds between scans of the base paths (<= 0: scan only at start
         and on `poll_once`).
       config_file: a models.config to re-read every `config_poll_interval_s` (> 0).
+      allow_version_labels_for_unavailable_models: a new label may name a version that is
+        not available yet (tensorflow_model_server's flag of the same name).
+      metrics: where version loads and batch sizes are counted.
     """
 
     def __init__(self, config: config_lib.ModelServerConfig, *,
                  batching: Optional[BatchingOptions] = None, enable_warmup: bool = True,
                  warmup_iterations: int = 1, poll_interval_s: float = 1.0,
-                 config_file: Optional[str] = None, config_poll_interval_s: float = 0.0):
+                 config_file: Optional[str] = None, config_poll_interval_s: float = 0.0,
+                 allow_version_labels_for_unavailable_models: bool = False,
+                 metrics: Optional[ServerMetrics] = None):
         config_lib.validate_model_server_config(config)
         self._config = config_lib.ModelServerConfig()
         self._config.CopyFrom(config)
@@ -114,6 +122,8 @@ class ModelManager:
         self._poll_interval_s = poll_interval_s
         self._config_file = config_file
         self._config_poll_interval_s = config_poll_interval_s
+        self._allow_unavailable_labels = allow_version_labels_for_unavailable_models
+        self._metrics = metrics
         self._config_file_text: Optional[str] = None
         self._models: Dict[str, _Model] = {
             model.name: _Model(config=model) for model in self._config.model_config_list.config}
@@ -125,10 +135,16 @@ class ModelManager:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Loads the initial versions (blocking), then starts polling in the background."""
+        """Loads the initial versions (blocking), then starts polling in the background.
+        Raises ServingError (FAILED_PRECONDITION) for a label naming a version that is not
+        available, as tensorflow_model_server refuses to start."""
         if self._config_file:
             with open(self._config_file, encoding="utf-8") as config_file:
                 self._config_file_text = config_file.read()
+        for model in self._config.model_config_list.config:
+            logger.info("Adding model %s from base path %s (version policy: %s)", model.name,
+                        model.base_path, config_lib.policy_name(model))
+        self._check_labels(self._config)
         self.poll_once()
         if self._poll_interval_s > 0:
             self._start_thread("model-poller", self._poll_interval_s, self.poll_once)
@@ -167,14 +183,15 @@ class ModelManager:
             return copy
 
     def reload_config(self, config: config_lib.ModelServerConfig) -> None:
-        """Serves `config` from now on: new models load, removed ones unload, policies apply;
-        a label moves once its new version is available. Raises ValueError for an invalid
-        config."""
+        """Serves `config` from now on: new models load, removed ones unload, policies apply.
+        Raises ValueError for an invalid config and ServingError (FAILED_PRECONDITION) for a
+        label naming a version that is not available; either leaves the current config."""
         config_lib.validate_model_server_config(config)
         copy = config_lib.ModelServerConfig()
         copy.CopyFrom(config)
         config = copy
         with self._reconcile_lock:
+            self._check_labels(config)
             wanted = {model.name: model for model in config.model_config_list.config}
             for name in [name for name in self._models if name not in wanted]:
                 model = self._models[name]
@@ -197,15 +214,31 @@ class ModelManager:
             text = config_file.read()
         if text == self._config_file_text:
             return
+        self._config_file_text = text  # an error is reported once, not at every poll
+        logger.info("Config file %s changed; reloading", self._config_file)
         try:
-            config = config_lib.parse_model_server_config(text, source=self._config_file)
+            self.reload_config(config_lib.parse_model_server_config(text,
+                                                                    source=self._config_file))
         except ValueError as error:
             logger.error("Keeping the current config: %s", error)
-            self._config_file_text = text  # do not repeat the error until the file changes
-            return
-        logger.info("Config file %s changed; reloading", self._config_file)
-        self.reload_config(config)
-        self._config_file_text = text
+        except errors.ServingError as error:
+            logger.error("Keeping the current config: %s: %s", error.code.name, error.message)
+
+    def _check_labels(self, config: config_lib.ModelServerConfig) -> None:
+        """FAILED_PRECONDITION unless every label of `config` names an AVAILABLE version
+        (TF Serving's ServerCore::UpdateModelVersionLabelMap, with its flag)."""
+        for model_config in config.model_config_list.config:
+            model = self._models.get(model_config.name)
+            available = model.servables if model is not None else {}
+            current = model.labels if model is not None else {}
+            for label, version in sorted(model_config.version_labels.items()):
+                if version in available:
+                    continue
+                if self._allow_unavailable_labels and current.get(label, version) == version:
+                    continue
+                raise errors.failed_precondition(
+                    f"Request to assign label to version {version} of model "
+                    f"{model_config.name}, which is not currently available for inference")
 
     # -- reconciling -----------------------------------------------------------------------
 
@@ -219,35 +252,50 @@ class ModelManager:
 
     def _reconcile(self, name: str, model: _Model) -> None:
         model_config = model.config
-        on_disk = config_lib.list_versions(model_config.base_path)
+        if not os.path.isdir(model_config.base_path):
+            if not model.warned_empty:  # keep what is loaded: the path may come back
+                logger.error("Could not find base path %s for servable %s",
+                             model_config.base_path, name)
+                model.warned_empty = True
+            return
+        incomplete: List[str] = []
+        on_disk = config_lib.list_versions(model_config.base_path, incomplete)
+        for path in sorted(set(incomplete) - model.warned_incomplete):
+            logger.warning("Version directory %s of servable %s has no saved_model.pb or "
+                           "saved_model.pbtxt; it is not loaded until one appears", path, name)
+        model.warned_incomplete = set(incomplete)
         if not on_disk:
             if not model.warned_empty:
-                logger.warning("No versions of model %s found under base path %s",
+                logger.warning("No versions of servable %s found under base path %s. Did you "
+                               "forget to name your leaf directory as a number (eg. '/1/')?",
                                name, model_config.base_path)
                 model.warned_empty = True
-            self._update_labels(name, model)
-            return
-        model.warned_empty = False
+        else:
+            model.warned_empty = False
         aspired = config_lib.aspired_versions(on_disk, model_config)
         for version in sorted(aspired - set(model.servables), reverse=True):
             path = on_disk[version]
             if version in model.refused and model.refused[version] == _fingerprint(path):
                 continue
             self._load(name, model, version, path)
-        # Labels move before old versions go, so a labelled request always finds its version.
         self._update_labels(name, model)
-        if any(version in model.servables for version in aspired):
-            for version in sorted(set(model.servables) - aspired):
-                self._unload(name, model, version)
+        unaspired = sorted(set(model.servables) - aspired)
+        if aspired and not any(version in model.servables for version in aspired):
+            unaspired = unaspired[:-1]  # the highest keeps serving until an aspired one does
+        for version in unaspired:
+            self._unload(name, model, version)
 
     def _load(self, name: str, model: _Model, version: int, path: str) -> None:
         fingerprint = _fingerprint(path)
         with self._lock:
             model.records[version] = _VersionRecord(VersionState.LOADING)
-        logger.info("Loading model %s version %d from %s", name, version, path)
+        logger.info("Loading servable version {name: %s version: %d} from %s", name, version,
+                    path)
         servable = None
         try:
-            servable = SavedModelServable.load(name, version, path, batching=self._batching)
+            servable = SavedModelServable.load(
+                name, version, path, batching=self._batching,
+                on_batch=self._metrics.record_batch if self._metrics is not None else None)
             if self._enable_warmup:
                 servable.warmup_requests_replayed = warmup.replay_warmup_requests(
                     servable, self._warmup_iterations)
@@ -256,7 +304,10 @@ class ModelManager:
                 servable.close()
             code, reason = _load_error(error)
             message = f"Failed to load version {version} of model {name} from {path}: {reason}"
-            logger.error("Refused model %s version %d: %s", name, version, reason)
+            logger.error("Loading servable version {name: %s version: %d} failed: %s", name,
+                         version, reason)
+            if self._metrics is not None:
+                self._metrics.record_load(path, success=False)
             with self._lock:
                 model.records[version] = _VersionRecord(VersionState.END, code, message)
                 model.refused[version] = fingerprint
@@ -266,9 +317,11 @@ class ModelManager:
             model.servables = {**model.servables, version: servable}
             model.records[version] = _VersionRecord(VersionState.AVAILABLE)
             model.refused.pop(version, None)
-        logger.info("Model %s version %d is AVAILABLE (signatures %s; %d warm-up requests "
-                    "replayed)", name, version, sorted(servable.signatures),
-                    servable.warmup_requests_replayed)
+        if self._metrics is not None:
+            self._metrics.record_load(path, success=True)
+        logger.info("Successfully loaded servable version {name: %s version: %d}: AVAILABLE "
+                    "(signatures %s; %d warm-up requests replayed)", name, version,
+                    sorted(servable.signatures), servable.warmup_requests_replayed)
 
     def _unload(self, name: str, model: _Model, version: int) -> None:
         with self._lock:
@@ -277,24 +330,16 @@ class ModelManager:
                 return
             model.records[version] = _VersionRecord(VersionState.UNLOADING)
             model.servables = {v: s for v, s in model.servables.items() if v != version}
+        logger.info("Unloading servable version {name: %s version: %d}", name, version)
         servable.close()
         with self._lock:
             model.records[version] = _VersionRecord(VersionState.END)
-        logger.info("Unloaded model %s version %d", name, version)
+        logger.info("Done unloading servable version {name: %s version: %d}", name, version)
 
     def _update_labels(self, name: str, model: _Model) -> None:
-        labels, notes = {}, set()
-        for label, version in model.config.version_labels.items():
-            current = model.labels.get(label)
-            if version in model.servables or current is None or current == version:
-                labels[label] = version
-                if version not in model.servables:
-                    notes.add(f"label {label!r} points at version {version}, which is not "
-                              "available")
-            else:
-                labels[label] = current
-                notes.add(f"label {label!r} stays on version {current} until version "
-                          f"{version} is available")
+        labels = dict(model.config.version_labels)  # checked when the config was taken
+        notes = {f"label {label!r} points at version {version}, which is not available"
+                 for label, version in labels.items() if version not in model.servables}
         if labels != model.labels:
             with self._lock:
                 model.labels = labels

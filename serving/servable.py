@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -34,6 +34,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
 
 from serving import errors, tensor_protos
 from serving.batching import BatchingOptions, BatchScheduler
+from serving.deadlines import check_deadline
 from serving.errors import ServingError
 
 __all__ = [
@@ -318,7 +319,9 @@ class SavedModelServable:
 
     def __init__(self, model_name: str, version: int, export_dir: str,
                  signature_defs: Mapping[str, meta_graph_pb2.SignatureDef],
-                 runner: SessionSignatures, batching: Optional[BatchingOptions] = None):
+                 runner: SessionSignatures, batching: Optional[BatchingOptions] = None,
+                 on_batch: Optional[Callable[[str, str, int], None]] = None):
+        """`on_batch(model name, signature name, rows)` is called for each batch run."""
         self.model_name = model_name
         self.version = version
         self.export_dir = export_dir
@@ -326,14 +329,17 @@ class SavedModelServable:
         self.signatures = {name: Signature.from_proto(name, self.signature_defs[name])
                            for name in runner.names}
         self._runner = runner
-        self.batcher = (BatchScheduler(self._execute, batching,
+        self._on_batch = on_batch
+        self.batcher = (BatchScheduler(self._execute_batch, batching,
                                        name=f"batch-{model_name}-{version}")
                         if batching is not None else None)
         self.warmup_requests_replayed = 0
 
     @classmethod
     def load(cls, model_name: str, version: int, export_dir: str,
-             batching: Optional[BatchingOptions] = None) -> "SavedModelServable":
+             batching: Optional[BatchingOptions] = None,
+             on_batch: Optional[Callable[[str, str, int], None]] = None
+             ) -> "SavedModelServable":
         """Loads a SavedModel; raises ValueError (or TensorFlow's error) saying why not."""
         meta_graph = read_serve_meta_graph(export_dir)
         signature_defs = dict(meta_graph.signature_def)
@@ -343,7 +349,8 @@ class SavedModelServable:
             raise ValueError(f"the SavedModel in {export_dir} has no serving signatures that can "
                              f"be run (SignatureDefs: {sorted(signature_defs)}"
                              f"{'; ' + reasons if reasons else ''})")
-        return cls(model_name, version, export_dir, signature_defs, runner, batching=batching)
+        return cls(model_name, version, export_dir, signature_defs, runner, batching=batching,
+                   on_batch=on_batch)
 
     def close(self) -> None:
         if self.batcher is not None:
@@ -405,6 +412,7 @@ class SavedModelServable:
         if len(set(wanted)) != len(wanted):
             raise errors.invalid_argument(f"duplicate output tensor alias in {wanted}")
 
+        check_deadline("request before running the model")
         rows = {array.shape[0] for array in inputs.values() if array.ndim >= 1}
         if (self.batcher is not None and signature.batchable and len(rows) == 1
                 and all(array.ndim >= 1 for array in inputs.values())):
@@ -415,6 +423,13 @@ class SavedModelServable:
             outputs = {alias: outputs[alias] for alias in wanted}
         return outputs
 
+    def _execute_batch(self, signature_name: str,
+                       inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        if self._on_batch is not None:
+            self._on_batch(self.model_name, signature_name,
+                           len(next(iter(inputs.values()))))
+        return self._execute(signature_name, inputs)
+
     def _execute(self, signature_name: str,
                  inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         what = f"model {self.model_name} version {self.version} signature '{signature_name}'"
@@ -422,6 +437,14 @@ class SavedModelServable:
             return self._runner.run(signature_name, inputs)
         except tf.errors.OpError as error:
             raise _tf_error(error, what) from error
+        except UnicodeDecodeError as error:
+            # TensorFlow's message quotes the bad input (e.g. "Could not parse example input,
+            # value: '\xff...'"), which its Python binding cannot decode as UTF-8.
+            message = (error.object.decode("utf-8", "backslashreplace")
+                       if isinstance(error.object, bytes) else str(error))
+            message = message.strip().splitlines()[0] if message.strip() else str(error)
+            raise errors.invalid_argument(f"{what}: {message} (undecodable input; a serialized "
+                                          "tf.Example, say, that is not one)") from error
         except (TypeError, ValueError) as error:
             raise errors.invalid_argument(f"{what}: {error}") from error
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -36,14 +37,21 @@ import grpc
 
 from serving import allocator, config as config_lib
 from serving.batching import BatchingOptions
+from serving.errors import ServingError
 from serving.grpc_service import add_services
 from serving.manager import ModelManager
+from serving.metrics import ServerMetrics, load_monitoring_config
 from serving.rest import RestApiHandler, RestServer
 
 __all__ = ["ServerOptions", "ModelServer", "start_server", "start_in_background", "serve", "main",
-           "build_arg_parser", "add_arguments", "batching_options", "set_thread_pools", "run"]
+           "build_arg_parser", "add_arguments", "batching_options", "set_thread_pools", "run",
+           "run_and_exit", "exit_process", "configure_logging"]
 
 logger = logging.getLogger(__name__)
+
+# tensorflow_model_server's (glog's) layout: "2026-12-02 19:33:49.123: I serving.manager] ...".
+LOG_FORMAT = "%(asctime)s.%(msecs)03d: %(levelname).1s %(name)s] %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
@@ -77,6 +85,9 @@ class ServerOptions:
     enable_model_warmup: bool = True
     warmup_iterations: int = 1
     shutdown_grace_s: float = 10.0
+    allow_version_labels_for_unavailable_models: bool = False
+    # GET this path on the REST port answers the Prometheus metrics (None: not served).
+    monitoring_path: Optional[str] = None
 
     def __post_init__(self):
         if self.max_request_bytes < 1:
@@ -103,6 +114,7 @@ class ModelServer:
                  options: ServerOptions = ServerOptions(),
                  config_file: Optional[str] = None):
         self.options = options
+        self.metrics = ServerMetrics(self._available_versions)
         self.manager = ModelManager(
             config,
             batching=options.batching,
@@ -111,6 +123,9 @@ class ModelServer:
             poll_interval_s=options.file_system_poll_wait_s,
             config_file=config_file,
             config_poll_interval_s=options.model_config_file_poll_wait_s,
+            allow_version_labels_for_unavailable_models=(
+                options.allow_version_labels_for_unavailable_models),
+            metrics=self.metrics,
         )
         self._grpc_server: Optional[grpc.Server] = None
         self._rest_server: Optional[RestServer] = None
@@ -118,6 +133,11 @@ class ModelServer:
         self._stop_lock = threading.Lock()
         self.grpc_port: Optional[int] = None
         self.rest_port: Optional[int] = None
+
+    def _available_versions(self):
+        manager = getattr(self, "manager", None)  # the registry asks before there is one
+        for name in manager.model_names() if manager is not None else ():
+            yield name, len(manager.available_versions(name))
 
     @classmethod
     def for_model(cls, model_base_path: str, model_name: str,
@@ -153,7 +173,7 @@ class ModelServer:
                     ("grpc.max_send_message_length", -1),
                     ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared
                 ])
-            add_services(self._grpc_server, self.manager)
+            add_services(self._grpc_server, self.manager, self.metrics)
             address = _host_port(options.host, options.grpc_port)
             try:
                 self.grpc_port = self._grpc_server.add_insecure_port(address)
@@ -162,15 +182,21 @@ class ModelServer:
             if not self.grpc_port:
                 raise OSError(f"cannot bind gRPC to {address}")
             self._grpc_server.start()
-            logger.info("Serving gRPC on %s", self.grpc_address)
+            logger.info("Running gRPC ModelServer at %s ...", self.grpc_address)
             if options.rest_port is not None:
                 self._rest_server = RestServer(
-                    RestApiHandler(self.manager), options.host, options.rest_port,
+                    RestApiHandler(self.manager, self.metrics), options.host, options.rest_port,
                     max_request_bytes=options.max_request_bytes,
                     num_threads=options.rest_num_threads, timeout_s=options.rest_timeout_s,
-                    shutdown_grace_s=options.shutdown_grace_s)
+                    shutdown_grace_s=options.shutdown_grace_s, metrics=self.metrics,
+                    metrics_path=options.monitoring_path)
                 self.rest_port = self._rest_server.start()
-                logger.info("Serving REST on %s", self.rest_url)
+                logger.info("Exporting HTTP/REST API at %s ...", self.rest_url)
+                if options.monitoring_path:
+                    logger.info("Prometheus metrics at %s%s", self.rest_url,
+                                options.monitoring_path)
+            elif options.monitoring_path:
+                logger.warning("No REST port: the Prometheus metrics are not served")
         except BaseException:
             self.stop()
             raise
@@ -285,7 +311,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="re-read the config file this often (0: never)")
     add("--file_system_poll_wait_seconds", type=float, default=1.0,
         help="scan the base paths for new versions this often")
-    add("--enable_batching", type=_bool_flag, nargs="?", const=True, default=False)
+    add("--enable_batching", type=_bool_flag, nargs="?", const=True, default=False,
+        help="merge concurrent requests into batches (see the batching flags)")
     add("--batching_parameters_file",
         help="text-format BatchingParameters (TF Serving's format, e.g. "
              "deploy/batching_parameters.txt); instead of the four flags below")
@@ -297,7 +324,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"default {BatchingOptions.max_enqueued_batches}")
     add("--enable_model_warmup", type=_bool_flag, nargs="?", const=True, default=True,
         help="replay assets.extra/tf_serving_warmup_requests before serving a version")
-    add("--num_request_iterations_for_warmup", type=int, default=1)
+    add("--num_request_iterations_for_warmup", type=int, default=1,
+        help="times each warm-up request is replayed before a version takes traffic")
     add("--tensorflow_intra_op_parallelism", type=int, default=0,
         help="threads of one op (0: TensorFlow's choice, the machine's cores)")
     add("--tensorflow_inter_op_parallelism", type=int, default=0,
@@ -308,11 +336,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "default true; not a tensorflow_model_server flag)")
     add("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
         help="largest accepted request (gRPC message or REST body)")
-    add("--grpc_max_threads", type=int, default=ServerOptions.grpc_max_threads)
-    add("--rest_api_num_threads", type=int, default=8)
-    add("--rest_api_timeout_in_ms", type=int, default=30000)
-    add("--shutdown_grace_seconds", type=float, default=10.0)
-    add("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add("--grpc_max_threads", type=int, default=ServerOptions.grpc_max_threads, help="gRPC worker threads")
+    add("--rest_api_num_threads", type=int, default=8, help="REST worker threads")
+    add("--rest_api_timeout_in_ms", type=int, default=30000, help="REST request timeout")
+    add("--shutdown_grace_seconds", type=float, default=10.0,
+        help="on SIGTERM, how long requests in flight may finish")
+    add("--allow_version_labels_for_unavailable_models", type=_bool_flag, nargs="?", const=True,
+        default=False, help="a new version label may name a version that is not loaded yet "
+                            "(without it a config whose label does so is refused, at start too)")
+    add("--monitoring_config_file",
+        help='text-format MonitoringConfig, e.g. prometheus_config { enable: true path: '
+             '"/monitoring/prometheus/metrics" }: Prometheus metrics on the REST port')
+    add("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="server log level")
     return parser
 
 
@@ -363,10 +399,22 @@ def set_thread_pools(intra_op: int, inter_op: int) -> None:
         logger.warning("Cannot size TensorFlow's thread pools now: %s", error)
 
 
+def configure_logging(level: str) -> None:
+    """Timestamped lines on stderr at `level` and above, for the whole process.
+
+    Whatever handler is already on the root logger is replaced: absl installs one (by calling
+    logging.basicConfig() at WARNING) the first time anything logs through it before its
+    flags are parsed, e.g. while TFX modules are imported for `poso`'s parser, and a plain
+    basicConfig would then do nothing."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, force=True)
+    # TensorFlow's logger has its own handler when it was first used before any root
+    # handler: its lines would be printed twice, once without a timestamp.
+    logging.getLogger("tensorflow").handlers.clear()
+
+
 def run(args: argparse.Namespace) -> int:
     """Serves until SIGTERM or SIGINT; returns the exit code (2: bad flags or files)."""
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         if args.retain_freed_memory:
             allocator.retain_freed_memory()
@@ -389,11 +437,41 @@ def run(args: argparse.Namespace) -> int:
             enable_model_warmup=args.enable_model_warmup,
             warmup_iterations=args.num_request_iterations_for_warmup,
             shutdown_grace_s=args.shutdown_grace_seconds,
+            allow_version_labels_for_unavailable_models=(
+                args.allow_version_labels_for_unavailable_models),
+            monitoring_path=(load_monitoring_config(args.monitoring_config_file)
+                             if args.monitoring_config_file else None),
         )
     except (ValueError, OSError) as error:
         logger.error("%s", error)
         return 2
+    except ServingError as error:
+        logger.error("Failed to start server. Error: %s: %s", error.code.name, error.message)
+        return 2
     return 0
+
+
+def exit_process(code: int) -> None:
+    """Ends the process now with `code`, once logs and stdio are flushed.
+
+    The server has stopped by then; what an ordinary exit would still do is the interpreter's
+    teardown, and with TensorFlow imported that alone takes over 5 s here (measured: a
+    process that only imports tensorflow takes 5.5 s from its last line to its exit, with
+    no Python frame running), which an orchestrator waiting on the PID counts against the
+    grace period."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def run_and_exit(args: argparse.Namespace) -> int:
+    """`run`, then `exit_process` (the `poso serve` entry point; never returns)."""
+    exit_process(run(args))
+    return 0  # not reached
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "poso serve") -> int:
@@ -408,4 +486,4 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "poso serve") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m serving.server"))
+    exit_process(main(prog="python -m serving.server"))

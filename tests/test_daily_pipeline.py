@@ -281,6 +281,37 @@ def test_rerun_of_an_earlier_day_pushes_nothing_and_reports_that_day(earlier_day
     assert result["evaluation_uri"] == resumed[0]["evaluation_uri"] and result["blessed"]
 
 
+def test_gc_deletes_what_no_kept_model_needs_and_keeps_what_serves(earlier_day_rerun, corrupted_day, resumed,
+                                                                   killed, capsys):
+    """After days 8 (pushed) and 9 (not blessed): `poso gc --keep 0` removes day 9's model steps and
+    an old version folder, keeps the served version and the baseline (day 8's model)."""
+    from pipeline import cli, gc
+
+    home = str(killed.home)
+    old_version = os.path.join(killed.serving_model_dir, "1")
+    os.makedirs(old_version)
+    open(os.path.join(old_version, "saved_model.pb"), "wb").close()
+    served = _versions(killed)
+    with Store(killed) as s:
+        day9_model = s.outputs(corrupted_day[0][1][-1]["Trainer"], "model")[0]
+        day8_model = s.outputs(resumed[1][-1]["Trainer"], "model")[0]
+    planned = gc.plan(home, keep=0)
+    doomed = {artifact_id for artifact_id, _, _ in planned.artifacts}
+    assert day9_model.id in doomed and day8_model.id not in doomed
+    assert planned.versions == [old_version] and planned.kept_versions == [int(served[-1])]
+
+    assert cli.main(["gc", "--home", home, "--keep", "0"]) == 0     # a dry run deletes nothing
+    assert "Pass --delete to delete" in capsys.readouterr().out
+    assert os.path.isdir(day9_model.uri) and os.path.isdir(old_version)
+    assert cli.main(["gc", "--home", home, "--keep", "0", "--delete"]) == 0
+    assert not os.path.exists(day9_model.uri) and not os.path.exists(old_version)
+    assert os.path.isdir(day8_model.uri) and _versions(killed) == served[-1:]
+    with Store(killed) as s:
+        states = {a.id: a.state for a in s.store.get_artifacts_by_id([day9_model.id, day8_model.id])}
+    assert states == {day9_model.id: metadata_store_pb2.Artifact.DELETED, day8_model.id: metadata_store_pb2.Artifact.LIVE}
+    assert gc.plan(home, keep=0).artifacts == [] and gc.plan(home, keep=0).versions == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Broken and drifted logs: the run stops before training and says what is wrong, and where.
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from components import synthetic_logs
 from feature_specs import specs
 from pipeline import config as config_lib
 from pipeline import local_runner, report, summary
+from pipeline.dashboard import data as data_lib
+from pipeline.dashboard import pages
 from pipeline.dashboard import server as server_lib
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -210,6 +212,12 @@ def test_every_link_works_and_every_page_fits_1280_px(dashboard, browser):
     assert _status(dashboard + "/runs/1999-01-01") == 404 and _status(dashboard + "/nothing") == 404
 
 
+def test_failed_day_page_names_the_failed_step(dashboard, browser):
+    text = _load(browser, f"{dashboard}/runs/{MISSING_DAY.isoformat()}")
+    assert re.search(r"Status\s+failed", text) and re.search(r"Failed step\s+AvcExampleGen", text), text
+    assert "No run summary for this day" in text
+
+
 def test_lineage_of_a_days_model_names_its_window_transform_and_trainer_run(home, dashboard, browser):
     date = RUN_DAYS[-1]
     result = json.load(open(os.path.join(home, "runs", f"{date.isoformat()}.json")))
@@ -266,3 +274,48 @@ def test_main_page_screenshot(dashboard, browser, tmp_path_factory):
     assert browser.save_screenshot(path) and os.path.getsize(path) > 10000
     print(f"dashboard screenshot: {path}")
     browser.set_window_size(PAGE_WIDTH, 900)
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a pipeline run: the serving policy and escaping, on fabricated homes.
+# ---------------------------------------------------------------------------------------------
+def _serving_home(tmp_path, policy):
+    base = tmp_path / "serving" / config_lib.MODEL_NAME
+    for version in ("1", "2", "3"):
+        (base / version).mkdir(parents=True)
+    if policy is not None:
+        (tmp_path / "serving" / "models.config").write_text(
+            f'model_config_list {{ config {{ name: "{config_lib.MODEL_NAME}" base_path: "{base}" '
+            f'model_platform: "tensorflow" model_version_policy {{ {policy} }} }} }}')
+    return data_lib.HomeReader(str(tmp_path))
+
+
+@pytest.mark.parametrize("policy, shown, served", [
+    ("latest { num_versions: 1 }", "latest 1", [3]),
+    ("latest { num_versions: 2 }", "latest 2", [2, 3]),
+    ("specific { versions: 2 }", "specific 2", [2]),
+    ("specific { versions: 1 versions: 9 }", "specific 1, 9", [1]),
+    ("all {}", "all", [1, 2, 3]),
+])
+def test_serving_follows_the_version_policy_of_models_config(tmp_path, policy, shown, served):
+    serving = _serving_home(tmp_path, policy).serving()
+    assert (serving.policy, serving.served, serving.versions) == (shown, served, [1, 2, 3])
+    page = pages.serving_box(serving)
+    assert page.startswith('<div class="box">Version <b>') and ("Pinned in models.config" in page) == ("specific" in policy)
+
+
+def test_a_rollback_pin_is_shown_with_its_time(tmp_path):
+    reader = _serving_home(tmp_path, "specific { versions: 2 }")
+    with open(reader.cfg.pin_path, "w") as f:
+        json.dump({"version": 2, "pinned_at": "2026-12-02T20:00:00+00:00"}, f)
+    page = pages.serving_box(reader.serving())
+    assert "Pinned to version 2 by <code>poso rollback</code> at 2026-12-02T20:00:00+00:00" in page
+
+
+def test_values_from_the_home_are_escaped():
+    evil = '<script>alert("x")</script>'
+    summary = {"date": "2022-04-09", "train_window": ["2022-04-08", "2022-04-08"], "train_rows": 1, "eval_rows": 1,
+               "blessed": False, "blessing_failures": [evil], "metrics": [{"slice": evil, "task": "click", "auc": 0.5}],
+               "a_new_field": evil}
+    page = pages.day_page("2022-04-09", summary, None, {}, links=False)
+    assert "<script>" not in page and page.count("&lt;script&gt;") == 3

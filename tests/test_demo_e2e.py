@@ -1,7 +1,11 @@
 """End to end: `poso demo` on tiny synthetic data (real TFX, Beam, TensorFlow and servers)."""
 
+import contextlib
+import datetime
 import glob
+import io
 import os
+import re
 
 import numpy as np
 import pytest
@@ -16,9 +20,21 @@ from pipeline import demo
 @pytest.fixture(scope="module")
 def demo_home(tmp_path_factory):
     home = str(tmp_path_factory.mktemp("demo"))
+    printed = io.StringIO()
     # 150 steps: enough for the primary tasks to beat the AUC floor reliably (about 30 ms each).
-    assert demo.run_demo(home=home, rows_per_day=800, train_steps=150) == 0
+    with contextlib.redirect_stdout(printed):
+        assert demo.run_demo(home=home, rows_per_day=800, train_steps=150) == 0
+    with open(os.path.join(home, "demo_output.txt"), "w") as f:
+        f.write(printed.getvalue())
     return home
+
+
+def test_progress_says_which_day_which_step_and_the_trainers_steps(demo_home):
+    printed = open(os.path.join(demo_home, "demo_output.txt")).read()
+    assert f"day 1 of {demo.DAYS - 1} to ingest" in printed and f"day {demo.DAYS - 1} of {demo.DAYS - 1}" in printed
+    assert "Component Trainer is running." in printed and "Component Trainer is finished." in printed
+    assert "Trainer: step 15 of 150, loss" in printed and "Trainer: step 150 of 150, loss" in printed
+    assert re.search(r"\] \d+ steps, \d+ from the cache", printed)
 
 
 def _pushed_versions(home):
@@ -60,3 +76,22 @@ def test_demo_writes_the_run_report_with_its_plots(demo_home):
     assert page.count("<svg") >= len(specs.TASKS) + 3 and "<img" not in page
     assert os.path.getsize(os.path.join(folder, "gates.json")) > 100
     assert "BLESSED" in page and "version " in page
+
+
+def test_runs_and_versions_show_the_demo_day_pushed_and_serving(demo_home, capsys):
+    import json
+
+    from pipeline import cli
+
+    version = int(os.path.basename(_pushed_versions(demo_home)[0]))
+    assert cli.main(["runs", "--home", demo_home, "--json"]) == 0
+    days = json.loads(capsys.readouterr().out)
+    daily = days[0]
+    assert daily["date"] == (demo.START + datetime.timedelta(days=demo.DAYS - 1)).isoformat()
+    assert (daily["status"], daily["blessed"], daily["pushed_version"]) == ("complete", True, version)
+    assert daily["steps"] > 0 and daily["seconds"] > 0 and daily["rows"] > 0
+    assert [d["status"] for d in days[1:]] == ["ingested"] * (demo.DAYS - 1)
+    assert cli.main(["versions", "--home", demo_home, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["version"], row["pushed_by_run"], row["serving"], row["pinned"]) == (
+        version, daily["date"], True, False)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,7 @@ from tensorflow_serving.apis import (get_model_status_pb2, model_management_pb2,
 
 import ranking_stub
 from serving import batching as batching_lib
-from serving import client, config as config_lib, server as server_lib, testing, warmup
+from serving import client, config as config_lib, errors, server as server_lib, testing, warmup
 from serving.batching import BatchingOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -172,8 +173,8 @@ def test_corrupt_version_is_refused_while_the_previous_keeps_serving(
         assert status[1].state == AVAILABLE
         assert status[2].status.error_code != 0
         assert "version 2" in status[2].status.error_message
-        assert any("Refused model ranker version 2" in record.getMessage()
-                   for record in caplog.records)
+        assert any("Loading servable version {name: ranker version: 2} failed"
+                   in record.getMessage() for record in caplog.records)
         with grpc.insecure_channel(server.grpc_address) as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             assert predict_y(stub, "ranker", [4.0])[0] == 1
@@ -276,16 +277,21 @@ model_config_list {{
 """
 
 
-def test_models_config_policies_and_labels(tmp_path, scaled_exports):
+def test_models_config_policies_and_labels(tmp_path, scaled_exports, caplog):
     base = tmp_path / "shared_base"
     base.mkdir()
     for version in (1, 2, 3):
         install_version(base, version, scaled_exports[version])
     config_file = tmp_path / "models.config"
     config_file.write_text(CONFIG.format(base=base))
+    # As tensorflow_model_server: labels name AVAILABLE versions, and none is at start.
+    with pytest.raises(errors.ServingError, match="Request to assign label to version 2 of "
+                                                  "model ranker, which is not currently"):
+        server_lib.start_server(model_config_file=str(config_file), grpc_port=0, rest_port=None,
+                                file_system_poll_wait_s=0)
     with server_lib.start_server(model_config_file=str(config_file), grpc_port=0, rest_port=0,
-                                 file_system_poll_wait_s=0,
-                                 model_config_file_poll_wait_s=POLL_S) as server:
+                                 file_system_poll_wait_s=0, model_config_file_poll_wait_s=POLL_S,
+                                 allow_version_labels_for_unavailable_models=True) as server:
         assert set(statuses(server, "ranker")) == {1, 2}
         assert set(statuses(server, "every_version")) == {1, 2, 3}
         assert set(statuses(server, "newest_two")) == {2, 3}
@@ -308,27 +314,78 @@ def test_models_config_policies_and_labels(tmp_path, scaled_exports):
                                          version_label="stable")
             assert stable["y"].tolist() == [2.0]
 
-            # Editing the file moves the label and the policy: picked up by polling.
-            config_file.write_text(CONFIG.format(base=base).replace(
+            # Editing the file: moving a label to a version not loaded is refused (logged,
+            # the config kept); loading it first, then moving the label, is taken.
+            moved = CONFIG.format(base=base).replace(
                 "versions: 1 versions: 2", "versions: 2 versions: 3").replace(
-                'key: "stable" value: 1', 'key: "stable" value: 3'))
+                'key: "stable" value: 1', 'key: "stable" value: 3')
+            caplog.set_level(logging.ERROR, logger="serving.manager")
+            config_file.write_text(moved)
+            wait_until(lambda: "Keeping the current config: FAILED_PRECONDITION: Request to "
+                               "assign label to version 3" in caplog.text,
+                       what="the label move refused")
+            assert set(statuses(server, "ranker")) == {1, 2}
+            config_file.write_text(CONFIG.format(base=base).replace(
+                "versions: 1 versions: 2", "versions: 1 versions: 2 versions: 3"))
+            wait_until(lambda: 3 in server.manager.available_versions("ranker"),
+                       what="version 3 loaded")
+            config_file.write_text(moved)
             wait_until(lambda: predict_y(stub, "ranker", [1.0], label="stable")[0] == 3,
                        what="label moved by the config file")
             wait_until(lambda: statuses(server, "ranker")[1].state == END,
                        what="version 1 unloaded")
 
-            # And over gRPC: HandleReloadConfigRequest drops two models.
+            # And over gRPC: HandleReloadConfigRequest, refused for a label on the unloaded
+            # version 1, then taken: it drops two models.
             reload = model_management_pb2.ReloadConfigRequest()
             reload.config.CopyFrom(config_lib.parse_model_server_config(
                 CONFIG.format(base=base)))
             del reload.config.model_config_list.config[1:]
-            model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
-                reload, timeout=30)
+            models = model_service_pb2_grpc.ModelServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                models.HandleReloadConfigRequest(reload, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert server.manager.model_names() == ["every_version", "newest_two", "ranker"]
+            reload.config.model_config_list.config[0].version_labels["stable"] = 2
+            models.HandleReloadConfigRequest(reload, timeout=30)
             assert server.manager.model_names() == ["ranker"]
-            assert predict_y(stub, "ranker", [1.0], label="stable")[0] == 1
+            assert predict_y(stub, "ranker", [1.0], label="stable")[0] == 2
             with pytest.raises(grpc.RpcError) as caught:
                 predict_y(stub, "every_version", [1.0])
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_availability_preserving_unloads_and_empty_version_folders(tmp_path, scaled_exports,
+                                                                   caplog):
+    """TF Serving's AvailabilityPreservingPolicy: with no aspired version at all (a specific
+    policy naming an absent one) the old version is unloaded; while an aspired one exists but
+    is not available, the highest other version keeps serving. Empty version folders are
+    logged, once."""
+    base = tmp_path / "ranker"
+    base.mkdir()
+    install_version(base, 1, scaled_exports[1])
+    (base / "2").mkdir()  # e.g. a copy that has not written its graph yet
+    caplog.set_level(logging.INFO, logger="serving.manager")
+
+    def config(policy):
+        return config_lib.parse_model_server_config(
+            f'model_config_list {{ config {{ name: "ranker" base_path: "{base}" '
+            f'model_version_policy {{ {policy} }} }} }}')
+
+    with server_lib.start_server(str(base), "ranker", grpc_port=0, rest_port=None,
+                                 file_system_poll_wait_s=0) as server:
+        manager = server.manager
+        manager.poll_once()
+        assert caplog.text.count(f"Version directory {base / '2'} of servable ranker has no "
+                                 "saved_model.pb") == 1
+        assert manager.available_versions("ranker") == [1]
+        testing.write_corrupt_version(str(base / "3"))
+        manager.reload_config(config("latest { num_versions: 1 }"))  # 3: aspired, refused
+        assert manager.available_versions("ranker") == [1]
+        manager.reload_config(config("specific { versions: 7 }"))  # nothing aspired
+        assert manager.available_versions("ranker") == []
+        assert statuses(server, "ranker")[1].state == END
+        assert "Done unloading servable version {name: ranker version: 1}" in caplog.text
 
 
 def test_invalid_config_is_refused_with_its_location(tmp_path):
@@ -395,6 +452,11 @@ def test_batching_merges_concurrent_requests(tmp_path, scaled_exports):
         assert call_count(server, "ranker") < 8
         batcher = server.manager.servable(model_pb2.ModelSpec(name="ranker")).batcher
         assert batcher.requests_run == 8 and batcher.batches_run < 8
+        # Every batch run is in the batch size histogram (the warm-up's and calls' too).
+        scraped = server.metrics.exposition().decode()
+        found = re.search(r':tensorflow:serving:batching:batch_size_count\{model_name="ranker",'
+                          r'op_name="serving_default"\} (\S+)', scraped)
+        assert found and float(found.group(1)) == batcher.batches_run
 
 
 def test_batching_parameters_file_in_tf_serving_format(tmp_path):
@@ -615,38 +677,100 @@ def test_stop_lets_in_flight_requests_finish(tmp_path, scaled_exports):
         client.predict_grpc(server.grpc_address, "ranker", {"x": [1.0]}, timeout=2)
 
 
-def test_sigterm_shuts_down_gracefully(tmp_path, scaled_exports):
+def _wrapper_env(tmp_path: Path) -> dict:
+    """Environment variables under which bin/poso-env, called from inside the environment
+    (as tests are), runs its command with this interpreter's environment: a venv-mode cache
+    whose ready venv is this one (rather than building one, or nesting the userland)."""
+    cache = tmp_path / "env-cache"
+    env = dict(os.environ, POSO_ENV_MODE="venv", POSO_ENV_CACHE=str(cache))
+    env_dir = Path(subprocess.run([str(REPO_ROOT / "bin" / "poso-env"), "--print-dir"],
+                                  env=env, capture_output=True, text=True, check=True).stdout.strip())
+    env_dir.mkdir(parents=True)
+    (env_dir / "venv").symlink_to(sys.prefix)
+    (env_dir / ".complete").write_text("prepared by the test\n")
+    return env
+
+
+def test_poso_serve_logs_like_tensorflow_model_server_and_stops_on_sigterm(tmp_path,
+                                                                          scaled_exports):
+    """`bin/poso serve` through the environment wrapper: timestamped INFO lines for start,
+    ports, each version's load and unload and request errors; SIGTERM to the wrapper's PID
+    stops it within the grace period, exit code 0."""
     base = tmp_path / "ranker"
     base.mkdir()
     install_version(base, 1, scaled_exports[2])
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    monitoring = _write(tmp_path / "monitoring.config",
+                        'prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }')
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--port=0", "--rest-port=0",
-         "--model_name=ranker", f"--model-base-path={base}", "--shutdown_grace_seconds=2"],
-        stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+        [str(REPO_ROOT / "bin" / "poso"), "serve", "--port=0", "--rest-port=0",
+         "--model_name=ranker", f"--model-base-path={base}", "--shutdown_grace_seconds=2",
+         f"--monitoring_config_file={monitoring}"],
+        stderr=subprocess.PIPE, text=True, cwd=str(tmp_path), env=_wrapper_env(tmp_path))
     log_lines = []
     try:
         rest_url = None
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while rest_url is None and time.monotonic() < deadline:
             line = process.stderr.readline()
             if not line:
                 break
             log_lines.append(line)
-            found = re.search(r"Serving REST on (http://\S+)", line)
+            found = re.search(r"Exporting HTTP/REST API at (http://\S+) \.\.\.", line)
             rest_url = found.group(1) if found else None
         assert rest_url, "".join(log_lines[-20:])
         assert client.predict_rest(rest_url, "ranker", {"x": [1.5]})["y"].tolist() == [3.0]
+        with pytest.raises(client.ServingClientError):
+            client.predict_rest(rest_url, "no_such_model", {"x": [1.5]})
+        with urllib.request.urlopen(rest_url + "/monitoring/prometheus/metrics",
+                                    timeout=10) as answer:
+            scraped = answer.read().decode()
+        assert re.search(r':tensorflow:serving:request_count_total\{API="Predict",'
+                         r'entrypoint="REST",model_name="ranker",signature_name="serving_default",'
+                         r'status="OK",version="1"\} 1\.0', scraped), scraped
+        assert 'poso_serving_available_versions{model_name="ranker"} 1.0' in scraped
+        signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         _, remaining = process.communicate(timeout=30)
+        stopped_s = time.monotonic() - signalled
         log_lines.append(remaining)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 0, "".join(log_lines[-20:])
     log = "".join(log_lines)
-    assert "Received SIGTERM" in log and "Server stopped" in log
+    assert process.returncode == 0, log[-2000:]
+    assert stopped_s < 2 + 10, f"{stopped_s:.1f} s from SIGTERM to exit"
+    timestamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}: I "
+    for expected in [r"Adding model ranker from base path",
+                     r"Successfully loaded servable version \{name: ranker version: 1\}: "
+                     r"AVAILABLE",
+                     r"Running gRPC ModelServer at 127\.0\.0\.1:\d+ \.\.\.",
+                     r"REST \w+ /v1/models/no_such_model\S* -> 404: Servable not found",
+                     r"Received SIGTERM",
+                     r"Done unloading servable version \{name: ranker version: 1\}",
+                     r"Server stopped"]:
+        assert re.search(timestamp + r"serving\.\w+\] " + expected, log), (expected, log[-3000:])
+
+
+def test_logging_setup_replaces_a_handler_installed_before_it():
+    """absl calls logging.basicConfig() at WARNING when something logs through it early (as
+    `poso`'s imports do): --log_level must still take effect, with timestamps."""
+    import io
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logging.basicConfig(force=True)
+        server_lib.configure_logging("DEBUG")
+        stream = io.StringIO()
+        root.handlers[0].setStream(stream)
+        logging.getLogger("serving.test").debug("one %s", "line")
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}: D serving\.test\] one line\n",
+                            stream.getvalue())
+        server_lib.configure_logging("WARNING")
+        assert root.level == logging.WARNING and len(root.handlers) == 1
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,

@@ -84,7 +84,7 @@ class _Frame:
     def legend(self, names: Sequence[str]) -> None:
         x, y = self.x0, self.y0 + 30
         for i, name in enumerate(names):
-            width = 16 + 6.2 * len(name)
+            width = 24 + 6.2 * len(name)
             if x + width > CHART_WIDTH and x > self.x0:
                 x, y = self.x0, y + 13
             self.parts.append(f'<rect x="{x}" y="{y - 8}" width="9" height="9" fill="{PALETTE[i % len(PALETTE)]}"/>'

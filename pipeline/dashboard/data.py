@@ -141,6 +141,8 @@ class Serving:
     versions: List[int]                 # version folders on disk
     served: List[int]                   # the ones the policy serves
     pushes: Dict[int, "Push"]           # version -> its push, from MLMD
+    config_written: Optional[datetime.datetime] = None   # models.config's last change
+    pin: Optional[Dict[str, object]] = None   # `poso rollback`'s pin: version, pinned_at
 
 
 @dataclasses.dataclass
@@ -267,14 +269,19 @@ class HomeReader:
         return latest
 
     @staticmethod
-    def _artifacts(store, type_name: str, ids=None) -> List[ArtifactInfo]:
+    def _artifacts(store, type_name: Optional[str] = None, ids: Optional[List[int]] = None) -> List[ArtifactInfo]:
+        """The artifacts of one type, or with the given ids."""
         try:
-            found = store.get_artifacts_by_id(ids) if ids is not None else store.get_artifacts_by_type(type_name)
+            found = store.get_artifacts_by_type(type_name) if ids is None else store.get_artifacts_by_id(ids)
         except Exception:  # the type is registered on first use
             return []
         type_names = {t.id: t.name for t in store.get_artifact_types()}
-        return [ArtifactInfo(a.id, type_names.get(a.type_id, "?"), a.uri, from_millis(a.create_time_since_epoch),
-                             _properties(a).get("span"), _properties(a)) for a in found]
+        infos = []
+        for artifact in found:
+            properties = _properties(artifact)
+            infos.append(ArtifactInfo(artifact.id, type_names.get(artifact.type_id, "?"), artifact.uri,
+                                      from_millis(artifact.create_time_since_epoch), properties.get("span"), properties))
+        return infos
 
     def days(self) -> List[Day]:
         """One row per date that has a run or a summary, newest first."""
@@ -324,7 +331,10 @@ class HomeReader:
         else:  # TF Serving's default policy is the latest version
             count = int(latest.group(1)) if latest and latest.group(1) else 1
             policy, served = f"latest {count}", versions[-count:]
-        return Serving(path if text else "", base_path, policy, versions, served, self._pushes())
+        written = (datetime.datetime.fromtimestamp(os.path.getmtime(path), tz=datetime.timezone.utc)
+                   if text else None)
+        return Serving(path if text else "", base_path, policy, versions, served, self._pushes(), written,
+                       self._json(self.cfg.pin_path))
 
     def _pushes(self, store=None) -> Dict[int, Push]:
         store = store or self._store()
@@ -370,7 +380,7 @@ class HomeReader:
     def _inputs(self, store, execution_id: int, key: str) -> List[ArtifactInfo]:
         ids = [e.artifact_id for e in store.get_events_by_execution_ids([execution_id])
                if e.type == metadata_store_pb2.Event.INPUT and e.path.steps and e.path.steps[0].key == key]
-        return sorted(self._artifacts(store, "", ids), key=lambda a: (a.span or 0, a.id)) if ids else []
+        return sorted(self._artifacts(store, ids=ids), key=lambda a: (a.span or 0, a.id)) if ids else []
 
     @staticmethod
     def _run_of(store, execution_id: int, runs: Dict[int, PipelineRun]) -> Optional[PipelineRun]:
@@ -389,7 +399,7 @@ class HomeReader:
         store = self._store()
         if store is None:
             return None
-        models = [a for a in self._artifacts(store, "", [model_id]) if a.type == "Model"]
+        models = [a for a in self._artifacts(store, ids=[model_id]) if a.type == "Model"]
         if not models:
             return None
         runs = {r.id: r for r in self.pipeline_runs(store)}
@@ -422,7 +432,7 @@ class HomeReader:
     def _outputs(self, store, execution_id: int) -> List[ArtifactInfo]:
         ids = [e.artifact_id for e in store.get_events_by_execution_ids([execution_id])
                if e.type == metadata_store_pb2.Event.OUTPUT]
-        return self._artifacts(store, "", ids) if ids else []
+        return self._artifacts(store, ids=ids) if ids else []
 
 
 def read_anomalies(uri: str) -> List[str]:

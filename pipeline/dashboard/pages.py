@@ -28,7 +28,7 @@ th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .charts{display:flex;flex-wrap:wrap;gap:8px}svg.chart{font-size:10px;background:#fff}
 svg.chart .title{font-size:12px;font-weight:600}svg.chart .grid{stroke:#eee}
 svg.chart .axis{stroke:#999}svg.chart .reference{stroke:#888;stroke-dasharray:4 3}
-.facts th{width:190px}table.runs td:nth-child(-n+6){white-space:nowrap}.box{border:1px solid #ccd;background:#f7f8fc;padding:8px 12px;margin:8px 0}
+.facts th{width:190px}table.runs td:nth-child(-n+6),table.runs td:nth-child(11){white-space:nowrap}.box{border:1px solid #ccd;background:#f7f8fc;padding:8px 12px;margin:8px 0}
 """
 
 
@@ -106,15 +106,36 @@ def serving_box(serving: data_lib.Serving) -> str:
         since = (f", since {_e(_time(push.pushed_at))}, pushed by the run of "
                  + _link(f"/runs/{push.date}", push.date, True) if push else "")
         lines.append(f"Version <b>{_link(f'/versions/{version}', version, True)}</b>{since}")
+    if serving.pin:
+        lines.append(f"Pinned to version {_e(serving.pin.get('version'))} by <code>poso rollback</code> at "
+                     f"{_e(serving.pin.get('pinned_at'))}: later pushes are not served until "
+                     f"<code>poso rollback --release</code>")
+    elif serving.policy.startswith("specific"):
+        lines.append(f"Pinned in models.config since {_e(_time(serving.config_written))}")
     others = [_link(f"/versions/{v}", v, v in serving.pushes) for v in reversed(serving.versions) if v not in serving.served]
     return (f'<div class="box">{"<br>".join(lines)}<br><span class=muted>Policy {_e(serving.policy)} in '
             f'{_e(serving.models_config or "(no models.config)")}; other versions on disk: '
             f'{", ".join(others) or "none"}</span></div>')
 
 
+def _primary_auc(day: data_lib.Day, earlier: List[data_lib.Day]) -> str:
+    """Each primary task's overall AUC and its change since the previous day with a summary."""
+    if not day.summary:
+        return "-"
+    before = next((d.summary for d in earlier if d.summary), None)
+    cells = []
+    for task in (t.name for t in specs.TASKS if t.primary):
+        value = data_lib.metric_value(day.summary.get("metrics"), "overall", task, "auc")
+        previous = data_lib.metric_value(before.get("metrics"), "overall", task, "auc") if before else None
+        change = f" <span class=muted>({value - previous:+.3f})</span>" if value is not None and previous is not None else ""
+        cells.append(f"{_e(task)} {value:.3f}{change}" if value is not None else f"{_e(task)} -")
+    return "<br>".join(cells)
+
+
 def runs_table(days: List[data_lib.Day]) -> str:
+    """Newest first; `days` comes newest first."""
     rows = []
-    for day in days:
+    for i, day in enumerate(days):
         run, summary = day.latest_run, day.summary or {}
         blessed = summary.get("blessed") if summary else None
         version = summary.get("pushed_version") if summary.get("pushed") else None
@@ -125,9 +146,10 @@ def runs_table(days: List[data_lib.Day]) -> str:
             f"{run.cached} of {len(run.components)}" if run else "-", _seconds(day.seconds),
             _count(summary.get("train_rows")), _count(day.rows if day.rows is not None else summary.get("eval_rows")),
             _count(day.quarantined), _count(len(day.anomalies)) if day.anomalies is not None else "-",
-            f'<span class="path">{_e(failure or "; ".join(summary.get("blessing_failures") or [])[:300])}</span>'])
+            _primary_auc(day, days[i + 1:]),
+            _e(failure or "; ".join(summary.get("blessing_failures") or [])[:300])])
     return _table(["Day", "Status", "Blessed", "Pushed", "Cached steps", "Duration", "Train rows", "Day rows",
-                   "Quarantined", "Anomalies", "Why"], rows, numeric=(5, 6, 7, 8, 9), css="runs")
+                   "Quarantined", "Anomalies", "AUC (change)", "Why"], rows, numeric=(5, 6, 7, 8, 9), css="runs")
 
 
 def trend_charts(summaries: Dict[str, Dict[str, object]]) -> str:
@@ -151,7 +173,8 @@ def trend_charts(summaries: Dict[str, Dict[str, object]]) -> str:
 # --- one day -----------------------------------------------------------------------------------
 _SHOWN_FIELDS = {"date", "train_window", "train_rows", "eval_rows", "eval_examples_uri", "blessed",
                  "infra_blessed", "infra_reason", "pushed", "pushed_version", "pushed_destination",
-                 "serving_base_directory", "models_config", "pipeline_root", "metadata", "candidate_model_dir",
+                 "serving_base_directory", "models_config", "pinned_version", "pipeline_root", "metadata",
+                 "candidate_model_dir",
                  "evaluation_uri", "metrics", "blessing_failures", "baseline_metrics", "wall_seconds"}
 
 
@@ -174,6 +197,9 @@ def _facts(date: str, summary: Dict[str, object], day: Optional[data_lib.Day], m
            links: bool) -> str:
     run = day.latest_run if day else None
     facts = [("Status", _status(day.status) if day else "-")]
+    if run is not None and run.failed_step is not None:
+        facts.append(("Failed step", f"{_e(run.failed_step.component)} (execution {run.failed_step.execution_id}; "
+                                     f"the cause is in the run's log)"))
     if summary:
         window = summary.get("train_window") or ["?", "?"]
         facts += [("Training window", f"{_e(window[0])} .. {_e(window[-1])}, {_count(summary.get('train_rows'))} rows"),
@@ -183,6 +209,8 @@ def _facts(date: str, summary: Dict[str, object], day: Optional[data_lib.Day], m
                    + (f" {_e(summary['infra_reason'])}" if summary.get("infra_reason") else "")),
                   ("Pushed", _link(f"/versions/{summary.get('pushed_version')}", f"version {summary.get('pushed_version')}",
                                    links) + f" to {_e(summary.get('pushed_destination'))}"
+                   + (f"; not served: version {_e(summary['pinned_version'])} was pinned by poso rollback"
+                      if summary.get("pinned_version") is not None else "")
                    if summary.get("pushed") else "no")]
     if day is not None:
         facts += [("Day's rows", _count(day.rows)), ("Quarantined rows", _count(day.quarantined) + _ingest_counts(day)),

@@ -15,6 +15,14 @@ and set:
     POSO_SERVING_MODEL=contract
     POSO_SERVING_MAX_REQUEST_BYTES=N   (optional: that server's request limit; without it
                                         the oversized-request tests are skipped)
+    POSO_SERVING_METRICS_PATH=/monitoring/prometheus/metrics
+                                       (optional: the server runs with a
+                                        --monitoring_config_file enabling Prometheus at this
+                                        path; without it the metrics test is skipped)
+    POSO_SERVING_MODEL_BASE_PATH=/models/contract
+                                       (optional: the model's base path as that server sees
+                                        it; the config-reload tests need it, and restore a
+                                        single-model config of it when done)
 
 Checks of our server's exact error wording are skipped against another server; status
 codes and the JSON error format are checked for both.
@@ -42,6 +50,8 @@ GRPC_ENV = "POSO_SERVING_GRPC"
 REST_ENV = "POSO_SERVING_REST"
 MODEL_ENV = "POSO_SERVING_MODEL"
 MAX_REQUEST_BYTES_ENV = "POSO_SERVING_MAX_REQUEST_BYTES"
+METRICS_PATH_ENV = "POSO_SERVING_METRICS_PATH"
+BASE_PATH_ENV = "POSO_SERVING_MODEL_BASE_PATH"
 OWN_SERVER_MAX_REQUEST_BYTES = 1 << 20
 CONTRACT_VERSION = 1
 
@@ -54,6 +64,8 @@ class Endpoint:
     version: int
     max_request_bytes: Optional[int]
     own_server: bool  # this project's server: its exact messages may be checked
+    metrics_path: Optional[str] = None  # Prometheus metrics on the REST port
+    base_path: Optional[str] = None  # the model's base path, as the server sees it
 
 
 @pytest.fixture(scope="session")
@@ -64,18 +76,22 @@ def endpoint(tmp_path_factory) -> Endpoint:
             pytest.fail(f"set all of {GRPC_ENV}, {REST_ENV} and {MODEL_ENV}, or none")
         limit = os.environ.get(MAX_REQUEST_BYTES_ENV)
         yield Endpoint(grpc_address, rest_url.rstrip("/"), os.environ[MODEL_ENV],
-                       CONTRACT_VERSION, int(limit) if limit else None, own_server=False)
+                       CONTRACT_VERSION, int(limit) if limit else None, own_server=False,
+                       metrics_path=os.environ.get(METRICS_PATH_ENV),
+                       base_path=os.environ.get(BASE_PATH_ENV))
         return
-    from serving import server as server_lib
+    from serving import metrics, server as server_lib
 
     base = tmp_path_factory.mktemp("contract_models") / "contract"
     testing.export_contract_model(str(base / str(CONTRACT_VERSION)))
     server = server_lib.start_server(
         str(base), "contract", grpc_port=0, rest_port=0,
-        max_request_bytes=OWN_SERVER_MAX_REQUEST_BYTES, file_system_poll_wait_s=0)
+        max_request_bytes=OWN_SERVER_MAX_REQUEST_BYTES, file_system_poll_wait_s=0,
+        monitoring_path=metrics.DEFAULT_PATH)
     try:
         yield Endpoint(server.grpc_address, server.rest_url, "contract", CONTRACT_VERSION,
-                       OWN_SERVER_MAX_REQUEST_BYTES, own_server=True)
+                       OWN_SERVER_MAX_REQUEST_BYTES, own_server=True,
+                       metrics_path=metrics.DEFAULT_PATH, base_path=str(base))
     finally:
         server.stop(grace_s=1.0)
 

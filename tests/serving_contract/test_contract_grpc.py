@@ -279,3 +279,10 @@ def test_oversized_message_is_resource_exhausted(prediction_stub, endpoint, stil
     request = predict_request(endpoint, "single", x=np.zeros(rows, np.float32))
     raises_code(grpc.StatusCode.RESOURCE_EXHAUSTED, prediction_stub.Predict, request)
     still_serving()
+
+
+def test_bytes_that_are_not_a_tf_example_are_invalid_argument(prediction_stub, endpoint):
+    request = predict_request(endpoint, examples=np.array([b"\xff\xfe\x00garbage"], object))
+    details = raises_code(grpc.StatusCode.INVALID_ARGUMENT, prediction_stub.Predict, request)
+    assert "Could not parse example input" in details
+    assert "codec" not in details

@@ -167,6 +167,13 @@ BAD_PREDICT_BODIES = {
                           "no_such_signature"),
     "non-string signature_name": (b'{"signature_name": 7, "instances": [1.0]}', "signature_name"),
     "invalid base64": (b'{"instances": [{"b64": "%%%"}]}', None),
+    # RapidJSON refuses a number beyond a double; Python's json would make it inf.
+    "number too big for a double": (b'{"signature_name": "single", "instances": [1e400]}',
+                                    None),
+    # Undecodable bytes where a serialized tf.Example is expected: TF's parse error, not a
+    # codec error about the error message.
+    "bytes that are not a tf.Example": (b'{"instances": [{"b64": "//4AZ2FyYmFnZQ=="}]}',
+                                        "Could not parse example input"),
 }
 
 

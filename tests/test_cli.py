@@ -1,0 +1,57 @@
+"""The `poso` command line: --help imports nothing heavy, every flag says what it does, and
+TensorFlow's native banners are dropped from stderr (pipeline/quiet.py)."""
+
+import argparse
+import subprocess
+import sys
+
+from pipeline import cli
+
+HEAVY = ("tensorflow", "apache_beam", "tfx", "benchmarks", "serving", "models")
+
+
+def _in_a_fresh_interpreter(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_help_imports_neither_tensorflow_nor_the_server_nor_the_benchmarks():
+    done = _in_a_fresh_interpreter(
+        "import sys\nfrom pipeline import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+    assert done.returncode == 0, done.stderr
+    assert "usage: poso [-h] COMMAND" in done.stdout and "rollback" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _flags_without_help(parser, where=()):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _flags_without_help(sub, (*where, name))
+        elif action.option_strings and not action.help and not isinstance(action, argparse._HelpAction):
+            yield f"poso {' '.join(where)} {action.option_strings[0]}"
+
+
+def test_every_flag_of_every_command_has_help_and_shows_its_default():
+    parser = cli.build_parser()
+    assert list(_flags_without_help(parser)) == []
+    run_help = cli.build_parser(["run"])._subparsers._group_actions[0].choices["run"].format_help()
+    assert "(default: 400)" in run_help and "(default: $POSO_HOME" in run_help
+    backfill_help = cli.build_parser(["backfill"])._subparsers._group_actions[0].choices["backfill"].format_help()
+    assert "(included)" in backfill_help
+
+
+BANNER = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+          "I0000 00:00:1796241430.763252   14004 port.cc:153] oneDNN custom operations are on.\n"
+          "E0000 00:00:1796241443.898258   14004 cuda_platform.cc:52] failed call to cuInit: INTERNAL\n")
+
+
+def test_native_banners_are_dropped_from_stderr_of_the_process_and_its_children():
+    child = f"import os; os.write(2, {(BANNER + 'child problem' + chr(10)).encode()!r})"
+    done = _in_a_fresh_interpreter(
+        "import os, subprocess, sys\nfrom pipeline import quiet\nquiet.filter_native_stderr()\n"
+        f"os.write(2, {(BANNER + 'real problem' + chr(10)).encode()!r})\n"
+        f"subprocess.run([sys.executable, '-c', {child!r}])\n"
+        "print('done', file=sys.stderr)\n")
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stderr.splitlines()) == ["child problem", "done", "real problem"]
