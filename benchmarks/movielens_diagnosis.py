@@ -18,8 +18,8 @@ The models are scored in process, not through the exported serving signature as
 export per run. `--test` scores on the test users instead (only for the final table:
 never choose anything on it).
 
-Runs are cached (one CSV row per run and task, keyed by arm, seed, data and a hash of the
-model code), so arms shared between experiments (the baseline) train once and an
+Runs are cached (one JSON line per run, task and scored epoch in <work-dir>/runs.jsonl, keyed
+by arm, seed, data and a hash of the model code), so arms shared between experiments (the baseline) train once and an
 interrupted experiment resumes.
 
 Run: `bin/poso-env nice -n 5 python -m benchmarks.movielens_diagnosis --experiment modules`
@@ -296,12 +296,19 @@ def _run_key(arm: Arm, prepared: Mapping[str, Any], code: str, seed: int) -> str
                            seed=seed), sort_keys=True)
 
 
-def run_experiment(arms: Sequence[Arm], seeds: Sequence[int], prepared: Mapping[str, Any], cache_csv: str,
+def _read_cache(cache_path: str) -> pd.DataFrame:
+    if not os.path.exists(cache_path):
+        return pd.DataFrame(columns=["key"])
+    with open(cache_path) as f:
+        return pd.DataFrame([json.loads(line) for line in f if line.strip()])
+
+
+def run_experiment(arms: Sequence[Arm], seeds: Sequence[int], prepared: Mapping[str, Any], cache_path: str,
                    log=print) -> pd.DataFrame:
-    """Rows (label, seed, task, gauc, gauc_new, gauc_regular, ...) of every arm and seed,
-    trained now or read from `cache_csv` (appended to as runs finish)."""
+    """Rows (label, seed, task, epoch, gauc, gauc_new, gauc_regular, ...) of every arm and seed,
+    trained now or read from `cache_path` (JSON lines, appended to as runs finish)."""
     code = code_hash()
-    cache = pd.read_csv(cache_csv) if os.path.exists(cache_csv) else pd.DataFrame(columns=["key"])
+    cache = _read_cache(cache_path)
     frames = []
     for seed in seeds:  # seed-major: an interrupted run leaves complete pairs
         for arm in arms:
@@ -310,7 +317,9 @@ def run_experiment(arms: Sequence[Arm], seeds: Sequence[int], prepared: Mapping[
             if hit.empty:
                 rows = pd.DataFrame(train_and_score(prepared, arm, seed))
                 rows["key"], rows["code"] = key, code
-                rows.to_csv(cache_csv, mode="a", header=not os.path.exists(cache_csv), index=False)
+                with open(cache_path, "a") as f:
+                    f.writelines(json.dumps(record, default=lambda value: value.item()) + "\n"
+                                for record in rows.to_dict("records"))
                 cache = pd.concat([cache, rows], ignore_index=True)
                 hit = rows
                 log(f"[diagnosis] {arm.label} seed {seed}: GAUC % "
@@ -391,7 +400,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(args.work_dir, exist_ok=True)
     started = time.perf_counter()
     prepared = prepare(args.data or paper_movielens.default_data_zip(), args.work_dir, test=args.test)
-    results = run_experiment(arms, args.seeds, prepared, os.path.join(args.work_dir, "runs.csv"),
+    results = run_experiment(arms, args.seeds, prepared, os.path.join(args.work_dir, "runs.jsonl"),
                              log=lambda line: print(line, file=sys.stderr, flush=True))
     minutes = (time.perf_counter() - started) / 60
     print(format_experiment(results, expand_curves(arms), title=(
