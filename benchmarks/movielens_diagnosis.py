@@ -93,9 +93,9 @@ def _with_baseline(arms: Sequence[Arm], **budget: Any) -> List[Arm]:
 
 
 def _budget_arms() -> List[Arm]:
-    """Learning curves (scored after every epoch) at the default learning rate and at 3x it."""
+    """Learning curves (scored after every epoch) to 5 epochs at the default learning rate, to 4 at 3x it."""
     arms = []
-    for rate, epochs in ((1e-3, 6), (3e-3, 4)):
+    for rate, epochs in ((1e-3, 5), (3e-3, 4)):
         base = f"baseline lr{rate:g}"
         arms += [_arm(base, "baseline", reference=None, epochs=epochs, curve=True,
                       overrides={"learning_rate": rate}),
@@ -119,12 +119,16 @@ EXPERIMENTS: Dict[str, Tuple[str, List[Arm]]] = {
     "modules": ("every POSO module against the baseline at the defaults", _with_baseline(
         [_arm(v, v) for v in ("poso_all", "poso_mha", "poso_mlp", "poso_mmoe")])),
     "headline": ("baseline and POSO(all) at the defaults", _with_baseline([_arm("poso_all", "poso_all")])),
+    "value_projections": ("POSO(MHA)'s N value projections: N = 1 (one gated projection) against the default 4",
+                          _with_baseline([_arm("poso_all", "poso_all"),  # N = 4, the default
+                                          _arm("poso_all N=1", "poso_all", overrides={"num_value_projections": 1})])),
     "pc": ("the PC encoding POSO's gates read", _with_baseline(
         [_arm(f"poso_all pc={pc}", "poso_all", overrides={"pc_source": pc})
          for pc in ("avc_bucket_embedding", "avc_bucket_onehot", "avc_raw")])),
-    "gates": ("the gates' hidden width and C", _with_baseline(
-        [_arm(f"poso_all h={h} C={c:g}", "poso_all", overrides={"gate_hidden_units": h, "gate_scale": c})
-         for h, c in ((8, 2.0), (32, 2.0), (8, 1.0))])),
+    "gates": ("the gates' hidden width and C (default 8 and 2)", _with_baseline(
+        [_arm("poso_all", "poso_all")]
+        + [_arm(f"poso_all h={h} C={c:g}", "poso_all", overrides={"gate_hidden_units": h, "gate_scale": c})
+           for h, c in ((32, 2.0), (8, 1.0))])),
     "budget": ("the training budget (epochs, learning rate) given to both alike", _budget_arms()),
     "data_size": ("learning curve: 25 / 50 / 100% of the training users", _data_size_arms()),
     "specialist": ("is there new-user behaviour a shared model misses? the baseline trained only on ratings "
@@ -286,6 +290,38 @@ def train_and_score(prepared: Mapping[str, Any], arm: Arm, seed: int) -> List[Di
     return rows
 
 
+def data_profile(prepared: Mapping[str, Any]) -> str:
+    """Where the ratings fall by AVC bucket (training and scored users), the label rates in and
+    out of the new-user regime, and how well the AVC alone ranks a user's ratings (GAUC of
+    -AVC). No training."""
+    from feature_specs import movielens as ml
+    from models import metrics
+
+    _, train = paper_movielens.read_test_examples(prepared["train_pattern"])
+    scored = prepared["scored"]
+    edges = (0,) + tuple(ml.MOVIELENS.pc.boundaries) + (np.inf,)
+    lines = [f"{'AVC bucket':<14} {'train share':>11} {'scored share':>12}"]
+    for low, high in zip(edges[:-1], edges[1:]):
+        shares = [np.mean((d[ml.AVC] >= low) & (d[ml.AVC] < high)) for d in (train, scored)]
+        lines.append(f"[{low:g}, {high:g}){'':<{12 - len(f'[{low:g}, {high:g})')}} {100 * shares[0]:>10.1f}% "
+                     f"{100 * shares[1]:>11.1f}%")
+    for name, data in (("train", train), ("scored", scored)):
+        new = data[ml.AVC] < NEW_USER_AVC
+        rates = ", ".join(f"{task.name} {100 * data[task.label][new].mean():.1f}% (AVC < {NEW_USER_AVC}) vs "
+                          f"{100 * data[task.label][~new].mean():.1f}%" for task in ml.MOVIELENS.tasks)
+        lines.append(f"{name}: {data[ml.AVC].size} ratings, {np.unique(data[ml.USER_ID]).size} users, "
+                     f"{100 * new.mean():.1f}% with AVC < {NEW_USER_AVC}; label rates {rates}")
+    users, avc = scored[ml.USER_ID], scored[ml.AVC]
+    for task in ml.MOVIELENS.tasks:
+        cells = []
+        for regime, rows in (("all", avc >= 0), (f"AVC < {NEW_USER_AVC}", avc < NEW_USER_AVC),
+                             (f"AVC >= {NEW_USER_AVC}", avc >= NEW_USER_AVC)):
+            gauc = metrics.grouped_auc(scored[task.label][rows], -avc[rows].astype(float), users[rows])
+            cells.append(f"{regime} {100 * gauc:.2f}")
+        lines.append(f"scored users, GAUC % of the score -AVC, {task.name}: " + ", ".join(cells))
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------
 # Experiments: cached runs, paired tables.
 # --------------------------------------------------------------------------
@@ -304,16 +340,19 @@ def _read_cache(cache_path: str) -> pd.DataFrame:
 
 
 def run_experiment(arms: Sequence[Arm], seeds: Sequence[int], prepared: Mapping[str, Any], cache_path: str,
-                   log=print) -> pd.DataFrame:
+                   log=print, train: bool = True) -> pd.DataFrame:
     """Rows (label, seed, task, epoch, gauc, gauc_new, gauc_regular, ...) of every arm and seed,
-    trained now or read from `cache_path` (JSON lines, appended to as runs finish)."""
+    trained now or read from `cache_path` (JSON lines, appended to as runs finish); with
+    `train=False` only the cached runs."""
     code = code_hash()
     cache = _read_cache(cache_path)
     frames = []
     for seed in seeds:  # seed-major: an interrupted run leaves complete pairs
         for arm in arms:
             key = _run_key(arm, prepared, code, seed)
-            hit = cache[cache["key"] == key]
+            hit = cache[cache["key"] == key] if len(cache) else cache
+            if hit.empty and not train:
+                continue
             if hit.empty:
                 rows = pd.DataFrame(train_and_score(prepared, arm, seed))
                 rows["key"], rows["code"] = key, code
@@ -329,6 +368,8 @@ def run_experiment(arms: Sequence[Arm], seeds: Sequence[int], prepared: Mapping[
                 frames.append(hit.assign(label=[f"{arm.label} e{int(e)}" for e in hit["epoch"]]))
             else:
                 frames.append(hit.assign(label=arm.label))
+    if not frames:
+        return pd.DataFrame(columns=["label", "seed", "task", "epoch", "gauc", "gauc_new", "gauc_regular"])
     return pd.concat(frames, ignore_index=True)
 
 
@@ -375,6 +416,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), help="which experiment to run")
     parser.add_argument("--list", action="store_true", help="list the experiments and their cost, then exit")
+    parser.add_argument("--report", action="store_true",
+                        help="only print the table of the runs already cached (no training)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the data's AVC profile (no training), then exit")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--arms", nargs="+", default=None, help="only these arm labels (and their references)")
     parser.add_argument("--data", default=None, help="MovieLens zip (default: paper_movielens.default_data_zip())")
@@ -383,6 +428,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="score on the TEST users (final table only; never choose on it)")
     args = parser.parse_args(argv)
 
+    if args.profile:
+        prepared = prepare(args.data or paper_movielens.default_data_zip(), args.work_dir, test=args.test)
+        print(data_profile(prepared))
+        return 0
     if args.list or not args.experiment:
         for name, (what, arms) in EXPERIMENTS.items():
             cost = sum(arm.epochs / 3 * arm.user_fraction for arm in arms)
@@ -401,7 +450,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.perf_counter()
     prepared = prepare(args.data or paper_movielens.default_data_zip(), args.work_dir, test=args.test)
     results = run_experiment(arms, args.seeds, prepared, os.path.join(args.work_dir, "runs.jsonl"),
-                             log=lambda line: print(line, file=sys.stderr, flush=True))
+                             log=lambda line: print(line, file=sys.stderr, flush=True), train=not args.report)
     minutes = (time.perf_counter() - started) / 60
     print(format_experiment(results, expand_curves(arms), title=(
         f"{args.experiment}: {what}. {prepared['split']} users ({prepared['summary']['test']['users']} users, "
