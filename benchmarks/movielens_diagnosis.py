@@ -412,12 +412,34 @@ def format_experiment(results: pd.DataFrame, arms: Sequence[Arm], title: str = "
     return "\n".join(lines)
 
 
+def compare_codes(arms: Sequence[Arm], seeds: Sequence[int], prepared: Mapping[str, Any], cache_path: str,
+                  before: str, after: str) -> str:
+    """Each arm's cached runs under model code `after` minus the same arm and seed under
+    `before` (code hashes, as printed in the experiment titles): what a code change did."""
+    cache = _read_cache(cache_path)
+    lines = [f"{'arm':<28} {'task':<10} {'n':>2}  {'after - before pp [95% CI]':<28} {'p':>6}"]
+    for arm in arms:
+        values = {}
+        for code in (before, after):
+            keys = {_run_key(arm, prepared, code, seed): seed for seed in seeds}
+            runs = cache[cache["key"].isin(keys)] if len(cache) else cache
+            values[code] = {(keys[r.key], r.task): 100 * r.gauc for r in runs.itertuples()}
+        for task in sorted({task for _, task in values[after]}):
+            paired = sorted(k for k in values[after] if k[1] == task and k in values[before])
+            d = paired_difference([values[after][k] for k in paired], [values[before][k] for k in paired])
+            cell = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+            lines.append(f"{arm.label:<28} {task:<10} {d['n']:>2}  {cell:<28} {d['p']:>6.3f}")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), help="which experiment to run")
     parser.add_argument("--list", action="store_true", help="list the experiments and their cost, then exit")
     parser.add_argument("--report", action="store_true",
                         help="only print the table of the runs already cached (no training)")
+    parser.add_argument("--compare-codes", nargs=2, metavar=("BEFORE", "AFTER"), default=None,
+                        help="print each arm's cached GAUC under code hash AFTER minus BEFORE, paired by seed")
     parser.add_argument("--profile", action="store_true",
                         help="print the data's AVC profile (no training), then exit")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -447,6 +469,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                          f"{[arm.label for arm in arms]}")
         arms = [arm for arm in arms if arm.label in wanted]
     os.makedirs(args.work_dir, exist_ok=True)
+    if args.compare_codes:
+        prepared = prepare(args.data or paper_movielens.default_data_zip(), args.work_dir, test=args.test)
+        print(compare_codes(arms, args.seeds, prepared, os.path.join(args.work_dir, "runs.jsonl"),
+                            *args.compare_codes))
+        return 0
     started = time.perf_counter()
     prepared = prepare(args.data or paper_movielens.default_data_zip(), args.work_dir, test=args.test)
     results = run_experiment(arms, args.seeds, prepared, os.path.join(args.work_dir, "runs.jsonl"),
