@@ -391,14 +391,14 @@ def format_experiment(results: pd.DataFrame, arms: Sequence[Arm], title: str = "
     """Per arm and task: seeds, mean GAUC %, and the paired difference with its reference arm
     (pp, 95% CI, p), overall and in each AVC regime."""
     lines = [title] if title else []
-    header = (f"{'arm':<28} {'task':<10} {'n':>2} {'GAUC %':>7}  {'diff pp [95% CI]':<26} {'p':>6}  "
+    header = (f"{'arm':<34} {'task':<10} {'n':>2} {'GAUC %':>7}  {'diff pp [95% CI]':<26} {'p':>6}  "
               f"{'new (AVC<32) pp':<26} {'regular pp':<26}")
     lines += [header, "-" * len(header)]
     for arm in arms:
         mine = results[results["label"] == arm.label]
         for task in mine["task"].unique():
             rows = mine[mine["task"] == task].set_index("seed")
-            cells = [f"{arm.label:<28} {task:<10} {len(rows):>2} {100 * rows['gauc'].mean():>7.2f}"]
+            cells = [f"{arm.label:<34} {task:<10} {len(rows):>2} {100 * rows['gauc'].mean():>7.2f}"]
             if arm.reference is not None:
                 ref = results[(results["label"] == arm.reference) & (results["task"] == task)].set_index("seed")
                 seeds = sorted(set(rows.index) & set(ref.index))
