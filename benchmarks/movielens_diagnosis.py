@@ -41,8 +41,9 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import paper_movielens
+from benchmarks.stats import paired_difference
 
-__all__ = ["Arm", "EXPERIMENTS", "paired_difference", "prepare", "train_and_score", "run_experiment",
+__all__ = ["Arm", "EXPERIMENTS", "prepare", "train_and_score", "run_experiment",
            "format_experiment", "main"]
 
 NEW_USER_AVC = 32  # the new-user regime of paper_movielens: fewer than 32 earlier ratings
@@ -142,20 +143,6 @@ EXPERIMENTS: Dict[str, Tuple[str, List[Arm]]] = {
 # --------------------------------------------------------------------------
 # Statistics.
 # --------------------------------------------------------------------------
-
-
-def paired_difference(treatment: Sequence[float], reference: Sequence[float]) -> Dict[str, float]:
-    """Mean of treatment - reference over paired seeds, its 95% t interval and the paired t-test p."""
-    from scipy import stats
-
-    differences = np.asarray(treatment, float) - np.asarray(reference, float)
-    n = differences.size
-    mean = float(differences.mean()) if n else float("nan")
-    if n < 2:
-        return dict(n=n, mean=mean, low=float("nan"), high=float("nan"), p=float("nan"))
-    half = float(stats.t.ppf(0.975, n - 1) * differences.std(ddof=1) / np.sqrt(n))
-    p = float(stats.ttest_rel(treatment, reference).pvalue)
-    return dict(n=n, mean=mean, low=mean - half, high=mean + half, p=p)
 
 
 # --------------------------------------------------------------------------
