@@ -5,8 +5,8 @@ signature (`serving_raw`: one value or id list per feature_specs input, as
 `serving.instances.raw_instances` writes them) up to `--megabytes`, and times what the
 server does before the model runs: `json_codec.parse_json_body` (stdlib json, checking
 every float literal) and `json_codec.predict_inputs_from_json` (to numpy). No model is
-called, so no trained model is needed: the signature comes from
-`serving.testing.export_ranking_stub_model`.
+called, so no trained model is needed: the signature's inputs are `models.export`'s
+`raw_input_signature()`, what every exported ranking model declares.
 
     bin/poso-env python -m benchmarks.rest_parse --megabytes 64
 
@@ -20,7 +20,6 @@ import argparse
 import base64
 import json
 import sys
-import tempfile
 import time
 from typing import List, Optional, Sequence
 
@@ -60,15 +59,18 @@ def _bodies(rows: List[dict], megabytes: float) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks import serving_latency
-    from serving import instances as instances_lib
-    from serving import json_codec, testing
-    from serving.servable import Signature, read_serve_meta_graph
+    import tensorflow as tf
 
-    with tempfile.TemporaryDirectory() as directory:
-        export_dir = testing.export_ranking_stub_model(f"{directory}/stub")
-        signature_def = read_serve_meta_graph(export_dir).signature_def["serving_raw"]
-    signature = Signature.from_proto("serving_raw", signature_def)
+    from benchmarks import serving_latency
+    from models import export
+    from serving import instances as instances_lib
+    from serving import json_codec
+    from serving.servable import PREDICT_METHOD, Signature, TensorSpec
+
+    signature = Signature(
+        "serving_raw", PREDICT_METHOD,
+        {name: TensorSpec(name, spec.dtype, tf.TensorShape(spec.shape))
+         for name, spec in export.raw_input_signature().items()}, {})
     examples = serving_latency.synthetic_examples(args.distinct_rows, seed=0)
     rows = [{name: _json_value(value) for name, value in row.items()}
             for row in instances_lib.raw_instances(examples)]

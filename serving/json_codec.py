@@ -160,6 +160,7 @@ def _leaf(value: Any, dtype: tf.DType, where: str):
 
 def tensor_from_json(value: Any, dtype: tf.DType, where: str) -> np.ndarray:
     """A scalar or rectangular nested list as an array of `dtype`; errors name `where`."""
+    check_deadline()
     shape: List[int] = []
     probe = value
     while isinstance(probe, list):

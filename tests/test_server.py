@@ -677,20 +677,6 @@ def test_stop_lets_in_flight_requests_finish(tmp_path, scaled_exports):
         client.predict_grpc(server.grpc_address, "ranker", {"x": [1.0]}, timeout=2)
 
 
-def _wrapper_env(tmp_path: Path) -> dict:
-    """Environment variables under which bin/poso-env, called from inside the environment
-    (as tests are), runs its command with this interpreter's environment: a venv-mode cache
-    whose ready venv is this one (rather than building one, or nesting the userland)."""
-    cache = tmp_path / "env-cache"
-    env = dict(os.environ, POSO_ENV_MODE="venv", POSO_ENV_CACHE=str(cache))
-    env_dir = Path(subprocess.run([str(REPO_ROOT / "bin" / "poso-env"), "--print-dir"],
-                                  env=env, capture_output=True, text=True, check=True).stdout.strip())
-    env_dir.mkdir(parents=True)
-    (env_dir / "venv").symlink_to(sys.prefix)
-    (env_dir / ".complete").write_text("prepared by the test\n")
-    return env
-
-
 def test_poso_serve_logs_like_tensorflow_model_server_and_stops_on_sigterm(tmp_path,
                                                                           scaled_exports):
     """`bin/poso serve` through the environment wrapper: timestamped INFO lines for start,
@@ -705,7 +691,7 @@ def test_poso_serve_logs_like_tensorflow_model_server_and_stops_on_sigterm(tmp_p
         [str(REPO_ROOT / "bin" / "poso"), "serve", "--port=0", "--rest-port=0",
          "--model_name=ranker", f"--model-base-path={base}", "--shutdown_grace_seconds=2",
          f"--monitoring_config_file={monitoring}"],
-        stderr=subprocess.PIPE, text=True, cwd=str(tmp_path), env=_wrapper_env(tmp_path))
+        stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
     log_lines = []
     try:
         rest_url = None

@@ -4,6 +4,7 @@ conversion gives, and a value it would refuse is refused with the same message."
 from __future__ import annotations
 
 import base64
+import re
 
 import numpy as np
 import pytest
@@ -81,3 +82,56 @@ def test_plain_lists_skip_the_element_by_element_path():
     assert json_codec._whole_array(["id"] * 5000, tf.string) is not None
     assert json_codec._whole_array([1, 2 ** 40], tf.int32) is None
     assert json_codec._whole_array([1, {"b64": "AA=="}], tf.string) is None
+
+
+def _raw_signature():
+    from serving.servable import PREDICT_METHOD, Signature, TensorSpec
+
+    return Signature("raw", PREDICT_METHOD, {
+        "x": TensorSpec("x", tf.float32, tf.TensorShape([None])),
+        "ids": TensorSpec("ids", tf.int64, tf.TensorShape([None, None])),
+        "tag": TensorSpec("tag", tf.string, tf.TensorShape([None]))}, {})
+
+
+def test_row_format_is_decoded_by_column_and_errors_still_name_the_instance():
+    signature = _raw_signature()
+    rows = [{"x": float(i), "ids": [i, i + 1], "tag": {"b64": "AP8="}} for i in range(3000)]
+    inputs, row_format = json_codec.predict_inputs_from_json({"instances": rows}, signature)
+    assert row_format and inputs["ids"].shape == (3000, 2) and inputs["ids"].dtype == np.int64
+    assert inputs["x"].dtype == np.float32 and inputs["x"][2999] == 2999.0
+    assert inputs["tag"][5] == b"\x00\xff"
+    rows[1234]["ids"] = [1, 2, 3]
+    with pytest.raises(errors.ServingError, match="element: 1234 key: ids"):
+        json_codec.predict_inputs_from_json({"instances": rows}, signature)
+
+
+def test_a_number_too_big_for_a_double_is_refused_but_infinity_is_not():
+    with pytest.raises(errors.ServingError, match="Number too big to be stored in double: 1e400"):
+        json_codec.parse_json_body(b'{"instances": [1.5, 1e400]}')
+    assert json_codec.parse_json_body(b'{"instances": [Infinity, -1e308]}')["instances"] == [
+        float("inf"), -1e308]
+
+
+def test_decoding_stops_once_the_request_deadline_has_passed():
+    import time
+
+    import grpc
+
+    from serving import deadlines
+
+    rows = [{"x": 1.0, "ids": [1], "tag": "t"}] * 10
+    with deadlines.deadline(0.001):
+        time.sleep(0.002)
+        with pytest.raises(errors.ServingError) as caught:
+            json_codec.predict_inputs_from_json({"instances": rows}, _raw_signature())
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    json_codec.predict_inputs_from_json({"instances": rows}, _raw_signature())  # no deadline
+
+
+def test_rest_parse_benchmark_prints_throughput(capsys):
+    from benchmarks import rest_parse
+
+    assert rest_parse.main(["--megabytes", "0.05", "--repeats", "1",
+                            "--distinct-rows", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert len(re.findall(r"\d+\.\d MB/s", printed)) == 2, printed
