@@ -102,7 +102,7 @@ import pyarrow as pa
 import pyarrow.compute as pa_compute
 import pyarrow.csv as pa_csv
 
-from components.impression_logs import DAY_MS, USER_TABLE_FILE, VIDEO_TABLE_FILE, day_dir
+from components.impression_logs import DAY_MS, LOGS_DIR, USER_TABLE_FILE, VIDEO_TABLE_FILE, day_dir
 from feature_specs import specs
 
 __all__ = ["generate", "add_arguments", "run", "main", "read_truth", "Behaviour", "PRESETS", "LOG_FILE_FORMATS",
@@ -1011,9 +1011,12 @@ def run(args: argparse.Namespace) -> int:
     paths = generate(args.out, args.start, args.days, args.seed, impressions_per_day=args.rows_per_day,
                      kuairand_dir=args.kuairand, new_user_share=args.new_user_share, file_format=args.format,
                      preset=args.preset)
+    seconds = time.perf_counter() - began
+    rows = args.rows_per_day * args.days
+    last = args.start + datetime.timedelta(days=args.days - 1)
+    print(f"wrote {rows:,} rows for {args.start.isoformat()}..{last.isoformat()} in {len(paths)} daily files "
+          f"under {os.path.join(args.out, LOGS_DIR)}")
     if args.verbose:
-        seconds = time.perf_counter() - began
-        rows = args.rows_per_day * args.days
         print(f"wrote {rows:,} rows in {len(paths)} daily files under {args.out} in {seconds:.2f} s "
               f"({rows / seconds:,.0f} rows/s)", file=sys.stderr)
     return 0

@@ -237,8 +237,18 @@ _EXPECTED_WARNINGS = (
     "Fail to find metrics for model name: baseline",  # TFMA, when there is no baseline yet
     "ArtifactQuery.property_predicate is not supported",  # MLMD without ZetaSQL, on each resolve
     "Fallback to non-ZetaSQL contexts execution query",
+    "Not using the in-place Transform because",  # tf.Transform: the preprocessing_fn has analyzers
 )
 
 
+# Notices every Beam worker process (multi_processing mode) gives at start, which the job service
+# relays as WARNING records, once per worker and Beam stage (shown with --verbose).
+_BEAM_WORKER_NOTICES = ("No semi_persistent_directory found", "Discarding unparseable args")
+
+
 def _drop_expected_warnings(record: logging.LogRecord) -> bool:
-    return not (record.levelno == logging.WARNING and record.getMessage().startswith(_EXPECTED_WARNINGS))
+    if record.levelno != logging.WARNING:
+        return True
+    message = record.getMessage()
+    return not (message.startswith(_EXPECTED_WARNINGS) or (
+        record.name.startswith("apache_beam") and any(notice in message for notice in _BEAM_WORKER_NOTICES)))

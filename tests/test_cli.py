@@ -55,3 +55,27 @@ def test_native_banners_are_dropped_from_stderr_of_the_process_and_its_children(
         "print('done', file=sys.stderr)\n")
     assert done.returncode == 0, done.stderr
     assert sorted(done.stderr.splitlines()) == ["child problem", "done", "real problem"]
+
+
+def test_generate_says_what_it_wrote_and_where(tmp_path, capsys):
+    assert cli.main(["generate", "--out", str(tmp_path), "--start", "2022-04-08", "--days", "2",
+                     "--rows-per-day", "50"]) == 0
+    assert capsys.readouterr().out == (f"wrote 100 rows for 2022-04-08..2022-04-09 in 2 daily files "
+                                       f"under {tmp_path / 'logs'}\n")
+
+
+def test_beam_workers_start_notices_are_kept_off_the_terminal_other_warnings_not():
+    import logging
+
+    from pipeline import local_runner
+
+    def shown(name, level, message):
+        return local_runner._drop_expected_warnings(logging.LogRecord(name, level, __file__, 1, message, None, None))
+
+    relay = ('Worker: severity: WARN timestamp {   seconds: 1796244371 } message: "No semi_persistent_directory '
+             'found:  User registered objects ... may not be effective"')
+    job_service = "apache_beam.runners.portability.local_job_service"
+    assert not shown(job_service, logging.WARNING, relay)
+    assert shown(job_service, logging.ERROR, relay)
+    assert shown(job_service, logging.WARNING, 'Worker: severity: WARN message: "No space left on device"')
+    assert shown("tensorflow", logging.WARNING, "No semi_persistent_directory found")
