@@ -53,6 +53,13 @@ def _add_pipeline_args(parser: argparse.ArgumentParser, home: Optional[str] = No
                         help="extra Beam pipeline argument (repeatable)")
     parser.add_argument("--no-cache", action="store_true", help="recompute every component")
     parser.add_argument("--verbose", action="store_true", help="show TFX, TensorFlow and Beam logs")
+    _add_lock_arg(parser)
+
+
+def _add_lock_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait-for-lock", type=argtypes.non_negative_int, default=0, metavar="SECONDS",
+                        help="when another command holds HOME, wait this long for it (default: exit at once "
+                             "with exit code 4)")
 
 
 def _run_config(args, date: datetime.date) -> config_lib.RunConfig:
@@ -96,13 +103,41 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     _add_unpin_arg(parser)
 
 
-def cmd_run(args) -> int:
-    from pipeline import local_runner
+def _checked(command: str, *checks) -> Optional[int]:
+    """None when every check passes, else the exit code of the first one's one-line error."""
+    from pipeline import exit_codes, operation
 
-    local_runner.setup_logging(args.verbose)
-    _unpin(args)
-    _print_result(local_runner.run_day(_run_config(args, args.date)), args.home)
-    return 0
+    try:
+        for check in checks:
+            check()
+    except operation.BadInput as bad:
+        operation.error(command, f"bad input: {bad}")
+        return exit_codes.BAD_INPUT
+    return None
+
+
+def _checked_run_args(command: str, args, first: datetime.date, last: datetime.date) -> Optional[int]:
+    from pipeline import operation
+
+    return _checked(command, lambda: operation.check_run_args(args, _run_config(args, first), first, last),
+                    lambda: operation.check_training_windows(_run_config(args, first), first, last))
+
+
+def cmd_run(args) -> int:
+    from pipeline import local_runner, operation
+
+    bad = _checked_run_args("run", args, args.date, args.date)
+    if bad is not None:
+        return bad
+
+    def run() -> int:
+        _unpin(args)
+        result = local_runner.run_day(_run_config(args, args.date))
+        _print_result(result, args.home)
+        return operation.outcome([result])
+
+    return operation.operate("run", args.home, f"run-{args.date.isoformat()}", run, verbose=args.verbose,
+                             wait_for_lock=args.wait_for_lock)
 
 
 def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,13 +150,20 @@ def add_backfill_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_backfill(args) -> int:
-    from pipeline import local_runner
+    from pipeline import local_runner, operation
 
-    local_runner.setup_logging(args.verbose)
-    _unpin(args)
-    for result in local_runner.backfill(_run_config(args, args.start), args.start, args.end):
-        _print_result(result, args.home)
-    return 0
+    bad = _checked_run_args("backfill", args, args.start, args.end)
+    if bad is not None:
+        return bad
+
+    def backfill() -> int:
+        _unpin(args)
+        results = local_runner.backfill(_run_config(args, args.start), args.start, args.end,
+                                        on_day=lambda result: _print_result(result, args.home))
+        return operation.outcome(results)
+
+    return operation.operate("backfill", args.home, f"backfill-{args.start.isoformat()}-{args.end.isoformat()}",
+                             backfill, verbose=args.verbose, wait_for_lock=args.wait_for_lock)
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +175,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beam-mode", default="in_memory", choices=["multi_processing", "multi_threading", "in_memory"],
                         help="DirectRunner running mode")
     parser.add_argument("--verbose", action="store_true", help="show TFX, TensorFlow and Beam logs")
+    _add_lock_arg(parser)
 
 
 def add_model_summary_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,10 +206,16 @@ def cmd_model_summary(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from pipeline import demo
+    from pipeline import demo, operation
 
-    return demo.run_demo(home=args.home, rows_per_day=args.rows_per_day, train_steps=args.train_steps,
-                         verbose=args.verbose, beam_mode=args.beam_mode)
+    bad = _checked("demo", lambda: operation.check_home(args.home))
+    if bad is not None:
+        return bad
+    return operation.operate(
+        "demo", args.home, "demo",
+        lambda: demo.run_demo(home=args.home, rows_per_day=args.rows_per_day, train_steps=args.train_steps,
+                              verbose=args.verbose, beam_mode=args.beam_mode),
+        verbose=args.verbose, wait_for_lock=args.wait_for_lock)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ import time
 
 from feature_specs import specs
 from pipeline import config as config_lib
+from pipeline import exit_codes, home_lock, operation
 
 START = datetime.date(2022, 4, 8)   # KuaiRand's logs start on 2022-04-08
 DAYS = config_lib.TRAIN_DAYS + 1
@@ -23,13 +24,22 @@ SEED = 42
 _MARKER = ".poso-demo"
 
 
+# Kept when the workspace is recreated: the lock this demo holds and the command logs.
+_KEPT = (home_lock.LOCK_FILE, "logs")
+
+
 def _fresh_home(home: str) -> None:
     """Recreates the demo workspace; refuses to delete a folder the demo did not create."""
-    if os.path.exists(home):
-        if os.listdir(home) and not os.path.exists(os.path.join(home, _MARKER)):
-            raise SystemExit(f"{home} exists and was not made by `poso demo`; pass another --home")
-        shutil.rmtree(home)
-    os.makedirs(home)
+    os.makedirs(home, exist_ok=True)
+    entries = [e for e in os.listdir(home) if e not in _KEPT]
+    if entries and _MARKER not in entries:
+        raise operation.BadInput(f"--home {home} exists and was not made by `poso demo`; pass another --home")
+    for entry in entries:
+        path = os.path.join(home, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
     open(os.path.join(home, _MARKER), "w").close()
 
 
@@ -58,7 +68,7 @@ def run_demo(home: str, rows_per_day: int, train_steps: int, verbose: bool = Fal
     report_path = report.write_report(result, home)
     if not result["pushed"]:
         print("The model was not pushed, so there is nothing to serve; see the reasons above.")
-        return 1
+        return exit_codes.NOT_BLESSED
 
     print(f"[3/4] Serving {cfg.models_config_path} on 127.0.0.1", flush=True)
     handle = server.start_in_background(model_config_file=cfg.models_config_path, host=config_lib.SERVING_HOST,
@@ -88,7 +98,7 @@ def run_demo(home: str, rows_per_day: int, train_steps: int, verbose: bool = Fal
           f"  metadata (sqlite): {cfg.metadata_path}\n  served model:      {result['pushed_destination']}\n"
           f"  models.config:     {cfg.models_config_path}\n  run report:        {report_path}\n"
           f"Serve it again: bin/poso serve --model-config {cfg.models_config_path}")
-    return 0
+    return exit_codes.PUSHED
 
 
 def _eval_examples(uri: str):

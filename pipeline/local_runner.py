@@ -16,16 +16,18 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from tfx import v1 as tfx
 
-from components import impression_logs
+from components import fault_injection, impression_logs
 from components.avc_example_gen import span_of
 from feature_specs import schema as schema_lib
 from models.trainer import PROGRESS_LOGGER
 from pipeline import config as config_lib
+from pipeline import home_lock
 from pipeline import pipeline as pipeline_lib
 
 
@@ -55,6 +57,9 @@ class _ProgressHandler(logging.Handler):
             self.steps += 1
             self.cached_steps += self._cached
             self._print(message[:-1] + (" (cached)." if self._cached else "."))
+        if message.startswith("Component ") and message.endswith((" is running.", " is finished.")):
+            component, when = message[len("Component "):].rstrip(".").split(" is ")
+            fault_injection.reached(f"{component}:{when}")
 
 
 def ingested_spans(cfg: config_lib.RunConfig) -> set:
@@ -143,6 +148,82 @@ def _scratch_tempdir() -> Iterator[str]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+# The pipeline run in progress in this process, for the clean-up after a stop signal.
+_active: Dict[str, object] = {}
+_cleanup_guard = threading.Lock()
+
+
+def _unfinished_states():
+    from ml_metadata.proto import metadata_store_pb2
+
+    return (metadata_store_pb2.Execution.RUNNING, metadata_store_pb2.Execution.NEW)
+
+
+def _cancel(store, executions, reason: str) -> int:
+    """Marks executions CANCELED with `reason`; returns how many."""
+    from ml_metadata.proto import metadata_store_pb2
+
+    for execution in executions:
+        execution.last_known_state = metadata_store_pb2.Execution.CANCELED
+        execution.custom_properties["cancelled_reason"].string_value = reason
+    if executions:
+        store.put_executions(executions)
+    return len(executions)
+
+
+def cancel_unfinished_executions(cfg: config_lib.RunConfig, known_runs: Optional[set], reason: str) -> int:
+    """Marks the RUNNING (or NEW) executions of pipeline runs not in `known_runs` (every run when
+    None) CANCELED: LocalDagRunner leaves them RUNNING when its process is stopped or killed."""
+    if not cfg.metadata_mysql and not os.path.exists(cfg.metadata_path):
+        return 0
+    from tfx.orchestration import metadata
+
+    with metadata.Metadata(pipeline_lib.metadata_connection(cfg)) as m:
+        runs = _run_contexts(m.store) - (known_runs or set())
+        unfinished = {e.id: e for run_id in runs for e in m.store.get_executions_by_context(run_id)
+                      if e.last_known_state in _unfinished_states()}
+        return _cancel(m.store, list(unfinished.values()), reason)
+
+
+def note_stop(signal_name: str) -> None:
+    _active["stopped_by"] = signal_name
+
+
+def _stop_child_processes(grace_seconds: float = 5) -> None:
+    """Beam's worker processes and anything else this process started."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace_seconds)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(alive, timeout=grace_seconds)
+
+
+def clean_up_after_stop() -> None:
+    """After a stop signal: ends child processes, marks this run's unfinished steps CANCELED in
+    MLMD and removes its scratch folder. Safe to call twice (the main thread and the watchdog)."""
+    with _cleanup_guard:
+        if _active.get("cleaned"):
+            return
+        _stop_child_processes()
+        cfg, known_runs = _active.get("cfg"), _active.get("known_runs")
+        if cfg is not None:
+            reason = f"stopped by {_active.get('stopped_by', 'a signal')}"
+            try:
+                count = cancel_unfinished_executions(cfg, known_runs, reason)
+                logging.warning("Marked %d unfinished execution(s) CANCELED (%s)", count, reason)
+            except Exception:  # pylint: disable=broad-except
+                logging.exception("Could not mark the stopped run's executions CANCELED")
+        if _active.get("scratch"):
+            shutil.rmtree(str(_active["scratch"]), ignore_errors=True)
+        _active["cleaned"] = True
+
+
 def _run(cfg: config_lib.RunConfig, label: str) -> None:
     """Runs the pipeline once; raises PipelineRunError naming the first component that failed.
 
@@ -158,8 +239,11 @@ def _run(cfg: config_lib.RunConfig, label: str) -> None:
     progress = _ProgressHandler(label)
     logging.getLogger().addHandler(progress)
     raised: Optional[BaseException] = None
+    _active.clear()
+    _active.update(cfg=cfg, known_runs=known_runs)
     try:
-        with _scratch_tempdir():
+        with _scratch_tempdir() as scratch:
+            _active["scratch"] = scratch
             tfx.orchestration.LocalDagRunner().run(pipeline_lib.create_pipeline(cfg))
     except Exception as error:  # pylint: disable=broad-except
         raised = error
@@ -184,10 +268,20 @@ def days_to_ingest(cfg: config_lib.RunConfig) -> List[datetime.date]:
     return [d for d in impression_logs.available_dates(cfg.data_dir) if d < cfg.date and span_of(d) not in done]
 
 
-def run_day(cfg: config_lib.RunConfig) -> Dict[str, object]:
-    """The daily run for cfg.date; returns the run summary (see `summary.summarize`)."""
+def run_day(cfg: config_lib.RunConfig, wait_for_lock: float = 0) -> Dict[str, object]:
+    """The daily run for cfg.date under HOME's lock; returns the run summary (see
+    `summary.summarize`)."""
+    with home_lock.home_lock(cfg.home_dir, wait_for_lock):
+        return _run_day(cfg)
+
+
+def _run_day(cfg: config_lib.RunConfig) -> Dict[str, object]:
     from pipeline import summary
 
+    if not cfg.metadata_mysql:  # the store is this HOME's own, and this process holds its lock
+        abandoned = cancel_unfinished_executions(cfg, None, "abandoned: its process ended without finishing it")
+        if abandoned:
+            print(f"Marked {abandoned} step(s) left RUNNING by an earlier run that ended as CANCELED", flush=True)
     schema_lib.write_schema(cfg.schema_path)
     started = time.time()
     ingest = days_to_ingest(cfg)
@@ -203,19 +297,26 @@ def run_day(cfg: config_lib.RunConfig) -> Dict[str, object]:
     return result
 
 
-def backfill(cfg: config_lib.RunConfig, first: datetime.date, last: datetime.date) -> List[Dict[str, object]]:
-    """Daily runs for first..last in order; cached steps are not recomputed."""
+def backfill(cfg: config_lib.RunConfig, first: datetime.date, last: datetime.date,
+             on_day: Optional[Callable[[Dict[str, object]], None]] = None,
+             wait_for_lock: float = 0) -> List[Dict[str, object]]:
+    """Daily runs for first..last in order under HOME's lock; cached steps are not recomputed.
+    `on_day` gets each day's summary as that day ends (so a later failure loses nothing)."""
     results = []
     days = (last - first).days + 1
-    for k in range(days):
-        day = first + datetime.timedelta(days=k)
-        print(f"Backfill: day {k + 1} of {days}, {day.isoformat()}", flush=True)
-        results.append(run_day(dataclasses.replace(cfg, date=day)))
+    with home_lock.home_lock(cfg.home_dir, wait_for_lock):
+        for k in range(days):
+            day = first + datetime.timedelta(days=k)
+            print(f"Backfill: day {k + 1} of {days}, {day.isoformat()}", flush=True)
+            results.append(run_day(dataclasses.replace(cfg, date=day)))
+            if on_day is not None:
+                on_day(results[-1])
     return results
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Warnings (everything with --verbose) to stderr; INFO records still reach the progress handler."""
+def setup_logging(verbose: bool = False, log_file: Optional[str] = None) -> None:
+    """Warnings (everything with --verbose) to stderr; INFO records still reach the progress
+    handler; every record at INFO to `log_file` when given."""
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.INFO)
@@ -227,9 +328,16 @@ def setup_logging(verbose: bool = False) -> None:
     stderr.setLevel(logging.INFO if verbose else logging.WARNING)
     stderr.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(stderr)
+    if log_file:
+        to_file = logging.FileHandler(log_file)
+        to_file.setLevel(logging.INFO)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(to_file)
     if not verbose:  # TensorFlow's logger has a handler of its own; keep it to real problems
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
         stderr.addFilter(_drop_expected_warnings)
+        if log_file:  # errors and their tracebacks go to the file; the command prints one line
+            stderr.addFilter(lambda record: record.levelno < logging.ERROR)
 
 
 # Warnings every run logs that say nothing about the run (shown with --verbose):

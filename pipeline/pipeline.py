@@ -4,7 +4,7 @@ For the run date D:
   previous_user_state (state through D-1) -> AvcExampleGen(D) -> StatisticsGen -> ExampleValidator
   (against the schema derived from feature_specs) -> SchemaAnomaliesGate;
   training_window (spans D-7..D-1, each validated) -> Transform -> Trainer -> Evaluator on span D
-  (against the last blessed model) + ServingInfraValidator -> Pusher (blessed models only) ->
+  (against the last blessed model) + ServingInfraValidator -> Pusher (blessed models only, one version per day) ->
   ServingConfigWriter (models.config beside TF Serving's base directory; a rollback's pin holds).
 `ingest_only` builds just the first part: how earlier days are ingested in order.
 
@@ -25,6 +25,7 @@ from tfx import v1 as tfx
 
 from components import impression_logs
 from components.avc_example_gen import SPLIT, AvcExampleGen, UserState, quarantine_dir_of, span_of
+from components.exactly_once_pusher import ExactlyOncePusher
 from components.infra_validator import ServingInfraValidator
 from components.serving_config_writer import ServingConfigWriter
 from components.span_registry import RegisteredUserState, SpanWindowExamples, registry_dir_of
@@ -129,11 +130,12 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
         infra_validator = ServingInfraValidator(
             model=trainer.outputs["model"], examples=example_gen.outputs["examples"],
             model_name=config_lib.MODEL_NAME, num_requests=cfg.infra_validation_requests)
-        pusher = tfx.components.Pusher(
+        # One version per day, safe against a kill at any point (components/exactly_once_pusher.py).
+        pusher = ExactlyOncePusher(
             model_blessing=evaluator.outputs["blessing"],
             infra_blessing=infra_validator.outputs["blessing"],
-            push_destination=tfx.proto.PushDestination(
-                filesystem=tfx.proto.PushDestination.Filesystem(base_directory=cfg.serving_model_dir)))
+            examples=example_gen.outputs["examples"],
+            base_directory=cfg.serving_model_dir).with_id("Pusher")
         config_writer = ServingConfigWriter(
             pushed_model=pusher.outputs["pushed_model"], models_config_path=cfg.models_config_path,
             model_name=config_lib.MODEL_NAME, base_path=cfg.serving_model_dir, pin_path=cfg.pin_path)
