@@ -152,6 +152,9 @@ def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
         "pushed": bool(_custom(pushed, "pushed", 0)),
         "pushed_version": _custom(pushed, "pushed_version", None),
         "pushed_destination": _custom(pushed, "pushed_destination", None),
+        # "copied", or "adopted": a complete version of the day with this model was already in
+        # place (a rerun after a kill inside the push); see components/exactly_once_pusher.py.
+        "push": _custom(pushed, "push", None),
         "serving_base_directory": cfg.serving_model_dir,
         "models_config": cfg.models_config_path,
         "pinned_version": serving_config.read_pin(cfg.pin_path),
@@ -193,7 +196,8 @@ def format_summary(summary: Dict[str, object]) -> str:
                  ": " + ("; ".join(summary.get("blessing_failures") or []) or "see the evaluation artifact")))
     lines.append("  Infra validation: " + ("passed" if summary["infra_blessed"] else f"FAILED {summary['infra_reason']}"))
     if summary["pushed"]:
-        lines.append(f"  Pushed version {summary['pushed_version']} to {summary['pushed_destination']}")
+        adopted = " (already in place from an earlier run: adopted)" if summary.get("push") == "adopted" else ""
+        lines.append(f"  Pushed version {summary['pushed_version']} to {summary['pushed_destination']}{adopted}")
         if summary.get("pinned_version") is not None:
             lines.append(f"  Not serving it: version {summary['pinned_version']} is pinned by `poso rollback` "
                          f"(lift with `poso rollback --release` or `poso run --unpin`)")
