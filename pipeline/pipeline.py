@@ -135,7 +135,7 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
             model_blessing=evaluator.outputs["blessing"],
             infra_blessing=infra_validator.outputs["blessing"],
             examples=example_gen.outputs["examples"],
-            base_directory=cfg.serving_model_dir).with_id("Pusher")
+            base_directory=cfg.serving_model_dir, pin_path=cfg.pin_path).with_id("Pusher")
         config_writer = ServingConfigWriter(
             pushed_model=pusher.outputs["pushed_model"], models_config_path=cfg.models_config_path,
             model_name=config_lib.MODEL_NAME, base_path=cfg.serving_model_dir, pin_path=cfg.pin_path)

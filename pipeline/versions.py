@@ -74,15 +74,24 @@ def printed_as_json_or_empty(rows: List[dict], as_json: bool, empty_message: str
     return as_json or not rows
 
 
-def _pushed_at(version: int) -> str:
-    """Pusher names versions by the push time in seconds since the epoch."""
-    return datetime.datetime.fromtimestamp(version, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def _pushed_at(base_directory: str, version: int) -> str:
+    """From the version's PUSH.json (components/day_versions.py); a version pushed before those
+    is named by its push time in seconds since the epoch (TFX's Pusher)."""
+    from components import day_versions
+
+    marker = day_versions.read_marker(os.path.join(base_directory, str(version)))
+    if marker.get("pushed_at"):
+        at = datetime.datetime.fromisoformat(marker["pushed_at"])
+    else:
+        at = datetime.datetime.fromtimestamp(version, tz=datetime.timezone.utc)
+    return at.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
     versions, serving, days = pushed_versions(args.home), serving_versions(args.home), pushing_days(args.home)
     pinned = serving_config.read_pin(_paths(args.home).pin_path)
-    rows = [{"version": v, "pushed_at": _pushed_at(v), "pushed_by_run": days.get(v), "serving": v in serving,
+    base_directory = _paths(args.home).serving_model_dir
+    rows = [{"version": v, "pushed_at": _pushed_at(base_directory, v), "pushed_by_run": days.get(v), "serving": v in serving,
              "pinned": v == pinned} for v in versions]
     if printed_as_json_or_empty(rows, args.json, f"No pushed version under {_paths(args.home).serving_model_dir} yet."):
         return 0

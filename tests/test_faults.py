@@ -25,7 +25,7 @@ import pytest
 from ml_metadata.proto import metadata_store_pb2
 from tfx.orchestration import metadata
 
-from components import exactly_once_pusher, fault_injection, impression_logs, synthetic_logs
+from components import day_versions, fault_injection, impression_logs, synthetic_logs
 from components.avc_example_gen import date_of
 from pipeline import config as config_lib
 from pipeline import exit_codes
@@ -138,7 +138,7 @@ def _versions(home):
 
 
 def _versions_of(home, day):
-    return exactly_once_pusher.day_versions(_cfg(home).serving_model_dir, day)
+    return day_versions.day_versions(_cfg(home).serving_model_dir, day)
 
 
 def _wait_for_line(log_path, text, child, timeout):

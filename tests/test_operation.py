@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from components import exactly_once_pusher, fault_injection, synthetic_logs
+from components import day_versions, fault_injection, synthetic_logs
 from pipeline import cli, exit_codes, home_lock
 from pipeline import config as config_lib
 
@@ -142,8 +142,8 @@ def _folders(base):
 
 _PUSH = """
 import datetime, sys
-from components import exactly_once_pusher
-exactly_once_pusher.push(sys.argv[1], sys.argv[2], datetime.date.fromisoformat(sys.argv[3]))
+from components import day_versions
+day_versions.push(sys.argv[1], sys.argv[2], datetime.date.fromisoformat(sys.argv[3]))
 """
 
 
@@ -156,14 +156,14 @@ def _push_killed_at(point, model, base):
 def test_a_day_is_pushed_once_as_its_own_version_and_a_rerun_adopts_it(tmp_path):
     base = str(tmp_path / "serving")
     model = _model(tmp_path / "model", b"A")
-    first = exactly_once_pusher.push(model, base, DAY)
+    first = day_versions.push(model, base, DAY)
     assert first == {"version": 2022041500, "destination": os.path.join(base, "2022041500"), "push": "copied"}
-    again = exactly_once_pusher.push(model, base, DAY)
+    again = day_versions.push(model, base, DAY)
     assert again["push"] == "adopted" and again["version"] == 2022041500
     assert _folders(base) == ["2022041500"]
-    marker = exactly_once_pusher.read_marker(first["destination"])
-    assert marker["date"] == DAY.isoformat() and marker["model_fingerprint"] == exactly_once_pusher.model_fingerprint(model)
-    next_day = exactly_once_pusher.push(model, base, DAY + datetime.timedelta(days=1))
+    marker = day_versions.read_marker(first["destination"])
+    assert marker["date"] == DAY.isoformat() and marker["model_fingerprint"] == day_versions.model_fingerprint(model)
+    next_day = day_versions.push(model, base, DAY + datetime.timedelta(days=1))
     assert next_day["version"] == 2022041600 and _folders(base) == ["2022041500", "2022041600"]
 
 
@@ -176,7 +176,7 @@ def test_a_push_killed_inside_leaves_one_complete_version_after_the_rerun(tmp_pa
         assert _folders(base) == [".push-2022041500"]
     else:
         assert _folders(base) == ["2022041500"]
-    result = exactly_once_pusher.push(model, base, DAY)
+    result = day_versions.push(model, base, DAY)
     assert result["push"] == ("copied" if point == "Pusher:copied" else "adopted")
     assert _folders(base) == ["2022041500"]
     assert os.path.getsize(os.path.join(base, "2022041500", "variables", "variables.data-00000-of-00001")) == 1000
@@ -184,9 +184,16 @@ def test_a_push_killed_inside_leaves_one_complete_version_after_the_rerun(tmp_pa
 
 def test_another_model_for_a_pushed_day_replaces_it_under_the_next_revision(tmp_path):
     base = str(tmp_path / "serving")
-    exactly_once_pusher.push(_model(tmp_path / "a", b"A"), base, DAY)
-    replaced = exactly_once_pusher.push(_model(tmp_path / "b", b"B"), base, DAY)
+    day_versions.push(_model(tmp_path / "a", b"A"), base, DAY)
+    replaced = day_versions.push(_model(tmp_path / "b", b"B"), base, DAY)
     assert replaced == {"version": 2022041501, "destination": os.path.join(base, "2022041501"), "push": "copied"}
     assert _folders(base) == ["2022041501"]
     with open(os.path.join(base, "2022041501", "variables", "variables.index"), "rb") as f:
         assert f.read() == b"B"
+
+
+def test_a_replacement_never_removes_the_version_a_rollback_pinned(tmp_path):
+    base = str(tmp_path / "serving")
+    pinned = day_versions.push(_model(tmp_path / "a", b"A"), base, DAY)["version"]
+    replaced = day_versions.push(_model(tmp_path / "b", b"B"), base, DAY, pinned=pinned)
+    assert _folders(base) == [str(pinned), str(replaced["version"])]
