@@ -148,6 +148,8 @@ class Budget:
     train_steps: int = 300
     batch_size: int = 512
     learning_rate: float = 1e-3
+    # The generator's behaviour (components.synthetic_logs.PRESETS): "default", "none", "submergence".
+    preset: str = "default"
 
 
 def _log(message: str) -> None:
@@ -294,7 +296,7 @@ class SyntheticRunner:
         # The budget holds every field the data depends on (the settings are its cache key).
         settings = paper_data.SyntheticSettings(**{field.name: getattr(budget, field.name)
                                                    for field in dataclasses.fields(paper_data.SyntheticSettings)})
-        self.data = paper_data.prepare(work_dir, settings, log=_log)
+        self.data = paper_data.prepare(work_dir, settings, log=_log, preset=budget.preset)
         self.train = paper_data.load_split(self.data.train_files, self.data.transform_dir)
         self.eval = paper_data.load_split(self.data.eval_files, self.data.transform_dir)
         self.data_seconds = round(time.time() - started, 1)
@@ -693,6 +695,7 @@ def _seed_text(meta: Mapping[str, Any]) -> str:
 def _data_lines(data: Mapping[str, Any]) -> List[str]:
     b, train, ev = data["budget"], data["train"], data["eval"]
     return [f"- Data: synthetic KuaiRand-schema logs (components/synthetic_logs.py, seed {b['data_seed']}), "
+            f"generator preset `{b.get('preset', 'default')}`, "
             f"{b['rows_per_day']:,} impressions a day, new-user share {b['new_user_share']}; "
             f"{b.get('warmup_days', 1)} warm-up day(s) ingested for AVC history only, "
             f"train on {data['train_dates'][0]}..{data['train_dates'][-1]} ({train['examples']:,} examples, "
@@ -939,6 +942,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-user-share", type=float, default=defaults.new_user_share,
                         help="share of impressions from new users")
     parser.add_argument("--data-seed", type=int, default=defaults.data_seed, help="seed of the synthetic data")
+    from components import synthetic_logs
+
+    parser.add_argument("--preset", choices=list(synthetic_logs.PRESETS), default=defaults.preset,
+                        help="the synthetic generator's behaviour for sections b-e")
     parser.add_argument("--train-steps", type=argtypes.positive_int, default=defaults.train_steps,
                         help="training steps per model")
     parser.add_argument("--batch-size", type=argtypes.positive_int, default=defaults.batch_size,
@@ -960,7 +967,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     budget = Budget(rows_per_day=args.rows_per_day, train_days=args.train_days, warmup_days=args.warmup_days,
                     new_user_share=args.new_user_share,
-                    data_seed=args.data_seed, train_steps=args.train_steps, batch_size=args.batch_size)
+                    data_seed=args.data_seed, train_steps=args.train_steps, batch_size=args.batch_size,
+                    preset=args.preset)
     argv = sys.argv[1:]
     command = "poso " + shlex.join(argv) if argv[:2] == ["bench", "paper"] else "poso bench paper " + shlex.join(argv)
     started = time.time()

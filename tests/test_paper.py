@@ -230,6 +230,10 @@ def test_cli_rejects_unknown_sections():
         parser.parse_args(["bench", "paper", "--sections", "b,f"])
     args = parser.parse_args(["bench", "paper"])
     assert args.seeds == list(paper.DEFAULT_SEEDS) and len(args.headline_seeds) >= 8
+    assert args.preset == "default"
+    assert parser.parse_args(["bench", "paper", "--preset", "submergence"]).preset == "submergence"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "paper", "--preset", "submerged"])
 
 
 def test_movielens_table_shows_the_returned_frame(tmp_path):
