@@ -423,6 +423,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), help="which experiment to run")
     parser.add_argument("--list", action="store_true", help="list the experiments and their cost, then exit")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="train every arm (curves excepted) this many epochs instead of its own "
+                             f"(default: paper_movielens.DEFAULT_BUDGET's, {paper_movielens.DEFAULT_BUDGET['epochs']})")
     parser.add_argument("--report", action="store_true",
                         help="only print the table of the runs already cached (no training)")
     parser.add_argument("--compare-codes", nargs=2, metavar=("BEFORE", "AFTER"), default=None,
@@ -455,20 +458,22 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"--arms: unknown arm(s) {unknown}; experiment {args.experiment} has "
                          f"{[arm.label for arm in arms]}")
         arms = [arm for arm in arms if arm.label in wanted]
+    if args.epochs is not None:
+        arms = [arm if arm.curve else dataclasses.replace(arm, epochs=args.epochs) for arm in arms]
     os.makedirs(args.work_dir, exist_ok=True)
     if args.compare_codes:
         prepared = prepare(args.data or paper_movielens.default_data_zip(), args.work_dir, test=args.test)
         print(compare_codes(arms, args.seeds, prepared, os.path.join(args.work_dir, "runs.jsonl"),
                             *args.compare_codes))
         return 0
-    started = time.perf_counter()
+    started, code = time.perf_counter(), code_hash()  # the runs' code: read before any training
     prepared = prepare(args.data or paper_movielens.default_data_zip(), args.work_dir, test=args.test)
     results = run_experiment(arms, args.seeds, prepared, os.path.join(args.work_dir, "runs.jsonl"),
                              log=lambda line: print(line, file=sys.stderr, flush=True), train=not args.report)
     minutes = (time.perf_counter() - started) / 60
     print(format_experiment(results, expand_curves(arms), title=(
         f"{args.experiment}: {what}. {prepared['split']} users ({prepared['summary']['test']['users']} users, "
-        f"{prepared['summary']['test']['examples']} ratings), seeds {args.seeds}, code {code_hash()}, "
+        f"{prepared['summary']['test']['examples']} ratings), seeds {args.seeds}, code {code}, "
         f"{minutes:.1f} min")))
     return 0
 
