@@ -44,13 +44,14 @@ VARIANT_LABELS: Dict[str, str] = {
 PAPER_ML20M = {"baseline": (76.08, 74.57), "poso_all": (76.89, 75.29)}
 
 # One budget for every variant: the project's default ModelConfig except the PC source. 6
-# variants x 3 seeds on ml-latest-small take about 22 minutes on 2 shared CPU cores. Chosen
+# variants x 3 seeds on ml-latest-small took about 22 minutes at 3 epochs on 2 shared CPU cores. Chosen
 # on validation users (validation=True: the test users are never seen), seeds 0 and 1:
 # * epochs: mean GAUC of baseline and POSO(all) over both tasks 64.55 / 64.70 / 64.81 % for
 #   1 / 2 / 3 epochs;
 # * PC source: POSO(all) GAUC % Favorite / Satisfied 64.95 / 64.34 with the one-hot AVC
 #   bucket (the model's default), 65.57 / 64.67 with a learned AVC-bucket embedding
-#   (baseline 65.42 / 64.54). Only POSO variants read the PC.
+#   (baseline 65.42 / 64.54). Only POSO variants read the PC. With seeds 0-4 (benchmarks/
+#   README.md, "Diagnosis", finding 5) the two encodings are within 0.1 pp of each other.
 # * epochs, again (benchmarks/README.md, "Diagnosis", finding 7; seeds 0-4, learning curves
 #   of both models): 2 epochs beat 3 on Satisfied for the baseline (+0.83 pp, p 0.001) and
 #   POSO(all) (+0.66 pp, p 0.013); Favorite shows no epoch effect (within +-0.5 pp). So 2.
