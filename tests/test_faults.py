@@ -26,7 +26,7 @@ from ml_metadata.proto import metadata_store_pb2
 from tfx.orchestration import metadata
 
 from components import day_versions, fault_injection, impression_logs, synthetic_logs
-from components.avc_example_gen import date_of
+from components.avc_example_gen import QuarantinedRows, date_of
 from pipeline import config as config_lib
 from pipeline import exit_codes
 from pipeline import pipeline as pipeline_lib
@@ -119,7 +119,7 @@ def _rows_lost(home, data):
     with metadata.Metadata(pipeline_lib.metadata_connection(_cfg(home))) as m:
         store = m.store
         latest = {}
-        for type_name, key in (("Examples", "rows"), ("QuarantinedRows", "bad_rows")):
+        for type_name, key in (("Examples", "rows"), (QuarantinedRows.TYPE_NAME, "bad_rows")):
             for artifact in store.get_artifacts_by_type(type_name):
                 span = artifact.custom_properties["span"].int_value if "span" in artifact.custom_properties \
                     else artifact.properties["span"].int_value
