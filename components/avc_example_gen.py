@@ -359,16 +359,18 @@ def run_executor_for_day(input_base: str, date: datetime.date, output_dir: str, 
 
 
 def _previous_state(artifacts, input_base: str, date: datetime.date):
+    """The resolved user state of the day before, or of the day before skipped days (the
+    resolver picks which); None on the first day of the logs."""
     wanted = span_of(date) - 1
-    matching = [a for a in artifacts if a.span == wanted]
+    matching = [a for a in artifacts if 0 <= a.span <= wanted]
     if matching:
-        return max(matching, key=lambda a: a.id)
+        return max(matching, key=lambda a: (a.span, a.id))
     earlier = [d for d in impression_logs.available_dates(input_base) if d < date]
     if earlier:
         raise impression_logs.LogFormatError(
             f"no user state through {date_of(wanted).isoformat()}, but {input_base} has logs from "
-            f"{earlier[0].isoformat()}: days must be ingested in order (poso backfill --from "
-            f"{earlier[0].isoformat()} --to {date.isoformat()}) so that AVC counts every earlier impression")
+            f"{earlier[0].isoformat()}: days must be ingested in order so that AVC counts every earlier "
+            f"impression (poso run ingests the days before; a day whose logs are lost: poso skip-day)")
     return None  # the first day of the data: every user starts at AVC 0
 
 

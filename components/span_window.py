@@ -15,7 +15,7 @@ finds the Evaluator and Pusher cached, and pushes nothing twice.
 
 import datetime
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from ml_metadata.proto import metadata_store_pb2
 from tensorflow_metadata.proto.v0 import anomalies_pb2
@@ -66,8 +66,10 @@ def _latest_per_span(artifacts, first: int, last: int) -> Dict[int, types.Artifa
 class SpanWindowStrategy(resolver.ResolverStrategy):
     """The latest artifact per span in [first_span, last_span]; see the module docstring."""
 
-    def __init__(self, first_span: int, last_span: int, min_spans: int = 0, window_name: str = "window"):
+    def __init__(self, first_span: int, last_span: int, min_spans: int = 0, window_name: str = "window",
+                 skipped_spans: Sequence[int] = ()):
         self._first, self._last, self._min, self._name = first_span, last_span, min_spans, window_name
+        self._skipped = frozenset(skipped_spans)  # recorded as lost (poso skip-day): neither used nor missing
 
     def resolve_artifacts(self, store, input_dict: Dict[str, List[types.Artifact]]
                           ) -> Optional[Dict[str, List[types.Artifact]]]:
@@ -76,7 +78,8 @@ class SpanWindowStrategy(resolver.ResolverStrategy):
         for key, artifacts in input_dict.items():
             if key == "anomalies":
                 continue
-            latest = _latest_per_span(artifacts, self._first, self._last)
+            latest = {s: a for s, a in _latest_per_span(artifacts, self._first, self._last).items()
+                      if s not in self._skipped}
             if "anomalies" in input_dict:
                 for span in sorted(latest):
                     if span not in anomalies:
@@ -87,12 +90,13 @@ class SpanWindowStrategy(resolver.ResolverStrategy):
                         del latest[span]
             result[key] = [latest[s] for s in sorted(latest)]
             if len(result[key]) < self._min:
-                missing = [_date(s) for s in range(self._first, self._last + 1) if s not in latest]
+                missing = [_date(s) for s in range(self._first, self._last + 1)
+                           if s not in latest and s not in self._skipped]
                 raise WindowError(
                     f"{self._name}: need at least {self._min} valid daily spans from {_date(self._first)} to "
                     f"{_date(self._last)}, have {len(result[key])}; missing or invalid: {', '.join(missing)}"
                     + (f" ({'; '.join(problems)})" if problems else "")
-                    + ". Ingest the missing days (poso backfill) or lower --min-train-days.")
+                    + ". Days whose logs are lost: poso skip-day DATE --reason ...; or lower --min-train-days.")
         if "anomalies" in input_dict:  # every input key must be answered; keep the verdicts of the kept spans
             kept = {a.span for artifacts in result.values() for a in artifacts}
             result["anomalies"] = [anomalies[s] for s in sorted(kept) if s in anomalies]

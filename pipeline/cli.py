@@ -252,6 +252,8 @@ COMMANDS = {
                    _HERE, "add_run_arguments", "cmd_run", quiet=True),
     "backfill": Command("daily runs for every date from --from to --to (both included), in order (resumable)",
                         _HERE, "add_backfill_arguments", "cmd_backfill", quiet=True),
+    "skip-day": Command("record a day whose logs are lost, so later days run without it (--undo withdraws it)",
+                        "pipeline.skip_day"),
     "demo": Command("synthetic logs -> daily run -> serve -> gRPC and REST predictions",
                     _HERE, "add_demo_arguments", "cmd_demo", quiet=True),
     "generate": Command("write synthetic daily logs in the KuaiRand schema", "components.synthetic_logs"),

@@ -56,6 +56,8 @@ class RunConfig:
     metadata_mysql: Optional[Dict[str, object]] = None  # host, port, database, username, password
     enable_cache: bool = True
     ingest_only: bool = False
+    # Days recorded as lost (`poso skip-day`): never ingested, left out of the training window.
+    skipped_dates: Tuple[datetime.date, ...] = ()
     infra_validation_requests: int = 16
 
     @property
@@ -100,7 +102,21 @@ class RunConfig:
 
     @property
     def train_dates(self) -> List[datetime.date]:
-        return [self.date - datetime.timedelta(days=d) for d in range(self.train_days, 0, -1)]
+        """The train_days latest days before `date` that are not skipped, oldest first."""
+        dates, day = [], self.date
+        while len(dates) < self.train_days:
+            day -= datetime.timedelta(days=1)
+            if day not in self.skipped_dates:
+                dates.append(day)
+        return dates[::-1]
+
+    @property
+    def previous_date(self) -> datetime.date:
+        """The day whose user state `date` starts from: the latest earlier day not skipped."""
+        day = self.date - datetime.timedelta(days=1)
+        while day in self.skipped_dates:
+            day -= datetime.timedelta(days=1)
+        return day
 
     def beam_pipeline_args(self, project_dir: str = PROJECT_DIR) -> List[str]:
         """DirectRunner on both cores by default; for a remote runner (--runner=DataflowRunner,

@@ -29,6 +29,7 @@ from models.trainer import PROGRESS_LOGGER
 from pipeline import config as config_lib
 from pipeline import home_lock
 from pipeline import pipeline as pipeline_lib
+from pipeline import skip_day
 
 
 class _ProgressHandler(logging.Handler):
@@ -62,18 +63,48 @@ class _ProgressHandler(logging.Handler):
             fault_injection.reached(f"{component}:{when}")
 
 
-def ingested_spans(cfg: config_lib.RunConfig) -> set:
-    """Spans of daily Examples already in the metadata store."""
+def validated_ingests(cfg: config_lib.RunConfig) -> Dict[int, str]:
+    """{span: input fingerprint} of the days whose ingest passed validation (SchemaAnomaliesGate
+    completed or cached in the same pipeline run as the AvcExampleGen that wrote the span); the
+    latest such ingest per span. A day ingested but not validated (a run stopped in between, or
+    one whose logs had anomalies) is not in it, so the next run ingests it again."""
     if not cfg.metadata_mysql and not os.path.exists(cfg.metadata_path):
-        return set()
+        return {}
+    from ml_metadata.proto import metadata_store_pb2
+    from tfx.dsl.compiler import constants
     from tfx.orchestration import metadata
 
-    with metadata.Metadata(pipeline_lib.metadata_connection(cfg)) as store:
+    done = (metadata_store_pb2.Execution.COMPLETE, metadata_store_pb2.Execution.CACHED)
+    validated: Dict[int, Tuple[int, str]] = {}
+    with metadata.Metadata(pipeline_lib.metadata_connection(cfg)) as m:
+        store = m.store
         try:
-            artifacts = store.store.get_artifacts_by_type(tfx.types.standard_artifacts.Examples.TYPE_NAME)
-        except Exception:  # the type is registered on the first ingest
-            return set()
-        return {a.properties["span"].int_value for a in artifacts if "span" in a.properties}
+            gate = store.get_context_by_type_and_name(constants.NODE_CONTEXT_TYPE_NAME,
+                                                      f"{config_lib.PIPELINE_NAME}.SchemaAnomaliesGate")
+            example_gen = store.get_context_by_type_and_name(constants.NODE_CONTEXT_TYPE_NAME,
+                                                             f"{config_lib.PIPELINE_NAME}.AvcExampleGen")
+        except Exception:  # a new store
+            return {}
+        if gate is None or example_gen is None:
+            return {}
+        run_type = store.get_context_type(constants.PIPELINE_RUN_CONTEXT_TYPE_NAME).id
+        passed_runs = {c.id for e in store.get_executions_by_context(gate.id) if e.last_known_state in done
+                       for c in store.get_contexts_by_execution(e.id) if c.type_id == run_type}
+        for execution in store.get_executions_by_context(example_gen.id):
+            if execution.last_known_state not in done:
+                continue
+            runs = {c.id for c in store.get_contexts_by_execution(execution.id) if c.type_id == run_type}
+            if not runs & passed_runs:
+                continue
+            outputs = [e.artifact_id for e in store.get_events_by_execution_ids([execution.id])
+                       if e.type == metadata_store_pb2.Event.OUTPUT and e.path.steps[0].key == "examples"]
+            for artifact in store.get_artifacts_by_id(outputs):
+                span = artifact.properties["span"].int_value
+                fingerprint = artifact.custom_properties["input_fingerprint"].string_value \
+                    if "input_fingerprint" in artifact.custom_properties else ""
+                if span not in validated or execution.id > validated[span][0]:
+                    validated[span] = (execution.id, fingerprint)
+    return {span: fingerprint for span, (_, fingerprint) in validated.items()}
 
 
 class PipelineRunError(RuntimeError):
@@ -264,8 +295,49 @@ def _run(cfg: config_lib.RunConfig, label: str) -> None:
 
 
 def days_to_ingest(cfg: config_lib.RunConfig) -> List[datetime.date]:
-    done = ingested_spans(cfg)
-    return [d for d in impression_logs.available_dates(cfg.data_dir) if d < cfg.date and span_of(d) not in done]
+    """The days before cfg.date to ingest, in order: from the first day of the logs that is not
+    validated, or whose log files changed since (input fingerprint), every later day too (each
+    day's user state feeds the next; the unchanged ones come from the cache). Skipped days are
+    never ingested."""
+    validated = validated_ingests(cfg)
+    days = [d for d in impression_logs.available_dates(cfg.data_dir)
+            if d < cfg.date and d not in cfg.skipped_dates]
+    for i, day in enumerate(days):
+        fingerprint = impression_logs.day_fingerprint(cfg.data_dir, day, cfg.fingerprint_cache_path)
+        if validated.get(span_of(day)) != fingerprint:
+            return days[i:]
+    return []
+
+
+class InputError(ValueError):
+    """The run's input cannot work (no data folder, no logs for a day): nothing was run."""
+
+
+def check_inputs(cfg: config_lib.RunConfig) -> None:
+    """Refuses, before anything runs, a --data without logs, an evaluation day without logs, and a
+    day without logs between the first day of the data and the evaluation day (each day needs
+    the day before's user state), with the command that gets past each."""
+    logs = os.path.join(cfg.data_dir, impression_logs.LOGS_DIR)
+    if not os.path.isdir(logs):
+        raise InputError(f"--data {cfg.data_dir}: no {impression_logs.LOGS_DIR}/ folder there (expected "
+                         f"{logs}/YYYY-MM-DD/*.csv|*.parquet and the feature tables); check the path")
+    dates = impression_logs.available_dates(cfg.data_dir)
+    if not dates:
+        raise InputError(f"--data {cfg.data_dir}: {logs} holds no YYYY-MM-DD folders of logs")
+    if cfg.date in cfg.skipped_dates:
+        raise InputError(f"{cfg.date.isoformat()} is skipped (poso skip-day): it has nothing to evaluate on. "
+                         f"Undo: {skip_day.command(cfg.date, cfg.home, undo=True)}")
+    if cfg.date not in dates:
+        raise InputError(f"no logs for {cfg.date.isoformat()} in {logs} (it has logs for {dates[0].isoformat()}.."
+                         f"{dates[-1].isoformat()}); run a day that has logs")
+    gaps = [dates[0] + datetime.timedelta(days=d) for d in range((cfg.date - dates[0]).days)]
+    gaps = [d for d in gaps if d not in dates and d not in cfg.skipped_dates]
+    if gaps:
+        raise InputError(
+            f"no logs for {', '.join(d.isoformat() for d in gaps)} in {logs}, between the first day of the "
+            f"logs ({dates[0].isoformat()}) and {cfg.date.isoformat()}: each day starts from the user state of "
+            f"the day before. If they are lost, record it: {skip_day.command(gaps[0], cfg.home)}"
+            + (" (one per day)" if len(gaps) > 1 else ""))
 
 
 def run_day(cfg: config_lib.RunConfig, wait_for_lock: float = 0) -> Dict[str, object]:
@@ -278,6 +350,8 @@ def run_day(cfg: config_lib.RunConfig, wait_for_lock: float = 0) -> Dict[str, ob
 def _run_day(cfg: config_lib.RunConfig) -> Dict[str, object]:
     from pipeline import summary
 
+    cfg = dataclasses.replace(cfg, skipped_dates=tuple(sorted(skip_day.read_skipped_days(cfg))))
+    check_inputs(cfg)
     if not cfg.metadata_mysql:  # the store is this HOME's own, and this process holds its lock
         abandoned = cancel_unfinished_executions(cfg, None, "abandoned: its process ended without finishing it")
         if abandoned:

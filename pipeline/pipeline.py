@@ -44,9 +44,10 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
         previous_state = RegisteredUserState(registry_dir=registry_dir_of(cfg.home_dir), date=date)
     else:
         date = cfg.date.isoformat()
+        previous = span_of(cfg.previous_date)  # the day before, or before the skipped days
         previous_state = tfx.dsl.Resolver(
             strategy_class=SpanWindowStrategy,
-            config={"first_span": span - 1, "last_span": span - 1, "min_spans": 0, "window_name": "user state"},
+            config={"first_span": previous, "last_span": previous, "min_spans": 0, "window_name": "user state"},
             user_state=tfx.dsl.Channel(type=UserState, producer_component_id="AvcExampleGen", output_key="user_state"))
     previous_state = previous_state.with_id("previous_user_state")
     example_gen = AvcExampleGen(
@@ -81,8 +82,9 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
         else:
             training_window = tfx.dsl.Resolver(
                 strategy_class=SpanWindowStrategy,
-                config={"first_span": span - cfg.train_days, "last_span": span - 1,
-                        "min_spans": cfg.min_train_days, "window_name": "training window"},
+                config={"first_span": span_of(cfg.train_dates[0]), "last_span": span - 1,
+                        "min_spans": cfg.min_train_days, "window_name": "training window",
+                        "skipped_spans": sorted(span_of(d) for d in cfg.skipped_dates)},
                 # Only AvcExampleGen's spans and ExampleValidator's verdicts, from every earlier run.
                 examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples,
                                          producer_component_id=example_gen.id, output_key="examples"),

@@ -14,6 +14,7 @@ from feature_specs import specs
 from pipeline import config as config_lib
 from pipeline import evaluation
 from pipeline import pipeline as pipeline_lib
+from pipeline import skip_day
 
 _METRICS = ("gauc", "auc", "log_loss", "example_count", "mean_label")
 
@@ -122,6 +123,21 @@ def _artifacts(store, type_name: str):
         return []
 
 
+def _input_checks(store, examples) -> Dict[str, object]:
+    """What ingest found in the evaluation day's logs, and whether they changed since an earlier
+    ingest of that day (a corrected or late file: the day was ingested and validated again)."""
+    if examples is None:
+        return {}
+    fingerprint = _custom(examples, "input_fingerprint", "")
+    earlier = [a for a in _artifacts(store, tfx.types.standard_artifacts.Examples.TYPE_NAME)
+               if a.id < examples.id and "span" in a.properties
+               and a.properties["span"].int_value == examples.properties["span"].int_value]
+    changed = any(_custom(a, "input_fingerprint", "") not in ("", fingerprint) for a in earlier)
+    return {"input_fingerprint": fingerprint, "input_changed": changed,
+            "bad_rows": _custom(examples, "bad_rows", 0), "duplicate_rows": _custom(examples, "duplicate_rows", 0),
+            "rows_without_user_profile": _custom(examples, "rows_without_user_profile", 0)}
+
+
 def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
     from tfx.orchestration import metadata
 
@@ -136,16 +152,19 @@ def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
         infra = run.get(artifacts.InfraBlessing.TYPE_NAME)
         pushed = run.get(artifacts.PushedModel.TYPE_NAME)
         model = run.get(artifacts.Model.TYPE_NAME)
-        window = [s for s in range(span - cfg.train_days, span)]
         train_rows = []
-        for s in window:
-            artifact = _latest(store, tfx.types.standard_artifacts.Examples.TYPE_NAME, s)
+        for date in cfg.train_dates:
+            artifact = _latest(store, tfx.types.standard_artifacts.Examples.TYPE_NAME, span_of(date))
             train_rows.append(_custom(artifact, "rows", 0))
+        input_checks = _input_checks(store, examples)
     summary: Dict[str, object] = {
         "date": cfg.date.isoformat(),
         "train_window": [cfg.train_dates[0].isoformat(), cfg.train_dates[-1].isoformat()],
         "train_rows": sum(train_rows), "eval_rows": _custom(examples, "rows", 0),
         "eval_examples_uri": examples.uri if examples is not None else None,
+        **input_checks,
+        "skipped_days": {d.isoformat(): reason for d, reason in sorted(
+            skip_day.read_skipped_days(cfg).items()) if cfg.train_dates[0] <= d < cfg.date},
         "blessed": bool(_custom(blessing, "blessed", 0)),
         "infra_blessed": bool(_custom(infra, "blessed", 0)),
         "infra_reason": _custom(infra, "reason", ""),
@@ -176,6 +195,15 @@ def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
 def format_summary(summary: Dict[str, object]) -> str:
     lines = [f"Run {summary['date']}: trained on {summary['train_window'][0]}..{summary['train_window'][1]} "
              f"({summary['train_rows']} impressions), evaluated on {summary['eval_rows']} impressions"]
+    if summary.get("input_changed"):
+        lines.append(f"  Input changed: {summary['date']}'s log files differ from an earlier ingest; ingested "
+                     f"and validated again")
+    if any(summary.get(k) for k in ("bad_rows", "duplicate_rows", "rows_without_user_profile")):
+        lines.append(f"  Input checks: {summary.get('bad_rows', 0)} bad rows quarantined (of them "
+                     f"{summary.get('duplicate_rows', 0)} exact duplicates); {summary.get('rows_without_user_profile', 0)} "
+                     f"rows of users missing from the user table (profile defaults)")
+    for date, reason in (summary.get("skipped_days") or {}).items():
+        lines.append(f"  Skipped day {date} (poso skip-day): {reason}")
     rows = summary.get("metrics") or []
     if rows:
         tasks = [t.name for t in specs.TASKS]
