@@ -4,7 +4,8 @@ For the run date D:
   previous_user_state (state through D-1) -> AvcExampleGen(D) -> StatisticsGen -> ExampleValidator
   (against the schema derived from feature_specs) -> SchemaAnomaliesGate;
   training_window (spans D-7..D-1, each validated) -> Transform -> Trainer -> Evaluator on span D
-  (against the last blessed model) + ServingInfraValidator -> Pusher (blessed models only, one version per day) ->
+  (metrics of the candidate and the last blessed model) -> BlessingGate (pipeline/blessing.py)
+  + ServingInfraValidator -> Pusher (blessed models only, one version per day) ->
   ServingConfigWriter (models.config beside TF Serving's base directory; a rollback's pin holds).
 `ingest_only` builds just the first part: how earlier days are ingested in order.
 
@@ -32,6 +33,7 @@ from components.span_registry import RegisteredUserState, SpanWindowExamples, re
 from components.span_window import BaselineModelStrategy, SchemaAnomaliesGate, SpanWindowStrategy
 from pipeline import config as config_lib
 from pipeline import evaluation
+from pipeline.blessing import BlessingGate
 
 
 def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
@@ -101,7 +103,7 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
                 model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model,
                                       producer_component_id="Trainer", output_key="model"),
                 model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing,
-                                               producer_component_id="Evaluator", output_key="blessing"),
+                                               producer_component_id="BlessingGate", output_key="blessing"),
             ).with_id("baseline_model")
         transform = tfx.components.Transform(
             examples=window_examples,
@@ -129,19 +131,23 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
             baseline_model=baseline.outputs["model"],
             example_splits=[SPLIT],
             eval_config=evaluation.make_eval_config())
+        blessing_gate = BlessingGate(
+            examples=example_gen.outputs["examples"], evaluation=evaluator.outputs["evaluation"],
+            model=trainer.outputs["model"], baseline_model=baseline.outputs["model"],
+            thresholds=evaluation.blessing_thresholds())
         infra_validator = ServingInfraValidator(
             model=trainer.outputs["model"], examples=example_gen.outputs["examples"],
             model_name=config_lib.MODEL_NAME, num_requests=cfg.infra_validation_requests)
         # One version per day, safe against a kill at any point (components/exactly_once_pusher.py).
         pusher = ExactlyOncePusher(
-            model_blessing=evaluator.outputs["blessing"],
+            model_blessing=blessing_gate.outputs["blessing"],
             infra_blessing=infra_validator.outputs["blessing"],
             examples=example_gen.outputs["examples"],
             base_directory=cfg.serving_model_dir, pin_path=cfg.pin_path).with_id("Pusher")
         config_writer = ServingConfigWriter(
             pushed_model=pusher.outputs["pushed_model"], models_config_path=cfg.models_config_path,
             model_name=config_lib.MODEL_NAME, base_path=cfg.serving_model_dir, pin_path=cfg.pin_path)
-        components += [training_window, transform, baseline, trainer, evaluator,
+        components += [training_window, transform, baseline, trainer, evaluator, blessing_gate,
                        infra_validator, pusher, config_writer]
 
     for component in components:

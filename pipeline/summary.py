@@ -11,12 +11,10 @@ from tfx import v1 as tfx
 from components import serving_config
 from components.avc_example_gen import span_of
 from feature_specs import specs
+from pipeline import blessing as blessing_lib
 from pipeline import config as config_lib
-from pipeline import evaluation
 from pipeline import pipeline as pipeline_lib
 from pipeline import skip_day
-
-_METRICS = ("gauc", "auc", "log_loss", "example_count", "mean_label")
 
 
 def _latest(store, type_name: str, span: Optional[int] = None):
@@ -34,48 +32,6 @@ def _custom(artifact, key: str, default=None):
         return default
     value = artifact.custom_properties[key]
     return value.int_value if value.HasField("int_value") else value.string_value
-
-
-def _metric_rows(eval_uri: str, model_name: Optional[str] = None) -> List[Dict[str, object]]:
-    import tensorflow_model_analysis as tfma
-
-    result = tfma.load_eval_result(eval_uri, model_name=model_name)
-    rows = []
-    for slice_key, by_output in result.slicing_metrics:
-        name = "overall" if not slice_key else ", ".join(f"{k}={v}" for k, v in slice_key)
-        for output, sub_keys in by_output.items():
-            values = sub_keys.get("", {})
-            row = {"slice": name, "task": output}
-            for metric_name, value in values.items():
-                short = metric_name.lower()
-                if short in _METRICS or short == evaluation.GAUC_METRIC.lower():
-                    key = "gauc" if short == evaluation.GAUC_METRIC.lower() else short
-                    row[key] = value.get("doubleValue", value)
-            rows.append(row)
-    return rows
-
-
-def _slice_value(key) -> str:
-    value = getattr(key, key.WhichOneof("kind"))
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _validation_failures(eval_uri: str) -> List[str]:
-    import tensorflow_model_analysis as tfma
-
-    try:
-        validation = tfma.load_validation_result(eval_uri)
-    except Exception:
-        return []
-    failures = []
-    for per_slice in validation.metric_validations_per_slice:
-        for failure in per_slice.failures:
-            where = ", ".join(f"{key.column}={_slice_value(key)}" for key in per_slice.slice_key.single_slice_keys)
-            where = where or "overall"
-            failures.append(f"{failure.metric_key.name} ({failure.metric_key.output_name}) on {where}: "
-                            f"{failure.metric_value.double_value.value:.4f} "
-                            f"({failure.message or 'threshold not met'})")
-    return failures
 
 
 def _outputs_of_run(store, span: int) -> Dict[str, object]:
@@ -112,7 +68,10 @@ def _outputs_of_run(store, span: int) -> Dict[str, object]:
     type_names = {t.id: t.name for t in store.get_artifact_types()}
     by_type: Dict[str, object] = {}
     for artifact in sorted(store.get_artifacts_by_id(sorted(set(outputs))), key=lambda a: a.id):
-        by_type[type_names[artifact.type_id]] = artifact
+        name = type_names[artifact.type_id]
+        if name == tfx.types.standard_artifacts.ModelBlessing.TYPE_NAME and "blessed" not in artifact.custom_properties:
+            continue  # the Evaluator's, empty: it runs without thresholds (BlessingGate blesses)
+        by_type[name] = artifact
     return by_type
 
 
@@ -183,12 +142,15 @@ def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
     }
     if evaluation_artifact is not None:
         summary["evaluation_uri"] = evaluation_artifact.uri
-        summary["metrics"] = _metric_rows(evaluation_artifact.uri)
-        summary["blessing_failures"] = _validation_failures(evaluation_artifact.uri)
+        summary["metrics"] = blessing_lib.metric_rows(evaluation_artifact.uri)
         try:  # present when the Evaluator compared against a last blessed model
-            summary["baseline_metrics"] = _metric_rows(evaluation_artifact.uri, model_name="baseline")
+            summary["baseline_metrics"] = blessing_lib.metric_rows(evaluation_artifact.uri, model_name="baseline")
         except Exception:
             summary["baseline_metrics"] = None
+    decision = blessing_lib.read_decision(blessing.uri) if blessing is not None else None
+    if decision is not None:
+        summary["blessing_checks"] = decision["checks"]
+        summary["blessing_failures"] = [c["message"] for c in decision["checks"] if c["passed"] is False]
     return summary
 
 

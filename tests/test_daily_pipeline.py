@@ -43,7 +43,7 @@ CACHED, COMPLETE, RUNNING = (metadata_store_pb2.Execution.CACHED, metadata_store
 INGEST_NODES = ("AvcExampleGen", "StatisticsGen", "ExampleValidator", "SchemaAnomaliesGate")
 # Every component of a daily run with an executor (resolvers have none).
 COMPONENTS = ("ImportSchemaGen",) + INGEST_NODES + (
-    "Transform", "Trainer", "Evaluator", "ServingInfraValidator", "Pusher", "ServingConfigWriter")
+    "Transform", "Trainer", "Evaluator", "BlessingGate", "ServingInfraValidator", "Pusher", "ServingConfigWriter")
 
 
 def _config(home, data, date, **overrides):
@@ -259,6 +259,13 @@ def test_corrupted_evaluation_day_is_not_blessed_nor_pushed(corrupted_day, resum
     assert floor_failures, result["blessing_failures"]
     assert float(floor_failures[0].split(": ")[1].split()[0]) < config_lib.AUC_FLOOR
     assert floor_failures[0] in summary.format_summary(result)
+    # Compared with day 8's model too (on the same inverted labels, so it is the floor that fails):
+    # candidate, baseline and change, against a margin from the day's size.
+    (compared,) = [c for c in result["blessing_checks"]
+                   if (c["metric"], c["task"], c["slice"]) == ("auc", PRIMARY, "overall") and "baseline" in c]
+    assert compared["message"].startswith(f"auc ({PRIMARY}) on overall: candidate {compared['candidate']:.4f}, "
+                                          f"baseline {compared['baseline']:.4f}, change ")
+    assert compared["size"] == ROWS_PER_DAY and compared["allowed"] >= config_lib.MAX_AUC_DROP
     assert "NOT blessed" in summary.format_summary(result)
     # It trained on days 2..8 and was compared against day 8's blessed model.
     run = runs[0]
