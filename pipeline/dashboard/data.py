@@ -463,26 +463,12 @@ def metric_value(rows, slice_name: str, task: str, metric: str) -> Optional[floa
 
 
 def blessing_checks(summary: Dict[str, object]) -> List[Dict[str, object]]:
-    """The Evaluator's thresholds (pipeline/evaluation.py), each with the candidate's and the
-    baseline's values and the slice size, so a NOT blessed shows by how much and where."""
-    candidate, baseline = summary.get("metrics") or [], summary.get("baseline_metrics") or []
-    new_users = f"{specs.USER_GROUP}=new"
-    checks = []
-    for task in (t.name for t in specs.TASKS if t.primary):
-        auc = metric_value(candidate, "overall", task, "auc")
-        checks.append({"task": task, "slice": "overall", "metric": "AUC",
-                       "rule": f"candidate >= {config_lib.AUC_FLOOR}", "candidate": auc,
-                       "baseline": metric_value(baseline, "overall", task, "auc"),
-                       "size": metric_value(candidate, "overall", task, "example_count"),
-                       "passed": None if auc is None else auc >= config_lib.AUC_FLOOR})
-        gauc, base = metric_value(candidate, new_users, task, "gauc"), metric_value(baseline, new_users, task, "gauc")
-        compared = gauc is not None and base is not None
-        checks.append({"task": task, "slice": new_users, "metric": "GAUC",
-                       "rule": f"candidate - baseline >= -{config_lib.MAX_NEW_USER_GAUC_DROP}",
-                       "candidate": gauc, "baseline": base,
-                       "size": metric_value(candidate, new_users, task, "example_count"),
-                       "passed": gauc - base >= -config_lib.MAX_NEW_USER_GAUC_DROP if compared else None})
-    return checks
+    """BlessingGate's checks of the day (pipeline/blessing.py), each with the candidate's and the
+    baseline's values, the rule and the slice size, so a NOT blessed shows by how much and where.
+    Summaries written before the gate have none."""
+    return [{"task": c["task"], "slice": c["slice"], "metric": str(c["metric"]).upper(), "rule": c.get("rule", ""),
+             "candidate": c.get("candidate"), "baseline": c.get("baseline"), "size": c.get("size"),
+             "passed": c.get("passed")} for c in summary.get("blessing_checks") or []]
 
 
 def metric_trends(summaries: Dict[str, Dict[str, object]], metric: str, slice_prefix: str,

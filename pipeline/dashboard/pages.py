@@ -256,7 +256,7 @@ def blessing_section(summary: Dict[str, object]) -> str:
                      _yes_no(check["passed"], "pass", "FAIL") if check["passed"] is not None
                      else '<span class="muted">not applied</span>'])
     failures = summary.get("blessing_failures") or []
-    listed = ("<p>The Evaluator's failed thresholds:</p><ul>" + "".join(f"<li>{_e(f)}</li>" for f in failures)
+    listed = ("<p>Failed checks:</p><ul>" + "".join(f"<li>{_e(f)}</li>" for f in failures)
               + "</ul>") if failures else ""
     baseline_note = ("" if summary.get("baseline_metrics") else
                      "<p class=muted>No baseline: no earlier blessed model, so only the floors apply.</p>")
