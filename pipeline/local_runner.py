@@ -362,7 +362,13 @@ def _run_day(cfg: config_lib.RunConfig) -> Dict[str, object]:
     for k, day in enumerate(ingest, 1):
         print(f"Ingesting {day.isoformat()}, day {k} of {len(ingest)} to ingest (AVC state carried from the "
               f"day before)", flush=True)
-        _run(dataclasses.replace(cfg, date=day, ingest_only=True), f"ingest {day.isoformat()}")
+        try:
+            _run(dataclasses.replace(cfg, date=day, ingest_only=True), f"ingest {day.isoformat()}")
+        except PipelineRunError as error:
+            # An earlier day that cannot be ingested stops every later day: say how to get past it.
+            raise PipelineRunError(error.label, error.component, (
+                f"{error.cause}. {day.isoformat()} must be ingested before {cfg.date.isoformat()}: fix its logs "
+                f"and rerun, or, if they cannot be fixed, skip it: {skip_day.command(day, cfg.home)}")) from error
     print(f"Daily run for {cfg.date.isoformat()}: train on {cfg.train_dates[0].isoformat()}.."
           f"{cfg.train_dates[-1].isoformat()}, evaluate on {cfg.date.isoformat()}", flush=True)
     _run(cfg, f"run {cfg.date.isoformat()}")

@@ -8,6 +8,7 @@ every TFX, Beam and TensorFlow record at INFO and the full traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -77,18 +78,19 @@ def check_data(data_dir: str, first: datetime.date, last: datetime.date) -> None
 
 
 def check_training_windows(cfg, first: datetime.date, last: datetime.date) -> None:
-    """Every day of first..last has at least cfg.min_train_days days before it in its window that
-    have logs in --data or are ingested already."""
+    """Every day of first..last has at least cfg.min_train_days days before it in its window (which
+    reaches past skipped days, see pipeline/skip_day.py) that have logs in --data or are ingested already."""
     from components import impression_logs
     from components.avc_example_gen import date_of
-    from pipeline import local_runner
+    from pipeline import local_runner, skip_day
 
     if "://" in cfg.data_dir:
         return
-    known = set(impression_logs.available_dates(cfg.data_dir)) | {date_of(s) for s in local_runner.ingested_spans(cfg)}
+    known = set(impression_logs.available_dates(cfg.data_dir)) | {date_of(s) for s in local_runner.validated_ingests(cfg)}
+    skipped = tuple(sorted(skip_day.read_skipped_days(cfg)))
     day = first
     while day <= last:
-        window = [day - datetime.timedelta(days=d) for d in range(cfg.train_days, 0, -1)]
+        window = dataclasses.replace(cfg, date=day, skipped_dates=skipped).train_dates
         have = [d for d in window if d in known]
         if len(have) < cfg.min_train_days:
             raise BadInput(f"{day.isoformat()} trains on {window[0].isoformat()}..{window[-1].isoformat()} and needs "
@@ -182,7 +184,7 @@ def operate(command: str, home: str, log_name: str, body: Callable[[], int], ver
         local_runner.clean_up_after_stop()
         error(command, f"stopped by {name}; its steps are marked cancelled in ML Metadata, a rerun resumes {where}")
         return exit_codes.STOPPED
-    except BadInput as bad:
+    except (BadInput, local_runner.InputError) as bad:
         error(command, f"bad input: {bad}")
         return exit_codes.BAD_INPUT
     except local_runner.PipelineRunError as failure:

@@ -69,3 +69,4 @@ def test_the_floor_holds_without_a_baseline():
     assert [c["passed"] for c in checks] == [False]
     assert checks[0]["message"] == f"auc ({TASK}) on overall: 0.4900 <= floor 0.5000"
     assert blessing.decide([_row("overall", 0.55, 0.5, 30000)], None, [TASK], SETTINGS, NEW)[0]["passed"]
+

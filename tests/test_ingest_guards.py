@@ -143,6 +143,21 @@ def test_a_changed_log_file_is_ingested_again_and_reported(lost_day_home, gap_da
     assert local_runner.validated_ingests(cfg)[span_of(DAY_4)] == impression_logs.day_fingerprint(str(gap_data), DAY_4)
 
 
+def test_an_earlier_day_that_fails_ingest_names_the_skip_day_that_gets_past_it(tmp_path):
+    data = tmp_path / "data"
+    synthetic_logs.generate(str(data), DAY_1, 3, seed=8, impressions_per_day=150)
+    with open(impression_logs.day_files(str(data), DAY_2)[0], "w") as f:
+        f.write("user_id,video_id\n1,2\n")  # columns missing: AvcExampleGen refuses the day
+    cfg = _config(tmp_path / "home", data, LOST)
+    with pytest.raises(local_runner.PipelineRunError) as failed:
+        local_runner.run_day(cfg)
+    assert failed.value.component == "AvcExampleGen" and "missing log columns" in failed.value.cause
+    assert f"{DAY_2.isoformat()} must be ingested before {LOST.isoformat()}" in str(failed.value)
+    _run_suggestion(str(failed.value))
+    local_runner.run_day(cfg)
+    assert set(local_runner.validated_ingests(cfg)) == {span_of(DAY_1), span_of(LOST)}
+
+
 _INGEST_RUN = """
 import datetime, sys
 from pipeline import config as config_lib, local_runner
