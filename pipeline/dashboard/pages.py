@@ -175,7 +175,8 @@ _SHOWN_FIELDS = {"date", "train_window", "train_rows", "eval_rows", "eval_exampl
                  "infra_blessed", "infra_reason", "pushed", "pushed_version", "pushed_destination",
                  "serving_base_directory", "models_config", "pinned_version", "pipeline_root", "metadata",
                  "candidate_model_dir",
-                 "evaluation_uri", "metrics", "blessing_failures", "baseline_metrics", "wall_seconds"}
+                 "evaluation_uri", "metrics", "blessing_checks", "blessing_failures", "baseline_metrics",
+                 "wall_seconds"}
 
 
 def day_page(date: str, summary: Optional[Dict[str, object]], day: Optional[data_lib.Day],
