@@ -43,7 +43,7 @@ POSO = os.path.join(config_lib.PROJECT_DIR, "bin", "poso")
 # The nodes of a daily run in LocalDagRunner's order (resolvers too: they log the same lines).
 NODES = ("ImportSchemaGen", "baseline_model", "previous_user_state", "training_window", "AvcExampleGen",
          "StatisticsGen", "ExampleValidator", "SchemaAnomaliesGate", "Transform", "Trainer", "Evaluator",
-         "ServingInfraValidator", "Pusher", "ServingConfigWriter")
+         "ServingInfraValidator", "BlessingGate", "Pusher", "ServingConfigWriter")
 KILL_POINTS = [point for node in NODES for point in
                ([f"{node}:running", f"{node}:finished"] if node != "Pusher" else
                 ["Pusher:running", "Pusher:copied", "Pusher:renamed", "Pusher:finished"])]
