@@ -417,9 +417,10 @@ class HomeReader:
         consumers = {e.execution_id for e in store.get_events_by_artifact_ids([model_id])
                      if e.type == metadata_store_pb2.Event.INPUT and e.path.steps and e.path.steps[0].key == "model"}
         for execution_id in sorted(consumers):
-            blessings = [a for a in self._outputs(store, execution_id) if a.type == "ModelBlessing"]
+            blessings = [a for a in self._outputs(store, execution_id)
+                         if a.type == "ModelBlessing" and "blessed" in a.properties]
             if not blessings:
-                continue  # not an Evaluator (the infra validator, a Pusher)
+                continue  # not BlessingGate (the Evaluator, whose blessing is empty; the infra validator, a Pusher)
             examples = self._inputs(store, execution_id, "examples")
             baseline = self._inputs(store, execution_id, "baseline_model")
             evaluations.append({"date": examples[0].date if examples else None,
