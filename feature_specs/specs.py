@@ -108,6 +108,9 @@ class FeatureSet:
       position (one max_length); other SEQUENCE features are mean-pooled inputs.
     user_id: the feature holding each example's user (GAUC's group; a model input only
       if it is CATEGORICAL).
+    user_features: the CATEGORICAL features describing the user other than the id (the
+      profile): what the user cold-start methods (models.cold_start) generate or warm the
+      user-id embedding from.
     """
 
     name: str
@@ -116,6 +119,7 @@ class FeatureSet:
     pc: PersonalizationCode
     behaviour_sequence: Tuple[str, ...]
     user_id: str
+    user_features: Tuple[str, ...] = ()
 
     def __post_init__(self):
         by_name = {f.name: f for f in self.features}
@@ -137,6 +141,10 @@ class FeatureSet:
                              "must share one max_length")
         if self.user_id not in by_name:
             raise ValueError(f"feature set {self.name!r}: user id feature {self.user_id!r} is not declared")
+        for name in self.user_features:
+            if name not in by_name or by_name[name].kind is not Kind.CATEGORICAL or name == self.user_id:
+                raise ValueError(f"feature set {self.name!r}: user feature {name!r} is not a declared "
+                                 "CATEGORICAL feature other than the user id")
         object.__setattr__(self, "_by_name", by_name)
 
     def feature(self, name: str) -> Feature:
@@ -274,7 +282,9 @@ TASKS: Tuple[Task, ...] = (
 PC = PersonalizationCode(source=AVC, boundaries=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
 
 KUAIRAND = FeatureSet("kuairand", FEATURES, TASKS, PC, behaviour_sequence=(HIST_VIDEO_IDS, HIST_TAGS),
-                      user_id=USER_ID)
+                      user_id=USER_ID,
+                      user_features=(USER_ACTIVE_DEGREE, "is_video_author", "follow_user_num_range",
+                                     "fans_user_num_range", "register_days_range"))
 
 
 def feature(name: str) -> Feature:

@@ -6,6 +6,10 @@
     h_t    = MMoE(h)_t for every task t         plain | POSO(MMoE)
     p_t    = sigmoid(tower_t(h_t))              one small tower per task
 
+User cold start (`ModelConfig.user_cold_start`, models.cold_start): Meta-Embedding or MWUF
+replace or warm the user-id embedding inside x at serving and evaluation, and train their own
+variables on their meta loss (`RankingModel.train_step`).
+
 All POSO modules read the same personalization code `pc`, built from the transformed
 features according to `ModelConfig.pc_source` (see `PC_SOURCES`). Their gates, each its own
 2-layer network as in the paper, are computed together by one `layers.PersonalizedGates`
@@ -24,7 +28,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 import feature_specs as fs
-from models import layers
+from models import cold_start, layers
 
 __all__ = ["ModelConfig", "VARIANTS", "PC_SOURCES", "make_config", "RankingModel"]
 
@@ -45,6 +49,19 @@ _FEATURE_PC_SOURCES = {"is_new_user": fs.IS_NEW_USER, "item_age": fs.ITEM_AGE_DA
 # KuaiRand's behaviour sequence (a feature set's `behaviour_sequence`): the attention reads,
 # per position, the concatenation of these embeddings.
 BEHAVIOUR_SEQUENCE: Tuple[str, ...] = fs.KUAIRAND.behaviour_sequence
+
+
+def check_user_cold_start(method: str, feature_set: fs.FeatureSet) -> None:
+    """Raises ValueError when `feature_set` lacks what the user cold-start `method` reads."""
+    if method == "none":
+        return
+    user_id = feature_set.feature(feature_set.user_id)
+    if user_id.kind is not fs.Kind.CATEGORICAL:
+        raise ValueError(f"user_cold_start {method!r} replaces the user-id embedding, but in feature set "
+                         f"{feature_set.name!r} the user id {user_id.name!r} is {user_id.kind.value}, not a model input")
+    if not feature_set.user_features:
+        raise ValueError(f"user_cold_start {method!r} reads the user's features, and feature set "
+                         f"{feature_set.name!r} declares no user_features")
 
 
 def check_pc_source(pc_source: str, feature_set: fs.FeatureSet) -> None:
@@ -89,6 +106,15 @@ class ModelConfig:
     expert_units: Tuple[int, ...] = (64,)
     tower_units: Tuple[int, ...] = (32,)
     learning_rate: float = 1e-3
+    # User cold start (models.cold_start): "none", "meta_emb" or "mwuf".
+    user_cold_start: str = "none"
+    # Meta-Embedding: weight of the cold-start loss against the loss after one warm-up step
+    # (the paper's alpha, 0.1 there), and that step's size.
+    meta_emb_alpha: float = 0.1
+    meta_emb_warmup_lr: float = 0.1
+    # MWUF warms the user-id embedding of new users and of users whose PC (AVC) bucket is at
+    # most this (3: AVC < 8 with the log2 boundaries); -1 for new users only.
+    mwuf_max_pc_bucket: int = 3
 
     def __post_init__(self):
         for field, kinds in (("mlp", layers.MLP_KINDS), ("attention", layers.ATTENTION_KINDS),
@@ -107,6 +133,15 @@ class ModelConfig:
                              "expected a positive int or None")
         if not self.learning_rate > 0:
             raise ValueError(f"ModelConfig.learning_rate={self.learning_rate!r}: expected > 0")
+        if self.user_cold_start not in cold_start.USER_COLD_START_METHODS:
+            raise ValueError(f"ModelConfig.user_cold_start={self.user_cold_start!r}: expected one of "
+                             f"{cold_start.USER_COLD_START_METHODS}")
+        if not 0.0 <= self.meta_emb_alpha <= 1.0:
+            raise ValueError(f"ModelConfig.meta_emb_alpha={self.meta_emb_alpha!r}: expected in [0, 1]")
+        if not self.meta_emb_warmup_lr >= 0:
+            raise ValueError(f"ModelConfig.meta_emb_warmup_lr={self.meta_emb_warmup_lr!r}: expected >= 0")
+        if not (isinstance(self.mwuf_max_pc_bucket, int) and self.mwuf_max_pc_bucket >= -1):
+            raise ValueError(f"ModelConfig.mwuf_max_pc_bucket={self.mwuf_max_pc_bucket!r}: expected an int >= -1")
 
     @property
     def uses_poso(self) -> bool:
@@ -134,6 +169,8 @@ VARIANTS: Dict[str, ModelConfig] = {
     "poso_mha": ModelConfig(attention="poso"),
     "poso_mmoe": ModelConfig(mmoe="poso"),
     "poso_all": ModelConfig(mlp="poso", attention="poso", mmoe="poso"),
+    "meta_emb": ModelConfig(user_cold_start="meta_emb"),
+    "mwuf": ModelConfig(user_cold_start="mwuf"),
 }
 
 
@@ -145,6 +182,7 @@ def make_config(variant: str = "baseline", feature_set: Optional[fs.FeatureSet] 
     config = VARIANTS[variant].replace(**overrides)
     if feature_set is not None:
         check_pc_source(config.pc_source, feature_set)
+        check_user_cold_start(config.user_cold_start, feature_set)
     return config
 
 
@@ -161,6 +199,7 @@ class RankingModel(tfrs.Model):
                  name: str = "ranking_model", **kwargs):
         super().__init__(name=name, **kwargs)
         check_pc_source(config.pc_source, feature_set)
+        check_user_cold_start(config.user_cold_start, feature_set)
         self.config = config
         self.feature_set = feature_set
         self._categorical = feature_set.features_of_kind(fs.Kind.CATEGORICAL)
@@ -205,6 +244,11 @@ class RankingModel(tfrs.Model):
                 name=f"{task.name}_tower")
             for task in feature_set.tasks
         }
+        user_dim = config.embedding_dim or feature_set.feature(feature_set.user_id).embedding_dim
+        cold_start_layers = {"meta_emb": cold_start.MetaEmbeddingGenerator, "mwuf": cold_start.MetaWarmUp}
+        # The user cold-start method's layer (None without one): its variables train on its meta loss only.
+        self.cold_start = (cold_start_layers[config.user_cold_start](user_dim, name=config.user_cold_start)
+                           if config.user_cold_start != "none" else None)
         self.tasks = {
             task.name: tfrs.tasks.Ranking(
                 loss=tf.keras.losses.BinaryCrossentropy(),
@@ -215,8 +259,11 @@ class RankingModel(tfrs.Model):
 
     # -- inputs --------------------------------------------------------------------------
 
-    def _non_sequential(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        parts = [self.embeddings[f.name](features[f.name]) for f in self._categorical]
+    def _non_sequential(self, features: Mapping[str, tf.Tensor],
+                        user_embedding: Optional[tf.Tensor] = None) -> tf.Tensor:
+        """x; `user_embedding` [B, d], if given, stands for the user-id embedding."""
+        parts = [user_embedding if user_embedding is not None and f.name == self.feature_set.user_id
+                 else self.embeddings[f.name](features[f.name]) for f in self._categorical]
         for f in self._pooled_sequences:
             ids = features[f.name]
             parts.append(_masked_mean(self.embeddings[f.name](ids), ids != fs.PADDING_INDEX))
@@ -253,11 +300,12 @@ class RankingModel(tfrs.Model):
     # -- forward -------------------------------------------------------------------------
 
     @tf.autograph.experimental.do_not_convert
-    def tower_inputs(self, features: Mapping[str, tf.Tensor]) -> List[tf.Tensor]:
+    def tower_inputs(self, features: Mapping[str, tf.Tensor],
+                     user_embedding: Optional[tf.Tensor] = None) -> List[tf.Tensor]:
         """The last hidden activations: the MMoE's output for each task (in task order), i.e.
         what the towers read. The paper's Fig. 1b measures how these move when a feature is
-        masked."""
-        non_sequential = self._non_sequential(features)
+        masked. `user_embedding`: see `_non_sequential`."""
+        non_sequential = self._non_sequential(features, user_embedding)
         gates = self._module_gates(self.personalization_code(features, non_sequential))
         sequence, mask = self._behaviour_sequence(features)
         attended = self.attention(non_sequential, sequence, mask=mask, gates=gates.get("attention"))
@@ -292,9 +340,97 @@ class RankingModel(tfrs.Model):
         if missing:
             raise KeyError(f"RankingModel: transformed features {missing} are missing; "
                            f"got {sorted(features)}")
-        per_task = self.tower_inputs(features)
+        return self._predict(features, None if training else self.serving_user_embedding(features))
+
+    def _predict(self, features: Mapping[str, tf.Tensor],
+                 user_embedding: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
+        per_task = self.tower_inputs(features, user_embedding)
         return {task.name: tf.squeeze(self.towers[task.name](x), axis=-1)
                 for task, x in zip(self.feature_set.tasks, per_task)}
+
+    # -- user cold start (models.cold_start) ---------------------------------------------
+
+    def _user_features(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """z: the user-feature embeddings, concatenated, gradient stopped."""
+        return tf.stop_gradient(tf.concat([self.embeddings[name](features[name])
+                                           for name in self.feature_set.user_features], axis=1))
+
+    def _history_item_mean(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """m: mean embedding of the behaviour history's item ids (its first sequence), gradient stopped."""
+        ids = features[self.feature_set.behaviour_sequence[0]]
+        embedded = self.embeddings[self.feature_set.behaviour_sequence[0]](ids)
+        return tf.stop_gradient(_masked_mean(embedded, ids != fs.PADDING_INDEX))
+
+    def _mwuf_applies(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """[B] bool: MWUF warms this user's embedding (new, or PC bucket <= mwuf_max_pc_bucket)."""
+        low_bucket = features[fs.PC_BUCKET] <= tf.cast(self.config.mwuf_max_pc_bucket, features[fs.PC_BUCKET].dtype)
+        return cold_start.new_user_mask(features, self.feature_set) | low_bucket
+
+    def serving_user_embedding(self, features: Mapping[str, tf.Tensor]) -> Optional[tf.Tensor]:
+        """The user-id embedding the model serves and evaluates with; None without a cold-start method.
+
+        meta_emb: the generated phi for new users, e for the others.
+        mwuf: the warmed e' where `_mwuf_applies`, e for the others.
+        """
+        if self.cold_start is None:
+            return None
+        user_id = self.feature_set.user_id
+        embedding = self.embeddings[user_id](features[user_id])
+        if self.config.user_cold_start == "meta_emb":
+            replace, substitute = (cold_start.new_user_mask(features, self.feature_set),
+                                   self.cold_start(self._user_features(features)))
+        else:
+            replace, substitute = (self._mwuf_applies(features),
+                                   self.cold_start(embedding, self._user_features(features),
+                                                   self._history_item_mean(features)))
+        return tf.where(replace[:, tf.newaxis], substitute, embedding)
+
+    def cold_start_loss(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """The cold-start method's meta loss (trains `self.cold_start` only, see `train_step`).
+
+        meta_emb: `cold_start.meta_embedding_loss` with phi from every example's user features.
+        mwuf: the model's loss with e' for every example (the meta networks learn from all
+        users; serving applies them to cold ones).
+        """
+        per_example = lambda embedding: self.per_example_loss(features, self._predict(features, embedding))
+        if self.config.user_cold_start == "meta_emb":
+            phi = self.cold_start(self._user_features(features))
+            return cold_start.meta_embedding_loss(per_example, phi, features[self.feature_set.user_id],
+                                                  self.config.meta_emb_alpha, self.config.meta_emb_warmup_lr)[0]
+        user_id = self.feature_set.user_id
+        embedding = tf.stop_gradient(self.embeddings[user_id](features[user_id]))
+        warmed = self.cold_start(embedding, self._user_features(features), self._history_item_mean(features))
+        return tf.reduce_mean(per_example(warmed))
+
+    def per_example_loss(self, features: Mapping[str, tf.Tensor], predictions: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """[B]: sum over tasks of loss_weight * binary cross-entropy (no metrics updated)."""
+        losses = []
+        for task in self.feature_set.tasks:
+            labels = tf.cast(features[task.label], tf.float32)[:, tf.newaxis]
+            losses.append(task.loss_weight * tf.keras.losses.binary_crossentropy(
+                labels, predictions[task.name][:, tf.newaxis]))
+        return tf.add_n(losses)
+
+    def train_step(self, inputs):
+        """tfrs.Model's step; with a cold-start method, its variables train on `cold_start_loss`
+        and every other variable on the usual loss (one optimizer step)."""
+        if self.cold_start is None:
+            return super().train_step(inputs)
+        with tf.GradientTape(persistent=True) as tape:
+            loss = self.compute_loss(inputs, training=True)
+            regularization_loss = tf.reduce_sum([tf.reduce_sum(loss) for loss in self.losses])
+            total_loss = loss + regularization_loss
+            meta_loss = self.cold_start_loss(inputs)
+        meta_variables = self.cold_start.trainable_variables
+        meta_refs = {v.ref() for v in meta_variables}
+        main_variables = [v for v in self.trainable_variables if v.ref() not in meta_refs]
+        gradients = tape.gradient(total_loss, main_variables) + tape.gradient(meta_loss, meta_variables)
+        del tape
+        self.optimizer.apply_gradients(zip(gradients, main_variables + meta_variables))
+        metrics = {metric.name: metric.result() for metric in self.metrics}
+        metrics.update(loss=loss, regularization_loss=regularization_loss, total_loss=total_loss,
+                       cold_start_loss=meta_loss)
+        return metrics
 
     @property
     def input_feature_names(self) -> Tuple[str, ...]:
@@ -337,3 +473,4 @@ class RankingModel(tfrs.Model):
     def from_config(cls, config: Mapping[str, Any]) -> "RankingModel":
         return cls(ModelConfig.from_dict(config["config"]), fs.feature_set(config.get("feature_set", "kuairand")),
                    name=config.get("name", "ranking_model"))
+

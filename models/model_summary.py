@@ -54,7 +54,7 @@ import numpy as np
 import tensorflow as tf
 
 import feature_specs as fs
-from models import layers
+from models import cold_start, layers
 from models import model as model_lib
 
 __all__ = [
@@ -65,11 +65,14 @@ __all__ = [
 DEFAULT_VARIANT_PAIR: Tuple[str, str] = ("baseline", "poso_all")
 # Table rows: the modules POSO can replace, then the rest of the model.
 MODULE_ROWS: Tuple[str, ...] = ("MLP", "MHA", "MMoE")
-ROWS: Tuple[str, ...] = MODULE_ROWS + ("Towers", "Dense network", "Embedding tables", "Whole model")
+# "User cold start": Meta-Embedding's generator or MWUF's meta networks (models.cold_start).
+ROWS: Tuple[str, ...] = MODULE_ROWS + ("Towers", "User cold start", "Dense network", "Embedding tables",
+                                       "Whole model")
+_DENSE_PARTS: Tuple[str, ...] = MODULE_ROWS + ("Towers", "User cold start")
 _MODULE_ATTRIBUTES = {"MLP": "mlp", "MHA": "attention", "MMoE": "mmoe"}
-_KIND_FIELDS = ("mlp", "attention", "mmoe")
+_KIND_FIELDS = ("mlp", "attention", "mmoe", "user_cold_start")
 _LABELS = {"baseline": "plain", "moe": "MoE", "poso_mlp": "POSO(MLP)", "poso_mha": "POSO(MHA)",
-           "poso_mmoe": "POSO(MMoE)", "poso_all": "POSO(all)"}
+           "poso_mmoe": "POSO(MMoE)", "poso_all": "POSO(all)", "meta_emb": "Meta-Embedding", "mwuf": "MWUF"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,13 +155,14 @@ def parameter_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
               + _model_gates(ranking, attribute, gate_parameters)
               for row, attribute in _MODULE_ATTRIBUTES.items()}
     counts["Towers"] = sum(tower.count_params() for tower in ranking.towers.values())
-    counts["Dense network"] = sum(counts[row] for row in MODULE_ROWS + ("Towers",))
+    counts["User cold start"] = ranking.cold_start.count_params() if ranking.cold_start is not None else 0
+    counts["Dense network"] = sum(counts[row] for row in _DENSE_PARTS)
     counts["Embedding tables"] = sum(table.count_params() for table in _embedding_layers(ranking))
     counts["Whole model"] = int(sum(np.prod(weight.shape) for weight in ranking.trainable_weights))
     if counts["Whole model"] != counts["Dense network"] + counts["Embedding tables"]:
         raise RuntimeError(
             f"parameter_counts: the model has {counts['Whole model']} trainable parameters but its known "
-            f"parts ({', '.join(ROWS[:4])}, embedding tables) have "
+            f"parts ({', '.join(_DENSE_PARTS)}, embedding tables) have "
             f"{counts['Dense network'] + counts['Embedding tables']}; a sub-module of RankingModel is "
             "missing from models.model_summary")
     return counts
@@ -260,6 +264,19 @@ def _behaviour_length() -> int:
     return fs.feature(model_lib.BEHAVIOUR_SEQUENCE[0]).max_length
 
 
+def _cold_start_macs(ranking: model_lib.RankingModel, length: int) -> int:
+    """The served substitution, computed for every example (the choice per user is a select):
+    Meta-Embedding's generator; MWUF's two networks, the history's mean and e' = scale * e + shift."""
+    method = ranking.cold_start
+    if method is None:
+        return 0
+    if isinstance(method, cold_start.MetaEmbeddingGenerator):
+        return _dense_macs(method.dense)
+    history_dim = ranking.embeddings[model_lib.BEHAVIOUR_SEQUENCE[0]].output_dim
+    return (_dense_macs(method.scaling) + _dense_macs(method.shifting) + length * history_dim
+            + 2 * method.embedding_dim)
+
+
 def flop_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
     """Multiply-adds per example of a built `RankingModel` by row of `ROWS`."""
     length = _behaviour_length()
@@ -268,7 +285,8 @@ def flop_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
               + _model_gates(ranking, attribute, gate_macs)
               for row, attribute in _MODULE_ATTRIBUTES.items()}
     counts["Towers"] = sum(_dense_macs(layer) for tower in ranking.towers.values() for layer in tower.layers)
-    counts["Dense network"] = sum(counts[row] for row in MODULE_ROWS + ("Towers",))
+    counts["User cold start"] = _cold_start_macs(ranking, length)
+    counts["Dense network"] = sum(counts[row] for row in _DENSE_PARTS)
     # Lookups are free; the masked mean of each pooled (non-behaviour) sequence is not.
     pooled = [f for f in fs.features_of_kind(fs.Kind.SEQUENCE) if f.name not in model_lib.BEHAVIOUR_SEQUENCE]
     counts["Embedding tables"] = sum(f.max_length * ranking.embeddings[f.name].output_dim for f in pooled)

@@ -29,6 +29,8 @@ CASES = [
     ("poso_all", "item_age"),
     ("poso_all", "avc_bucket_onehot"),
     ("poso_mlp", "all_features"),
+    ("meta_emb", "avc_bucket_onehot"),
+    ("mwuf", "avc_bucket_onehot"),
 ]
 LABELS_AND_SLICES = [f.name for f in fs.features_of_kind(fs.Kind.LABEL, fs.Kind.SLICE)]
 TASK_NAMES = {task.name for task in fs.TASKS}
