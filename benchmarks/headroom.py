@@ -134,7 +134,12 @@ class HeadroomRunner:
 
 def summarize(ceiling: pd.DataFrame, models: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
     """Per preset, task and group: the ceiling, the baseline's headroom (pp, mean and std over
-    seeds) and every other model's gain (pp) and headroom closed (mean and std over seeds)."""
+    seeds) and every other model's mean GAUC, its gain over the baseline (pp; mean paired
+    difference, 95% CI and paired t-test p, benchmarks.stats) and the headroom it closed (mean of
+    the per-seed shares with their 95% t interval). Only seeds the baseline and the model both
+    have are paired."""
+    from benchmarks import stats
+
     base = models[models["model"] == baseline].rename(columns={"gauc": "baseline"}).drop(columns="model")
     frame = base.merge(ceiling, on=["preset", "task", "group"])
     frame["headroom_pp"] = 100 * (frame["ceiling"] - frame["baseline"])
@@ -148,25 +153,38 @@ def summarize(ceiling: pd.DataFrame, models: pd.DataFrame, baseline: str = "base
         paired = models[models["model"] == model].merge(frame, on=keys + ["seed"])
         paired["gain_pp"] = 100 * (paired["gauc"] - paired["baseline"])
         paired["closed"] = paired["gain_pp"] / paired["headroom_pp"]
-        stats = paired.groupby(keys, sort=False).agg(**{f"{model}_gain_pp": ("gain_pp", "mean"),
-                                                        f"{model}_closed": ("closed", "mean"),
-                                                        f"{model}_closed_std": ("closed", "std")}).reset_index()
-        out = out.merge(stats, on=keys, how="left")
+        rows = []
+        for key, group in paired.groupby(keys, sort=False):
+            gain = stats.paired_difference(100 * group["gauc"], 100 * group["baseline"])
+            closed = stats.paired_difference(group["closed"], np.zeros(len(group)))
+            rows.append(dict(zip(keys, key), **{
+                f"{model}_gauc": group["gauc"].mean(), f"{model}_seeds": gain["n"],
+                f"{model}_gain_pp": gain["mean"], f"{model}_gain_low": gain["low"],
+                f"{model}_gain_high": gain["high"], f"{model}_p": gain["p"],
+                f"{model}_closed": closed["mean"], f"{model}_closed_std": closed["std"],
+                f"{model}_closed_low": closed["low"], f"{model}_closed_high": closed["high"]}))
+        out = out.merge(pd.DataFrame(rows), on=keys, how="left")
     return out
 
 
 def format_table(summary: pd.DataFrame) -> str:
-    """The summary as a Markdown table (GAUC in %, differences in pp, headroom closed in %)."""
+    """The summary as a Markdown table (GAUC in %, differences in pp, headroom closed in %; each
+    model's gain and share closed with their 95% CI over the paired seeds)."""
     models = [c[:-len("_gain_pp")] for c in summary.columns if c.endswith("_gain_pp")]
     header = ["preset", "task", "group", "ceiling", "baseline", "headroom pp (mean ± std)"]
-    header += [f"{m}: gain pp, headroom closed" for m in models]
+    for m in models:
+        header += [m, f"{m} - baseline pp [95% CI], p", f"{m}: headroom closed [95% CI]"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary.to_dict("records"):
         cells = [row["preset"], row["task"], row["group"], f"{100 * row['ceiling']:.2f}",
                  f"{100 * row['baseline']:.2f}", f"{row['headroom_pp']:+.2f} ± {row['headroom_pp_std']:.2f} "
                                                  f"({row['seeds']} seeds)"]
-        cells += [f"{row[f'{m}_gain_pp']:+.2f}, {100 * row[f'{m}_closed']:+.1f}% ± {100 * row[f'{m}_closed_std']:.1f}"
-                  for m in models]
+        for m in models:
+            cells += [f"{100 * row[f'{m}_gauc']:.2f}",
+                      f"{row[f'{m}_gain_pp']:+.2f} [{row[f'{m}_gain_low']:+.2f}, {row[f'{m}_gain_high']:+.2f}], "
+                      f"p={row[f'{m}_p']:.2g} ({row[f'{m}_seeds']} seeds)",
+                      f"{100 * row[f'{m}_closed']:+.1f}% [{100 * row[f'{m}_closed_low']:+.1f}, "
+                      f"{100 * row[f'{m}_closed_high']:+.1f}]"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -220,18 +238,19 @@ def run(args: argparse.Namespace) -> int:
         runner = HeadroomRunner(preset, args.work_dir, budget, log=lambda m: print(m, flush=True))
         descriptions.append(runner.description)
         ceilings += [dict(preset=preset, **row) for row in runner.ceiling]
-        for model in args.models:
-            for seed in args.seeds:
+        # Seed by seed, every model: a run stopped early still has paired seeds (and the JSON has them).
+        for seed in args.seeds:
+            for model in args.models:
                 models += [dict(preset=preset, **row) for row in runner.model_rows(model, seed)]
-        summary = summarize(pd.DataFrame(ceilings), pd.DataFrame(models), baseline=args.models[0])
+            summary = summarize(pd.DataFrame(ceilings), pd.DataFrame(models), baseline=args.models[0])
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(dict(budget=dataclasses.asdict(budget), data=descriptions, ceiling=ceilings,
+                                   models=models, summary=summary.to_dict("records"),
+                                   wall_seconds=round(time.time() - started, 1)), f, indent=1)
         print(format_table(summary[summary["preset"] == preset]), flush=True)
     print(f"\nHeadroom (budget {dataclasses.asdict(budget)}; {time.time() - started:.0f} s)\n")
     print(format_table(summary))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(budget=dataclasses.asdict(budget), data=descriptions, ceiling=ceilings, models=models,
-                           summary=summary.to_dict("records"), wall_seconds=round(time.time() - started, 1)),
-                      f, indent=1)
     return 0
 
 

@@ -25,8 +25,27 @@ def test_summary_states_headroom_and_the_share_closed_paired_by_seed():
     assert row["headroom_pp_std"] == pytest.approx(np.std([4.0, 2.0], ddof=1))
     assert row["poso_all_gain_pp"] == pytest.approx(1.0)
     assert row["poso_all_closed"] == pytest.approx((1 / 4 + 1 / 2) / 2)  # per seed, then the mean
-    assert "| p | long_view | new | 70.00 | 67.00 | +3.00 ± 1.41 (2 seeds) | +1.00, +37.5% ± 17.7 |" in \
-        headroom.format_table(headroom.summarize(ceiling, models))
+    assert row["poso_all_gauc"] == pytest.approx(0.68)
+    # Both seeds gain exactly 1 pp: no spread, p 0; the shares closed 25% and 50% spread by t_{0.975,1}.
+    assert (row["poso_all_gain_low"], row["poso_all_gain_high"], row["poso_all_p"]) == pytest.approx((1, 1, 0))
+    half = 12.706 * np.std([0.25, 0.5], ddof=1) / np.sqrt(2)
+    assert (row["poso_all_closed_low"], row["poso_all_closed_high"]) == pytest.approx(
+        (0.375 - half, 0.375 + half), abs=1e-3)
+    assert "| p | long_view | new | 70.00 | 67.00 | +3.00 ± 1.41 (2 seeds) | 68.00 | +1.00 [+1.00, +1.00], p=0 " \
+           "(2 seeds) | +37.5% [-121.3, +196.3] |" in headroom.format_table(headroom.summarize(ceiling, models))
+
+
+def test_summary_pairs_only_the_seeds_both_models_have():
+    ceiling = pd.DataFrame([dict(preset="p", task="long_view", group="new", ceiling=0.70)])
+    models = pd.DataFrame([dict(preset="p", task="long_view", group="new", model=model, seed=seed, gauc=gauc)
+                           for model, seed, gauc in (("baseline", 0, 0.66), ("baseline", 1, 0.68),
+                                                     ("baseline", 2, 0.60), ("poso_all", 0, 0.67),
+                                                     ("poso_all", 1, 0.70))])
+    row = headroom.summarize(ceiling, models).iloc[0]
+    assert row["poso_all_seeds"] == 2 and row["poso_all_gain_pp"] == pytest.approx(1.5)
+    from scipy import stats
+
+    assert row["poso_all_p"] == pytest.approx(stats.ttest_rel([0.67, 0.70], [0.66, 0.68]).pvalue)
 
 
 @pytest.mark.slow
