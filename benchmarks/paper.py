@@ -113,6 +113,8 @@ TABLE2_MODELS = (
     ModelSpec("poso_mha", "poso_mha", label="POSO(MHA)"),
     ModelSpec("poso_mmoe", "poso_mmoe", label="POSO(MMoE)"),
     ModelSpec(POSO, POSO, label="POSO(MLP+MHA+MMoE)", headline=True),
+    ModelSpec("meta_emb", "meta_emb", label="Meta-Embedding (Pan et al. 2019)", headline=True),
+    ModelSpec("mwuf", "mwuf", label="MWUF (Zhu et al. 2021)", headline=True),
 )
 ABLATION_MODELS = (
     ModelSpec(BASELINE, BASELINE, label="Baseline (no gates)", headline=True),
@@ -129,7 +131,7 @@ ITEM_COLD_START_MODELS = (
               headline=True),
     ModelSpec(POSO, POSO, label="POSO(all), PC = AVC bucket (user cold start)", headline=True),
 )
-SUBMERGENCE_MODELS = (TABLE2_MODELS[0], TABLE2_MODELS[-1])
+SUBMERGENCE_MODELS = tuple(spec for spec in TABLE2_MODELS if spec.name in (BASELINE, POSO))
 # MovieLens (a): the variants of the headline rows.
 HEADLINE_VARIANTS = (BASELINE, POSO)
 
@@ -527,9 +529,10 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
         started = time.time()
         _log(SECTION_TITLES["a"])
         if movielens_variants is None:
+            import feature_specs as fs
             from models import model as model_lib
 
-            movielens_variants = list(model_lib.VARIANTS)
+            movielens_variants = list(model_lib.variants_for(fs.feature_set("movielens")))
         payload = run_movielens_section(movielens_zip or default_movielens_zip(), seeds, movielens_variants,
                                         os.path.join(work_dir, "movielens"), dict(movielens_budget or {}),
                                         headline_seeds=all_headline_seeds)

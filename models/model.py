@@ -30,7 +30,7 @@ import tensorflow_recommenders as tfrs
 import feature_specs as fs
 from models import cold_start, layers
 
-__all__ = ["ModelConfig", "VARIANTS", "PC_SOURCES", "make_config", "RankingModel"]
+__all__ = ["ModelConfig", "VARIANTS", "PC_SOURCES", "make_config", "variants_for", "RankingModel"]
 
 # Sources of the personalization code, each a function of the transformed features:
 PC_SOURCES: Tuple[str, ...] = (
@@ -184,6 +184,19 @@ def make_config(variant: str = "baseline", feature_set: Optional[fs.FeatureSet] 
         check_pc_source(config.pc_source, feature_set)
         check_user_cold_start(config.user_cold_start, feature_set)
     return config
+
+
+def variants_for(feature_set: fs.FeatureSet) -> Tuple[str, ...]:
+    """The `VARIANTS` a model over `feature_set` can be (e.g. MovieLens has no user-id input, so
+    no meta_emb or mwuf)."""
+    usable = []
+    for name, config in VARIANTS.items():
+        try:
+            make_config(name, feature_set)
+        except ValueError:
+            continue
+        usable.append(name)
+    return tuple(usable)
 
 
 def _masked_mean(embedded: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
