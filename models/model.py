@@ -264,7 +264,9 @@ class RankingModel(tfrs.Model):
                            if config.user_cold_start != "none" else None)
         self.tasks = {
             task.name: tfrs.tasks.Ranking(
-                loss=tf.keras.losses.BinaryCrossentropy(),
+                # Per-example losses, averaged in compute_loss over the global batch: Keras refuses
+                # its automatic reduction inside a distribution strategy's replicas.
+                loss=tf.keras.losses.BinaryCrossentropy(reduction=tf.keras.losses.Reduction.NONE),
                 metrics=[tf.keras.metrics.AUC(name=f"{task.name}_auc")],
                 name=f"{task.name}_task")
             for task in feature_set.tasks
@@ -466,7 +468,11 @@ class RankingModel(tfrs.Model):
     # -- training ------------------------------------------------------------------------
 
     def compute_loss(self, features: Mapping[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        """Sum over tasks of loss_weight * binary cross-entropy of the task's label."""
+        """Sum over tasks of loss_weight * binary cross-entropy of the task's label.
+
+        Each task's cross-entropy is averaged over the global batch (tf.nn.compute_average_loss):
+        the batch mean on one replica; under MultiWorkerMirroredStrategy each replica's share,
+        which the strategy's gradient all-reduce sums to the global mean."""
         predictions = self(features, training=training)
         losses = []
         for task in self.feature_set.tasks:
@@ -474,9 +480,9 @@ class RankingModel(tfrs.Model):
                 raise KeyError(f"RankingModel.compute_loss: label {task.label!r} of task {task.name!r} "
                                "is missing from the batch")
             labels = tf.cast(features[task.label], tf.float32)[:, tf.newaxis]
-            loss = self.tasks[task.name](labels=labels, predictions=predictions[task.name][:, tf.newaxis],
-                                         training=training)
-            losses.append(task.loss_weight * loss)
+            per_example = self.tasks[task.name](labels=labels, predictions=predictions[task.name][:, tf.newaxis],
+                                                training=training)
+            losses.append(task.loss_weight * tf.nn.compute_average_loss(per_example))
         return tf.add_n(losses)
 
     def get_config(self) -> Dict[str, Any]:

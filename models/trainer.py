@@ -14,6 +14,12 @@ with `export.export_serving_model`.
     shuffle_buffer  default 10000
     seed            default 0
     overrides       dict of ModelConfig fields, e.g. {"pc_source": "is_new_user", "learning_rate": 1e-3}
+
+Several workers: when TF_CONFIG names more than one task (as TFX's Trainer on Vertex AI sets it for
+worker pools), training runs under `tf.distribute.MultiWorkerMirroredStrategy`: every worker reads
+its share of the batches (sharded by data), gradients are all-reduced, so all workers hold the same
+weights, and only the chief writes the export (the others write theirs to a scratch folder and
+delete it, as the strategy needs every worker to take part in saving).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from models import export, preprocessing
 from models.model import ModelConfig, RankingModel, make_config
 
 __all__ = ["run_fn", "train_and_export", "make_dataset", "warm_start", "parse_custom_config",
-           "EpochSummaries", "TrainingResult", "TRAINER_KEYS", "DEFAULT_BATCH_SIZE"]
+           "distribution_strategy", "EpochSummaries", "TrainingResult", "TRAINER_KEYS", "DEFAULT_BATCH_SIZE"]
 
 DEFAULT_BATCH_SIZE = 512
 TRAINER_KEYS = ("variant", "overrides", "batch_size", "epochs", "warm_start", "shuffle_buffer", "seed")
@@ -63,6 +69,43 @@ def _list_files(file_patterns: Sequence[str] | str) -> List[str]:
     if not files:
         raise FileNotFoundError(f"no example files match {patterns}")
     return sorted(files)
+
+
+def _cluster() -> Dict[str, Any]:
+    """TF_CONFIG as a dict ({} when unset)."""
+    text = os.environ.get("TF_CONFIG", "")
+    try:
+        return json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as error:
+        raise ValueError(f"TF_CONFIG is not JSON ({error}): {text[:200]!r}") from None
+
+
+def distribution_strategy() -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy when TF_CONFIG names several tasks, else the default strategy."""
+    cluster = _cluster().get("cluster", {})
+    if sum(len(cluster.get(kind, [])) for kind in ("chief", "worker")) > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _is_chief() -> bool:
+    """The chief task, or worker 0 when TF_CONFIG names no chief (TF's convention); True alone."""
+    config = _cluster()
+    task = config.get("task", {})
+    if not task:
+        return True
+    if "chief" in config.get("cluster", {}):
+        return task.get("type") == "chief"
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
+def _export_dir(serving_model_dir: str) -> str:
+    """Where this worker writes its export: the real folder on the chief, scratch elsewhere."""
+    if _is_chief():
+        return serving_model_dir
+    task = _cluster()["task"]
+    return os.path.join(os.path.dirname(serving_model_dir.rstrip("/")),
+                        f".worker-export-{task.get('type')}-{task.get('index', 0)}")
 
 
 def make_dataset(file_patterns: Sequence[str] | str, tft_output: tft.TFTransformOutput, batch_size: int,
@@ -197,6 +240,8 @@ def train_and_export(train_files: Sequence[str] | str, eval_files: Sequence[str]
         config = make_config(config or "baseline")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
+    # First: MultiWorkerMirroredStrategy must configure collective ops before TensorFlow runs any op.
+    strategy = distribution_strategy()
     tf.keras.utils.set_random_seed(seed)
     tft_output = tft.TFTransformOutput(transform_output_dir)
     repeat = train_steps is not None
@@ -205,11 +250,17 @@ def train_and_export(train_files: Sequence[str] | str, eval_files: Sequence[str]
     eval_data = make_dataset(eval_files, tft_output, batch_size, shuffle=False, repeat=eval_steps is not None,
                              feature_set=feature_set)
 
-    model = RankingModel(config, feature_set)
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate))
-    for batch in train_data.take(1):
-        model(batch)  # build the variables so they can be warm started
-    warm_started = warm_start(model, base_model)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # Whole batches to each worker: the files of a day are fewer than workers may be.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        train_data, eval_data = train_data.with_options(options), eval_data.with_options(options)
+    with strategy.scope():
+        model = RankingModel(config, feature_set)
+        model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate))
+        for batch in train_data.take(1):
+            model(batch)  # build the variables so they can be warm started
+        warm_started = warm_start(model, base_model)
 
     callbacks = [StepProgress(math.ceil(train_steps / epochs) * epochs if repeat else None)]
     callbacks += [EpochSummaries(log_dir)] if log_dir else []
@@ -219,7 +270,11 @@ def train_and_export(train_files: Sequence[str] | str, eval_files: Sequence[str]
         validation_data=eval_data, validation_steps=eval_steps,
         callbacks=callbacks, verbose=verbose)
 
-    export.export_serving_model(model, tft_output, serving_model_dir)
+    export_dir = _export_dir(serving_model_dir)
+    export.export_serving_model(model, tft_output, export_dir)
+    if export_dir != serving_model_dir:
+        tf.io.gfile.rmtree(export_dir)
+        return TrainingResult(model, dict(history.history), serving_model_dir, warm_started)
     _write_model_config(config, serving_model_dir)
     return TrainingResult(model, dict(history.history), serving_model_dir, warm_started)
 

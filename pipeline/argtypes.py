@@ -51,6 +51,17 @@ def model_config_overrides(value: str) -> Dict[str, Any]:
     return overrides
 
 
+def mysql_url(value: str) -> str:
+    """--metadata-mysql: mysql://USER:PASSWORD@HOST:PORT/DATABASE, checked (the password never echoed)."""
+    from pipeline import config as config_lib
+
+    try:
+        config_lib.mysql_connection(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 # Where `--home` comes from when the flag is not given: never the current directory, silently.
 HOME_ENVIRONMENT_VARIABLE = "POSO_HOME"
 

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import importlib
 import json
+import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -43,8 +44,10 @@ def _add_pipeline_args(parser: argparse.ArgumentParser, home: Optional[str] = No
     parser.add_argument("--min-train-days", type=argtypes.positive_int, default=None,
                         help="train on as few as this many valid days of the window (default: refuse "
                              "to train on fewer than --train-days)")
+    parser.add_argument("--epochs", type=argtypes.positive_int, default=config_lib.RunConfig.epochs,
+                        help="full passes of the Trainer over the window's examples")
     parser.add_argument("--train-steps", type=argtypes.positive_int, default=config_lib.RunConfig.train_steps,
-                        help="Trainer steps per daily run")
+                        help="total Trainer steps instead of --epochs full passes (default: whole passes)")
     parser.add_argument("--batch-size", type=argtypes.positive_int, default=config_lib.RunConfig.batch_size,
                         help="training batch size (examples per step)")
     parser.add_argument("--warm-start", action="store_true", help="start from the last blessed model's weights")
@@ -53,6 +56,11 @@ def _add_pipeline_args(parser: argparse.ArgumentParser, home: Optional[str] = No
     parser.add_argument("--beam-arg", action="append", default=[], metavar="ARG",
                         help="extra Beam pipeline argument (repeatable)")
     parser.add_argument("--no-cache", action="store_true", help="recompute every component")
+    parser.add_argument("--metadata-mysql", metavar="URL", type=argtypes.mysql_url,
+                        default=os.environ.get(config_lib.METADATA_MYSQL_ENV),
+                        help="keep ML Metadata in MySQL/MariaDB at mysql://USER:PASSWORD@HOST:PORT/DATABASE "
+                             f"instead of HOME/metadata.sqlite (default: ${config_lib.METADATA_MYSQL_ENV}, "
+                             "else sqlite)")
     parser.add_argument("--verbose", action="store_true", help="show TFX, TensorFlow and Beam logs")
     _add_lock_arg(parser)
 
@@ -64,15 +72,14 @@ def _add_lock_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_config(args, date: datetime.date) -> config_lib.RunConfig:
-    import os
-
     return config_lib.RunConfig(
         date=date, data_dir=args.data or os.path.join(args.home, "data"), home=args.home,
         variant=args.variant, train_days=args.train_days,
         min_train_days=args.min_train_days if args.min_train_days is not None else args.train_days,
-        train_steps=args.train_steps, batch_size=args.batch_size, warm_start=args.warm_start,
+        epochs=args.epochs, train_steps=args.train_steps, batch_size=args.batch_size, warm_start=args.warm_start,
         beam_direct_running_mode=args.beam_mode, extra_beam_args=tuple(args.beam_arg),
-        enable_cache=not args.no_cache)
+        enable_cache=not args.no_cache,
+        metadata_mysql=config_lib.mysql_connection(args.metadata_mysql) if args.metadata_mysql else None)
 
 
 def _print_result(result, home: str) -> None:

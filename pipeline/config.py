@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import urllib.parse
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from feature_specs import SERVING_MODEL_NAME
@@ -43,7 +44,10 @@ class RunConfig:
     train_days: int = TRAIN_DAYS
     min_train_days: int = TRAIN_DAYS  # refuse to train on fewer spans unless told otherwise
     variant: str = DEFAULT_VARIANT
-    train_steps: int = 400
+    # The Trainer makes `epochs` full passes over the window; train_steps, when set, is the total
+    # number of steps instead (split over the epochs, the data repeated).
+    epochs: int = 1
+    train_steps: Optional[int] = None
     eval_steps: int = 20
     batch_size: int = 512
     model_overrides: Tuple[Tuple[str, object], ...] = ()
@@ -57,12 +61,20 @@ class RunConfig:
     # 7 x 1M window the Evaluator took 336 s and 8.99 GiB on 2 workers, 614 s and 4.13 GiB in one.
     beam_single_process_components: Tuple[str, ...] = ("AvcExampleGen", "Evaluator")
     extra_beam_args: Tuple[str, ...] = ()
+    # ML Metadata in MySQL/MariaDB instead of HOME/metadata.sqlite: mysql_connection(URL) gives it.
     metadata_mysql: Optional[Dict[str, object]] = None  # host, port, database, username, password
     enable_cache: bool = True
     ingest_only: bool = False
     # Days recorded as lost (`poso skip-day`): never ingested, left out of the training window.
     skipped_dates: Tuple[datetime.date, ...] = ()
     infra_validation_requests: int = 16
+    # Training across workers on Vertex AI (compile-kubeflow only; locally TF_CONFIG decides): the
+    # Trainer becomes a Vertex custom job with a chief pool and trainer_workers - 1 workers, each of
+    # which gets TF_CONFIG, so models.trainer trains under MultiWorkerMirroredStrategy.
+    trainer_workers: int = 1
+    trainer_machine_type: str = "n1-standard-8"
+    vertex_project: Optional[str] = None
+    vertex_region: str = "europe-west4"
 
     @property
     def home_dir(self) -> str:
@@ -140,6 +152,67 @@ class RunConfig:
                 or _remote_runner(self.extra_beam_args)):
             return []
         return ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+
+
+METADATA_MYSQL_ENV = "POSO_METADATA_MYSQL"   # the default of --metadata-mysql (cron, systemd units)
+
+
+def home_config(home: str) -> "RunConfig":
+    """The RunConfig of the commands that read a home rather than run a day (ui, runs, versions,
+    gc): its paths, and ML Metadata in MySQL when $POSO_METADATA_MYSQL names it."""
+    url = os.environ.get(METADATA_MYSQL_ENV)
+    return RunConfig(date=datetime.date.today(), home=home, metadata_mysql=mysql_connection(url) if url else None)
+
+
+def metadata_store_connection(cfg: "RunConfig", read_only: bool = True):
+    """ml_metadata's ConnectionConfig of cfg's store (MySQL, else HOME/metadata.sqlite), or None when
+    the sqlite file does not exist (nothing has run in that home yet). No TFX import."""
+    from ml_metadata.proto import metadata_store_pb2
+
+    connection = metadata_store_pb2.ConnectionConfig()
+    if cfg.metadata_mysql:
+        mysql = cfg.metadata_mysql
+        connection.mysql.host, connection.mysql.port = str(mysql["host"]), int(mysql["port"])
+        connection.mysql.database, connection.mysql.user = str(mysql["database"]), str(mysql["username"])
+        connection.mysql.password = str(mysql["password"])
+        return connection
+    if not os.path.isfile(cfg.metadata_path):
+        return None
+    connection.sqlite.filename_uri = cfg.metadata_path
+    connection.sqlite.connection_mode = (metadata_store_pb2.SqliteMetadataSourceConfig.READONLY if read_only
+                                         else metadata_store_pb2.SqliteMetadataSourceConfig.READWRITE)
+    return connection
+
+
+def mysql_connection(url: str) -> Dict[str, object]:
+    """`mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE` -> RunConfig.metadata_mysql.
+
+    The user and password may be percent-encoded; the port defaults to MySQL's 3306. ML Metadata
+    creates the database when it does not exist (the user needs the privilege to).
+    """
+    parsed = urllib.parse.urlsplit(url)
+    problem = None
+    if parsed.scheme != "mysql":
+        problem = "it must start with mysql://"
+    elif not parsed.hostname:
+        problem = "it names no host"
+    elif not parsed.username:
+        problem = "it names no user"
+    elif not parsed.path.strip("/") or "/" in parsed.path.strip("/"):
+        problem = "it names no database (mysql://USER:PASSWORD@HOST:PORT/DATABASE)"
+    elif parsed.query or parsed.fragment:
+        problem = "options after ? or # are not supported"
+    else:
+        try:
+            port = parsed.port or 3306
+        except ValueError:
+            problem = "its port is not a number from 0 to 65535"
+    if problem:
+        shown = urllib.parse.urlsplit(url)._replace(netloc=parsed.netloc.rsplit("@", 1)[-1]).geturl()
+        raise ValueError(f"metadata MySQL URL {shown!r}: {problem}")
+    return {"host": parsed.hostname, "port": port, "database": parsed.path.strip("/"),
+            "username": urllib.parse.unquote(parsed.username),
+            "password": urllib.parse.unquote(parsed.password or "")}
 
 
 # The Beam flags by which tfx.utils.dependency_utils sees that workers get their dependencies.

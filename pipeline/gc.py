@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
 import shutil
 from typing import Dict, List, Optional, Set
@@ -53,15 +52,9 @@ def _size(path: str) -> int:
 
 def _store(cfg: config_lib.RunConfig, writable: bool):
     from ml_metadata.metadata_store import metadata_store
-    from ml_metadata.proto import metadata_store_pb2
 
-    if cfg.metadata_mysql or not os.path.isfile(cfg.metadata_path):
-        return None
-    connection = metadata_store_pb2.ConnectionConfig()
-    connection.sqlite.filename_uri = cfg.metadata_path
-    connection.sqlite.connection_mode = (metadata_store_pb2.SqliteMetadataSourceConfig.READWRITE if writable
-                                         else metadata_store_pb2.SqliteMetadataSourceConfig.READONLY)
-    return metadata_store.MetadataStore(connection)
+    connection = config_lib.metadata_store_connection(cfg, read_only=not writable)
+    return None if connection is None else metadata_store.MetadataStore(connection)
 
 
 def _custom_int(artifact, key: str) -> Optional[int]:
@@ -88,7 +81,7 @@ def plan(home: str, keep: int, store=None) -> Plan:
     from ml_metadata.proto import metadata_store_pb2
     from serving import config as serving_config_lib
 
-    cfg = config_lib.RunConfig(date=datetime.date.today(), home=home)
+    cfg = config_lib.home_config(home)
     pushed = sorted(serving_config_lib.list_versions(cfg.serving_model_dir))
     kept_versions = set(pushed[-keep:] if keep else []) | _served_versions(cfg, pushed)
     pinned = serving_config.read_pin(cfg.pin_path)
@@ -173,7 +166,7 @@ def _baseline(blessings, producer, inputs, artifacts) -> Set[int]:
 def delete(home: str, planned: Plan) -> None:
     from ml_metadata.proto import metadata_store_pb2
 
-    cfg = config_lib.RunConfig(date=datetime.date.today(), home=home)
+    cfg = config_lib.home_config(home)
     for path in planned.versions:
         shutil.rmtree(path, ignore_errors=True)
     if not planned.artifacts:

@@ -13,6 +13,7 @@ day before); `poso schedule --kind kubeflow` writes the daily recurring run, whi
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from typing import Dict
@@ -43,7 +44,7 @@ def compile_pipeline(cfg: config_lib.RunConfig, image: str, output_path: str,
         output_dir=os.path.dirname(os.path.abspath(output_path)),
         output_filename=os.path.basename(output_path))
     return runner.run(pipeline_lib.create_pipeline(cfg, for_kubeflow=True,
-                                                   schema_file=schema_file))
+                                                   schema_file=schema_file, image=image))
 
 
 def add_arguments(parser) -> None:
@@ -56,12 +57,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--schema-file", default=config_lib.KUBEFLOW_SCHEMA_FILE,
                         help="the schema inside the image (default: %(default)s)")
     parser.add_argument("--output", default=config_lib.KUBEFLOW_OUTPUT, help="the JSON spec (default: %(default)s)")
+    parser.add_argument("--trainer-workers", type=int, default=1,
+                        help="train on a Vertex AI custom job with a chief and N-1 workers under "
+                             "MultiWorkerMirroredStrategy (default: %(default)s, TFX's own Trainer)")
+    parser.add_argument("--trainer-machine-type", default=config_lib.RunConfig.trainer_machine_type,
+                        help="machine type of every training replica (default: %(default)s)")
+    parser.add_argument("--vertex-project", help="Google Cloud project of the training job (needed with --trainer-workers > 1)")
+    parser.add_argument("--vertex-region", default=config_lib.RunConfig.vertex_region,
+                        help="region of the training job (default: %(default)s)")
 
 
 def run(args) -> int:
     from pipeline import cli
 
-    cfg = cli._run_config(args, datetime.date.today())
+    if args.trainer_workers < 1:
+        raise SystemExit("compile-kubeflow: --trainer-workers must be at least 1")
+    cfg = dataclasses.replace(cli._run_config(args, datetime.date.today()), trainer_workers=args.trainer_workers,
+                              trainer_machine_type=args.trainer_machine_type, vertex_project=args.vertex_project,
+                              vertex_region=args.vertex_region)
     spec = compile_pipeline(cfg, args.image, args.output, args.schema_file)
     tasks = spec["pipelineSpec"]["root"]["dag"]["tasks"]
     print(f"wrote {args.output}: {len(tasks)} tasks, image {args.image}, pipeline root {cfg.pipeline_root}")

@@ -19,7 +19,7 @@ is the runtime parameter `date`, so one compiled spec serves every daily run.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
@@ -37,9 +37,10 @@ from pipeline.blessing import BlessingGate
 
 
 def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
-                    schema_file: Optional[str] = None) -> tfx.dsl.Pipeline:
+                    schema_file: Optional[str] = None, image: Optional[str] = None) -> tfx.dsl.Pipeline:
     """The daily DAG for cfg.date; see the module docstring for `for_kubeflow`. `schema_file`
-    replaces cfg.schema_path (on Kubeflow: the schema baked into the pipeline image)."""
+    replaces cfg.schema_path (on Kubeflow: the schema baked into the pipeline image); `image` is
+    the pipeline image, which Vertex worker pools run (cfg.trainer_workers > 1)."""
     span = span_of(cfg.date)
     if for_kubeflow:
         date = tfx.dsl.experimental.RuntimeParameter(name="date", ptype=str)
@@ -115,7 +116,8 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
             disable_statistics=True,
             materialize=False)
         transform.add_upstream_node(anomalies_gate)
-        trainer = tfx.components.Trainer(
+        trainer_class, trainer_config = _trainer(cfg, for_kubeflow, image)
+        trainer = trainer_class(
             run_fn="models.trainer.run_fn",
             examples=window_examples,
             transform_graph=transform.outputs["transform_graph"],
@@ -123,8 +125,8 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
             base_model=baseline.outputs["model"] if cfg.warm_start else None,
             train_args=tfx.proto.TrainArgs(splits=[SPLIT], num_steps=cfg.train_steps),
             eval_args=tfx.proto.EvalArgs(splits=[SPLIT], num_steps=cfg.eval_steps),
-            custom_config={"variant": cfg.variant, "batch_size": cfg.batch_size,
-                           "overrides": dict(cfg.model_overrides)})
+            custom_config={"variant": cfg.variant, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
+                           "overrides": dict(cfg.model_overrides), **trainer_config})
         evaluator = tfx.components.Evaluator(
             examples=example_gen.outputs["examples"],
             model=trainer.outputs["model"],
@@ -162,6 +164,35 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
         metadata_connection_config=None if for_kubeflow else metadata_connection(cfg),
         beam_pipeline_args=cfg.beam_pipeline_args(
             config_lib.KUBEFLOW_PROJECT_DIR if for_kubeflow else config_lib.PROJECT_DIR))
+
+
+def _trainer(cfg: config_lib.RunConfig, for_kubeflow: bool, image: Optional[str]):
+    """(Trainer class, its extra custom_config): TFX's own Trainer, or on Kubeflow/Vertex with
+    cfg.trainer_workers > 1 the Vertex AI Trainer extension with a chief and worker pools (Vertex
+    sets TF_CONFIG on each replica; models.trainer picks MultiWorkerMirroredStrategy from it)."""
+    if cfg.trainer_workers <= 1:
+        return tfx.components.Trainer, {}
+    if not for_kubeflow:
+        raise ValueError("trainer_workers > 1 is for compile-kubeflow (Vertex AI worker pools); locally, "
+                         "start the workers yourself with TF_CONFIG set")
+    if not cfg.vertex_project or not image:
+        raise ValueError("trainer_workers > 1 needs vertex_project (--vertex-project) and the pipeline image "
+                         "for the Vertex custom job")
+    from tfx.extensions.google_cloud_ai_platform import constants as vertex
+    from tfx.extensions.google_cloud_ai_platform.trainer import component as vertex_trainer
+    from tfx.extensions.google_cloud_ai_platform.trainer import executor as vertex_executor
+
+    def pool(replicas: int) -> Dict[str, object]:
+        return {"machine_spec": {"machine_type": cfg.trainer_machine_type}, "replica_count": replicas,
+                "container_spec": {"image_uri": image}}
+
+    return vertex_trainer.Trainer, {
+        vertex.ENABLE_VERTEX_KEY: True,
+        vertex.VERTEX_REGION_KEY: cfg.vertex_region,
+        vertex_executor.TRAINING_ARGS_KEY: {
+            "project": cfg.vertex_project,
+            "worker_pool_specs": [pool(1), pool(cfg.trainer_workers - 1)]},
+    }
 
 
 def metadata_connection(cfg: config_lib.RunConfig):

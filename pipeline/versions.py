@@ -23,7 +23,7 @@ from pipeline import config as config_lib
 
 
 def _paths(home: str) -> config_lib.RunConfig:
-    return config_lib.RunConfig(date=datetime.date.today(), home=home)
+    return config_lib.home_config(home)
 
 
 def pushed_versions(home: str) -> List[int]:

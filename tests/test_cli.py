@@ -36,7 +36,7 @@ def test_every_flag_of_every_command_has_help_and_shows_its_default():
     parser = cli.build_parser()
     assert list(_flags_without_help(parser)) == []
     run_help = cli.build_parser(["run"])._subparsers._group_actions[0].choices["run"].format_help()
-    assert "(default: 400)" in run_help and "(default: $POSO_HOME" in run_help
+    assert "full passes" in run_help and "(default: 1)" in run_help and "(default: $POSO_HOME" in run_help
     backfill_help = cli.build_parser(["backfill"])._subparsers._group_actions[0].choices["backfill"].format_help()
     assert "(included)" in backfill_help
 

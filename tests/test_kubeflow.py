@@ -255,3 +255,29 @@ def test_memory_bound_components_run_in_one_beam_process_on_direct_runner():
     assert not any("in_memory" in a for node_args in remote.values() for a in node_args)
     none = beam_args(beam_single_process_components=())
     assert not any("in_memory" in a for node_args in none.values() for a in node_args)
+
+
+def test_trainer_worker_pools_compile_to_a_vertex_training_job(tmp_path):
+    out = tmp_path / "pipeline.json"
+    argv = ["compile-kubeflow", "--image", IMAGE, "--home", HOME, "--data", DATA, "--output", str(out),
+            "--trainer-workers", "3", "--trainer-machine-type", "n1-highmem-16", "--vertex-project", "my-project"]
+    assert cli.main(argv) == 0
+    spec = json.loads(out.read_text())
+    trainer = spec["pipelineSpec"]["root"]["dag"]["tasks"]["Trainer"]
+    executor = spec["pipelineSpec"]["deploymentSpec"]["executors"][trainer["componentRef"]["name"].replace(
+        "comp-", "") + "_executor"]
+    assert "google_cloud_ai_platform.trainer" in json.dumps(executor)
+    value = trainer["inputs"]["parameters"]["custom_config"]["runtimeValue"]
+    custom_config = json.loads(value.get("constant") or value["constantValue"]["stringValue"])
+    pools = custom_config["ai_platform_training_args"]["worker_pool_specs"]
+    assert [p["replica_count"] for p in pools] == [1, 2]
+    assert all(p["container_spec"]["image_uri"] == IMAGE and p["machine_spec"]["machine_type"] == "n1-highmem-16"
+               for p in pools)
+    assert custom_config["ai_platform_enable_vertex"] is True and custom_config["epochs"] == 1
+
+
+def test_trainer_worker_pools_need_a_project(tmp_path):
+    argv = ["compile-kubeflow", "--image", IMAGE, "--home", HOME, "--data", DATA,
+            "--output", str(tmp_path / "p.json"), "--trainer-workers", "2"]
+    with pytest.raises(ValueError, match="vertex_project"):
+        cli.main(argv)

@@ -196,12 +196,12 @@ class HomeReader:
     """Reads a pipeline home (`--home` of `poso run`); every call reads afresh."""
 
     def __init__(self, home: str):
-        self.cfg = config_lib.RunConfig(date=datetime.date.today(), home=home)
+        self.cfg = config_lib.home_config(home)
         self.home = self.cfg.home_dir
         self.runs_dir = os.path.join(self.home, "runs")
 
     def exists(self) -> bool:
-        return os.path.isfile(self.cfg.metadata_path) or os.path.isdir(self.runs_dir)
+        return bool(self.cfg.metadata_mysql) or os.path.isfile(self.cfg.metadata_path) or os.path.isdir(self.runs_dir)
 
     # --- run summaries --------------------------------------------------------------------------
     def summaries(self) -> Dict[str, Dict[str, object]]:
@@ -229,12 +229,8 @@ class HomeReader:
 
     # --- ML Metadata ----------------------------------------------------------------------------
     def _store(self) -> Optional[metadata_store.MetadataStore]:
-        if not os.path.isfile(self.cfg.metadata_path):
-            return None
-        connection = metadata_store_pb2.ConnectionConfig()
-        connection.sqlite.filename_uri = self.cfg.metadata_path
-        connection.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
-        return metadata_store.MetadataStore(connection)
+        connection = config_lib.metadata_store_connection(self.cfg, read_only=True)
+        return None if connection is None else metadata_store.MetadataStore(connection)
 
     def pipeline_runs(self, store=None) -> List[PipelineRun]:
         store = store or self._store()
