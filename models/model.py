@@ -10,6 +10,9 @@ User cold start (`ModelConfig.user_cold_start`, models.cold_start): Meta-Embeddi
 replace or warm the user-id embedding inside x at serving and evaluation, and train their own
 variables on their meta loss (`RankingModel.train_step`).
 
+PIN (`ModelConfig.pin`, models.pin, an interpretation): a tail tower per task besides the
+head tower, chosen by the user's AVC bucket; the loss weights each activity group by its prior.
+
 All POSO modules read the same personalization code `pc`, built from the transformed
 features according to `ModelConfig.pc_source` (see `PC_SOURCES`). Their gates, each its own
 2-layer network as in the paper, are computed together by one `layers.PersonalizedGates`
@@ -28,7 +31,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 import feature_specs as fs
-from models import cold_start, layers
+from models import cold_start, layers, pin
 
 __all__ = ["ModelConfig", "VARIANTS", "PC_SOURCES", "make_config", "variants_for", "RankingModel"]
 
@@ -97,6 +100,13 @@ class ModelConfig:
     gate_hidden_units: int = 8
     gate_stop_gradient: bool = False
     pc_embedding_dim: int = 8
+    # PIN (models.pin, an interpretation): head/tail plugin towers on a backbone trained with
+    # backdoor-adjusted gradient aggregation. Head: PC bucket >= pin_head_min_pc_bucket (6:
+    # AVC >= 32 with the log2 boundaries) and not new. pin_head_share: P(head) in the training
+    # data, None = measured by the Trainer.
+    pin: bool = False
+    pin_head_min_pc_bucket: int = 6
+    pin_head_share: Optional[float] = None
     embedding_dim: Optional[int] = None
     mlp_units: Tuple[int, ...] = (256, 128)
     num_heads: int = 2
@@ -128,6 +138,10 @@ class ModelConfig:
             if isinstance(value, (str, bytes)) or not all(isinstance(v, int) and v > 0 for v in value):
                 raise ValueError(f"ModelConfig.{field}={value!r}: expected a sequence of positive ints")
             object.__setattr__(self, field, tuple(value))  # JSON gives lists
+        if not (isinstance(self.pin_head_min_pc_bucket, int) and self.pin_head_min_pc_bucket >= 1):
+            raise ValueError(f"ModelConfig.pin_head_min_pc_bucket={self.pin_head_min_pc_bucket!r}: expected an int >= 1")
+        if self.pin_head_share is not None and not 0.0 <= self.pin_head_share <= 1.0:
+            raise ValueError(f"ModelConfig.pin_head_share={self.pin_head_share!r}: expected in [0, 1] or None")
         if self.embedding_dim is not None and self.embedding_dim <= 0:
             raise ValueError(f"ModelConfig.embedding_dim={self.embedding_dim!r}: "
                              "expected a positive int or None")
@@ -171,6 +185,7 @@ VARIANTS: Dict[str, ModelConfig] = {
     "poso_all": ModelConfig(mlp="poso", attention="poso", mmoe="poso"),
     "meta_emb": ModelConfig(user_cold_start="meta_emb"),
     "mwuf": ModelConfig(user_cold_start="mwuf"),
+    "pin": ModelConfig(pin=True),
 }
 
 
@@ -247,16 +262,9 @@ class RankingModel(tfrs.Model):
             gate_units, hidden_units=config.gate_hidden_units, scale=config.gate_scale,
             stop_gradient=config.gate_stop_gradient, one_hot_code=config.pc_source == "avc_bucket_onehot",
             name="gates") if gate_units else None)
-        self.towers = {
-            task.name: tf.keras.Sequential(
-                # Task-prefixed names: a Sequential builds outside the model's name scope, and
-                # warm starts match variables by name.
-                [tf.keras.layers.Dense(units, activation="relu", name=f"{task.name}_hidden_{i}")
-                 for i, units in enumerate(config.tower_units)]
-                + [tf.keras.layers.Dense(1, activation="sigmoid", name=f"{task.name}_probability")],
-                name=f"{task.name}_tower")
-            for task in feature_set.tasks
-        }
+        self.towers = self._make_towers("")
+        # PIN's tail-user plugin towers (`towers` serve the head users then); None without PIN.
+        self.tail_towers = self._make_towers("tail_") if config.pin else None
         user_dim = config.embedding_dim or feature_set.feature(feature_set.user_id).embedding_dim
         cold_start_layers = {"meta_emb": cold_start.MetaEmbeddingGenerator, "mwuf": cold_start.MetaWarmUp}
         # The user cold-start method's layer (None without one): its variables train on its meta loss only.
@@ -270,6 +278,18 @@ class RankingModel(tfrs.Model):
                 metrics=[tf.keras.metrics.AUC(name=f"{task.name}_auc")],
                 name=f"{task.name}_task")
             for task in feature_set.tasks
+        }
+
+    def _make_towers(self, prefix: str) -> Dict[str, tf.keras.Sequential]:
+        return {
+            task.name: tf.keras.Sequential(
+                # Task-prefixed names: a Sequential builds outside the model's name scope, and
+                # warm starts match variables by name.
+                [tf.keras.layers.Dense(units, activation="relu", name=f"{prefix}{task.name}_hidden_{i}")
+                 for i, units in enumerate(self.config.tower_units)]
+                + [tf.keras.layers.Dense(1, activation="sigmoid", name=f"{prefix}{task.name}_probability")],
+                name=f"{prefix}{task.name}_tower")
+            for task in self.feature_set.tasks
         }
 
     # -- inputs --------------------------------------------------------------------------
@@ -360,8 +380,21 @@ class RankingModel(tfrs.Model):
     def _predict(self, features: Mapping[str, tf.Tensor],
                  user_embedding: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
         per_task = self.tower_inputs(features, user_embedding)
-        return {task.name: tf.squeeze(self.towers[task.name](x), axis=-1)
+        return self.task_probabilities(features, per_task)
+
+    def task_probabilities(self, features: Mapping[str, tf.Tensor], per_task: List[tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """{task: p [B]} from the towers' inputs; with PIN, each example's from its group's tower."""
+        outputs = {task.name: tf.squeeze(self.towers[task.name](x), axis=-1)
+                   for task, x in zip(self.feature_set.tasks, per_task)}
+        if self.tail_towers is None:
+            return outputs
+        head = self.pin_head_mask(features)
+        return {task.name: tf.where(head, outputs[task.name], tf.squeeze(self.tail_towers[task.name](x), axis=-1))
                 for task, x in zip(self.feature_set.tasks, per_task)}
+
+    def pin_head_mask(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """[B] bool: PIN's head users (see models.pin.head_mask)."""
+        return pin.head_mask(features, self.feature_set, self.config.pin_head_min_pc_bucket)
 
     # -- user cold start (models.cold_start) ---------------------------------------------
 
@@ -472,8 +505,12 @@ class RankingModel(tfrs.Model):
 
         Each task's cross-entropy is averaged over the global batch (tf.nn.compute_average_loss):
         the batch mean on one replica; under MultiWorkerMirroredStrategy each replica's share,
-        which the strategy's gradient all-reduce sums to the global mean."""
+        which the strategy's gradient all-reduce sums to the global mean. PIN: weighted per example
+        by `pin.backdoor_weights` (per replica's batch); the task AUC metrics stay unweighted."""
         predictions = self(features, training=training)
+        # PIN: example weights that make the loss sum_k P(z_k) * mean loss of group k (models.pin).
+        sample_weight = (pin.backdoor_weights(self.pin_head_mask(features), self.pin_head_share)
+                         if self.config.pin else None)
         losses = []
         for task in self.feature_set.tasks:
             if task.label not in features:
@@ -482,8 +519,15 @@ class RankingModel(tfrs.Model):
             labels = tf.cast(features[task.label], tf.float32)[:, tf.newaxis]
             per_example = self.tasks[task.name](labels=labels, predictions=predictions[task.name][:, tf.newaxis],
                                                 training=training)
-            losses.append(task.loss_weight * tf.nn.compute_average_loss(per_example))
+            losses.append(task.loss_weight * tf.nn.compute_average_loss(per_example, sample_weight=sample_weight))
         return tf.add_n(losses)
+
+    @property
+    def pin_head_share(self) -> float:
+        if self.config.pin_head_share is None:
+            raise ValueError("ModelConfig.pin_head_share is None: set P(head) of the training data "
+                             "(models.trainer measures it before training)")
+        return self.config.pin_head_share
 
     def get_config(self) -> Dict[str, Any]:
         return {"config": self.config.to_dict(), "name": self.name, "feature_set": self.feature_set.name}

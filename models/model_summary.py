@@ -70,9 +70,10 @@ ROWS: Tuple[str, ...] = MODULE_ROWS + ("Towers", "User cold start", "Dense netwo
                                        "Whole model")
 _DENSE_PARTS: Tuple[str, ...] = MODULE_ROWS + ("Towers", "User cold start")
 _MODULE_ATTRIBUTES = {"MLP": "mlp", "MHA": "attention", "MMoE": "mmoe"}
-_KIND_FIELDS = ("mlp", "attention", "mmoe", "user_cold_start")
+_KIND_FIELDS = ("mlp", "attention", "mmoe", "user_cold_start", "pin")  # from the variant
 _LABELS = {"baseline": "plain", "moe": "MoE", "poso_mlp": "POSO(MLP)", "poso_mha": "POSO(MHA)",
-           "poso_mmoe": "POSO(MMoE)", "poso_all": "POSO(all)", "meta_emb": "Meta-Embedding", "mwuf": "MWUF"}
+           "poso_mmoe": "POSO(MMoE)", "poso_all": "POSO(all)", "meta_emb": "Meta-Embedding", "mwuf": "MWUF",
+           "pin": "PIN"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,6 +142,11 @@ def _model_gates(ranking: model_lib.RankingModel, attribute: str, per_gate: Sequ
     return sum(per_gate[i] for i in ranking.gates_by_module().get(attribute, ()))
 
 
+def _all_towers(ranking: model_lib.RankingModel) -> List[tf.keras.Model]:
+    """Every task tower: the task towers and, with PIN, the tail-user plugin towers."""
+    return list(ranking.towers.values()) + list((ranking.tail_towers or {}).values())
+
+
 def parameter_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
     """Parameters of a built `RankingModel` by row of `ROWS` (all rows but the sums are parts).
 
@@ -154,7 +160,7 @@ def parameter_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
     counts = {row: getattr(ranking, attribute).count_params()
               + _model_gates(ranking, attribute, gate_parameters)
               for row, attribute in _MODULE_ATTRIBUTES.items()}
-    counts["Towers"] = sum(tower.count_params() for tower in ranking.towers.values())
+    counts["Towers"] = sum(tower.count_params() for tower in _all_towers(ranking))
     counts["User cold start"] = ranking.cold_start.count_params() if ranking.cold_start is not None else 0
     counts["Dense network"] = sum(counts[row] for row in _DENSE_PARTS)
     counts["Embedding tables"] = sum(table.count_params() for table in _embedding_layers(ranking))
@@ -284,7 +290,8 @@ def flop_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
     counts = {row: module_flops(getattr(ranking, attribute), length)
               + _model_gates(ranking, attribute, gate_macs)
               for row, attribute in _MODULE_ATTRIBUTES.items()}
-    counts["Towers"] = sum(_dense_macs(layer) for tower in ranking.towers.values() for layer in tower.layers)
+    # PIN's graph runs the head and the tail tower on every example and selects: both count.
+    counts["Towers"] = sum(_dense_macs(layer) for tower in _all_towers(ranking) for layer in tower.layers)
     counts["User cold start"] = _cold_start_macs(ranking, length)
     counts["Dense network"] = sum(counts[row] for row in _DENSE_PARTS)
     # Lookups are free; the masked mean of each pooled (non-behaviour) sequence is not.

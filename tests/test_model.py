@@ -22,6 +22,7 @@ TINY = dict(embedding_dim=4, mlp_units=(16,), expert_units=(8,), tower_units=(4,
 CASES = [
     ("baseline", "avc_bucket_onehot"),
     ("moe", "avc_bucket_onehot"),
+    ("pin", "avc_bucket_onehot"),
     ("poso_mlp", "avc_bucket_embedding"),
     ("poso_mha", "avc_raw"),
     ("poso_mmoe", "is_new_user"),
@@ -51,7 +52,9 @@ def _train_and_export(case, data, export_root):
     """Trains `case` for a few steps and exports it; cached per module run."""
     if case not in _EXPORTS:
         variant, pc_source = case
-        ranking = model.RankingModel(model.make_config(variant, pc_source=pc_source, **TINY))
+        # PIN's P(head) is measured by the Trainer; here it is given.
+        pin_share = dict(pin_head_share=0.25) if model.VARIANTS[variant].pin else {}
+        ranking = model.RankingModel(model.make_config(variant, pc_source=pc_source, **TINY, **pin_share))
         # Eager steps: tracing a train function costs more than 3 tiny steps (graph-mode
         # training is covered by the overfit and trainer tests).
         ranking.compile(optimizer=tf.keras.optimizers.Adam(ranking.config.learning_rate), run_eagerly=True)
@@ -246,14 +249,18 @@ def _write_spans(root, rows, spans=2):
     return patterns
 
 
-def test_run_fn_trains_on_raw_spans_exports_and_logs(data, tmp_path):
+def trainer_args(data, tmp_path, custom_config, train_steps):
+    """FnArgs for `trainer.run_fn` on spans of data["rows"] written under tmp_path."""
     patterns = _write_spans(str(tmp_path / "examples"), data["rows"])
-    fn_args = FnArgs(
+    return FnArgs(
         train_files=patterns["train"], eval_files=patterns["eval"], transform_output=data["transform_dir"],
         serving_model_dir=str(tmp_path / "serving"), model_run_dir=str(tmp_path / "logs"),
-        train_steps=4, eval_steps=1,
-        custom_config={"variant": "poso_mlp", "batch_size": 32, "epochs": 2,
-                       "overrides": dict(TINY, pc_source="is_new_user")})
+        train_steps=train_steps, eval_steps=1, custom_config=custom_config)
+
+
+def test_run_fn_trains_on_raw_spans_exports_and_logs(data, tmp_path):
+    fn_args = trainer_args(data, tmp_path, {"variant": "poso_mlp", "batch_size": 32, "epochs": 2,
+                                            "overrides": dict(TINY, pc_source="is_new_user")}, train_steps=4)
     trainer.run_fn(fn_args)
 
     loaded = tf.saved_model.load(fn_args.serving_model_dir)

@@ -1,0 +1,93 @@
+"""PIN (Lv et al. 2022, "Personalizing Intervened Network for Long-tailed Sequential User
+Behavior Modeling", arXiv 2208.09130): our INTERPRETATION of the method, since only the
+paper's abstract could be read and no code is published.
+
+The abstract: user activeness is long-tailed and confounds joint training; PIN learns shared
+knowledge into a backbone by "gradient aggregation" deconfounded by backdoor adjustment
+(activeness the confounder), then adds separate plugin prediction networks for head and tail
+users. Our reading, as `RankingModel` with `ModelConfig.pin`:
+
+- Activity groups z_k: two, tail and head. A user is in the head when the PC (AVC) bucket is
+  at least `ModelConfig.pin_head_min_pc_bucket`, and not new (`cold_start.new_user_mask`);
+  everyone else, new users included, is in the tail.
+- Backdoor-adjusted gradient aggregation: the training loss is
+
+      L = sum_k P(z_k) * mean_{i in group k of the batch} l_i
+
+  so the gradient of every backbone variable is sum_k P(z_k) * (mean gradient of group k).
+  P(z_k) is the group's share in the training data: `ModelConfig.pin_head_share` (the tail's
+  is 1 - it); the Trainer measures it on the training data before training when it is None.
+  A group absent from a batch drops out and the present group's weight becomes 1.
+- Stratified batches (`stratify`): the Trainer draws each example from the head or the tail
+  stream with probability 1/2 (until one runs out), so every batch holds about as many tail as
+  head examples. With i.i.d. batches and P(z_k) the batch's shares, L would be the plain mean
+  loss, i.e. ordinary training. In expectation L still has the population gradient; what
+  changes is that each group's mean gradient is estimated from half the batch, the tail's
+  far more precisely than in an i.i.d. batch.
+- Plugin towers: every task has a head tower (`RankingModel.towers`) and a tail tower
+  (`RankingModel.tail_towers`) of the same shape on the shared backbone's output; an example
+  goes through its group's tower, in training and at serving, so each tower trains on its own
+  users only (weighted by P(z_k)). Interpretation: one joint stage, not a backbone stage then
+  a tower stage with the backbone frozen or slower.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import tensorflow as tf
+
+import feature_specs as fs
+from models import cold_start
+
+__all__ = ["head_mask", "backdoor_weights", "stratify", "head_share"]
+
+
+def head_mask(features: Mapping[str, tf.Tensor], feature_set: fs.FeatureSet, head_min_pc_bucket: int) -> tf.Tensor:
+    """[B] bool: the example's user is a head user (PC bucket >= head_min_pc_bucket, not new)."""
+    bucket = features[fs.PC_BUCKET]
+    return (bucket >= tf.cast(head_min_pc_bucket, bucket.dtype)) & ~cold_start.new_user_mask(features, feature_set)
+
+
+def backdoor_weights(is_head: tf.Tensor, head_share: float) -> tf.Tensor:
+    """[B] example weights w with mean_i w_i l_i = sum_k P(z_k) mean_{i in k} l_i.
+
+        w_i = B * P(z_k(i)) / n_k(i)         (P renormalised over the groups present)
+    """
+    is_head = tf.cast(is_head, tf.float32)
+    batch = tf.cast(tf.size(is_head), tf.float32)
+    counts = tf.stack([batch - tf.reduce_sum(is_head), tf.reduce_sum(is_head)])     # [tail, head]
+    shares = tf.constant([1.0 - head_share, head_share]) * tf.cast(counts > 0, tf.float32)
+    shares /= tf.reduce_sum(shares)
+    per_group = batch * tf.math.divide_no_nan(shares, counts)
+    return tf.gather(per_group, tf.cast(is_head, tf.int32))
+
+
+def _unbatched_head(feature_set: fs.FeatureSet, head_min_pc_bucket: int):
+    def is_head(example):
+        return head_mask({k: v[tf.newaxis] for k, v in example.items()}, feature_set, head_min_pc_bucket)[0]
+    return is_head
+
+
+def stratify(batches: tf.data.Dataset, batch_size: int, feature_set: fs.FeatureSet, head_min_pc_bucket: int,
+             seed: int = 0) -> tf.data.Dataset:
+    """Re-batches batches of transformed features so that each example comes from the head or
+    the tail stream with probability 1/2 (until one stream ends; the other then fills the batches)."""
+    examples = batches.unbatch()
+    is_head = _unbatched_head(feature_set, head_min_pc_bucket)
+    streams = [examples.filter(lambda x: tf.logical_not(is_head(x))), examples.filter(is_head)]
+    mixed = tf.data.Dataset.sample_from_datasets(streams, weights=[0.5, 0.5], seed=seed)
+    return mixed.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def head_share(batches: tf.data.Dataset, feature_set: fs.FeatureSet, head_min_pc_bucket: int,
+               max_batches: int = 100) -> float:
+    """P(head): the head's share of the examples in the first `max_batches` batches."""
+    head = total = 0
+    for batch in batches.take(max_batches):
+        mask = head_mask(batch, feature_set, head_min_pc_bucket)
+        head += int(tf.reduce_sum(tf.cast(mask, tf.int64)))
+        total += int(tf.size(mask))
+    if total == 0:
+        raise ValueError("pin.head_share: the training data has no examples")
+    return head / total
