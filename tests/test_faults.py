@@ -204,6 +204,7 @@ def _record(home, data):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 31 runs: pytest.ini's 900 s is for one
 def test_a_run_killed_at_every_boundary_resumes_to_one_push(faulty_home):
     root, data, home = faulty_home
     for number, point in enumerate(KILL_POINTS):
@@ -234,6 +235,7 @@ def test_a_run_killed_at_every_boundary_resumes_to_one_push(faulty_home):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_two_days_at_once_and_the_same_day_twice_at_once(faulty_home):
     root, data, home = faulty_home
     # Two days at once: the second waits for the lock, then both finish.
