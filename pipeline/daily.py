@@ -7,7 +7,8 @@ retried), deletes log files under HOME/logs older than --keep-logs days, and the
 stopped), `--on-not-blessed CMD` when it finished without pushing. The outcome is read from the
 day's run summary (HOME/runs/DAY.json) written by this run. Hooks run with bash and get
 POSO_DATE, POSO_HOME, POSO_OUTCOME (failed | not-blessed), POSO_EXIT_CODE and POSO_LOG in their
-environment. The exit code is the run's.
+environment. The exit code is the run's. TERM, INT or HUP sent to `poso daily` is passed on to the
+run, which then stops cleanly (exit 5) instead of going on orphaned.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import glob
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +62,21 @@ def prune_logs(log_dir: str, keep_days: int, now: Optional[float] = None) -> lis
     return removed
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def wait_passing_on_stops(child: subprocess.Popen) -> int:
+    """Waits for `child`, sending it any TERM, INT or HUP this process gets, so a scheduler that
+    stops `poso daily` (systemd, `timeout`) stops the run too instead of orphaning it; the run then
+    cleans up and exits 5 (stopped)."""
+    previous = {sig: signal.signal(sig, lambda signum, _frame: child.send_signal(signum)) for sig in STOP_SIGNALS}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def outcome(summary_path: str, started: float, exit_code: int) -> str:
     """pushed | not-blessed | failed, from the summary this run wrote (if it wrote one)."""
     summary = None
@@ -86,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         log.write(f"== {stamp} poso daily: {shlex.join(command[1:])}\n")
         log.flush()
-        exit_code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        exit_code = wait_passing_on_stops(child)
         result = outcome(os.path.join(home, "runs", f"{day}.json"), started, exit_code)
         log.write(f"== exit code {exit_code}: {result}\n")
     hook = {"failed": args.on_failure, "not-blessed": args.on_not_blessed}.get(result)

@@ -97,3 +97,27 @@ def test_logs_older_than_the_retention_are_deleted(tmp_path):
 def test_bad_time_is_refused():
     with pytest.raises(SystemExit, match="HH:MM"):
         cli.main(["schedule", "--at", "25:00", "--home", "/srv/poso"])
+
+
+_STOPPED_WHILE_WAITING = """
+import os, signal, subprocess, sys, threading
+from pipeline import daily
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(5)); print('ready', flush=True); time.sleep(60)"],
+    stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+print(daily.wait_passing_on_stops(child))
+"""
+
+
+def test_a_stop_sent_to_daily_reaches_the_run_it_waits_for():
+    import subprocess
+    import sys
+
+    from pipeline import config as config_lib
+
+    done = subprocess.run([sys.executable, "-c", _STOPPED_WHILE_WAITING], cwd=config_lib.PROJECT_DIR,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "5"   # the child got the SIGTERM (its handler's exit code), daily did not die
