@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+import sys
 from typing import Dict, List, Optional, Set
 
 from components import serving_config
@@ -204,7 +205,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"Would delete {len(planned.versions)} versions and {len(planned.artifacts)} artifacts "
               f"({total:.1f} MiB); keeping versions {kept} and the baseline model. Pass --delete to delete.")
         return 0
-    delete(args.home, planned)
+    from pipeline import exit_codes, home_lock
+
+    try:  # never while a run uses the home: it may be reading what would be deleted
+        with home_lock.home_lock(os.path.abspath(args.home), command="gc --delete"):
+            delete(args.home, planned)
+    except home_lock.HomeLocked as locked:
+        print(f"poso gc: {locked}", file=sys.stderr)
+        return exit_codes.LOCKED
     print(f"Deleted {len(planned.versions)} versions and {len(planned.artifacts)} artifacts ({total:.1f} MiB); "
           f"kept versions {kept} and the baseline model.")
     return 0

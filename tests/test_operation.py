@@ -197,3 +197,16 @@ def test_a_replacement_never_removes_the_version_a_rollback_pinned(tmp_path):
     pinned = day_versions.push(_model(tmp_path / "a", b"A"), base, DAY)["version"]
     replaced = day_versions.push(_model(tmp_path / "b", b"B"), base, DAY, pinned=pinned)
     assert _folders(base) == [str(pinned), str(replaced["version"])]
+
+
+def test_gc_does_not_delete_while_a_run_holds_the_home(tmp_path, capsys):
+    version = tmp_path / "serving" / "poso_ranking" / "2022041500"
+    version.mkdir(parents=True)
+    holder = _hold_lock(tmp_path, 600)
+    try:
+        assert cli.main(["gc", "--home", str(tmp_path), "--keep", "0", "--delete"]) == exit_codes.LOCKED
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "in use by" in capsys.readouterr().err
+    assert version.is_dir()
