@@ -95,6 +95,14 @@ class RunConfig:
         return os.path.join(self.home_dir, "input_fingerprints.json")
 
     @property
+    def metadata_location(self) -> str:
+        """Where ML Metadata lives, for people: the sqlite path, or the MySQL URL without its password."""
+        if not self.metadata_mysql:
+            return self.metadata_path
+        m = self.metadata_mysql
+        return f"mysql://{m['username']}@{m['host']}:{m['port']}/{m['database']}"
+
+    @property
     def serving_root(self) -> str:
         return os.path.join(self.home_dir, "serving")
 

@@ -137,7 +137,7 @@ def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
         "models_config": cfg.models_config_path,
         "pinned_version": serving_config.read_pin(cfg.pin_path),
         "pipeline_root": cfg.pipeline_root,
-        "metadata": cfg.metadata_path,
+        "metadata": cfg.metadata_location,
         "candidate_model_dir": os.path.join(model.uri, "Format-Serving") if model is not None else None,
     }
     if evaluation_artifact is not None:

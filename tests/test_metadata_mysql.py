@@ -187,3 +187,12 @@ def test_the_commands_that_read_a_home_read_its_mysql_store(concurrent_days):
     evaluated = (FIRST_FULL + datetime.timedelta(days=1)).isoformat()
     # Steps come from ML Metadata only: they are there because the store was read in MySQL.
     assert days[evaluated]["steps"] and days[evaluated]["pushed_version"] is not None, days
+
+
+def test_the_summary_names_the_mysql_store_without_its_password(concurrent_days):
+    import json
+
+    home, connection, _ = concurrent_days[0]
+    summary = json.loads((home / "runs" / f"{FIRST_FULL.isoformat()}.json").read_text())
+    assert summary["metadata"] == (f"mysql://{connection['username']}@{connection['host']}:{connection['port']}/"
+                                   f"{connection['database']}")
