@@ -31,7 +31,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 import feature_specs as fs
-from models import cold_start, layers, pin
+from models import cold_start, layers, melu, pin
 
 __all__ = ["ModelConfig", "VARIANTS", "PC_SOURCES", "make_config", "variants_for", "RankingModel"]
 
@@ -192,6 +192,8 @@ VARIANTS: Dict[str, ModelConfig] = {
 def make_config(variant: str = "baseline", feature_set: Optional[fs.FeatureSet] = None,
                 **overrides: Any) -> ModelConfig:
     """The named preset `variant` with `overrides` applied (checked against `feature_set` if given)."""
+    if variant == "melu":
+        raise ValueError(melu.BENCHMARK_ONLY_REASON)
     if variant not in VARIANTS:
         raise ValueError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
     config = VARIANTS[variant].replace(**overrides)

@@ -106,8 +106,10 @@ def check_run_args(args, cfg, first: datetime.date, last: datetime.date) -> None
         raise BadInput(f"--from {first.isoformat()} is after --to {last.isoformat()}")
     if cfg.min_train_days > cfg.train_days:
         raise BadInput(f"--min-train-days {cfg.min_train_days} is more than --train-days {cfg.train_days}")
-    from models import model as model_lib
+    from models import melu, model as model_lib
 
+    if args.variant == "melu":
+        raise BadInput(f"--variant melu: {melu.BENCHMARK_ONLY_REASON}")
     if args.variant not in model_lib.VARIANTS:
         raise BadInput(f"--variant {args.variant}: unknown; known: {', '.join(sorted(model_lib.VARIANTS))}")
     check_home(cfg.home)
