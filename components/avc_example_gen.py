@@ -18,8 +18,9 @@ also copied to QUARANTINE_DIR/DATE/, outside TFX's outputs (which TFX deletes wh
 fails), before the step can fail.
 
 `input_fingerprint` (names, sizes and SHA-256 of the day's log files, computed when the
-pipeline is built) is an execution property only so that TFX's cache key holds it: a changed
-file means a new execution, and new Examples for every step downstream.
+pipeline is built; on Kubeflow by components/input_fingerprint.py when the run starts) is an
+execution property only so that the cache key holds it: a changed file means a new execution,
+and new Examples for every step downstream.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 from typing import Dict
 
@@ -43,8 +44,28 @@ def compile_pipeline(cfg: config_lib.RunConfig, image: str, output_path: str,
             display_name=config_lib.KUBEFLOW_PIPELINE_NAME, default_image=image),
         output_dir=os.path.dirname(os.path.abspath(output_path)),
         output_filename=os.path.basename(output_path))
-    return runner.run(pipeline_lib.create_pipeline(cfg, for_kubeflow=True,
-                                                   schema_file=schema_file, image=image))
+    spec = runner.run(pipeline_lib.create_pipeline(cfg, for_kubeflow=True, schema_file=schema_file, image=image),
+                      write_out=False)
+    _wire_input_fingerprint(spec["pipelineSpec"]["root"]["dag"]["tasks"])
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    with open(output_path, "w") as f:
+        json.dump(spec, f, sort_keys=True)  # as KubeflowV2DagRunner writes it
+    return spec
+
+
+def _wire_input_fingerprint(tasks: Dict[str, dict]) -> None:
+    """Two fixes to TFX's compiled tasks for the input fingerprint (components/input_fingerprint.py):
+    - its task is never taken from KFP's cache (`cachingOptions` without enableCache, what KFP's
+      `task.set_caching_options(False)` compiles to): its inputs stay the same when a file changes;
+    - TFX 1.21's step_builder names the producer of a task output parameter `<node id>_task`,
+      a task that does not exist (its own golden file has the same): the node id it is."""
+    tasks[pipeline_lib.INPUT_FINGERPRINT_ID]["cachingOptions"] = {}
+    for task in tasks.values():
+        for parameter in task.get("inputs", {}).get("parameters", {}).values():
+            producer = parameter.get("taskOutputParameter", {})
+            name = producer.get("producerTask", "")
+            if name not in tasks and name.endswith("_task") and name[:-len("_task")] in tasks:
+                producer["producerTask"] = name[:-len("_task")]
 
 
 def add_arguments(parser) -> None:

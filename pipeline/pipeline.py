@@ -14,7 +14,9 @@ LatestArtifactStrategy and LatestBlessedModelStrategy resolvers: the user state 
 the training window come from the span registry (`RegisteredUserState`, `SpanWindowExamples` in
 components/span_registry.py) instead of `SpanWindowStrategy`, and the baseline is TFX's latest
 blessed model (a rerun of a day may then compare against that day's own earlier push). The date
-is the runtime parameter `date`, so one compiled spec serves every daily run.
+is the runtime parameter `date`, so one compiled spec serves every daily run; the day's input
+fingerprint, part of AvcExampleGen's cache key, is then computed by a task at run time
+(`DayInputFingerprint`) instead of when the pipeline is built.
 """
 
 from __future__ import annotations
@@ -28,12 +30,16 @@ from components import impression_logs
 from components.avc_example_gen import SPLIT, AvcExampleGen, UserState, quarantine_dir_of, span_of
 from components.exactly_once_pusher import ExactlyOncePusher
 from components.infra_validator import ServingInfraValidator
+from components.input_fingerprint import DayInputFingerprint
 from components.serving_config_writer import ServingConfigWriter
 from components.span_registry import RegisteredUserState, SpanWindowExamples, registry_dir_of
 from components.span_window import BaselineModelStrategy, SchemaAnomaliesGate, SpanWindowStrategy
 from pipeline import config as config_lib
 from pipeline import evaluation
 from pipeline.blessing import BlessingGate
+
+# The Kubeflow task that fingerprints the day's log files at run time (never taken from KFP's cache).
+INPUT_FINGERPRINT_ID = "input_fingerprint"
 
 
 def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
@@ -53,14 +59,17 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
             config={"first_span": previous, "last_span": previous, "min_spans": 0, "window_name": "user state"},
             user_state=tfx.dsl.Channel(type=UserState, producer_component_id="AvcExampleGen", output_key="user_state"))
     previous_state = previous_state.with_id("previous_user_state")
+    # Part of AvcExampleGen's cache key: a changed log file is ingested again. On Kubeflow the
+    # date is known only at run time, so a task computes it then (components/input_fingerprint.py).
+    input_fingerprint = DayInputFingerprint(
+        input_base=cfg.data_dir, date=date, cache_file=cfg.fingerprint_cache_path,
+    ).with_id(INPUT_FINGERPRINT_ID) if for_kubeflow else None
     example_gen = AvcExampleGen(
         input_base=cfg.data_dir, date=date,
         previous_user_state=previous_state.outputs["user_state"],
         max_bad_row_fraction=cfg.max_bad_row_fraction,
-        # Part of the cache key: a changed log file is ingested again. On Kubeflow the date is
-        # known only at run time: no fingerprint there (a changed file needs a run without cache).
-        input_fingerprint="" if for_kubeflow else impression_logs.day_fingerprint(
-            cfg.data_dir, cfg.date, cfg.fingerprint_cache_path),
+        input_fingerprint=input_fingerprint.outputs["fingerprint"].future()[0].value if for_kubeflow
+        else impression_logs.day_fingerprint(cfg.data_dir, cfg.date, cfg.fingerprint_cache_path),
         quarantine_dir=quarantine_dir_of(cfg.home_dir))
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
     schema_gen = tfx.components.ImportSchemaGen(schema_file=schema_file or cfg.schema_path)
@@ -68,6 +77,8 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"])
     anomalies_gate = SchemaAnomaliesGate(anomalies=example_validator.outputs["anomalies"])
     components: List = [previous_state, example_gen, statistics_gen, schema_gen, example_validator, anomalies_gate]
+    if for_kubeflow:
+        components.insert(0, input_fingerprint)
 
     if not cfg.ingest_only:
         if for_kubeflow:

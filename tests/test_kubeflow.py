@@ -198,41 +198,97 @@ def test_schedule_refuses_a_missing_pipeline_package(tmp_path):
         cli.main(["schedule", "--kind", "kubeflow", "--pipeline-package", str(tmp_path / "nope.json")])
 
 
-def test_tfx_container_entrypoint_runs_a_compiled_custom_component(compiled, tmp_path):
-    """What a KFP v2 pod does for `previous_user_state`: TFX's entrypoint with the compiled args,
-    on an ExecutorInput built from the spec; the custom artifact type survives the round trip."""
-    import subprocess
-    import sys
+def _run_compiled_executor(spec, task, parameters, output_artifacts, tmp_path, output_parameters=()):
+    """What a KFP v2 pod does for `task`: TFX's entrypoint with the compiled args, on an
+    ExecutorInput built from the spec (in this process: TFX is imported already). Returns the
+    executor output (JSON) and the output types."""
+    from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_run_executor
 
+    pipeline_spec = spec["pipelineSpec"]
+    container = pipeline_spec["deploymentSpec"]["executors"][f"{task}_executor"]["container"]
+    types = {name: definition["artifactType"] for name, definition in
+             pipeline_spec["components"][task]["outputDefinitions"]["artifacts"].items()}
+    invocation = {
+        "inputs": {"parameterValues": parameters, "parameters": {k: {"stringValue": v} for k, v in parameters.items()}},
+        "outputs": {"artifacts": {name: {"artifacts": [{
+            "uri": uri, "name": f"projects/1/locations/l/metadataStores/default/artifacts/{number}",
+            "type": types[name]}]} for number, (name, uri) in enumerate(sorted(output_artifacts.items()))},
+            "parameters": {name: {"outputFile": str(tmp_path / f"{name}.parameter")} for name in output_parameters},
+            "outputFile": str(tmp_path / "executor_output.json")}}
+    assert container["command"][1:] == ["-m", kubeflow_v2_run_executor.__name__]
+    args = [a if a != "{{$}}" else json.dumps(invocation) for a in container["args"]]
+    kubeflow_v2_run_executor.main(kubeflow_v2_run_executor._parse_flags(args))
+    return json.loads((tmp_path / "executor_output.json").read_text()), types
+
+
+def test_tfx_container_entrypoint_runs_a_compiled_custom_component(compiled, tmp_path):
+    """`previous_user_state` as a pod runs it; the custom artifact type survives the round trip."""
     from google.protobuf import json_format
     from kfp.pipeline_spec import pipeline_spec_pb2
     from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_entrypoint_utils
 
     spec, _ = compiled
-    pipeline_spec = spec["pipelineSpec"]
-    container = pipeline_spec["deploymentSpec"]["executors"]["previous_user_state_executor"]["container"]
-    artifact_type = pipeline_spec["components"]["previous_user_state"]["outputDefinitions"]["artifacts"]["user_state"]["artifactType"]
     registry, state_dir = str(tmp_path / "registry"), _span_dir(tmp_path, "state", {"state-0": "carried"})
     span = span_of(datetime.date(2022, 4, 11))
     span_registry.register_day(registry, span, str(tmp_path / "examples"), state_dir)
-    parameters = {"registry_dir": registry, "date": "before:2022-04-13"}
-    invocation = {
-        "inputs": {"parameterValues": parameters, "parameters": {k: {"stringValue": v} for k, v in parameters.items()}},
-        "outputs": {"artifacts": {"user_state": {"artifacts": [{
-            "uri": str(tmp_path / "out"), "name": "projects/1/locations/l/metadataStores/default/artifacts/7",
-            "type": artifact_type}]}},
-            "outputFile": str(tmp_path / "executor_output.json")}}
-    args = [a if a != "{{$}}" else json.dumps(invocation) for a in container["args"]]
-    subprocess.run([sys.executable] + container["command"][1:] + args, check=True, timeout=300)
+    executor_output, types = _run_compiled_executor(
+        spec, "previous_user_state", {"registry_dir": registry, "date": "before:2022-04-13"},
+        {"user_state": str(tmp_path / "out")}, tmp_path)
 
-    output = json.loads((tmp_path / "executor_output.json").read_text())["artifacts"]["user_state"]
-    output["artifacts"][0]["type"] = artifact_type
+    output = executor_output["artifacts"]["user_state"]
+    output["artifacts"][0]["type"] = types["user_state"]
     parsed = kubeflow_v2_entrypoint_utils.parse_raw_artifact_dict(
         {"user_state": json_format.ParseDict(output, pipeline_spec_pb2.ArtifactList())}, {})
     state = parsed["user_state"][0]
     assert isinstance(state, avc_example_gen.UserState)
     assert (state.span, state.through_date) == (span, "2022-04-11")
     assert open(os.path.join(state.uri, "state-0")).read() == "carried"
+
+
+def test_the_input_fingerprint_is_computed_at_run_time_and_keys_the_ingest_cache(compiled, tmp_path):
+    """As locally, AvcExampleGen's cache key holds the day's input fingerprint: on Kubeflow an
+    uncached task computes it when the run starts and passes it as a task output parameter (KFP's
+    cache key holds parameter values), so a changed log file is ingested again."""
+    from tfx.types import standard_artifacts as artifacts
+
+    from components import impression_logs, input_fingerprint
+
+    spec, _ = compiled
+    tasks = spec["pipelineSpec"]["root"]["dag"]["tasks"]
+    task = pipeline_lib.INPUT_FINGERPRINT_ID
+    assert tasks[task]["cachingOptions"] == {}      # what KFP's set_caching_options(False) compiles to
+    assert all(tasks[t]["cachingOptions"] == {"enableCache": True} for t in ("AvcExampleGen", "StatisticsGen", "Trainer"))
+    assert tasks[task]["inputs"]["parameters"]["date"] == {"componentInputParameter": "date"}
+    ingest = tasks["AvcExampleGen"]
+    assert ingest["inputs"]["parameters"]["input_fingerprint"] == {
+        "taskOutputParameter": {"producerTask": task, "outputParameterKey": "fingerprint"}}
+    assert task in ingest["dependentTasks"]
+    outputs = spec["pipelineSpec"]["components"][task]["outputDefinitions"]
+    assert outputs["parameters"]["fingerprint"] == {"parameterType": "STRING"}
+    # Every task output parameter names a task that exists (TFX 1.21 names `<id>_task`).
+    producers = [p["taskOutputParameter"]["producerTask"] for t in tasks.values()
+                 for p in t.get("inputs", {}).get("parameters", {}).values() if "taskOutputParameter" in p]
+    assert producers and set(producers) <= set(tasks)
+
+    # The compiled task as a pod runs it: the fingerprint of the day before the scheduled date.
+    day = datetime.date(2022, 4, 12)
+    log = tmp_path / "data" / "logs" / day.isoformat() / "part-0.csv"
+    log.parent.mkdir(parents=True)
+    log.write_text("user_id,video_id\n1,2\n")
+    parameters = {"input_base": str(tmp_path / "data"), "date": "before:2022-04-13",
+                  "cache_file": str(tmp_path / "home" / "input_fingerprints.json")}
+    executor_output, _ = _run_compiled_executor(spec, task, parameters, {"fingerprint": str(tmp_path / "fp" / "value")},
+                                                tmp_path, output_parameters=["fingerprint"])
+    value = executor_output["parameterValues"]["fingerprint"]
+    assert value == impression_logs.day_fingerprint(str(tmp_path / "data"), day) and "part-0.csv:" in value
+
+    # A corrected file (same name and size) gives another value, so AvcExampleGen is not cached.
+    log.write_text("user_id,video_id\n1,3\n")
+    changed = artifacts.String()
+    changed.uri = str(tmp_path / "fp2" / "value")
+    input_fingerprint.DayInputFingerprintExecutor().Do({}, {"fingerprint": [changed]}, parameters)
+    assert changed.read() not in ("", value) and changed.read() == impression_logs.day_fingerprint(
+        str(tmp_path / "data"), day)
 
 
 def test_memory_bound_components_run_in_one_beam_process_on_direct_runner():
