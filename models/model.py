@@ -13,6 +13,10 @@ variables on their meta loss (`RankingModel.train_step`).
 PIN (`ModelConfig.pin`, models.pin, an interpretation): a tail tower per task besides the
 head tower, chosen by the user's AVC bucket; the loss weights each activity group by its prior.
 
+MAIL (`ModelConfig.mail`, models.mail): a zero-shot tower generates a new user's behaviour
+sequence from the user's attributes (id and profile embeddings); the attention reads it in place
+of the history. The zero-shot tower trains on its own loss with its own optimizer (`train_step`).
+
 All POSO modules read the same personalization code `pc`, built from the transformed
 features according to `ModelConfig.pc_source` (see `PC_SOURCES`). Their gates, each its own
 2-layer network as in the paper, are computed together by one `layers.PersonalizedGates`
@@ -31,7 +35,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 import feature_specs as fs
-from models import cold_start, layers, melu, pin
+from models import cold_start, layers, mail, melu, pin
 
 __all__ = ["ModelConfig", "VARIANTS", "PC_SOURCES", "make_config", "variants_for", "RankingModel"]
 
@@ -65,6 +69,20 @@ def check_user_cold_start(method: str, feature_set: fs.FeatureSet) -> None:
     if not feature_set.user_features:
         raise ValueError(f"user_cold_start {method!r} reads the user's features, and feature set "
                          f"{feature_set.name!r} declares no user_features")
+
+
+def check_mail(feature_set: fs.FeatureSet) -> None:
+    """Raises ValueError when `feature_set` has no user attributes for MAIL to generate behaviour from."""
+    if not mail_attribute_names(feature_set):
+        raise ValueError(f"MAIL generates behaviour from the user's attributes, and feature set {feature_set.name!r} "
+                         f"has none: its user id {feature_set.user_id!r} is not a model input and it declares "
+                         "no user_features")
+
+
+def mail_attribute_names(feature_set: fs.FeatureSet) -> Tuple[str, ...]:
+    """MAIL's attributes: the user id (when a model input) and the user features."""
+    user_id = feature_set.feature(feature_set.user_id)
+    return (((user_id.name,) if user_id.kind is fs.Kind.CATEGORICAL else ()) + tuple(feature_set.user_features))
 
 
 def check_pc_source(pc_source: str, feature_set: fs.FeatureSet) -> None:
@@ -125,6 +143,21 @@ class ModelConfig:
     # MWUF warms the user-id embedding of new users and of users whose PC (AVC) bucket is at
     # most this (3: AVC < 8 with the log2 boundaries); -1 for new users only.
     mwuf_max_pc_bucket: int = 3
+    # MAIL (models.mail): the zero-shot tower's sizes (two hidden widths of every encoder and
+    # decoder, the latent width, the attention pooling's width), its dropout, the alignment of p
+    # and q ("mmd" with a Gaussian kernel of width mail_mmd_sigma, or "mse"), whether new users'
+    # behaviour is generated in training too (the paper; False: at serving and evaluation only,
+    # the official code), and its learning rate as a fraction of learning_rate (the code: 1/2).
+    mail: bool = False
+    # The paper's widths (1024-512-512) are for 128-wide embeddings; ours are 16-24 wide.
+    mail_hidden_units: Tuple[int, ...] = (128, 64)
+    mail_latent_dim: int = 32
+    mail_attention_units: int = 16
+    mail_dropout: float = 0.5
+    mail_alignment: str = "mmd"
+    mail_mmd_sigma: float = 1.0
+    mail_fill_in_training: bool = True
+    mail_learning_rate_ratio: float = 0.5
 
     def __post_init__(self):
         for field, kinds in (("mlp", layers.MLP_KINDS), ("attention", layers.ATTENTION_KINDS),
@@ -133,7 +166,7 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: expected one of {kinds}")
         if self.pc_source not in PC_SOURCES:
             raise ValueError(f"ModelConfig.pc_source={self.pc_source!r}: expected one of {PC_SOURCES}")
-        for field in ("mlp_units", "expert_units", "tower_units"):
+        for field in ("mlp_units", "expert_units", "tower_units", "mail_hidden_units"):
             value = getattr(self, field)
             if isinstance(value, (str, bytes)) or not all(isinstance(v, int) and v > 0 for v in value):
                 raise ValueError(f"ModelConfig.{field}={value!r}: expected a sequence of positive ints")
@@ -156,6 +189,24 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.meta_emb_warmup_lr={self.meta_emb_warmup_lr!r}: expected >= 0")
         if not (isinstance(self.mwuf_max_pc_bucket, int) and self.mwuf_max_pc_bucket >= -1):
             raise ValueError(f"ModelConfig.mwuf_max_pc_bucket={self.mwuf_max_pc_bucket!r}: expected an int >= -1")
+        self._check_mail()
+
+    def _check_mail(self) -> None:
+        if len(self.mail_hidden_units) != 2:
+            raise ValueError(f"ModelConfig.mail_hidden_units={self.mail_hidden_units!r}: expected two widths")
+        for field in ("mail_latent_dim", "mail_attention_units"):
+            if not (isinstance(getattr(self, field), int) and getattr(self, field) > 0):
+                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: expected a positive int")
+        if not 0.0 <= self.mail_dropout < 1.0:
+            raise ValueError(f"ModelConfig.mail_dropout={self.mail_dropout!r}: expected in [0, 1)")
+        if self.mail_alignment not in mail.ALIGNMENTS:
+            raise ValueError(f"ModelConfig.mail_alignment={self.mail_alignment!r}: expected one of {mail.ALIGNMENTS}")
+        for field in ("mail_mmd_sigma", "mail_learning_rate_ratio"):
+            if not getattr(self, field) > 0:
+                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: expected > 0")
+        if self.mail and self.user_cold_start != "none":
+            raise ValueError(f"ModelConfig: mail and user_cold_start={self.user_cold_start!r} are exclusive "
+                             "(each trains its own variables on its own loss)")
 
     @property
     def uses_poso(self) -> bool:
@@ -186,6 +237,7 @@ VARIANTS: Dict[str, ModelConfig] = {
     "meta_emb": ModelConfig(user_cold_start="meta_emb"),
     "mwuf": ModelConfig(user_cold_start="mwuf"),
     "pin": ModelConfig(pin=True),
+    "mail": ModelConfig(mail=True),
 }
 
 
@@ -200,12 +252,14 @@ def make_config(variant: str = "baseline", feature_set: Optional[fs.FeatureSet] 
     if feature_set is not None:
         check_pc_source(config.pc_source, feature_set)
         check_user_cold_start(config.user_cold_start, feature_set)
+        if config.mail:
+            check_mail(feature_set)
     return config
 
 
 def variants_for(feature_set: fs.FeatureSet) -> Tuple[str, ...]:
-    """The `VARIANTS` a model over `feature_set` can be (e.g. MovieLens has no user-id input, so
-    no meta_emb or mwuf)."""
+    """The `VARIANTS` a model over `feature_set` can be (e.g. MovieLens has no user-id input and
+    no user features, so no meta_emb, mwuf or mail)."""
     usable = []
     for name, config in VARIANTS.items():
         try:
@@ -230,6 +284,8 @@ class RankingModel(tfrs.Model):
         super().__init__(name=name, **kwargs)
         check_pc_source(config.pc_source, feature_set)
         check_user_cold_start(config.user_cold_start, feature_set)
+        if config.mail:
+            check_mail(feature_set)
         self.config = config
         self.feature_set = feature_set
         self._categorical = feature_set.features_of_kind(fs.Kind.CATEGORICAL)
@@ -272,6 +328,8 @@ class RankingModel(tfrs.Model):
         # The user cold-start method's layer (None without one): its variables train on its meta loss only.
         self.cold_start = (cold_start_layers[config.user_cold_start](user_dim, name=config.user_cold_start)
                            if config.user_cold_start != "none" else None)
+        # MAIL's zero-shot tower and its own optimizer (None without MAIL).
+        self.zero_shot, self.zero_shot_optimizer = (self._make_zero_shot() if config.mail else (None, None))
         self.tasks = {
             task.name: tfrs.tasks.Ranking(
                 # Per-example losses, averaged in compute_loss over the global batch: Keras refuses
@@ -293,6 +351,17 @@ class RankingModel(tfrs.Model):
                 name=f"{prefix}{task.name}_tower")
             for task in self.feature_set.tasks
         }
+
+    def _make_zero_shot(self) -> Tuple[mail.ZeroShotTower, tf.keras.optimizers.Optimizer]:
+        config = self.config
+        tower = mail.ZeroShotTower(
+            [self.embeddings[name].output_dim for name in mail_attribute_names(self.feature_set)],
+            behaviour_length=self._behaviour[0].max_length,
+            behaviour_dim=sum(self.embeddings[f.name].output_dim for f in self._behaviour),
+            hidden_units=config.mail_hidden_units, latent_dim=config.mail_latent_dim,
+            attention_units=config.mail_attention_units, dropout=config.mail_dropout,
+            alignment=config.mail_alignment, mmd_sigma=config.mail_mmd_sigma, name="mail")
+        return tower, tf.keras.optimizers.Adam(config.learning_rate * config.mail_learning_rate_ratio)
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -338,13 +407,14 @@ class RankingModel(tfrs.Model):
 
     @tf.autograph.experimental.do_not_convert
     def tower_inputs(self, features: Mapping[str, tf.Tensor],
-                     user_embedding: Optional[tf.Tensor] = None) -> List[tf.Tensor]:
+                     user_embedding: Optional[tf.Tensor] = None, training: bool = False) -> List[tf.Tensor]:
         """The last hidden activations: the MMoE's output for each task (in task order), i.e.
         what the towers read. The paper's Fig. 1b measures how these move when a feature is
-        masked. `user_embedding`: see `_non_sequential`."""
+        masked. `user_embedding`: see `_non_sequential`. With MAIL, new users' behaviour is
+        generated (`mail_behaviour_sequence`)."""
         non_sequential = self._non_sequential(features, user_embedding)
         gates = self._module_gates(self.personalization_code(features, non_sequential))
-        sequence, mask = self._behaviour_sequence(features)
+        sequence, mask = self.mail_behaviour_sequence(features, training)
         attended = self.attention(non_sequential, sequence, mask=mask, gates=gates.get("attention"))
         hidden = self.mlp(tf.concat([non_sequential, attended], axis=1), gates=gates.get("mlp"))
         return self.mmoe(hidden, gates=gates.get("mmoe"))
@@ -377,11 +447,11 @@ class RankingModel(tfrs.Model):
         if missing:
             raise KeyError(f"RankingModel: transformed features {missing} are missing; "
                            f"got {sorted(features)}")
-        return self._predict(features, None if training else self.serving_user_embedding(features))
+        return self._predict(features, None if training else self.serving_user_embedding(features), training)
 
     def _predict(self, features: Mapping[str, tf.Tensor],
-                 user_embedding: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
-        per_task = self.tower_inputs(features, user_embedding)
+                 user_embedding: Optional[tf.Tensor] = None, training: bool = False) -> Dict[str, tf.Tensor]:
+        per_task = self.tower_inputs(features, user_embedding, training)
         return self.task_probabilities(features, per_task)
 
     def task_probabilities(self, features: Mapping[str, tf.Tensor], per_task: List[tf.Tensor]) -> Dict[str, tf.Tensor]:
@@ -397,6 +467,49 @@ class RankingModel(tfrs.Model):
     def pin_head_mask(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
         """[B] bool: PIN's head users (see models.pin.head_mask)."""
         return pin.head_mask(features, self.feature_set, self.config.pin_head_min_pc_bucket)
+
+    # -- MAIL (models.mail) ----------------------------------------------------------------
+
+    def _mail_attribute_tokens(self, features: Mapping[str, tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor]:
+        """MAIL's attribute tokens [B, F, d_a] and its target a [B, sum d_i], gradient stopped."""
+        embedded = [tf.stop_gradient(self.embeddings[name](features[name]))
+                    for name in mail_attribute_names(self.feature_set)]
+        return mail.attribute_tokens(embedded), tf.concat(embedded, axis=1)
+
+    def mail_behaviour_sequence(self, features: Mapping[str, tf.Tensor],
+                                training: bool = False) -> Tuple[tf.Tensor, tf.Tensor]:
+        """The behaviour sequence and mask the attention reads.
+
+        Without MAIL (or in training with mail_fill_in_training False): the history's. With MAIL:
+        new users' rows (`cold_start.new_user_mask`) hold v_hat = D2(E1(pool_a(a))), all positions
+        real, gradient stopped (the ranking loss never trains the zero-shot tower). The generator
+        runs on the new users' rows only, gathered (tf.where / tf.gather) and scattered back
+        (tf.tensor_scatter_nd_update), so a batch of users with behaviour runs it on 0 rows; and
+        without dropout, in training too, so the ranking tower trains on what serving serves.
+        """
+        sequence, mask = self._behaviour_sequence(features)
+        if self.zero_shot is None or (training and not self.config.mail_fill_in_training):
+            return sequence, mask
+        rows = tf.where(cold_start.new_user_mask(features, self.feature_set))
+        gathered = {name: tf.gather_nd(features[name], rows) for name in mail_attribute_names(self.feature_set)}
+        generated = tf.stop_gradient(self.zero_shot.generate(self._mail_attribute_tokens(gathered)[0]))
+        sequence = tf.tensor_scatter_nd_update(sequence, rows, tf.cast(generated, sequence.dtype))
+        mask = tf.tensor_scatter_nd_update(mask, rows, tf.ones_like(generated[:, :, 0], dtype=tf.bool))
+        return sequence, mask
+
+    def mail_rows(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """[B] bool: the rows MAIL's zero-shot tower learns from: users with behaviour (not new, and
+        at least one real history position)."""
+        _, mask = self._behaviour_sequence(features)
+        return tf.reduce_any(mask, axis=1) & ~cold_start.new_user_mask(features, self.feature_set)
+
+    def mail_losses(self, features: Mapping[str, tf.Tensor], training: bool = False) -> Dict[str, tf.Tensor]:
+        """MAIL's zero-shot losses (models.mail.ZeroShotTower.losses_of) on the batch's `mail_rows`,
+        on gradient-stopped copies of the embeddings."""
+        tokens, attributes = self._mail_attribute_tokens(features)
+        sequence, mask = self._behaviour_sequence(features)
+        return self.zero_shot.losses_of(tokens, attributes, tf.stop_gradient(sequence), mask,
+                                        self.mail_rows(features), training=training)
 
     # -- user cold start (models.cold_start) ---------------------------------------------
 
@@ -463,7 +576,9 @@ class RankingModel(tfrs.Model):
 
     def train_step(self, inputs):
         """tfrs.Model's step; with a cold-start method, its variables train on `cold_start_loss`
-        and every other variable on the usual loss (one optimizer step)."""
+        and every other variable on the usual loss (one optimizer step); with MAIL, see `_mail_train_step`."""
+        if self.zero_shot is not None:
+            return self._mail_train_step(inputs)
         if self.cold_start is None:
             return super().train_step(inputs)
         with tf.GradientTape(persistent=True) as tape:
@@ -480,6 +595,29 @@ class RankingModel(tfrs.Model):
         metrics = {metric.name: metric.result() for metric in self.metrics}
         metrics.update(loss=loss, regularization_loss=regularization_loss, total_loss=total_loss,
                        cold_start_loss=meta_loss)
+        return metrics
+
+    def _mail_train_step(self, inputs):
+        """MAIL's co-training step: two optimizers on disjoint variables. The model's optimizer
+        applies the ranking loss's gradient to every variable but the zero-shot tower's;
+        `zero_shot_optimizer` (learning rate mail_learning_rate_ratio * learning_rate) applies
+        the zero-shot loss's gradient to the zero-shot tower's variables. Neither loss reaches the
+        other's variables (stop-gradients both ways, see `mail_behaviour_sequence`, `mail_losses`)."""
+        with tf.GradientTape(persistent=True) as tape:
+            loss = self.compute_loss(inputs, training=True)
+            regularization_loss = tf.reduce_sum([tf.reduce_sum(loss) for loss in self.losses])
+            total_loss = loss + regularization_loss
+            zero_shot = self.mail_losses(inputs, training=True)
+        zero_shot_variables = self.zero_shot.trainable_variables
+        zero_shot_refs = {v.ref() for v in zero_shot_variables}
+        ranking_variables = [v for v in self.trainable_variables if v.ref() not in zero_shot_refs]
+        self.optimizer.apply_gradients(zip(tape.gradient(total_loss, ranking_variables), ranking_variables))
+        self.zero_shot_optimizer.apply_gradients(
+            zip(tape.gradient(zero_shot["total"], zero_shot_variables), zero_shot_variables))
+        del tape
+        metrics = {metric.name: metric.result() for metric in self.metrics}
+        metrics.update(loss=loss, regularization_loss=regularization_loss, total_loss=total_loss,
+                       zero_shot_loss=zero_shot["total"], zero_shot_alignment=zero_shot["alignment"])
         return metrics
 
     @property

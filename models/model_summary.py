@@ -65,15 +65,16 @@ __all__ = [
 DEFAULT_VARIANT_PAIR: Tuple[str, str] = ("baseline", "poso_all")
 # Table rows: the modules POSO can replace, then the rest of the model.
 MODULE_ROWS: Tuple[str, ...] = ("MLP", "MHA", "MMoE")
-# "User cold start": Meta-Embedding's generator or MWUF's meta networks (models.cold_start).
+# "User cold start": Meta-Embedding's generator or MWUF's meta networks (models.cold_start), or
+# MAIL's zero-shot tower (models.mail).
 ROWS: Tuple[str, ...] = MODULE_ROWS + ("Towers", "User cold start", "Dense network", "Embedding tables",
                                        "Whole model")
 _DENSE_PARTS: Tuple[str, ...] = MODULE_ROWS + ("Towers", "User cold start")
 _MODULE_ATTRIBUTES = {"MLP": "mlp", "MHA": "attention", "MMoE": "mmoe"}
-_KIND_FIELDS = ("mlp", "attention", "mmoe", "user_cold_start", "pin")  # from the variant
+_KIND_FIELDS = ("mlp", "attention", "mmoe", "user_cold_start", "pin", "mail")  # from the variant
 _LABELS = {"baseline": "plain", "moe": "MoE", "poso_mlp": "POSO(MLP)", "poso_mha": "POSO(MHA)",
            "poso_mmoe": "POSO(MMoE)", "poso_all": "POSO(all)", "meta_emb": "Meta-Embedding", "mwuf": "MWUF",
-           "pin": "PIN"}
+           "pin": "PIN", "mail": "MAIL"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +162,8 @@ def parameter_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
               + _model_gates(ranking, attribute, gate_parameters)
               for row, attribute in _MODULE_ATTRIBUTES.items()}
     counts["Towers"] = sum(tower.count_params() for tower in _all_towers(ranking))
-    counts["User cold start"] = ranking.cold_start.count_params() if ranking.cold_start is not None else 0
+    counts["User cold start"] = sum(method.count_params() for method in (ranking.cold_start, ranking.zero_shot)
+                                    if method is not None)
     counts["Dense network"] = sum(counts[row] for row in _DENSE_PARTS)
     counts["Embedding tables"] = sum(table.count_params() for table in _embedding_layers(ranking))
     counts["Whole model"] = int(sum(np.prod(weight.shape) for weight in ranking.trainable_weights))
@@ -272,7 +274,10 @@ def _behaviour_length() -> int:
 
 def _cold_start_macs(ranking: model_lib.RankingModel, length: int) -> int:
     """The served substitution, computed for every example (the choice per user is a select):
-    Meta-Embedding's generator; MWUF's two networks, the history's mean and e' = scale * e + shift."""
+    Meta-Embedding's generator; MWUF's two networks, the history's mean and e' = scale * e + shift;
+    MAIL: `_mail_macs`."""
+    if ranking.zero_shot is not None:
+        return _mail_macs(ranking.zero_shot)
     method = ranking.cold_start
     if method is None:
         return 0
@@ -281,6 +286,17 @@ def _cold_start_macs(ranking: model_lib.RankingModel, length: int) -> int:
     history_dim = ranking.embeddings[model_lib.BEHAVIOUR_SEQUENCE[0]].output_dim
     return (_dense_macs(method.scaling) + _dense_macs(method.shifting) + length * history_dim
             + 2 * method.embedding_dim)
+
+
+def _mail_macs(tower: Any) -> int:
+    """MAIL's served generation v_hat = D2(E1(pool_a(a))), charged per example although the graph
+    runs it on new users' rows only (0 for users with behaviour): the attention pooling's projection
+    and query per attribute token, E1 and D2. The zero-shot losses (E2, D1, pool_v) run in training only."""
+    pooling = tower.attribute_pooling
+    tokens = len(tower.attribute_dims)
+    return (_dense_macs(pooling.projection, tokens) + _dense_macs(pooling.query, tokens)
+            + sum(_dense_macs(dense) for coder in (tower.attribute_encoder, tower.behaviour_decoder)
+                  for dense in coder.dense_layers))
 
 
 def flop_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:

@@ -38,7 +38,7 @@ def _add_pipeline_args(parser: argparse.ArgumentParser, home: Optional[str] = No
     argtypes.add_home_argument(parser, "pipeline root, metadata store and serving base directory", home)
     parser.add_argument("--variant", default=config_lib.DEFAULT_VARIANT,
                         help="model variant: baseline, moe, poso_mlp, poso_mha, poso_mmoe, poso_all, "
-                             "meta_emb (Meta-Embedding), mwuf (MWUF), pin (PIN); MeLU is benchmark-only (poso bench paper)")
+                             "meta_emb (Meta-Embedding), mwuf (MWUF), pin (PIN), mail (MAIL); MeLU is benchmark-only (poso bench paper)")
     parser.add_argument("--train-days", type=argtypes.positive_int, default=config_lib.TRAIN_DAYS,
                         help="days of logs before the evaluation day that the model trains on")
     parser.add_argument("--min-train-days", type=argtypes.positive_int, default=None,

@@ -32,6 +32,7 @@ CASES = [
     ("poso_mlp", "all_features"),
     ("meta_emb", "avc_bucket_onehot"),
     ("mwuf", "avc_bucket_onehot"),
+    ("mail", "avc_bucket_onehot"),
 ]
 LABELS_AND_SLICES = [f.name for f in fs.features_of_kind(fs.Kind.LABEL, fs.Kind.SLICE)]
 TASK_NAMES = {task.name for task in fs.TASKS}
