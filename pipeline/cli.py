@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import importlib
 import json
 import os
@@ -187,19 +188,17 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_summary_arguments(parser: argparse.ArgumentParser) -> None:
-    from models import model as model_lib
-    from models import model_summary
-
     def variant_pair(value: str):
+        from models import model_summary  # TensorFlow: only when a pair is given, not for --help
+
         try:
             return model_summary.check_variant_pair([part.strip() for part in value.split(",")])
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
 
-    default = model_summary.DEFAULT_VARIANT_PAIR
-    parser.add_argument("--variant-pair", type=variant_pair, default=default, metavar="PLAIN,POSO",
-                        help=f"the two variants to compare (default: {','.join(default)}); "
-                             f"known: {', '.join(model_lib.VARIANTS)}")
+    # The default is models.model_summary.DEFAULT_VARIANT_PAIR (tests/test_model_summary.py checks the help).
+    parser.add_argument("--variant-pair", type=variant_pair, default=None, metavar="PLAIN,POSO",
+                        help="the two variants to compare, --variant names (default: baseline,poso_all)")
     parser.add_argument("--config", type=argtypes.model_config_overrides, default=None, metavar="JSON",
                         help='ModelConfig overrides shared by both variants, e.g. \'{"gate_hidden_units": 8}\'')
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
@@ -208,7 +207,7 @@ def add_model_summary_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_model_summary(args) -> int:
     from models import model_summary
 
-    summary = model_summary.summarize(args.config, args.variant_pair)
+    summary = model_summary.summarize(args.config, args.variant_pair or model_summary.DEFAULT_VARIANT_PAIR)
     print(json.dumps(summary, indent=2) if args.json else model_summary.format_table(summary))
     return 0
 
@@ -226,15 +225,35 @@ def cmd_demo(args) -> int:
         verbose=args.verbose, wait_for_lock=args.wait_for_lock)
 
 
+def add_compile_kubeflow_arguments(parser: argparse.ArgumentParser) -> None:
+    # The same options as `poso run`; --home/--data are remote here.
+    _add_pipeline_args(parser, home=config_lib.KUBEFLOW_HOME, data=config_lib.KUBEFLOW_DATA)
+    parser.add_argument("--image", default=config_lib.KUBEFLOW_IMAGE,
+                        help="the pipeline image built from the Dockerfile (default: %(default)s)")
+    parser.add_argument("--schema-file", default=config_lib.KUBEFLOW_SCHEMA_FILE,
+                        help="the schema inside the image (default: %(default)s)")
+    parser.add_argument("--output", default=config_lib.KUBEFLOW_OUTPUT, help="the JSON spec (default: %(default)s)")
+    parser.add_argument("--trainer-workers", type=int, default=1,
+                        help="train on a Vertex AI custom job with a chief and N-1 workers under "
+                             "MultiWorkerMirroredStrategy (default: %(default)s, TFX's own Trainer)")
+    parser.add_argument("--trainer-machine-type", default=config_lib.RunConfig.trainer_machine_type,
+                        help="machine type of every training replica (default: %(default)s)")
+    parser.add_argument("--vertex-project", help="Google Cloud project of the training job (needed with --trainer-workers > 1)")
+    parser.add_argument("--vertex-region", default=config_lib.RunConfig.vertex_region,
+                        help="region of the training job (default: %(default)s)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """A subcommand: `module` holds its flags (`add_arguments(parser)`) and handler (`run(args)`,
-    returning the exit code); it is imported only when the command is chosen."""
+    """A subcommand: `module` holds its handler (`run(args)`, returning the exit code) and, unless
+    `flags` names a lighter module for them, its flags (`add_arguments(parser)`). The flags' module
+    is imported when the command is chosen (`--help` included), the handler's only when it runs."""
 
     help: str
     module: str = ""
     add_arguments: str = "add_arguments"
     run: str = "run"
+    flags: str = ""
     subcommands: Optional[Dict[str, "Command"]] = None
     quiet: bool = False  # drop TensorFlow's native banners unless --verbose (pipeline/quiet.py)
 
@@ -283,10 +302,11 @@ COMMANDS = {
     "gc": Command("delete old pushed versions and pipeline_root artifacts no kept model needs (dry run by default)",
                   "pipeline.gc"),
     "serve": Command("serve pushed models over TF Serving's gRPC and REST APIs", "serving.server",
-                     run="run_and_exit"),
-    "predict": Command("send a predict request over gRPC or REST", "serving.client"),
+                     run="run_and_exit", flags="serving.server_flags"),
+    "predict": Command("send a predict request over gRPC or REST", "serving.client", flags="serving.client_flags"),
     "compile-kubeflow": Command("compile the daily pipeline for Kubeflow Pipelines v2 / Vertex (JSON)",
-                                "pipeline.kubeflow_v2_runner", quiet=True),
+                                "pipeline.kubeflow_v2_runner", "add_compile_kubeflow_arguments", quiet=True,
+                                flags=_HERE),
     "model-summary": Command("parameters and FLOPs per module, plain vs POSO (Table 1)",
                              _HERE, "add_model_summary_arguments", "cmd_model_summary", quiet=True),
     "bench": Command("benchmarks (print figures; loopback only)", subcommands=BENCHMARKS),
@@ -299,6 +319,10 @@ def _description(module) -> Optional[str]:
     if hasattr(module, "build_arg_parser"):
         return module.build_arg_parser().description
     return (module.__doc__ or "").split("\n\n")[0].strip() or None
+
+
+def _run_handler(command: Command, args) -> int:
+    return getattr(importlib.import_module(command.module), command.run)(args)
 
 
 def _add_commands(subparsers, commands: Dict[str, Command], chosen: Sequence[str], prefix: str) -> None:
@@ -315,11 +339,11 @@ def _add_commands(subparsers, commands: Dict[str, Command], chosen: Sequence[str
             continue
         if not configure:
             continue
-        module = importlib.import_module(command.module)
+        flags = importlib.import_module(command.flags or command.module)
         if command.add_arguments == "add_arguments":  # the module is the command's own
-            parser.description = _description(module)
-        getattr(module, command.add_arguments)(parser)
-        parser.set_defaults(func=getattr(module, command.run))
+            parser.description = _description(flags)
+        getattr(flags, command.add_arguments)(parser)
+        parser.set_defaults(func=functools.partial(_run_handler, command))
 
 
 def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:

@@ -68,26 +68,6 @@ def _wire_input_fingerprint(tasks: Dict[str, dict]) -> None:
                 producer["producerTask"] = name[:-len("_task")]
 
 
-def add_arguments(parser) -> None:
-    from pipeline import cli
-
-    # The same options as `poso run`; --home/--data are remote here.
-    cli._add_pipeline_args(parser, home=config_lib.KUBEFLOW_HOME, data=config_lib.KUBEFLOW_DATA)
-    parser.add_argument("--image", default=config_lib.KUBEFLOW_IMAGE,
-                        help="the pipeline image built from the Dockerfile (default: %(default)s)")
-    parser.add_argument("--schema-file", default=config_lib.KUBEFLOW_SCHEMA_FILE,
-                        help="the schema inside the image (default: %(default)s)")
-    parser.add_argument("--output", default=config_lib.KUBEFLOW_OUTPUT, help="the JSON spec (default: %(default)s)")
-    parser.add_argument("--trainer-workers", type=int, default=1,
-                        help="train on a Vertex AI custom job with a chief and N-1 workers under "
-                             "MultiWorkerMirroredStrategy (default: %(default)s, TFX's own Trainer)")
-    parser.add_argument("--trainer-machine-type", default=config_lib.RunConfig.trainer_machine_type,
-                        help="machine type of every training replica (default: %(default)s)")
-    parser.add_argument("--vertex-project", help="Google Cloud project of the training job (needed with --trainer-workers > 1)")
-    parser.add_argument("--vertex-region", default=config_lib.RunConfig.vertex_region,
-                        help="region of the training job (default: %(default)s)")
-
-
 def run(args) -> int:
     from pipeline import cli
 

@@ -46,9 +46,11 @@ from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from feature_specs import SEQUENCE_PADDING_VALUE, SERVING_MODEL_NAME
+from feature_specs import SEQUENCE_PADDING_VALUE
 from serving import instances as instances_lib
 from serving import tensor_protos
+from serving.client_flags import (DEFAULT_GRPC_ADDRESS, DEFAULT_REST_URL, DEFAULT_SIGNATURE, JSON_SHAPES, add_arguments,
+                                  build_arg_parser)
 
 __all__ = [
     "ServingClientError", "GrpcPredictionClient", "RestPredictionClient", "predict_grpc",
@@ -58,7 +60,6 @@ __all__ = [
     "format_json", "add_arguments", "run", "main",
 ]
 
-DEFAULT_SIGNATURE = "serving_default"
 DEFAULT_EXAMPLES_INPUT = "examples"
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -465,15 +466,10 @@ def predict_rest(address: str, model_name: str, inputs: Optional[Inputs] = None,
 
 # -- command line -------------------------------------------------------------------------
 
-DEFAULT_GRPC_ADDRESS = "127.0.0.1:8500"
-DEFAULT_REST_URL = "http://127.0.0.1:8501"
 # The project's raw-feature signature: what JSON features go to unless told otherwise.
 RAW_SIGNATURE = instances_lib.RAW_SIGNATURE
 
 _TF_SERVING_BODY_KEYS = {"instances", "inputs", "signature_name"}
-_SHAPE_HELP = ('a list of objects (one per row), JSON Lines (one object per line), one object '
-               '(one row), or a TensorFlow Serving request body {"instances": [...]} or '
-               '{"inputs": {...}} (optionally with "signature_name")')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,7 +529,7 @@ def _parse_json(text: str, where: str) -> Any:
 
 
 def read_json_request(source: str) -> JsonRequest:
-    """Reads --json SOURCE (see _SHAPE_HELP for the accepted documents)."""
+    """Reads --json SOURCE (see JSON_SHAPES for the accepted documents)."""
     text, where = _json_text(source)
     document = _parse_json(text, where)
     if isinstance(document, list):
@@ -541,7 +537,7 @@ def read_json_request(source: str) -> JsonRequest:
             raise ValueError(f"{where}: the list of rows is empty")
         return JsonRequest(rows=document)
     if not isinstance(document, dict):
-        raise ValueError(f"{where}: expected {_SHAPE_HELP}; got a JSON {type(document).__name__}")
+        raise ValueError(f"{where}: expected {JSON_SHAPES}; got a JSON {type(document).__name__}")
     if not {"instances", "inputs"} & set(document):
         return JsonRequest(rows=[document])
     if "instances" in document and "inputs" in document:
@@ -773,40 +769,6 @@ def format_table(outputs: Mapping[str, np.ndarray]) -> str:
                      for line in [header] + body)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `poso predict` flags."""
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--grpc", metavar="HOST:PORT", nargs="?", const=DEFAULT_GRPC_ADDRESS,
-                       help=f"send over gRPC (the default; address default {DEFAULT_GRPC_ADDRESS})")
-    where.add_argument("--rest", metavar="URL", nargs="?", const=DEFAULT_REST_URL,
-                       help=f"send over REST (address default {DEFAULT_REST_URL})")
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--json", metavar="JSON", help=(
-        f"raw feature values: {_SHAPE_HELP}; given as a JSON string, a file, @FILE, or - for "
-        f"standard input. Sent to signature {RAW_SIGNATURE} if the model has it"))
-    what.add_argument("--examples", metavar="TFRECORD", nargs="+", help=(
-        "serialized tf.Examples: TFRecord files (gzip or not), directories of them, or globs. "
-        f"Sent to signature {DEFAULT_SIGNATURE}"))
-    parser.add_argument("--model", "--model-name", "--model_name", dest="model",
-                        default=SERVING_MODEL_NAME, help="served model name (default %(default)s)")
-    parser.add_argument("--signature", "--signature-name", "--signature_name", dest="signature",
-                        help="signature to call (default: see --json and --examples); a raw-"
-                             "feature signature given --examples gets the examples' features")
-    version = parser.add_mutually_exclusive_group()
-    version.add_argument("--version", type=int, help="model version (default: the latest)")
-    version.add_argument("--label", help="version label, e.g. stable")
-    parser.add_argument("--max-examples", "--max_examples", dest="max_examples", type=int,
-                        default=10, metavar="N",
-                        help="send at most N examples of --examples (default 10; 0: all)")
-    parser.add_argument("--input-name", "--input_name", dest="input_name", metavar="NAME",
-                        help="the input serialized examples go to (default: the signature's "
-                             "only string input)")
-    parser.add_argument("--format", choices=("table", "json"), default="table",
-                        help="print a table (default) or TF Serving's JSON response")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
-    return parser
-
-
 def _choose_signature(args, body_signature: Optional[str], available) -> str:
     if args.signature and body_signature and args.signature != body_signature:
         raise ValueError(f"--signature {args.signature} disagrees with the JSON's "
@@ -861,13 +823,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(format_json(outputs) if args.format == "json" else format_table(outputs))
     return 0
-
-
-def build_arg_parser(prog: str = "poso predict") -> argparse.ArgumentParser:
-    return add_arguments(argparse.ArgumentParser(prog=prog, description=(
-        "Send one Predict request to a TensorFlow Serving API (this project's server or "
-        "tensorflow/serving) and print per-task scores. Exit status: 0 ok, 1 the server "
-        "refused or could not be reached, 2 bad arguments or input.")))
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "poso predict") -> int:

@@ -23,6 +23,35 @@ def test_help_imports_neither_tensorflow_nor_the_server_nor_the_benchmarks():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+SUBCOMMAND_HELP_MUST_NOT_IMPORT = ("tensorflow", "apache_beam", "tfx", "models")
+
+
+def test_no_command_s_help_imports_tensorflow():
+    """`poso COMMAND --help` (and `poso bench NAME --help`) for every command, in one fresh
+    interpreter: each prints its flags, and none imports TensorFlow, Beam, TFX or the models
+    (the first command that does is named)."""
+    done = _in_a_fresh_interpreter(
+        "import contextlib, io, sys\nfrom pipeline import cli\n"
+        "commands = [[name, *([sub] if sub else [])] for name, command in cli.COMMANDS.items()\n"
+        "            for sub in (command.subcommands or [None])]\n"
+        "for argv in commands:\n"
+        "    shown = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(shown):\n"
+        "        try:\n"
+        "            cli.main([*argv, '--help'])\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "    heavy = sorted({m.split('.')[0] for m in sys.modules} & set(%r))\n"
+        "    print(' '.join(argv), 'usage: poso ' + ' '.join(argv) in shown.getvalue(), heavy)\n"
+        % (SUBCOMMAND_HELP_MUST_NOT_IMPORT,))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert [line for line in lines if not line.endswith(" True []")] == []
+    assert {"serve True []", "compile-kubeflow True []", "predict True []", "model-summary True []",
+            "bench train True []"} <= set(lines)
+    assert len(lines) == sum(len(command.subcommands or [None]) for command in cli.COMMANDS.values())
+
+
 def _flags_without_help(parser, where=()):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

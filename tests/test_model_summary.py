@@ -124,6 +124,11 @@ def _summary_parser():
     return parser
 
 
+def test_the_help_shows_the_default_pair():
+    shown = " ".join(_summary_parser().format_help().split())
+    assert f"(default: {','.join(model_summary.DEFAULT_VARIANT_PAIR)})" in shown
+
+
 def test_other_pairs_and_overrides(capsys):
     overrides = dict(TINY, pc_source="avc_bucket_embedding")
     assert cli.cmd_model_summary(_summary_parser().parse_args(

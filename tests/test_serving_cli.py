@@ -214,6 +214,14 @@ def test_help_through_the_poso_command(command, usage, capsys):
     assert usage in capsys.readouterr().out
 
 
+def test_predict_help_names_the_signatures_the_client_uses(capsys):
+    assert poso("predict", "--help") == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"Sent to signature {instances.RAW_SIGNATURE} if" in shown
+    assert f"Sent to signature {client.DEFAULT_SIGNATURE}" in shown
+    assert client.DEFAULT_SIGNATURE == instances.EXAMPLES_SIGNATURE
+
+
 def test_predict_through_the_poso_command(endpoint, capsys):
     assert poso("predict", "--grpc", endpoint["grpc"], "--model", MODEL, "--format", "json",
                 "--json", json.dumps(RAW_ROWS[:2])) == 0
