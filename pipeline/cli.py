@@ -268,8 +268,10 @@ BENCHMARKS = {
                           "benchmarks.rest_parse"),
     "paper": Command("reproduce the POSO paper's tables and figures (writes benchmarks/RESULTS.md)",
                      "benchmarks.paper"),
-    "pipeline": Command("wall time and peak memory of a daily run per component, per window size",
+    "pipeline": Command("wall time, peak memory and examples of a daily run per component, per window size",
                         "benchmarks.pipeline_scale"),
+    "components": Command("examples/s of the Trainer's input pipeline, a bare Keras fit and the Trainer; "
+                          "the Evaluator (TFMA) beside batched inference", "benchmarks.component_throughput"),
     "headroom": Command("ceiling GAUC from the synthetic generator's true probabilities, per preset, and the "
                         "headroom a model closes", "benchmarks.headroom"),
 }
