@@ -23,7 +23,9 @@ paired t-test's p-value (`benchmarks.stats`).
 
 Time: about 25-30 s per trained model on 2 cores (RESULTS.md of 2026-11-23: 23-33 s per model
 and seed in every section), so the default run trains 48 MovieLens and 78 synthetic models,
-about 65 min with the data preparation; within 3 hours even at half that speed. RESULTS.md
+about 65 min with the data preparation; within 3 hours even at half that speed. PIN and MAIL
+(Table 2 rows, and PIN in (a) with the headline seeds) add 24 synthetic and 6 MovieLens models,
+about 15 min more (MAIL's zero-shot tower costs extra training time, see benchmarks/README.md). RESULTS.md
 lists every section's wall time, seeds and commit as recorded by its last run.
 
 Protocol (b-d): the synthetic logs go through the project's real code path (AvcExampleGen's
@@ -115,6 +117,8 @@ TABLE2_MODELS = (
     ModelSpec(POSO, POSO, label="POSO(MLP+MHA+MMoE)", headline=True),
     ModelSpec("meta_emb", "meta_emb", label="Meta-Embedding (Pan et al. 2019)", headline=True),
     ModelSpec("mwuf", "mwuf", label="MWUF (Zhu et al. 2021)", headline=True),
+    ModelSpec("pin", "pin", label="PIN (Lv et al. 2022, our interpretation)", headline=True),
+    ModelSpec("mail", "mail", label="MAIL (Feng et al. 2021; v_hat in training too)", headline=True),
 )
 ABLATION_MODELS = (
     ModelSpec(BASELINE, BASELINE, label="Baseline (no gates)", headline=True),
@@ -132,8 +136,9 @@ ITEM_COLD_START_MODELS = (
     ModelSpec(POSO, POSO, label="POSO(all), PC = AVC bucket (user cold start)", headline=True),
 )
 SUBMERGENCE_MODELS = tuple(spec for spec in TABLE2_MODELS if spec.name in (BASELINE, POSO))
-# MovieLens (a): the variants of the headline rows.
-HEADLINE_VARIANTS = (BASELINE, POSO)
+# MovieLens (a): the variants of the headline rows (PIN's too; MAIL and the user cold-start
+# methods do not apply there: no user attributes).
+HEADLINE_VARIANTS = (BASELINE, POSO, "pin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,12 +244,15 @@ def train_model(spec: ModelSpec, train, seed: int, budget: Budget):
     import tensorflow as tf
 
     from models import model as model_lib
+    from models import pin
 
     tf.keras.utils.set_random_seed(seed)
     config = model_lib.make_config(spec.variant, learning_rate=budget.learning_rate, **dict(spec.overrides))
     dataset = (tf.data.Dataset.from_tensor_slices(train.features)
                .shuffle(len(train), seed=seed, reshuffle_each_iteration=True).repeat()
                .batch(budget.batch_size, drop_remainder=True).prefetch(2))
+    if config.pin:  # as the Trainer: P(head) measured on the training data, stratified batches
+        dataset, config = pin.training_data(dataset, config, budget.batch_size, specs.KUAIRAND, seed)
     model = model_lib.RankingModel(config)
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate))
     model.fit(dataset, epochs=1, steps_per_epoch=budget.train_steps, verbose=0)

@@ -31,9 +31,10 @@ __all__ = ["run_movielens", "summarize", "goal_check", "format_table", "default_
            "read_test_examples", "VARIANT_LABELS",
            "DEFAULT_BUDGET", "PAPER_ML20M", "main"]
 
-# The paper's Table 5 rows, in its order. Meta-Embedding and MWUF (variants meta_emb, mwuf) are
-# not among them: they replace the user-id embedding from user features, and this feature set has
-# neither (the protocol splits by user, so every test user's id is unseen; MovieLens has no profile).
+# The paper's Table 5 rows, in its order, then PIN (trained by the Trainer: P(head) measured,
+# stratified batches). Meta-Embedding, MWUF and MAIL (meta_emb, mwuf, mail) are not among them:
+# they read the user id and user features, and this feature set has neither (the protocol splits
+# by user, so every test user's id is unseen; MovieLens has no profile).
 VARIANT_LABELS: Dict[str, str] = {
     "baseline": "Baseline (MLP + MHA + MMoE)",
     "moe": "MoE gated on all features",
@@ -41,6 +42,7 @@ VARIANT_LABELS: Dict[str, str] = {
     "poso_mha": "POSO(MHA)",
     "poso_mmoe": "POSO(MMoE)",
     "poso_all": "POSO(all)",
+    "pin": "PIN (Lv et al. 2022, our interpretation)",
 }
 # GAUC (%) on MovieLens-20M, Table 5 of Dai et al. 2021: {variant: (Favorite, Satisfied)}.
 PAPER_ML20M = {"baseline": (76.08, 74.57), "poso_all": (76.89, 75.29)}
@@ -155,7 +157,7 @@ def run_movielens(data_zip: Optional[str] = None, seeds: Sequence[int] = (0, 1, 
     if unknown:
         raise ValueError(f"run_movielens: unknown variant(s) {unknown}; known: {sorted(model_lib.VARIANTS)}")
     for variant in variants:
-        model_lib.make_config(variant, ml.MOVIELENS)  # meta_emb / mwuf: no user-id input here, said now
+        model_lib.make_config(variant, ml.MOVIELENS)  # meta_emb / mwuf / mail: no user-id input here, said now
     budget = {**DEFAULT_BUDGET, **budget}
     data_zip = data_zip or default_data_zip()
     work_dir = work_dir or tempfile.mkdtemp(prefix="paper_movielens_")

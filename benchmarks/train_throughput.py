@@ -17,7 +17,9 @@ other in a rotated order, so that load from other processes on a shared machine 
 all variants alike. Per variant: the median and the min-max spread over rounds of the time
 per step, and the median examples/s. The step-time ratio of POSO(all) to the baseline is the
 median over rounds of the ratio within a round (paired, so a slow round slows both); the ratio
-of the two variants' fastest rounds is printed beside it.
+of the two variants' fastest rounds is printed beside it; the same paired ratio, the parameter
+ratios and the dense network's FLOP ratio (`models.model_summary`) for every other variant too.
+PIN's P(head) is measured on the batches (not stratified: that is data-pipeline work).
 The figures are printed, not asserted.
 """
 
@@ -79,12 +81,19 @@ class _Trainee:
     def __init__(self, name: str, overrides: Mapping[str, Any], dataset, seed: int):
         import tensorflow as tf
 
+        import feature_specs as fs
         from models import model as model_lib
-        from models import model_summary
+        from models import model_summary, pin
 
         tf.keras.utils.set_random_seed(seed)
         self.name = name
-        self.model = model_lib.RankingModel(model_lib.make_config(name, **overrides))
+        config = model_lib.make_config(name, **overrides)
+        if config.pin and config.pin_head_share is None:
+            # PIN's P(head), measured on these batches as the Trainer does on its data. The batches
+            # are not stratified: that is the data pipeline's work, which is not measured here.
+            config = config.replace(pin_head_share=pin.head_share(dataset, fs.KUAIRAND, config.pin_head_min_pc_bucket,
+                                                                  max_batches=DISTINCT_BATCHES))
+        self.model = model_lib.RankingModel(config)
         self.model.compile(optimizer=tf.keras.optimizers.Adam(self.model.config.learning_rate))
         self.batches = iter(dataset)
         self.train_function = self.model.make_train_function()
@@ -92,6 +101,7 @@ class _Trainee:
         self.step()  # builds the variables and traces the step
         self.first_step_seconds = time.perf_counter() - started
         self.parameters = model_summary.parameter_counts(self.model)
+        self.flops = model_summary.flop_counts(self.model)
 
     def step(self) -> float:
         logs = self.train_function(self.batches)
@@ -147,7 +157,22 @@ def measure(variants: Sequence[str], *, steps: int = 30, batch_size: int = 512, 
             step_ms_rounds=[1e3 * t for t in times],
             examples_per_second_median=batch_size / median,
             first_step_seconds=trainee.first_step_seconds,
-            dense_params=trainee.parameters["Dense network"], params=trainee.parameters["Whole model"])
+            dense_params=trainee.parameters["Dense network"], params=trainee.parameters["Whole model"],
+            dense_flops=trainee.flops["Dense network"])
+    # Every variant against the baseline: the paired step-time ratio (median over rounds of the
+    # ratio within a round) and the parameter and FLOP ratios.
+    vs_baseline = {}
+    if BASELINE in results:
+        base = results[BASELINE]
+        for name in variants:
+            if name == BASELINE:
+                continue
+            paired = [t / b for t, b in zip(step_seconds[name], step_seconds[BASELINE])]
+            vs_baseline[name] = dict(step_time_ratio=statistics.median(paired),
+                                     fastest_round_ratio=min(step_seconds[name]) / min(step_seconds[BASELINE]),
+                                     dense_params_ratio=results[name]["dense_params"] / base["dense_params"],
+                                     params_ratio=results[name]["params"] / base["params"],
+                                     dense_flops_ratio=results[name]["dense_flops"] / base["dense_flops"])
     comparison = None
     if BASELINE in results and POSO_ALL in results:
         paired = [poso / base for poso, base in zip(step_seconds[POSO_ALL], step_seconds[BASELINE])]
@@ -162,7 +187,7 @@ def measure(variants: Sequence[str], *, steps: int = 30, batch_size: int = 512, 
     return dict(
         settings=dict(variants=list(variants), steps=steps, batch_size=batch_size, repeats=repeats, warmup=warmup,
                       overrides=overrides, seed=seed, cpu_count=os.cpu_count(), tensorflow=tf.__version__),
-        variants=results, poso_all_vs_baseline=comparison)
+        variants=results, vs_baseline=vs_baseline, poso_all_vs_baseline=comparison)
 
 
 def format_results(results: Mapping[str, Any]) -> str:
@@ -188,6 +213,11 @@ def format_results(results: Mapping[str, Any]) -> str:
             "", render(header), "-" * len(render(header))]
     text += [render(line) for line in lines]
     text.append("")
+    for name, ratios in results.get("vs_baseline", {}).items():
+        text.append(f"{name} vs {BASELINE}: step time {ratios['step_time_ratio']:.3f} (paired; fastest rounds "
+                    f"{ratios['fastest_round_ratio']:.3f}), dense parameters {ratios['dense_params_ratio']:.3f}, "
+                    f"all parameters {ratios['params_ratio']:.3f}, dense FLOPs per example "
+                    f"{ratios['dense_flops_ratio']:.3f}")
     comparison = results["poso_all_vs_baseline"]
     if comparison is None:
         text.append(f"(no POSO(all) vs baseline ratios: measure both {POSO_ALL} and {BASELINE} for them)")

@@ -33,14 +33,17 @@ users. Our reading, as `RankingModel` with `ModelConfig.pin`:
 
 from __future__ import annotations
 
-from typing import Mapping
+import logging
+from typing import Any, Mapping, Tuple
 
 import tensorflow as tf
 
 import feature_specs as fs
 from models import cold_start
 
-__all__ = ["head_mask", "backdoor_weights", "stratify", "head_share"]
+_log = logging.getLogger(__name__)
+
+__all__ = ["head_mask", "backdoor_weights", "stratify", "head_share", "training_data"]
 
 
 def head_mask(features: Mapping[str, tf.Tensor], feature_set: fs.FeatureSet, head_min_pc_bucket: int) -> tf.Tensor:
@@ -91,3 +94,15 @@ def head_share(batches: tf.data.Dataset, feature_set: fs.FeatureSet, head_min_pc
     if total == 0:
         raise ValueError("pin.head_share: the training data has no examples")
     return head / total
+
+
+def training_data(batches: tf.data.Dataset, config: Any, batch_size: int, feature_set: fs.FeatureSet,
+                  seed: int = 0) -> Tuple[tf.data.Dataset, Any]:
+    """PIN's training input for a `ModelConfig` with `pin`: (stratified batches, the config with
+    P(head) measured on `batches` -- its first 100 batches -- unless configured). What the Trainer
+    and the benchmarks train on."""
+    if config.pin_head_share is None:
+        share = head_share(batches, feature_set, config.pin_head_min_pc_bucket)
+        _log.info("PIN: P(head) = %.4f measured on the training data", share)
+        config = config.replace(pin_head_share=share)
+    return stratify(batches, batch_size, feature_set, config.pin_head_min_pc_bucket, seed), config

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -255,7 +255,7 @@ def train_and_export(train_files: Sequence[str] | str, eval_files: Sequence[str]
     eval_data = make_dataset(eval_files, tft_output, batch_size, shuffle=False, repeat=eval_steps is not None,
                              feature_set=feature_set)
     if config.pin:
-        train_data, config = _pin_training_data(train_data, config, batch_size, feature_set, seed)
+        train_data, config = pin.training_data(train_data, config, batch_size, feature_set, seed)
 
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         # Whole batches to each worker: the files of a day are fewer than workers may be.
@@ -284,16 +284,6 @@ def train_and_export(train_files: Sequence[str] | str, eval_files: Sequence[str]
         return TrainingResult(model, dict(history.history), serving_model_dir, warm_started)
     _write_model_config(config, serving_model_dir)
     return TrainingResult(model, dict(history.history), serving_model_dir, warm_started)
-
-
-def _pin_training_data(train_data: tf.data.Dataset, config: ModelConfig, batch_size: int,
-                       feature_set: fs.FeatureSet, seed: int) -> Tuple[tf.data.Dataset, ModelConfig]:
-    """PIN (models.pin): P(head) measured on the training data unless configured, and stratified batches."""
-    if config.pin_head_share is None:
-        share = pin.head_share(train_data, feature_set, config.pin_head_min_pc_bucket)
-        logging.info("PIN: P(head) = %.4f measured on the training data", share)
-        config = config.replace(pin_head_share=share)
-    return pin.stratify(train_data, batch_size, feature_set, config.pin_head_min_pc_bucket, seed), config
 
 
 def _write_model_config(config: ModelConfig, serving_model_dir: str) -> None:

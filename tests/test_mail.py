@@ -234,3 +234,29 @@ def test_config_validation_and_feature_sets():
         model.make_config("mail", feature_set=fs.feature_set("movielens"))
     assert "mail" not in model.variants_for(fs.feature_set("movielens"))
     assert "mail" in model.variants_for(fs.KUAIRAND)
+
+
+@pytest.mark.slow  # graph-mode training: 15-40 s per variant on a shared machine
+@pytest.mark.parametrize("variant", ["mail", "pin"])
+def test_paper_benchmark_trains_mail_and_pin(variant):
+    """benchmarks.paper.train_model (Table 2, headroom) trains both; PIN with P(head) measured and
+    stratified batches, as the Trainer."""
+    from benchmarks import paper
+
+    class Split:
+        features = {k: v.numpy() for k, v in model_summary.random_transformed_features(64, seed=1).items()}
+
+        def __len__(self):
+            return 64
+
+    budget = paper.Budget(train_steps=2, batch_size=16)
+    spec = paper.ModelSpec(variant, variant, overrides=tuple(TINY.items()))
+    trained = paper.train_model(spec, Split(), seed=0, budget=budget)
+    assert int(trained.optimizer.iterations.numpy()) == 2
+    if variant == "pin":
+        expected = np.mean((Split.features[fs.PC_BUCKET] >= trained.config.pin_head_min_pc_bucket)
+                           & (Split.features[fs.IS_NEW_USER] < 0.5))
+        assert trained.config.pin_head_share == pytest.approx(expected)
+    else:
+        assert int(trained.zero_shot_optimizer.iterations.numpy()) == 2
+    assert all(np.all(np.isfinite(p)) for p in paper.predict(trained, Split.features).values())
