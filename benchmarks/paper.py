@@ -101,6 +101,9 @@ class ModelSpec:
     label: str = ""
     # A headline row (baseline, POSO(all), a cold-start method) runs with the headline seeds.
     headline: bool = False
+    # MeLU (benchmarks.melu): meta-trained and scored with per-user adapted towers, on the
+    # variant's model as the backbone (benchmark-only: not a servable variant).
+    melu: bool = False
 
     @property
     def pc_source(self) -> str:
@@ -119,6 +122,7 @@ TABLE2_MODELS = (
     ModelSpec("mwuf", "mwuf", label="MWUF (Zhu et al. 2021)", headline=True),
     ModelSpec("pin", "pin", label="PIN (Lv et al. 2022, our interpretation)", headline=True),
     ModelSpec("mail", "mail", label="MAIL (Feng et al. 2021; v_hat in training too)", headline=True),
+    ModelSpec("melu", BASELINE, label="MeLU (Lee et al. 2019; benchmark-only)", headline=True, melu=True),
 )
 ABLATION_MODELS = (
     ModelSpec(BASELINE, BASELINE, label="Baseline (no gates)", headline=True),
@@ -136,9 +140,10 @@ ITEM_COLD_START_MODELS = (
     ModelSpec(POSO, POSO, label="POSO(all), PC = AVC bucket (user cold start)", headline=True),
 )
 SUBMERGENCE_MODELS = tuple(spec for spec in TABLE2_MODELS if spec.name in (BASELINE, POSO))
-# MovieLens (a): the variants of the headline rows (PIN's too; MAIL and the user cold-start
-# methods do not apply there: no user attributes).
-HEADLINE_VARIANTS = (BASELINE, POSO, "pin")
+# MovieLens (a): the variants of the headline rows (as in Table 2: the baseline, POSO(all), PIN and
+# the cold-start methods; "melu" is benchmarks.paper_movielens.MELU). MAIL does not apply there:
+# MovieLens' user features are the history, not attributes to generate a history from.
+HEADLINE_VARIANTS = (BASELINE, POSO, "pin", "meta_emb", "mwuf", "melu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +264,19 @@ def train_model(spec: ModelSpec, train, seed: int, budget: Budget):
     return model
 
 
+def train_and_predict_melu(spec: ModelSpec, train, evaluation, seed: int, budget: Budget):
+    """MeLU (benchmarks.melu) on the spec's backbone with the same steps and batch size as
+    `train_model`; evaluation users adapt on their first impressions of the evaluation day."""
+    from benchmarks import melu
+    from models import model as model_lib
+
+    config = model_lib.make_config(spec.variant, learning_rate=budget.learning_rate, **dict(spec.overrides))
+    model = melu.train(config, specs.KUAIRAND, train.features, train.user_ids, train.features[specs.AVC],
+                       budget.train_steps, budget.batch_size, seed)
+    return model, melu.predict(model, specs.KUAIRAND, evaluation.features, evaluation.user_ids,
+                               evaluation.features[specs.AVC])
+
+
 def predict(model, features: Mapping[str, np.ndarray], batch_size: int = 4096) -> Dict[str, np.ndarray]:
     import tensorflow as tf
 
@@ -322,8 +340,12 @@ class SyntheticRunner:
         key = (spec.name, seed)
         if key not in self._results or (keep_model and key not in self._models):
             started = time.time()
-            model = train_model(spec, self.train, seed, self.budget)
-            rows = gauc_rows(predict(model, self.eval.features), self.eval)
+            if spec.melu:
+                model, predictions = train_and_predict_melu(spec, self.train, self.eval, seed, self.budget)
+            else:
+                model = train_model(spec, self.train, seed, self.budget)
+                predictions = predict(model, self.eval.features)
+            rows = gauc_rows(predictions, self.eval)
             seconds = time.time() - started
             self._results[key] = [dict(model=spec.name, label=spec.label, variant=spec.variant,
                                        pc_source=spec.pc_source, seed=seed, train_seconds=round(seconds, 1), **row)
@@ -540,7 +562,8 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
             import feature_specs as fs
             from models import model as model_lib
 
-            movielens_variants = list(model_lib.variants_for(fs.feature_set("movielens")))
+            # Every servable variant the feature set allows, and MeLU (benchmark-only).
+            movielens_variants = list(model_lib.variants_for(fs.feature_set("movielens"))) + ["melu"]
         payload = run_movielens_section(movielens_zip or default_movielens_zip(), seeds, movielens_variants,
                                         os.path.join(work_dir, "movielens"), dict(movielens_budget or {}),
                                         headline_seeds=all_headline_seeds)
@@ -807,7 +830,8 @@ def render_section_table(payload: Mapping[str, Any], section: str) -> List[str]:
     labels = {m["name"]: m["label"] for m in payload["models"]}
     lines = [f"## {SECTION_TITLES[section]}", ""] + _meta_lines(payload["meta"]) + _data_lines(
         payload["meta"]["data"])
-    lines += [f"- Models: " + "; ".join(f"{m['label']} = variant `{m['variant']}`, PC `{m['pc_source']}`"
+    lines += [f"- Models: " + "; ".join(f"{m['label']} = {'MeLU meta-training on ' if m.get('melu') else ''}"
+                                          f"variant `{m['variant']}`, PC `{m['pc_source']}`"
                                           for m in payload["models"]), ""]
     if section == "e":
         lines += [f"New videos: impressions of videos uploaded less than {specs.NEW_ITEM_DAYS} days before "

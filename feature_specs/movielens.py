@@ -5,8 +5,12 @@ history strictly before the rating (movie ids and applied tags, most recent firs
 most `HISTORY_LENGTH`) and the personalization code AVC, the number of ratings the user
 made before this one. Tasks: Favorite (rating = 5) and Satisfied (rating >= 4).
 
-The user id is only GAUC's group key (a SLICE), not a model input: the protocol tests on
-users unseen in training, whose id embeddings would be untrained noise.
+The user id is a model input (hashed, embedded) as in the KuaiRand model, and GAUC's group
+key. The protocol tests on users unseen in training, so every test user's id embedding is
+untrained: exactly the cold id that Meta-Embedding and MWUF (models.cold_start) replace or warm.
+Every variant reads it alike. MovieLens has no user profile (ml-latest-small ships no users
+file), so the user features those methods read are the user's history: the rated movies and
+the applied tags before this rating, mean-pooled (empty at the first rating).
 
 Like `specs`, this module imports only the standard library.
 """
@@ -87,7 +91,9 @@ _FEATURES: Tuple[Feature, ...] = (
             description="Accumulated View Count: the user's ratings strictly before this one"),
     Feature(FAVORITE, Dtype.INT64, Kind.LABEL, default=0, description=f"rating >= {FAVORITE_MIN_RATING}"),
     Feature(SATISFIED, Dtype.INT64, Kind.LABEL, default=0, description=f"rating >= {SATISFIED_MIN_RATING}"),
-    Feature(USER_ID, Dtype.INT64, Kind.SLICE, description="GAUC's group key; not a model input"),
+    # 200k buckets: ML-20M has 138k users, ML-32M 201k (hash collisions there share a row).
+    Feature(USER_ID, Dtype.INT64, Kind.CATEGORICAL, hash_buckets=200_000, embedding_dim=16,
+            description="the user (also GAUC's group key)"),
 )
 
 MOVIELENS = FeatureSet(
@@ -98,4 +104,5 @@ MOVIELENS = FeatureSet(
     pc=PersonalizationCode(source=AVC, boundaries=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)),
     behaviour_sequence=(HIST_MOVIE_IDS, HIST_TAGS),
     user_id=USER_ID,
+    user_features=(HIST_MOVIE_IDS, HIST_TAGS),
 )

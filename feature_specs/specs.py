@@ -108,9 +108,9 @@ class FeatureSet:
       position (one max_length); other SEQUENCE features are mean-pooled inputs.
     user_id: the feature holding each example's user (GAUC's group; a model input only
       if it is CATEGORICAL).
-    user_features: the CATEGORICAL features describing the user other than the id (the
-      profile): what the user cold-start methods (models.cold_start) generate or warm the
-      user-id embedding from.
+    user_features: the features describing the user other than the id: CATEGORICAL ones (the
+      profile) or SEQUENCE ones (the history, mean-pooled): what the user cold-start methods
+      (models.cold_start) generate or warm the user-id embedding from.
     """
 
     name: str
@@ -142,9 +142,10 @@ class FeatureSet:
         if self.user_id not in by_name:
             raise ValueError(f"feature set {self.name!r}: user id feature {self.user_id!r} is not declared")
         for name in self.user_features:
-            if name not in by_name or by_name[name].kind is not Kind.CATEGORICAL or name == self.user_id:
+            if (name not in by_name or by_name[name].kind not in (Kind.CATEGORICAL, Kind.SEQUENCE)
+                    or name == self.user_id):
                 raise ValueError(f"feature set {self.name!r}: user feature {name!r} is not a declared "
-                                 "CATEGORICAL feature other than the user id")
+                                 "CATEGORICAL or SEQUENCE feature other than the user id")
         object.__setattr__(self, "_by_name", by_name)
 
     def feature(self, name: str) -> Feature:

@@ -9,8 +9,9 @@ Both slot into `RankingModel` the same way (`ModelConfig.user_cold_start`):
   applies the gradient of the usual loss to every other variable and the gradient of the meta
   loss to the method's variables, in one optimizer step.
 
-Inputs: z = concat(embeddings of `FeatureSet.user_features`) (the user's profile, not the id),
-gradient stopped (the meta losses must not train the main model's embeddings).
+Inputs: z = concat(embeddings of `FeatureSet.user_features`) (the user's profile, not the id;
+a history sequence mean-pooled, as MovieLens' user features are), gradient stopped (the meta
+losses must not train the main model's embeddings).
 
 A user is new (`new_user_mask`) per the feature set's new-user definition: `is_new_user` = 1
 where the feature set has it (KuaiRand: within 24 h of the first impression), else AVC bucket 0

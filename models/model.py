@@ -72,17 +72,24 @@ def check_user_cold_start(method: str, feature_set: fs.FeatureSet) -> None:
 
 
 def check_mail(feature_set: fs.FeatureSet) -> None:
-    """Raises ValueError when `feature_set` has no user attributes for MAIL to generate behaviour from."""
-    if not mail_attribute_names(feature_set):
+    """Raises ValueError when `feature_set` has no user attributes (profile) for MAIL to generate
+    behaviour from."""
+    if not _profile_features(feature_set):
         raise ValueError(f"MAIL generates behaviour from the user's attributes, and feature set {feature_set.name!r} "
-                         f"has none: its user id {feature_set.user_id!r} is not a model input and it declares "
-                         "no user_features")
+                         "has none: it declares no CATEGORICAL user_features (a profile; a history is what "
+                         "MAIL generates, not an attribute)")
+
+
+def _profile_features(feature_set: fs.FeatureSet) -> Tuple[str, ...]:
+    """The CATEGORICAL user features (the profile; SEQUENCE user features are history)."""
+    return tuple(name for name in feature_set.user_features
+                 if feature_set.feature(name).kind is fs.Kind.CATEGORICAL)
 
 
 def mail_attribute_names(feature_set: fs.FeatureSet) -> Tuple[str, ...]:
-    """MAIL's attributes: the user id (when a model input) and the user features."""
+    """MAIL's attributes: the user id (when a model input) and the profile features."""
     user_id = feature_set.feature(feature_set.user_id)
-    return (((user_id.name,) if user_id.kind is fs.Kind.CATEGORICAL else ()) + tuple(feature_set.user_features))
+    return (((user_id.name,) if user_id.kind is fs.Kind.CATEGORICAL else ()) + _profile_features(feature_set))
 
 
 def check_pc_source(pc_source: str, feature_set: fs.FeatureSet) -> None:
@@ -140,6 +147,9 @@ class ModelConfig:
     # (the paper's alpha, 0.1 there), and that step's size.
     meta_emb_alpha: float = 0.1
     meta_emb_warmup_lr: float = 0.1
+    # Meta-Embedding replaces the user-id embedding of new users and of users whose PC (AVC)
+    # bucket is at most this; -1 (the default) for new users only.
+    meta_emb_max_pc_bucket: int = -1
     # MWUF warms the user-id embedding of new users and of users whose PC (AVC) bucket is at
     # most this (3: AVC < 8 with the log2 boundaries); -1 for new users only.
     mwuf_max_pc_bucket: int = 3
@@ -187,8 +197,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.meta_emb_alpha={self.meta_emb_alpha!r}: expected in [0, 1]")
         if not self.meta_emb_warmup_lr >= 0:
             raise ValueError(f"ModelConfig.meta_emb_warmup_lr={self.meta_emb_warmup_lr!r}: expected >= 0")
-        if not (isinstance(self.mwuf_max_pc_bucket, int) and self.mwuf_max_pc_bucket >= -1):
-            raise ValueError(f"ModelConfig.mwuf_max_pc_bucket={self.mwuf_max_pc_bucket!r}: expected an int >= -1")
+        for field in ("meta_emb_max_pc_bucket", "mwuf_max_pc_bucket"):
+            if not (isinstance(getattr(self, field), int) and getattr(self, field) >= -1):
+                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: expected an int >= -1")
         self._check_mail()
 
     def _check_mail(self) -> None:
@@ -258,8 +269,8 @@ def make_config(variant: str = "baseline", feature_set: Optional[fs.FeatureSet] 
 
 
 def variants_for(feature_set: fs.FeatureSet) -> Tuple[str, ...]:
-    """The `VARIANTS` a model over `feature_set` can be (e.g. MovieLens has no user-id input and
-    no user features, so no meta_emb, mwuf or mail)."""
+    """The `VARIANTS` a model over `feature_set` can be (meta_emb and mwuf need a user-id input and
+    user features, mail user attributes)."""
     usable = []
     for name, config in VARIANTS.items():
         try:
@@ -514,9 +525,14 @@ class RankingModel(tfrs.Model):
     # -- user cold start (models.cold_start) ---------------------------------------------
 
     def _user_features(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        """z: the user-feature embeddings, concatenated, gradient stopped."""
-        return tf.stop_gradient(tf.concat([self.embeddings[name](features[name])
-                                           for name in self.feature_set.user_features], axis=1))
+        """z: the user-feature embeddings (a SEQUENCE one mean-pooled), concatenated, gradient stopped."""
+        parts = []
+        for name in self.feature_set.user_features:
+            embedded = self.embeddings[name](features[name])
+            if self.feature_set.feature(name).kind is fs.Kind.SEQUENCE:
+                embedded = _masked_mean(embedded, features[name] != fs.PADDING_INDEX)
+            parts.append(embedded)
+        return tf.stop_gradient(tf.concat(parts, axis=1))
 
     def _history_item_mean(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
         """m: mean embedding of the behaviour history's item ids (its first sequence), gradient stopped."""
@@ -524,26 +540,26 @@ class RankingModel(tfrs.Model):
         embedded = self.embeddings[self.feature_set.behaviour_sequence[0]](ids)
         return tf.stop_gradient(_masked_mean(embedded, ids != fs.PADDING_INDEX))
 
-    def _mwuf_applies(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        """[B] bool: MWUF warms this user's embedding (new, or PC bucket <= mwuf_max_pc_bucket)."""
-        low_bucket = features[fs.PC_BUCKET] <= tf.cast(self.config.mwuf_max_pc_bucket, features[fs.PC_BUCKET].dtype)
+    def _cold_start_applies(self, features: Mapping[str, tf.Tensor], max_pc_bucket: int) -> tf.Tensor:
+        """[B] bool: the method applies to this user (new, or PC bucket <= max_pc_bucket)."""
+        low_bucket = features[fs.PC_BUCKET] <= tf.cast(max_pc_bucket, features[fs.PC_BUCKET].dtype)
         return cold_start.new_user_mask(features, self.feature_set) | low_bucket
 
     def serving_user_embedding(self, features: Mapping[str, tf.Tensor]) -> Optional[tf.Tensor]:
         """The user-id embedding the model serves and evaluates with; None without a cold-start method.
 
-        meta_emb: the generated phi for new users, e for the others.
-        mwuf: the warmed e' where `_mwuf_applies`, e for the others.
+        meta_emb: the generated phi for new users (and PC bucket <= meta_emb_max_pc_bucket), e for the others.
+        mwuf: the warmed e' for new users (and PC bucket <= mwuf_max_pc_bucket), e for the others.
         """
         if self.cold_start is None:
             return None
         user_id = self.feature_set.user_id
         embedding = self.embeddings[user_id](features[user_id])
         if self.config.user_cold_start == "meta_emb":
-            replace, substitute = (cold_start.new_user_mask(features, self.feature_set),
+            replace, substitute = (self._cold_start_applies(features, self.config.meta_emb_max_pc_bucket),
                                    self.cold_start(self._user_features(features)))
         else:
-            replace, substitute = (self._mwuf_applies(features),
+            replace, substitute = (self._cold_start_applies(features, self.config.mwuf_max_pc_bucket),
                                    self.cold_start(embedding, self._user_features(features),
                                                    self._history_item_mean(features)))
         return tf.where(replace[:, tf.newaxis], substitute, embedding)

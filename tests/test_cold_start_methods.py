@@ -1,6 +1,8 @@
 """Meta-Embedding and MWUF (models.cold_start): their defining computations against NumPy,
 eager and after a SavedModel round trip, and the split of the training step's gradients."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -165,5 +167,52 @@ def test_config_round_trip_and_validation():
     for bad in (dict(user_cold_start="melu"), dict(meta_emb_alpha=1.5), dict(mwuf_max_pc_bucket=-2)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             model.make_config("baseline", **bad)
+    movielens = fs.feature_set("movielens")
+    assert {"meta_emb", "mwuf"} <= set(model.variants_for(movielens))  # user id + history as user features
+    without_id = dataclasses.replace(movielens, user_features=(), features=tuple(
+        dataclasses.replace(f, kind=fs.Kind.SLICE) if f.name == movielens.user_id else f for f in movielens.features))
     with pytest.raises(ValueError, match="user id 'user_id' is slice"):
-        model.make_config("meta_emb", feature_set=fs.feature_set("movielens"))
+        model.make_config("meta_emb", feature_set=without_id)
+
+
+def _movielens_batch(size=12, seed=5):
+    """Transformed MovieLens features by hand: some users at their first rating (empty history)."""
+    movielens = fs.feature_set("movielens")
+    rng = np.random.default_rng(seed)
+    features = {}
+    for feature in movielens.features_of_kind(fs.Kind.CATEGORICAL):
+        features[feature.name] = rng.integers(1, feature.cardinality, size, dtype=np.int64)
+    lengths = np.r_[0, 0, rng.integers(1, 30, size - 2)]
+    for feature in movielens.features_of_kind(fs.Kind.SEQUENCE):
+        ids = rng.integers(1, feature.cardinality, (size, feature.max_length), dtype=np.int64)
+        ids[np.arange(feature.max_length)[None, :] >= np.minimum(lengths, feature.max_length)[:, None]] = 0
+        features[feature.name] = ids
+    features[movielens.pc.source] = np.log1p(lengths).astype(np.float32)
+    features[fs.PC_BUCKET] = np.array([movielens.pc_bucket(int(n)) for n in lengths], np.int64)
+    for task in movielens.tasks:
+        features[task.label] = rng.integers(0, 2, size).astype(np.float32)
+    return {name: tf.constant(value) for name, value in features.items()}
+
+
+@pytest.mark.parametrize("max_pc_bucket", [-1, 11])
+def test_meta_embedding_on_movielens_generates_from_the_pooled_history(max_pc_bucket):
+    movielens = fs.feature_set("movielens")
+    batch = _movielens_batch()
+    tf.keras.utils.set_random_seed(0)
+    ranking = model.RankingModel(model.make_config("meta_emb", movielens, **TINY,
+                                                   meta_emb_max_pc_bucket=max_pc_bucket), movielens)
+    ranking(batch)
+    pooled = []
+    for name in movielens.user_features:  # the history sequences, mean over the real positions
+        ids = batch[name].numpy()
+        embedded = ranking.embeddings[name](ids).numpy()
+        mask = (ids != 0)[:, :, None]
+        pooled.append((embedded * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1))
+    kernel, bias = (w.numpy() for w in ranking.cold_start.dense.weights)
+    phi = np.tanh(np.concatenate(pooled, axis=1) @ kernel + bias)
+    id_embedding = ranking.embeddings[movielens.user_id](batch[movielens.user_id]).numpy()
+    replaced = batch[fs.PC_BUCKET].numpy() <= max(max_pc_bucket, 0)  # bucket 0: no earlier rating = new
+    expected = np.where(replaced[:, None], phi, id_embedding)
+    np.testing.assert_allclose(ranking.serving_user_embedding(batch).numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(phi[0], np.tanh(bias), atol=1e-6)  # first rating: nothing known but the bias
+    assert ranking.cold_start_loss(batch).shape == ()

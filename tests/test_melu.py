@@ -114,3 +114,40 @@ def test_melu_is_refused_as_a_pipeline_variant_with_the_reason():
     with pytest.raises(ValueError, match="benchmark-only.*TF Serving"):
         model.make_config("melu")
     assert "melu" not in model.VARIANTS
+
+
+def test_episodes_take_each_users_earliest_examples_as_support():
+    from benchmarks import melu as melu_bench
+
+    users = np.array([5, 7, 5, 7, 5, 5, 9, 7, 5])
+    order = np.array([3, 0, 1, 2, 0, 2, 0, 1, 4])  # e.g. AVC: earlier interactions have smaller values
+    episodes = melu_bench.Episodes(users, order, melu_bench.MeLUSettings(support_size=2, query_size=3))
+    # User 9 has one example (no query): left out. User 5's earliest: AVC 0, 1; user 7's: AVC 0, 1.
+    assert sorted(map(tuple, episodes.support.tolist())) == [(1, 7), (4, 2)]
+    index, local = next(episodes.batches(2, seed=0))
+    supports, queries = index[:4].reshape(2, 2), index[4:].reshape(2, 3)
+    for support, query in zip(supports, queries):
+        assert set(users[query]) == {users[support[0]]} and order[query].min() > order[support].max()
+    assert local.tolist() == [0, 0, 1, 1, 0, 0, 0, 1, 1, 1]
+
+
+def test_melu_trains_and_scores_later_examples_with_adapted_towers():
+    from benchmarks import melu as melu_bench
+    import feature_specs as fs
+    from models import model_summary
+
+    size = 48
+    features = {name: value.numpy() for name, value in model_summary.random_transformed_features(size, seed=1).items()}
+    users = np.repeat(np.arange(4), size // 4)
+    order = np.tile(np.arange(size // 4), 4).astype(np.float32)
+    settings = melu_bench.MeLUSettings(support_size=3, query_size=3, local_steps=2, local_learning_rate=0.5)
+    config = model.make_config("baseline", embedding_dim=4, mlp_units=(8,), expert_units=(4,), tower_units=(4,),
+                               num_heads=1, head_dim=4, num_experts=2)
+    ranking = melu_bench.train(config, fs.KUAIRAND, features, users, order, steps=3, batch_size=24, seed=0,
+                               settings=settings)
+    got = melu_bench.predict(ranking, fs.KUAIRAND, features, users, order, settings, users_per_chunk=3)
+    plain = {name: value.numpy() for name, value in ranking({k: tf.constant(v) for k, v in features.items()}).items()}
+    support = order < settings.support_size
+    for task in fs.KUAIRAND.tasks:
+        np.testing.assert_allclose(got[task.name][support], plain[task.name][support], rtol=1e-5)
+        assert np.abs(got[task.name][~support] - plain[task.name][~support]).max() > 1e-4
