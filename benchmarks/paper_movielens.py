@@ -166,10 +166,12 @@ def run_movielens(data_zip: Optional[str] = None, seeds: Sequence[int] = (0, 1, 
       fields applied to every variant); defaults in DEFAULT_BUDGET.
     Columns: variant, seed, task, gauc (on the unseen test users), auc (global),
       gauc_avc_lt_32 (test ratings with fewer than 32 earlier ones: the new-user regime),
+      gauc_after_support (test ratings after the user's first 8: MeLU's query set, see benchmarks.melu),
       train_seconds, test_examples, test_users.
     """
     from sklearn.metrics import roc_auc_score
 
+    from benchmarks import melu
     from components import movielens as ml_data
     from feature_specs import movielens as ml
     from models import metrics, model as model_lib, trainer
@@ -193,6 +195,7 @@ def run_movielens(data_zip: Optional[str] = None, seeds: Sequence[int] = (0, 1, 
     transform_dir = analyze(train_pattern, os.path.join(work_dir, "transform"), os.path.join(work_dir, "tft_tmp"))
     serialized, test = read_test_examples(test_pattern)
     new_user_regime = test[ml.AVC] < 32
+    after_support = melu.after_support(test[ml.USER_ID], test[ml.AVC])
 
     rows = []
     melu_data = None
@@ -220,6 +223,8 @@ def run_movielens(data_zip: Optional[str] = None, seeds: Sequence[int] = (0, 1, 
                     auc=float(roc_auc_score(labels, scores)),
                     gauc_avc_lt_32=metrics.grouped_auc(labels[new_user_regime], scores[new_user_regime],
                                                        test[ml.USER_ID][new_user_regime]),
+                    gauc_after_support=metrics.grouped_auc(labels[after_support], scores[after_support],
+                                                           test[ml.USER_ID][after_support]),
                     train_seconds=train_seconds,
                     test_examples=int(labels.size),
                     test_users=int(np.unique(test[ml.USER_ID]).size)))
@@ -327,6 +332,10 @@ def format_table(results: pd.DataFrame, title: str = "") -> str:
         lines.append("")
         lines += _metric_lines(results, "gauc_avc_lt_32",
                                "GAUC (%) on the test users' ratings with AVC < 32 (the new-user regime)")
+    if "gauc_after_support" in results:
+        lines.append("")
+        lines += _metric_lines(results, "gauc_after_support",
+                               "GAUC (%) on the test users' ratings after their first 8 (MeLU's protocol)")
     return "\n".join(lines)
 
 

@@ -148,19 +148,21 @@ def test_melu_trains_and_scores_later_examples_with_adapted_towers():
                                settings=settings)
     got = melu_bench.predict(ranking, fs.KUAIRAND, features, users, order, settings, users_per_chunk=3)
     plain = {name: value.numpy() for name, value in ranking({k: tf.constant(v) for k, v in features.items()}).items()}
-    first = order == 0
-    for task in fs.KUAIRAND.tasks:  # the first example unadapted, the others adapted on the earlier ones
-        np.testing.assert_allclose(got[task.name][first], plain[task.name][first], rtol=1e-5)
-        assert np.abs(got[task.name][~first] - plain[task.name][~first]).min() > 0
-    # Rank 1 of user 0: the towers adapted on its rank-0 example alone.
+    support = order < settings.support_size
+    for task in fs.KUAIRAND.tasks:  # the support set unadapted, the rest adapted on it
+        np.testing.assert_allclose(got[task.name][support], plain[task.name][support], rtol=1e-5)
+        assert np.abs(got[task.name][~support] - plain[task.name][~support]).min() > 0
+    # User 0's later examples: the towers adapted on its support set alone.
     from models import melu as melu_math
-    rows = np.flatnonzero(users == 0)[:2]
+    rows = np.flatnonzero(users == 0)
     batch = {k: tf.constant(v[rows]) for k, v in features.items()}
     per_task = ranking.tower_inputs(batch)
     towers = melu_math.tower_weights([ranking.towers[t.name] for t in fs.KUAIRAND.tasks])
-    adapted = melu_math.adapt(towers, [h[:1] for h in per_task], [batch[t.label][:1] for t in fs.KUAIRAND.tasks],
-                              tf.constant([0]), 1, settings.local_steps, settings.local_learning_rate,
+    s = settings.support_size
+    adapted = melu_math.adapt(towers, [h[:s] for h in per_task], [batch[t.label][:s] for t in fs.KUAIRAND.tasks],
+                              tf.zeros([s], tf.int32), 1, settings.local_steps, settings.local_learning_rate,
                               [t.loss_weight for t in fs.KUAIRAND.tasks])
-    logits = melu_math.tower_logits(adapted, [h[1:] for h in per_task], tf.constant([0]))
+    logits = melu_math.tower_logits(adapted, [h[s:] for h in per_task], tf.zeros([rows.size - s], tf.int32))
     for task, logit in zip(fs.KUAIRAND.tasks, logits):
-        np.testing.assert_allclose(got[task.name][rows[1]], tf.sigmoid(logit).numpy()[0], rtol=1e-4)
+        np.testing.assert_allclose(got[task.name][rows[s:]], tf.sigmoid(logit).numpy(), rtol=1e-4, atol=1e-6)
+    assert melu_bench.after_support(users, order, s).tolist() == (~support).tolist()
