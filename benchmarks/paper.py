@@ -305,9 +305,9 @@ def gauc_rows(predictions: Mapping[str, np.ndarray], split) -> List[Dict[str, An
 
     masks = {group: split.user_groups == group for group in GROUPS}
     masks["all"] = np.ones(len(split), bool)
-    # MeLU's query examples: after the user's first impressions of the day (its support set).
-    after_support = melu.after_support(split.user_ids, split.features[specs.AVC])
-    masks.update({f"{group}{AFTER_SUPPORT}": masks[group] & after_support for group in GROUPS})
+    if specs.AVC in split.features:  # MeLU's query examples: after the user's first ones of the day
+        after_support = melu.after_support(split.user_ids, split.features[specs.AVC])
+        masks.update({f"{group}{AFTER_SUPPORT}": masks[group] & after_support for group in GROUPS})
     if getattr(split, "video_groups", None) is not None:
         masks.update({group: split.video_groups == group.replace("_video", "") for group in VIDEO_GROUPS})
     rows = []

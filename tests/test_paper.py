@@ -219,6 +219,13 @@ def test_gauc_rows_match_grouped_auc():
     assert rows.loc[(task.name, "new"), "gauc"] == metrics.grouped_auc(
         labels[task.label][new], predictions[task.name][new], split.user_ids[new])
     assert rows.loc[(task.name, "all"), "examples"] == n
+    # With the AVC: the same groups after each user's first 8 examples (MeLU's query set).
+    split.features = dict(labels, **{paper.specs.AVC: rng.random(n).astype(np.float32)})
+    rows = pd.DataFrame(paper.gauc_rows(predictions, split)).set_index(["task", "group"])
+    later = new & (pd.Series(split.features[paper.specs.AVC]).groupby(split.user_ids).rank(method="first") > 8).values
+    assert rows.loc[(task.name, "new" + paper.AFTER_SUPPORT), "examples"] == later.sum() > 0
+    assert rows.loc[(task.name, "new" + paper.AFTER_SUPPORT), "gauc"] == metrics.grouped_auc(
+        labels[task.label][later], predictions[task.name][later], split.user_ids[later])
 
 
 def test_cli_rejects_unknown_sections():
