@@ -260,3 +260,30 @@ def test_paper_benchmark_trains_mail_and_pin(variant):
     else:
         assert int(trained.zero_shot_optimizer.iterations.numpy()) == 2
     assert all(np.all(np.isfinite(p)) for p in paper.predict(trained, Split.features).values())
+
+
+@pytest.mark.slow  # a whole daily run (TFX, Beam, a model server) per variant: minutes
+@pytest.mark.parametrize("variant", ["mail", "pin"])
+def test_daily_run_trains_validates_and_serves_the_variant(variant, tmp_path):
+    import datetime
+    import json
+    import os
+
+    from components import synthetic_logs
+    from pipeline import config as config_lib
+    from pipeline import local_runner
+
+    start = datetime.date(2022, 4, 8)
+    synthetic_logs.generate(str(tmp_path / "data"), start, 2, seed=42, impressions_per_day=400)
+    cfg = config_lib.RunConfig(date=start + datetime.timedelta(days=1), data_dir=str(tmp_path / "data"),
+                               home=str(tmp_path / "home"), variant=variant, train_days=1, min_train_days=1,
+                               train_steps=20, beam_direct_running_mode="in_memory", beam_num_workers=1)
+    result = local_runner.run_day(cfg)
+    assert result["infra_blessed"], result["infra_reason"]  # served by the model server, same signatures
+    with open(os.path.join(result["candidate_model_dir"], "assets.extra", "model_config.json")) as f:
+        config = json.load(f)
+    assert config[variant] is True
+    if variant == "pin":
+        assert 0.0 < config["pin_head_share"] < 1.0  # measured by the Trainer
+    loaded = tf.saved_model.load(result["candidate_model_dir"])
+    assert set(loaded.signatures) >= {"serving_default", "serving_raw"}
