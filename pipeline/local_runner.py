@@ -15,10 +15,9 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from tfx import v1 as tfx
 
@@ -29,7 +28,7 @@ from models.trainer import PROGRESS_LOGGER
 from pipeline import config as config_lib
 from pipeline import home_lock
 from pipeline import pipeline as pipeline_lib
-from pipeline import skip_day
+from pipeline import scratch, skip_day
 
 
 class _ProgressHandler(logging.Handler):
@@ -158,27 +157,6 @@ def _first_failure(store, known_runs: set) -> Optional[Tuple[str, Optional[str]]
     return component, _root_cause(result.result_message) if result and result.result_message else None
 
 
-@contextlib.contextmanager
-def _scratch_tempdir() -> Iterator[str]:
-    """Points the run's temporary files at a directory removed when the run ends.
-
-    Beam's staging and TensorFlow's autograph leave files in the system temp directory, so a
-    daily job would fill /tmp. TMPDIR carries the directory to Beam's worker processes.
-    """
-    scratch = tempfile.mkdtemp(prefix="poso-run-")
-    saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
-    tempfile.tempdir = os.environ["TMPDIR"] = scratch
-    try:
-        yield scratch
-    finally:
-        tempfile.tempdir = saved_tempdir
-        if saved_env is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = saved_env
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 # The pipeline run in progress in this process, for the clean-up after a stop signal.
 _active: Dict[str, object] = {}
 _cleanup_guard = threading.Lock()
@@ -273,8 +251,8 @@ def _run(cfg: config_lib.RunConfig, label: str) -> None:
     _active.clear()
     _active.update(cfg=cfg, known_runs=known_runs)
     try:
-        with _scratch_tempdir() as scratch:
-            _active["scratch"] = scratch
+        with scratch.run_scratch_dir() as scratch_dir:
+            _active["scratch"] = scratch_dir
             tfx.orchestration.LocalDagRunner().run(pipeline_lib.create_pipeline(cfg))
     except Exception as error:  # pylint: disable=broad-except
         raised = error

@@ -25,7 +25,7 @@ from components import avc, impression_logs, synthetic_logs
 from components.avc_example_gen import span_of
 from feature_specs import specs
 from pipeline import config as config_lib
-from pipeline import local_runner, summary
+from pipeline import local_runner, scratch, summary
 from pipeline import pipeline as pipeline_lib
 
 START = datetime.date(2022, 4, 8)
@@ -411,13 +411,34 @@ def test_cli_exits_non_zero_naming_the_bad_file(ingest_home):
 def test_a_run_keeps_its_temp_files_in_a_directory_removed_at_the_end(tmp_path, monkeypatch):
     """Beam and TensorFlow leave files in the temp directory; a run's go to its own scratch
     directory (TMPDIR too, for Beam's worker processes), removed afterwards."""
-    import tempfile
-
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.delenv("TMPDIR", raising=False)
-    with local_runner._scratch_tempdir() as scratch:
+    with scratch.run_scratch_dir() as scratch_dir:
         leftover = tempfile.mkdtemp()
-        assert os.path.dirname(leftover) == scratch and os.environ["TMPDIR"] == scratch
-        assert os.path.dirname(scratch) == str(tmp_path)
-    assert not os.path.exists(scratch)
+        assert os.path.dirname(leftover) == scratch_dir and os.environ["TMPDIR"] == scratch_dir
+        assert os.path.dirname(scratch_dir) == str(tmp_path)
+    assert not os.path.exists(scratch_dir)
     assert tempfile.tempdir == str(tmp_path) and "TMPDIR" not in os.environ
+
+
+def test_the_scratch_folder_of_a_killed_run_is_removed_by_the_next_run_only(tmp_path):
+    """Two runs' scratch folders (real processes): the one killed with SIGKILL is removed when
+    the next run starts, the live one is kept, and a folder that is no run's is left alone."""
+    holder = "import sys, time; from pipeline import scratch\nwith scratch.run_scratch_dir() as d:\n" \
+             "    print(d, flush=True); time.sleep(600)"
+    env = {**os.environ, "PYTHONPATH": config_lib.PROJECT_DIR, "TMPDIR": str(tmp_path)}
+    runs = [subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    try:
+        killed, live = [run.stdout.readline().strip() for run in runs]
+        runs[0].send_signal(signal.SIGKILL)
+        runs[0].wait(timeout=30)
+        other = tmp_path / (scratch.PREFIX + "not-a-run")
+        other.mkdir()
+        assert os.path.isdir(killed) and scratch.remove_abandoned(str(tmp_path)) == [killed]
+        assert not os.path.exists(killed) and os.path.isdir(live) and other.is_dir()
+    finally:
+        for run in runs:
+            run.kill()
+            run.wait()
+    assert scratch.remove_abandoned(str(tmp_path)) == [live]
