@@ -1,12 +1,19 @@
 """A run's scratch folder: its temporary files (and its Beam workers', through TMPDIR) in one
-folder of the system temp directory, removed when the run ends, or, when the run was killed
-outright (SIGKILL, the OOM killer, a power loss), by the next run on the machine.
+folder of the system temp directory, removed when the run ends, and the processes started in it
+ended when the run's process ends, however it ends.
 
 Beam's staging and TensorFlow's autograph leave files in the temp directory, so a daily job
-would otherwise fill /tmp. A run holds an flock on `<scratch>/.in-use` while it lives; the
-kernel frees it when the process dies however it dies (the descriptor is not inherited by the
-Beam workers), so a folder whose lock can be taken belongs to no live run. The check does not
-rely on process ids, which are reused and differ between PID namespaces.
+would otherwise fill /tmp. Beam's DirectRunner multi_processing workers (`sh -c python -m
+apache_beam.runners.worker.sdk_worker_main`) outlive a run killed outright (SIGKILL, the OOM
+killer): nothing in Beam ends them. So each run starts a small watchdog process that waits on a
+pipe only the run holds; when the pipe closes without the run saying it ended, the watchdog kills
+every process whose environment has TMPDIR=<the scratch folder> (each child the run started
+inside it) and removes the folder.
+
+A run also holds an flock on `<scratch>/.in-use` while it lives; the kernel frees it when the
+process dies (the descriptor is not inherited), so a later run removes a folder whose lock is free
+when even the watchdog could not (both killed at once, a power loss). Neither check relies on
+process ids, which are reused and differ between PID namespaces.
 """
 
 from __future__ import annotations
@@ -16,11 +23,17 @@ import fcntl
 import glob
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from typing import Iterator, List
 
 PREFIX = "poso-run-"
 _IN_USE = ".in-use"
+_ENDED = b"ended"   # what the run writes to its watchdog when it ends by itself
+_PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def remove_abandoned(parent: str) -> List[str]:
@@ -43,11 +56,44 @@ def remove_abandoned(parent: str) -> List[str]:
     return removed
 
 
+def processes_started_in(scratch: str) -> List[int]:
+    """PIDs of the live processes whose environment holds TMPDIR=`scratch` (Linux /proc)."""
+    marker, found = f"TMPDIR={scratch}".encode(), []
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue  # ended meanwhile, or not ours to read
+    return found
+
+
+def watch(scratch: str) -> None:
+    """The watchdog's body: waits for the run's pipe (stdin) to close; unless the run said it
+    ended, kills the processes started in `scratch` and removes it."""
+    # A terminal's Ctrl-C or hang-up reaches its whole process group: the run handles those. A
+    # SIGTERM (the run's own clean-up stopping its children) ends the watchdog.
+    for stop in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_IGN)
+    if sys.stdin.buffer.read() == _ENDED:
+        return
+    for _ in range(5):  # a worker the run was starting as it died may exec a moment later
+        for pid in processes_started_in(scratch):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def run_scratch_dir() -> Iterator[str]:
     """Points this process's temporary files (tempfile, and TMPDIR for its child processes) at a
     new scratch folder, held in use until the block ends, then removed; first removes the
-    scratch folders of runs that were killed."""
+    scratch folders of runs that were killed. The processes started in the block are ended by a
+    watchdog process if this process dies before the block ends."""
     parent = tempfile.gettempdir()
     remove_abandoned(parent)
     scratch = tempfile.mkdtemp(prefix=PREFIX)
@@ -56,6 +102,10 @@ def run_scratch_dir() -> Iterator[str]:
     lock_fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o600)
     fcntl.flock(lock_fd, fcntl.LOCK_EX)
     os.rename(partial, os.path.join(scratch, _IN_USE))
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[2]); "
+                               "from pipeline import scratch; scratch.watch(sys.argv[1])", scratch, _PROJECT_DIR],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
     tempfile.tempdir = os.environ["TMPDIR"] = scratch
     try:
@@ -68,3 +118,7 @@ def run_scratch_dir() -> Iterator[str]:
             os.environ["TMPDIR"] = saved_env
         shutil.rmtree(scratch, ignore_errors=True)
         os.close(lock_fd)
+        with contextlib.suppress(OSError):
+            watchdog.stdin.write(_ENDED)
+            watchdog.stdin.close()
+        watchdog.wait()

@@ -5,6 +5,7 @@ resumed, rerun, then day 9 (whose labels are inverted) runs, then day 8 is rerun
 second, small home feeds broken or drifted logs to the ingest step.
 """
 
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -421,24 +422,67 @@ def test_a_run_keeps_its_temp_files_in_a_directory_removed_at_the_end(tmp_path, 
     assert tempfile.tempdir == str(tmp_path) and "TMPDIR" not in os.environ
 
 
-def test_the_scratch_folder_of_a_killed_run_is_removed_by_the_next_run_only(tmp_path):
-    """Two runs' scratch folders (real processes): the one killed with SIGKILL is removed when
-    the next run starts, the live one is kept, and a folder that is no run's is left alone."""
-    holder = "import sys, time; from pipeline import scratch\nwith scratch.run_scratch_dir() as d:\n" \
-             "    print(d, flush=True); time.sleep(600)"
+def _scratch_holders(tmp_path, count):
+    """`count` real processes, each in its own session, inside run_scratch_dir with a child
+    process started there (as Beam starts its workers); yields [(process, scratch, child pid)]."""
+    holder = ("import subprocess, sys, time; from pipeline import scratch\n"
+              "with scratch.run_scratch_dir() as d:\n"
+              "    child = subprocess.Popen(['sleep', '600'])\n"
+              "    print(d, child.pid, flush=True); time.sleep(600)")
     env = {**os.environ, "PYTHONPATH": config_lib.PROJECT_DIR, "TMPDIR": str(tmp_path)}
-    runs = [subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True, env=env)
-            for _ in range(2)]
+    runs = [subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True) for _ in range(count)]
+    held = []
+    for run in runs:
+        folder, child = run.stdout.readline().split()
+        held.append((run, folder, int(child)))
+    return held
+
+
+def _alive(pid):
     try:
-        killed, live = [run.stdout.readline().strip() for run in runs]
-        runs[0].send_signal(signal.SIGKILL)
-        runs[0].wait(timeout=30)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_run_killed_outright_leaves_no_process_nor_scratch_folder(tmp_path):
+    """SIGKILL to a run (as the OOM killer): the processes it started in its scratch folder (Beam's
+    workers) are ended and the folder removed by its watchdog; a live run's are untouched."""
+    (killed, killed_dir, killed_child), (live, live_dir, live_child) = _scratch_holders(tmp_path, 2)
+    try:
+        assert scratch.processes_started_in(killed_dir) == [killed_child]
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+        deadline = time.time() + 20
+        while (_alive(killed_child) or os.path.exists(killed_dir)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(killed_child) and not os.path.exists(killed_dir)
+        assert _alive(live_child) and os.path.isdir(live_dir)
+    finally:
+        for run, _, child in ((killed, killed_dir, killed_child), (live, live_dir, live_child)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
+def test_a_scratch_folder_left_by_a_killed_run_and_watchdog_is_removed_by_the_next_run(tmp_path):
+    """Run and watchdog killed at once (their whole session): the next run removes the folder,
+    keeps a live run's, and leaves a folder that is no run's alone."""
+    (killed, killed_dir, killed_child), (live, live_dir, live_child) = _scratch_holders(tmp_path, 2)
+    try:
+        os.killpg(killed.pid, signal.SIGKILL)   # the holder, its watchdog and its child
+        killed.wait(timeout=30)
         other = tmp_path / (scratch.PREFIX + "not-a-run")
         other.mkdir()
-        assert os.path.isdir(killed) and scratch.remove_abandoned(str(tmp_path)) == [killed]
-        assert not os.path.exists(killed) and os.path.isdir(live) and other.is_dir()
+        assert os.path.isdir(killed_dir) and scratch.remove_abandoned(str(tmp_path)) == [killed_dir]
+        assert os.path.isdir(live_dir) and other.is_dir()
     finally:
-        for run in runs:
-            run.kill()
+        for run in (killed, live):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)
             run.wait()
-    assert scratch.remove_abandoned(str(tmp_path)) == [live]
+    assert scratch.remove_abandoned(str(tmp_path)) == [live_dir]

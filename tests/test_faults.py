@@ -3,7 +3,9 @@
 - fast (default suite): SIGTERM to the PID of a real `bin/poso run` wrapper during StatisticsGen's
   Beam workers, while a second run of the same HOME is refused with exit code 4 naming the holder;
 - slow: one day's run killed (SIGKILL, POSO_FAULT_INJECT) at every component boundary and inside
-  the Pusher in turn, each rerun resuming; then two days at once and the same day twice at once.
+  the Pusher in turn, each rerun resuming; a run killed (SIGKILL) while Beam's multi_processing
+  worker processes run StatisticsGen, then Transform; then two days at once and the same day
+  twice at once.
 
 After each: at most one pushed version per day (exactly one once a blessed day's run ends), no row
 lost (raw rows = examples + quarantined rows, for every ingested day), no process left of the run,
@@ -47,8 +49,10 @@ NODES = ("ImportSchemaGen", "baseline_model", "previous_user_state", "training_w
 KILL_POINTS = [point for node in NODES for point in
                ([f"{node}:running", f"{node}:finished"] if node != "Pusher" else
                 ["Pusher:running", "Pusher:copied", "Pusher:renamed", "Pusher:finished"])]
-FIGURES = {"kill_points_tried": 0, "stop_signals_tried": 0, "concurrent_scenarios_tried": 0,
-           "pushes_per_blessed_day": [], "rows_lost": 0, "orphan_processes": 0}
+FIGURES = {"kill_points_tried": 0, "multi_processing_kills_tried": 0, "stop_signals_tried": 0,
+           "concurrent_scenarios_tried": 0, "pushes_per_blessed_day": [],
+           "rows_lost": 0, "orphan_processes": 0,
+           "seconds_until_workers_gone": []}
 
 
 def _data(root):
@@ -81,6 +85,19 @@ def _session_processes(session_id):
             continue
         if fields[0] != "Z" and int(fields[3]) == session_id:
             found.append(int(stat.split("/")[2]))
+    return found
+
+
+def _beam_workers(session_id):
+    """PIDs of Beam SDK worker processes (DirectRunner multi_processing) in a session."""
+    found = []
+    for pid in _session_processes(session_id):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"sdk_worker_main" in f.read():
+                    found.append(pid)
+        except OSError:
+            continue
     return found
 
 
@@ -232,6 +249,62 @@ def test_a_run_killed_at_every_boundary_resumes_to_one_push(faulty_home):
     assert _executions(home, (metadata_store_pb2.Execution.RUNNING, metadata_store_pb2.Execution.NEW)) == []
     lost, days = _record(home, data)
     assert lost == 0 and days == TRAIN_DAYS + 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_kill_9_while_beam_worker_processes_run_then_one_push(tmp_path):
+    """Beam's DirectRunner multi_processing mode (the default; AvcExampleGen and the Evaluator run
+    in one process, see RunConfig.beam_single_process_components): the run's Python process is
+    killed (SIGKILL, as the OOM killer does) while its SDK worker processes run StatisticsGen (the
+    first day's ingest) and then Transform (the evaluated day's run). The workers must end on their
+    own, the next run must clear what the killed one left, and the last run pushes once."""
+    data, home = _data(str(tmp_path)), str(tmp_path / "home")
+    scratch_parent = tmp_path / "tmp"   # the runs' TMPDIR: their scratch folders go here
+    scratch_parent.mkdir()
+    env = {"TMPDIR": str(scratch_parent)}
+    for number, component in enumerate(("StatisticsGen", "Transform")):
+        log = str(tmp_path / f"mp-kill-{number}.log")
+        run = _start(_command(home, data, EVAL_DAY), log, env)
+        try:
+            _wait_for_line(log, f"Component {component} is running.", run, 1800)
+            deadline = time.time() + 600
+            while not _beam_workers(run.pid) and time.time() < deadline:
+                assert f"Component {component} is finished" not in open(log).read(), \
+                    f"{component} finished before its Beam workers were seen"
+                assert run.poll() is None, open(log).read()[-3000:]
+                time.sleep(0.2)
+            workers = _beam_workers(run.pid)
+            assert workers, f"no Beam worker process within 600 s of {component} starting"
+            time.sleep(1)   # the workers hold bundles
+            os.kill(run.pid, signal.SIGKILL)
+            killed_at = time.time()
+            assert run.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+        FIGURES["multi_processing_kills_tried"] += 1
+        while _session_processes(run.pid) and time.time() < killed_at + 60:
+            time.sleep(0.2)
+        FIGURES["seconds_until_workers_gone"].append(round(time.time() - killed_at, 1))
+        orphans = _orphans_after(run, wait_seconds=0)
+        FIGURES["orphan_processes"] += len(orphans)
+        assert orphans == [], f"{component}: {len(workers)} Beam workers, still running 60 s after the kill: {orphans}"
+        assert _versions_of(home, EVAL_DAY) == []
+        lost, _ = _record(home, data)
+        assert lost == 0, component
+    log = str(tmp_path / "mp-final.log")
+    final = _start(_command(home, data, EVAL_DAY), log, env)
+    assert final.wait(timeout=1800) == exit_codes.PUSHED, open(log).read()[-3000:]
+    assert _orphans_after(final) == []
+    assert _versions(home) == [str(_versions_of(home, EVAL_DAY)[0])], _versions(home)
+    FIGURES["pushes_per_blessed_day"].append(len(_versions_of(home, EVAL_DAY)))
+    assert _executions(home, (metadata_store_pb2.Execution.RUNNING, metadata_store_pb2.Execution.NEW)) == []
+    lost, days = _record(home, data)
+    assert lost == 0 and days == TRAIN_DAYS + 1
+    assert os.listdir(scratch_parent) == [], "scratch folders of the killed runs are left"
+    print("\nFault suite figures so far:", json.dumps(FIGURES))
 
 
 @pytest.mark.slow
