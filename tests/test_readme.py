@@ -263,6 +263,7 @@ def _wait_for(url: str, process: subprocess.Popen, seconds: float) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # three daily runs and a server: pytest.ini's 900 s is for one
 def test_every_command_runs_as_written(home, tmp_path):
     """The README from top to bottom on tiny data: three daily runs, the dashboard, a rollback and
     its release, gc, the schedule, then the server and the sample requests."""
