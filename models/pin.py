@@ -100,9 +100,18 @@ def training_data(batches: tf.data.Dataset, config: Any, batch_size: int, featur
                   seed: int = 0) -> Tuple[tf.data.Dataset, Any]:
     """PIN's training input for a `ModelConfig` with `pin`: (stratified batches, the config with
     P(head) measured on `batches` -- its first 100 batches -- unless configured). What the Trainer
-    and the benchmarks train on."""
+    and the benchmarks train on.
+
+    When those batches hold only one group (e.g. a window whose users are all new), the batches
+    are returned as they are: there is nothing to stratify, and stratifying repeated data would
+    wait forever for an example of the absent group.
+    """
+    measured = head_share(batches, feature_set, config.pin_head_min_pc_bucket)
     if config.pin_head_share is None:
-        share = head_share(batches, feature_set, config.pin_head_min_pc_bucket)
-        _log.info("PIN: P(head) = %.4f measured on the training data", share)
-        config = config.replace(pin_head_share=share)
+        _log.info("PIN: P(head) = %.4f measured on the training data", measured)
+        config = config.replace(pin_head_share=measured)
+    if measured in (0.0, 1.0):
+        _log.warning("PIN: the training data hold only %s users: batches not stratified",
+                     "head" if measured else "tail")
+        return batches, config
     return stratify(batches, batch_size, feature_set, config.pin_head_min_pc_bucket, seed), config

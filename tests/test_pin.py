@@ -140,3 +140,13 @@ def test_pin_without_p_head_fails_clearly(data):
     ranking = _pin_model(features)
     with pytest.raises(ValueError, match="pin_head_share"):
         ranking.compute_loss(features, training=True)
+
+
+def test_training_data_of_one_group_is_not_stratified():
+    # A window whose users are all new (e.g. the first day of logs): no head example anywhere in
+    # repeated data, which stratifying would wait for forever.
+    source = tf.data.Dataset.from_tensor_slices({fs.PC_BUCKET: tf.constant([8, 1, 9, 2], tf.int64),
+                                                 fs.IS_NEW_USER: tf.ones(4)}).batch(2).repeat()
+    batches, config = pin.training_data(source, model.make_config("pin"), 2, fs.KUAIRAND)
+    assert config.pin_head_share == 0.0
+    assert [b[fs.PC_BUCKET].numpy().tolist() for b in batches.take(3)] == [[8, 1], [9, 2], [8, 1]]
