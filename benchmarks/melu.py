@@ -34,11 +34,14 @@ steps (the paper reports MeLU-1 and MeLU-5) of 0.05 (plain SGD), second-order me
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterator, List, Mapping, Sequence, Tuple
+import os
+import sys
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["MeLUSettings", "Episodes", "train", "predict", "after_support", "load_examples"]
+__all__ = ["MeLUSettings", "Episodes", "make_trainer", "train", "predict", "after_support", "load_examples",
+           "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,11 +117,11 @@ def _labels(feature_set, batch) -> List:
     return [batch[task.label] for task in feature_set.tasks]
 
 
-def train(config, feature_set, features: Mapping[str, np.ndarray], user_ids: np.ndarray, order: np.ndarray,
-          steps: int, batch_size: int, seed: int, settings: MeLUSettings = MeLUSettings(), verbose: bool = False):
-    """A `RankingModel` (of `config`, the backbone: the baseline's) meta-trained with MeLU for
-    `steps` steps of `batch_size` examples on in-memory transformed `features`; `user_ids` and
-    `order` (e.g. AVC) per example define the users' timelines."""
+def make_trainer(config, feature_set, features: Mapping[str, np.ndarray], user_ids: np.ndarray, order: np.ndarray,
+                 batch_size: int, seed: int, settings: MeLUSettings = MeLUSettings()):
+    """(a `RankingModel` of `config`, the backbone: the baseline's; run(steps) -> last query loss):
+    MeLU meta-training in steps of `batch_size` examples on in-memory transformed `features`;
+    `user_ids` and `order` (e.g. AVC) per example define the users' timelines."""
     import tensorflow as tf
 
     from models import melu, model as model_lib
@@ -131,7 +134,7 @@ def train(config, feature_set, features: Mapping[str, np.ndarray], user_ids: np.
     tf.keras.utils.set_random_seed(seed)
     episodes = Episodes(user_ids, order, settings)
     ranking = model_lib.RankingModel(config, feature_set)
-    ranking({name: value[:2] for name, value in features.items()})  # builds every layer
+    ranking({name: tf.constant(value[:2]) for name, value in features.items()})  # builds every layer
     towers = [ranking.towers[task.name] for task in feature_set.tasks]
     loss_weights = [task.loss_weight for task in feature_set.tasks]
     optimizer = tf.keras.optimizers.Adam(learning_rate=config.learning_rate)
@@ -155,11 +158,22 @@ def train(config, feature_set, features: Mapping[str, np.ndarray], user_ids: np.
         return loss
 
     batches = episodes.batches(users_per_step, seed)
-    for number in range(steps):
-        index, local_user = next(batches)
-        loss = step({name: tf.constant(value[index]) for name, value in features.items()}, tf.constant(local_user))
-        if verbose and (number + 1) % 100 == 0:
-            print(f"[melu] step {number + 1}/{steps}: query loss {float(loss):.4f}", flush=True)
+
+    def run(steps: int) -> float:
+        loss = float("nan")
+        for _ in range(steps):
+            index, local_user = next(batches)
+            loss = step({name: tf.constant(value[index]) for name, value in features.items()}, tf.constant(local_user))
+        return float(loss)
+
+    return ranking, run
+
+
+def train(config, feature_set, features: Mapping[str, np.ndarray], user_ids: np.ndarray, order: np.ndarray,
+          steps: int, batch_size: int, seed: int, settings: MeLUSettings = MeLUSettings()):
+    """A `RankingModel` meta-trained with MeLU for `steps` steps (see `make_trainer`)."""
+    ranking, run = make_trainer(config, feature_set, features, user_ids, order, batch_size, seed, settings)
+    run(steps)
     return ranking
 
 
@@ -228,3 +242,57 @@ def load_examples(files: Sequence[str], transform_dir: str, feature_set, user_ke
     if any(len(value) != user_ids.size for value in features.values()):
         raise RuntimeError(f"load_examples: transformed features and raw {user_key!r} differ in length")
     return features, user_ids
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Step time of MeLU's meta step against the baseline's Keras train step (what `fit` runs),
+    same backbone and batch, on random transformed KuaiRand features (as `poso bench train`;
+    users of 32 examples each), in interleaved rounds. Printed, not asserted."""
+    import argparse
+    import statistics
+    import time
+
+    import tensorflow as tf
+
+    import feature_specs as fs
+    from models import model as model_lib, model_summary
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per model per round")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--batch-size", type=int, default=512)
+    args = parser.parse_args(argv)
+    size = 32 * max(args.batch_size // 16, 8)
+    features = {k: v.numpy() for k, v in model_summary.random_transformed_features(size, seed=0).items()}
+    users, order = np.repeat(np.arange(size // 32), 32), np.tile(np.arange(32), size // 32).astype(np.float32)
+    config = model_lib.make_config("baseline")
+    _, melu_run = make_trainer(config, fs.KUAIRAND, features, users, order, args.batch_size, seed=0)
+    tf.keras.utils.set_random_seed(0)
+    baseline = model_lib.RankingModel(config)
+    baseline.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
+    data = iter(tf.data.Dataset.from_tensor_slices(features).repeat().batch(args.batch_size))
+    train_function = baseline.make_train_function()
+
+    def baseline_run(steps: int) -> None:
+        for _ in range(steps):
+            logs = train_function(data)
+        float(logs["loss"])
+
+    for run in (melu_run, baseline_run):
+        run(3)  # traces
+    times: Dict[str, List[float]] = {"melu": [], "baseline": []}
+    for _ in range(args.repeats):
+        for name, run in (("melu", melu_run), ("baseline", baseline_run)):
+            started = time.perf_counter()
+            run(args.steps)
+            times[name].append((time.perf_counter() - started) / args.steps)
+    ratios = [m / b for m, b in zip(times["melu"], times["baseline"])]
+    print(f"batch {args.batch_size}, {args.steps} steps x {args.repeats} interleaved rounds, {os.cpu_count()} cores: "
+          f"MeLU meta step {1000 * statistics.median(times['melu']):.1f} ms, baseline Keras step "
+          f"{1000 * statistics.median(times['baseline']):.1f} ms (medians); ratio {statistics.median(ratios):.2f} "
+          f"(paired median; rounds {', '.join(f'{r:.2f}' for r in ratios)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,8 +25,11 @@ Time: about 25-30 s per trained model on 2 cores (RESULTS.md of 2026-11-23: 23-3
 and seed in every section), so the default run trains 48 MovieLens and 78 synthetic models,
 about 65 min with the data preparation; within 3 hours even at half that speed. PIN and MAIL
 (Table 2 rows, and PIN in (a) with the headline seeds) add 24 synthetic and 6 MovieLens models,
-about 15 min more (MAIL's zero-shot tower costs extra training time, see benchmarks/README.md). RESULTS.md
-lists every section's wall time, seeds and commit as recorded by its last run.
+about 15 min more (MAIL's zero-shot tower costs extra training time, see benchmarks/README.md).
+MeLU (Table 2 and (a)) and Meta-Embedding and MWUF in (a), all with the headline seeds, add 12
+synthetic and 36 MovieLens models, some 30 min more (MeLU trains in memory, without an export,
+in about the baseline's time). RESULTS.md lists every section's wall time, seeds and commit as
+recorded by its last run.
 
 Protocol (b-d): the synthetic logs go through the project's real code path (AvcExampleGen's
 executor, tf.Transform with `preprocessing_fn`, see `benchmarks.paper_data`), computed once and
@@ -1007,7 +1010,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"ml-latest-small.zip (default: ${MOVIELENS_ENV}, else ../shared/data/ml-latest-small/"
                              "ml-latest-small.zip beside the checkout)")
     parser.add_argument("--movielens-variants", default=None, metavar="A,B,...",
-                        help="variants for (a) (default: every variant of models.model.VARIANTS)")
+                        help="variants for (a) (default: every variant of models.model.VARIANTS MovieLens allows, and melu)")
     parser.add_argument("--movielens-budget", type=argtypes.json_object, default=None, metavar="JSON",
                         help="keyword arguments for run_movielens, e.g. '{\"epochs\": 2}'")
     parser.add_argument("--render-only", action="store_true",
