@@ -274,10 +274,14 @@ def test_daily_run_trains_validates_and_serves_the_variant(variant, tmp_path):
     from pipeline import local_runner
 
     start = datetime.date(2022, 4, 8)
-    synthetic_logs.generate(str(tmp_path / "data"), start, 2, seed=42, impressions_per_day=400)
-    cfg = config_lib.RunConfig(date=start + datetime.timedelta(days=1), data_dir=str(tmp_path / "data"),
+    # Train on day 2 (on day 1 every user is new: no behaviour rows for MAIL, no head for PIN);
+    # at 400 rows a day nobody reaches AVC 32, so PIN's head starts at bucket 1 (AVC >= 1, not new).
+    synthetic_logs.generate(str(tmp_path / "data"), start, 3, seed=42, impressions_per_day=400)
+    overrides = (("pin_head_min_pc_bucket", 1),) if variant == "pin" else ()
+    cfg = config_lib.RunConfig(date=start + datetime.timedelta(days=2), data_dir=str(tmp_path / "data"),
                                home=str(tmp_path / "home"), variant=variant, train_days=1, min_train_days=1,
-                               train_steps=20, beam_direct_running_mode="in_memory", beam_num_workers=1)
+                               train_steps=20, model_overrides=overrides, beam_direct_running_mode="in_memory",
+                               beam_num_workers=1)
     result = local_runner.run_day(cfg)
     assert result["infra_blessed"], result["infra_reason"]  # served by the model server, same signatures
     with open(os.path.join(result["candidate_model_dir"], "assets.extra", "model_config.json")) as f:
