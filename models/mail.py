@@ -35,6 +35,11 @@ no length to copy); the ranking tower reads v_hat in place of the sequence for n
 (`cold_start.new_user_mask`: is_new_user, else AVC bucket 0) with gradient stopped, both at
 serving and -- `ModelConfig.mail_fill_in_training`, the paper's choice and the default -- in
 training, where the generator runs without dropout so that training sees what serving serves.
+
+Served graph: `RankingModel.mail_behaviour_sequence` gathers the new users' rows (tf.where),
+runs pool_a, E1 and D2 on those rows only and scatters v_hat back (tf.tensor_scatter_nd_update):
+users with behaviour never go through the decoders, and a batch without new users runs them on
+0 rows. E2, D1 and pool_v run only in training (the losses).
 """
 
 from __future__ import annotations
