@@ -256,17 +256,12 @@ def verdict(rows) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline import argtypes
+    from pipeline import cli
     from pipeline import config as config_lib
 
     parser.add_argument("--windows", default="100000,1000000",
                         help="impressions per 7-day window, comma-separated (default: %(default)s)")
-    parser.add_argument("--epochs", type=argtypes.positive_int, default=config_lib.RunConfig.epochs,
-                        help="the Trainer's full passes over the window (default: %(default)s)")
-    parser.add_argument("--train-steps", type=argtypes.positive_int, default=config_lib.RunConfig.train_steps,
-                        help="total Trainer steps instead of --epochs full passes")
-    parser.add_argument("--batch-size", type=argtypes.positive_int, default=config_lib.RunConfig.batch_size,
-                        help="training batch size (default: %(default)s)")
+    cli.add_training_arguments(parser)
     parser.add_argument("--beam-mode", default=config_lib.RunConfig.beam_direct_running_mode,
                         choices=["multi_processing", "multi_threading", "in_memory"], help="DirectRunner running mode")
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")

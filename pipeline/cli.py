@@ -32,6 +32,16 @@ def _date(text: str) -> datetime.date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD (or 'yesterday')") from None
 
 
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """--epochs, --train-steps and --batch-size (the Trainer's budget), as `poso run` takes them."""
+    parser.add_argument("--epochs", type=argtypes.positive_int, default=config_lib.RunConfig.epochs,
+                        help="full passes of the Trainer over the window's examples")
+    parser.add_argument("--train-steps", type=argtypes.positive_int, default=config_lib.RunConfig.train_steps,
+                        help="total Trainer steps instead of --epochs full passes (default: whole passes)")
+    parser.add_argument("--batch-size", type=argtypes.positive_int, default=config_lib.RunConfig.batch_size,
+                        help="training batch size (examples per step)")
+
+
 def _add_pipeline_args(parser: argparse.ArgumentParser, home: Optional[str] = None, data: Optional[str] = None) -> None:
     parser.add_argument("--data", default=data,
                         help="daily raw logs: DATA/logs/YYYY-MM-DD/*.csv|*.parquet plus user_features.csv "
@@ -45,12 +55,7 @@ def _add_pipeline_args(parser: argparse.ArgumentParser, home: Optional[str] = No
     parser.add_argument("--min-train-days", type=argtypes.positive_int, default=None,
                         help="train on as few as this many valid days of the window (default: refuse "
                              "to train on fewer than --train-days)")
-    parser.add_argument("--epochs", type=argtypes.positive_int, default=config_lib.RunConfig.epochs,
-                        help="full passes of the Trainer over the window's examples")
-    parser.add_argument("--train-steps", type=argtypes.positive_int, default=config_lib.RunConfig.train_steps,
-                        help="total Trainer steps instead of --epochs full passes (default: whole passes)")
-    parser.add_argument("--batch-size", type=argtypes.positive_int, default=config_lib.RunConfig.batch_size,
-                        help="training batch size (examples per step)")
+    add_training_arguments(parser)
     parser.add_argument("--warm-start", action="store_true", help="start from the last blessed model's weights")
     parser.add_argument("--beam-mode", default="multi_processing", choices=["multi_processing", "multi_threading", "in_memory"],
                         help="DirectRunner running mode (remote runners: pass --beam-arg=--runner=...)")
