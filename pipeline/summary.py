@@ -83,15 +83,19 @@ def _artifacts(store, type_name: str):
 
 
 def _input_checks(store, examples) -> Dict[str, object]:
-    """What ingest found in the evaluation day's logs, and whether they changed since an earlier
-    ingest of that day (a corrected or late file: the day was ingested and validated again)."""
+    """What ingest found in the evaluation day's logs, and whether they changed since the day's
+    previous ingest (a corrected or late file: the day was ingested and validated again)."""
     if examples is None:
         return {}
     fingerprint = _custom(examples, "input_fingerprint", "")
     earlier = [a for a in _artifacts(store, tfx.types.standard_artifacts.Examples.TYPE_NAME)
                if a.id < examples.id and "span" in a.properties
                and a.properties["span"].int_value == examples.properties["span"].int_value]
-    changed = any(_custom(a, "input_fingerprint", "") not in ("", fingerprint) for a in earlier)
+    # Against the day's previous ingest only: a day ingested again for another reason (an earlier
+    # day's file changed, so its user state did) has the same files as last time.
+    fingerprinted = [a for a in earlier if _custom(a, "input_fingerprint", "")]
+    previous = max(fingerprinted, key=lambda a: a.id) if fingerprinted else None
+    changed = previous is not None and _custom(previous, "input_fingerprint", "") != fingerprint
     return {"input_fingerprint": fingerprint, "input_changed": changed,
             "bad_rows": _custom(examples, "bad_rows", 0), "duplicate_rows": _custom(examples, "duplicate_rows", 0),
             "rows_without_user_profile": _custom(examples, "rows_without_user_profile", 0)}

@@ -4,8 +4,8 @@
   Beam workers, while a second run of the same HOME is refused with exit code 4 naming the holder;
 - slow: one day's run killed (SIGKILL, POSO_FAULT_INJECT) at every component boundary and inside
   the Pusher in turn, each rerun resuming; a run killed (SIGKILL) while Beam's multi_processing
-  worker processes run StatisticsGen, then Transform; then two days at once and the same day
-  twice at once.
+  worker processes run StatisticsGen, then Transform; a second copy of a day's log file, then a
+  corrected file; then two days at once and the same day twice at once.
 
 After each: at most one pushed version per day (exactly one once a blessed day's run ends), no row
 lost (raw rows = examples + quarantined rows, for every ingested day), no process left of the run,
@@ -18,6 +18,7 @@ import datetime
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,7 +51,7 @@ KILL_POINTS = [point for node in NODES for point in
                ([f"{node}:running", f"{node}:finished"] if node != "Pusher" else
                 ["Pusher:running", "Pusher:copied", "Pusher:renamed", "Pusher:finished"])]
 FIGURES = {"kill_points_tried": 0, "multi_processing_kills_tried": 0, "stop_signals_tried": 0,
-           "concurrent_scenarios_tried": 0, "pushes_per_blessed_day": [],
+           "concurrent_scenarios_tried": 0, "changed_input_scenarios_tried": 0, "pushes_per_blessed_day": [],
            "rows_lost": 0, "orphan_processes": 0,
            "seconds_until_workers_gone": []}
 
@@ -304,6 +305,87 @@ def test_kill_9_while_beam_worker_processes_run_then_one_push(tmp_path):
     lost, days = _record(home, data)
     assert lost == 0 and days == TRAIN_DAYS + 1
     assert os.listdir(scratch_parent) == [], "scratch folders of the killed runs are left"
+    print("\nFault suite figures so far:", json.dumps(FIGURES))
+
+
+def _withdraw_last_rows(path, count):
+    """Rewrites a log file without its last `count` impressions (a corrected file)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows[:-count])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_a_second_copy_or_a_corrected_log_file_then_one_version_per_day_and_input(tmp_path):
+    """The changed-input scenarios on a day already run: a second copy of its log file is refused
+    (exit 2, nothing pushed); a corrected file is ingested again; the day keeps one version, a new
+    blessed model replacing the old under the next revision, the same model never pushed twice."""
+    data, home = _data(str(tmp_path)), str(tmp_path / "home")
+
+    def run(name):
+        log = str(tmp_path / f"{name}.log")
+        child = _start(_command(home, data, EVAL_DAY, "--beam-mode", "in_memory"), log)
+        code = child.wait(timeout=1800)
+        orphans = _orphans_after(child)
+        FIGURES["orphan_processes"] += len(orphans)
+        assert orphans == [], name
+        return code, open(log).read()
+
+    code, output = run("first")
+    assert code in (exit_codes.PUSHED, exit_codes.NOT_BLESSED), output[-3000:]
+    before = _versions_of(home, EVAL_DAY)
+    if code == exit_codes.PUSHED:
+        FIGURES["pushes_per_blessed_day"].append(len(before))
+    day_file = impression_logs.day_files(data, EVAL_DAY)[0]
+    copy = os.path.join(os.path.dirname(day_file), "copy-" + os.path.basename(day_file))
+    shutil.copy(day_file, copy)
+    code, output = run("second-copy")
+    FIGURES["changed_input_scenarios_tried"] += 1
+    assert code == exit_codes.BAD_INPUT and os.path.basename(copy) in output, output[-3000:]
+    assert _versions_of(home, EVAL_DAY) == before
+    os.remove(copy)
+
+    # A corrected file of the evaluated day: ingested again (the summary says so) and evaluated
+    # again; the window and so the model are unchanged, and the day keeps its one version.
+    _withdraw_last_rows(day_file, 10)
+    code, output = run("corrected-evaluation-day")
+    FIGURES["changed_input_scenarios_tried"] += 1
+    assert code in (exit_codes.PUSHED, exit_codes.NOT_BLESSED), output[-3000:]
+    summary = json.load(open(os.path.join(home, "runs", f"{EVAL_DAY.isoformat()}.json")))
+    assert summary["input_changed"] is True
+    assert "Component AvcExampleGen is finished." in output and "Component Trainer is finished (cached)." in output
+    if before or code != exit_codes.PUSHED:
+        assert _versions_of(home, EVAL_DAY) == before
+    else:   # not blessed before, blessed on the corrected day
+        before = _versions_of(home, EVAL_DAY)
+        assert len(before) == 1
+    assert _record(home, data)[0] == 0
+
+    # A corrected file of a training day: that day and the days after it are ingested again and a
+    # new model is trained; blessed, it replaces the day's version under the next revision number.
+    def model_of(version):
+        return day_versions.read_marker(os.path.join(_cfg(home).serving_model_dir, str(version)))["model_fingerprint"]
+
+    models_before = {v: model_of(v) for v in before}
+    _withdraw_last_rows(impression_logs.day_files(data, EVAL_DAY - datetime.timedelta(days=1))[0], 10)
+    code, output = run("corrected-training-day")
+    FIGURES["changed_input_scenarios_tried"] += 1
+    assert code in (exit_codes.PUSHED, exit_codes.NOT_BLESSED), output[-3000:]
+    assert "Component Trainer is finished." in output, output[-3000:]
+    summary = json.load(open(os.path.join(home, "runs", f"{EVAL_DAY.isoformat()}.json")))
+    assert summary["input_changed"] is False   # the evaluated day was ingested again, its file unchanged
+    after = _versions_of(home, EVAL_DAY)
+    if code == exit_codes.PUSHED:
+        assert len(after) == 1 and all(after[0] > v and model_of(after[0]) != model for v, model in
+                                       models_before.items()), (before, after)
+        FIGURES["pushes_per_blessed_day"].append(len(after))
+    else:
+        assert after == before
+    assert _executions(home, (metadata_store_pb2.Execution.RUNNING, metadata_store_pb2.Execution.NEW)) == []
+    lost, days = _record(home, data)
+    assert lost == 0 and days == TRAIN_DAYS + 1
     print("\nFault suite figures so far:", json.dumps(FIGURES))
 
 
