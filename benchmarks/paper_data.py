@@ -98,6 +98,11 @@ def _example_files(out_dir: str, date: datetime.date) -> List[str]:
     return files
 
 
+def day_files(data: SyntheticData, date: str) -> List[str]:
+    """The examples AvcExampleGen wrote for `date` (YYYY-MM-DD, any generated day, the warm-up days too)."""
+    return _example_files(os.path.join(data.root, "examples"), datetime.date.fromisoformat(date))
+
+
 def analyze(train_files: List[str], output_dir: str, temp_dir: str) -> str:
     """tf.Transform analysis of `preprocessing_fn` over the raw training examples (as the
     pipeline's Transform component, without its MLMD bookkeeping); returns `output_dir`."""

@@ -275,6 +275,8 @@ BENCHMARKS = {
                      "benchmarks.paper"),
     "pipeline": Command("wall time, peak memory and examples of a daily run per component, per window size",
                         "benchmarks.pipeline_scale"),
+    "warm-start": Command("evaluation-day GAUC of a warm start from the day before's model against a cold start",
+                          "benchmarks.warm_start"),
     "components": Command("examples/s of the Trainer's input pipeline, a bare Keras fit and the Trainer; "
                           "the Evaluator (TFMA) beside batched inference", "benchmarks.component_throughput"),
     "headroom": Command("ceiling GAUC from the synthetic generator's true probabilities, per preset, and the "
