@@ -22,7 +22,7 @@ test-slow: env  ## the long runs too
 bench-paper: env  ## every section of the paper's tables and plots into benchmarks/RESULTS.md (~65 min on 2 cores; PAPER_ARGS=...)
 	bin/poso bench paper $(PAPER_ARGS)
 
-bench-paper-%: env  ## one section: bench-paper-a (MovieLens) .. bench-paper-e (item cold start)
+bench-paper-%: env  ## one section: bench-paper-a (MovieLens) .. bench-paper-f (headroom on the synthetic presets)
 	bin/poso bench paper --sections $* $(PAPER_ARGS)
 
 lock:           ## re-resolve requirements.in into requirements.lock (inside the environment)

@@ -33,12 +33,22 @@ import pandas as pd
 from feature_specs import specs
 from pipeline import argtypes
 
-__all__ = ["truth_for_examples", "ceiling_rows", "HeadroomRunner", "summarize", "format_table", "add_arguments",
-           "run", "main"]
+__all__ = ["truth_for_examples", "ceiling_rows", "HeadroomRunner", "summarize", "format_table", "goals",
+           "format_long_table", "run_section", "render_section", "add_arguments", "run", "main"]
 
 DEFAULT_PRESETS = ("submergence", "none", "default")
 DEFAULT_MODELS = ("baseline",)
 GROUPS = ("new", "regular", "all")
+# `poso bench paper` section (f): the issue-17 goals on the presets they are about. Headline
+# models run with the headline seeds, the other POSO variants with the others.
+SECTION_PRESETS = ("submergence", "none")
+SECTION_HEADLINE_MODELS = ("baseline", "poso_all")
+SECTION_OTHER_MODELS = ("poso_mlp", "poso_mha", "poso_mmoe")
+# Goals: on `submergence` POSO(all) closes >= 25% of the new-user long_view headroom at p < 0.01
+# over >= 8 seeds, regular users' long_view within 0.1 pp of the baseline; on `none` no POSO
+# variant is more than 0.1 pp below the baseline on any task and group.
+GOAL_CLOSED, GOAL_P, GOAL_SEEDS, GOAL_TOLERANCE_PP = 0.25, 0.01, 8, 0.1
+GOAL_TASKS = ("long_view", "like", "click", "follow")
 
 
 def _example_keys(files: Sequence[str]) -> pd.DataFrame:
@@ -189,6 +199,97 @@ def format_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def goals(summary: pd.DataFrame) -> List[Dict[str, Any]]:
+    """The issue-17 goals, each with its verdict and the figures it rests on."""
+    verdicts = []
+
+    def cell(preset: str, task: str, group: str) -> Optional[Mapping[str, Any]]:
+        rows = summary[(summary["preset"] == preset) & (summary["task"] == task) & (summary["group"] == group)]
+        return None if rows.empty else rows.iloc[0].to_dict()
+
+    new, regular = cell("submergence", "long_view", "new"), cell("submergence", "long_view", "regular")
+    if new is not None and "poso_all_closed" in new:
+        met = bool(new["poso_all_closed"] >= GOAL_CLOSED and new["poso_all_p"] < GOAL_P
+                   and new["poso_all_gain_pp"] > 0 and new["poso_all_seeds"] >= GOAL_SEEDS
+                   and abs(regular["poso_all_gain_pp"]) <= GOAL_TOLERANCE_PP)
+        verdicts.append(dict(goal=f"submergence: POSO(all) closes >= {GOAL_CLOSED:.0%} of the new-user long_view "
+                                  f"headroom, p < {GOAL_P} over >= {GOAL_SEEDS} seeds, regular users within "
+                                  f"{GOAL_TOLERANCE_PP} pp",
+                             met=met,
+                             figures=f"closed {100 * new['poso_all_closed']:+.1f}% [{100 * new['poso_all_closed_low']:+.1f}, "
+                                     f"{100 * new['poso_all_closed_high']:+.1f}], new {new['poso_all_gain_pp']:+.2f} pp "
+                                     f"p={new['poso_all_p']:.2g} ({new['poso_all_seeds']} seeds); regular "
+                                     f"{regular['poso_all_gain_pp']:+.2f} pp [{regular['poso_all_gain_low']:+.2f}, "
+                                     f"{regular['poso_all_gain_high']:+.2f}]"))
+    none = summary[(summary["preset"] == "none") & summary["task"].isin(GOAL_TASKS)]
+    for model in [c[:-len("_gain_pp")] for c in summary.columns if c.endswith("_gain_pp")]:
+        if none.empty or none[f"{model}_gain_pp"].isna().all():
+            continue
+        worst = none.loc[none[f"{model}_gain_pp"].idxmin()]
+        verdicts.append(dict(goal=f"none: {model} no more than {GOAL_TOLERANCE_PP} pp below the baseline on any "
+                                  f"task and group", met=bool(worst[f"{model}_gain_pp"] >= -GOAL_TOLERANCE_PP),
+                             figures=f"lowest: {worst['task']} {worst['group']} {worst[f'{model}_gain_pp']:+.2f} pp "
+                                     f"[{worst[f'{model}_gain_low']:+.2f}, {worst[f'{model}_gain_high']:+.2f}], "
+                                     f"p={worst[f'{model}_p']:.2g} ({worst[f'{model}_seeds']} seeds)"))
+    return verdicts
+
+
+def run_section(work_dir: str, budget, seeds: Sequence[int], headline_seeds: Sequence[int],
+                log=print) -> Dict[str, Any]:
+    """`poso bench paper` section (f): SECTION_HEADLINE_MODELS with `headline_seeds` and
+    SECTION_OTHER_MODELS with `seeds` on each of SECTION_PRESETS; the payload holds every row."""
+    ceilings, models, descriptions = [], [], []
+    for preset in SECTION_PRESETS:
+        runner = HeadroomRunner(preset, os.path.join(work_dir, "headroom"), budget, log=log)
+        descriptions.append(runner.description)
+        ceilings += [dict(preset=preset, **row) for row in runner.ceiling]
+        for seed in headline_seeds:
+            for model in SECTION_HEADLINE_MODELS + (SECTION_OTHER_MODELS if seed in seeds else ()):
+                models += [dict(preset=preset, **row) for row in runner.model_rows(model, seed)]
+    return dict(budget=dataclasses.asdict(budget), data=descriptions, ceiling=ceilings, models=models)
+
+
+def render_section(payload: Mapping[str, Any]) -> List[str]:
+    """RESULTS.md lines of section (f): the goals' verdicts, then one table per preset."""
+    summary = summarize(pd.DataFrame(payload["ceiling"]), pd.DataFrame(payload["models"]))
+    budget = payload["budget"]
+    lines = [f"- Data: generator seed {budget['data_seed']}, {budget['rows_per_day']:,} impressions a day, new-user "
+             f"share {budget['new_user_share']}, {budget['warmup_days']} warm-up and {budget['train_days']} training "
+             f"days; evaluation day " + ", ".join(f"{d['preset']} {d['eval_date']}" for d in payload["data"]),
+             f"- Training: {budget['train_steps']} steps of {budget['batch_size']}, Adam lr {budget['learning_rate']}, "
+             "the same for every model",
+             "- ceiling: GAUC of the ranking by the generator's true probabilities; headroom = ceiling - baseline; "
+             "closed = (model - baseline) / headroom per seed; differences are paired by seed (mean, 95% t "
+             "interval, paired t-test p); benchmarks/headroom.py", "", "Goals (issue 17):", ""]
+    lines += [f"- **{'met' if g['met'] else 'missed'}**: {g['goal']}: {g['figures']}" for g in goals(summary)]
+    for preset in SECTION_PRESETS:
+        part = summary[(summary["preset"] == preset) & summary["task"].isin(("long_view", "like", "click"))]
+        if not part.empty:
+            lines += ["", f"`{preset}` (follow, about 0.2% positive, is in results/f.json):", "", format_long_table(part)]
+    return lines + [""]
+
+
+def format_long_table(summary: pd.DataFrame) -> str:
+    """The summary as a Markdown table with one row per task, group and model (GAUC in %)."""
+    models = [c[:-len("_gain_pp")] for c in summary.columns if c.endswith("_gain_pp")]
+    header = ["task", "group", "ceiling", "baseline (headroom pp)", "model", "GAUC", "model - baseline pp [95% CI], p",
+              "headroom closed [95% CI]"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in summary.to_dict("records"):
+        for m in models:
+            if pd.isna(row.get(f"{m}_gauc")):
+                continue
+            lines.append("| " + " | ".join([
+                row["task"], row["group"], f"{100 * row['ceiling']:.2f}",
+                f"{100 * row['baseline']:.2f} ({row['headroom_pp']:+.2f} ± {row['headroom_pp_std']:.2f}, "
+                f"{row['seeds']} seeds)", m, f"{100 * row[f'{m}_gauc']:.2f}",
+                f"{row[f'{m}_gain_pp']:+.2f} [{row[f'{m}_gain_low']:+.2f}, {row[f'{m}_gain_high']:+.2f}], "
+                f"p={row[f'{m}_p']:.2g} ({row[f'{m}_seeds']} seeds)",
+                f"{100 * row[f'{m}_closed']:+.1f}% [{100 * row[f'{m}_closed_low']:+.1f}, "
+                f"{100 * row[f'{m}_closed_high']:+.1f}]"]) + " |")
+    return "\n".join(lines)
+
+
 def _names(text: str) -> List[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
@@ -223,6 +324,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="models.model.VARIANTS to train; the first is the baseline the headroom is measured from")
     parser.add_argument("--data-seed", type=int, default=None,
                         help="generator seed (default: benchmarks.paper.Budget's)")
+    parser.add_argument("--train-steps", type=argtypes.positive_int, default=None,
+                        help="training steps of every model (default: benchmarks.paper.Budget's)")
     parser.add_argument("--work-dir", default=os.path.join("poso_home", "headroom"),
                         help="cache of the prepared data per preset")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows and summary here")
@@ -231,7 +334,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from benchmarks import paper
 
-    budget = paper.Budget() if args.data_seed is None else dataclasses.replace(paper.Budget(), data_seed=args.data_seed)
+    budget = paper.Budget()
+    if args.data_seed is not None:
+        budget = dataclasses.replace(budget, data_seed=args.data_seed)
+    if args.train_steps is not None:
+        budget = dataclasses.replace(budget, train_steps=args.train_steps)
     started = time.time()
     ceilings, models, descriptions = [], [], []
     for preset in args.presets:

@@ -77,3 +77,46 @@ def test_truth_joins_the_pipeline_examples_and_ranks_at_the_ceiling(tmp_path):
     # A truth file of another day does not join.
     with pytest.raises(ValueError, match="does not match"):
         headroom.truth_for_examples(files, os.path.join(logs, LOGS_DIR, START.isoformat()))
+
+
+def _section_payload(new_gains, regular_gains, none_gains, seeds=8):
+    """Rows of a section-(f) payload: the baseline at 70% (ceiling 74%) on every cell, POSO(all)
+    and POSO(MLP) that much higher per seed (pp), by preset and group."""
+    ceiling, models = [], []
+    for preset in headroom.SECTION_PRESETS:
+        for task in ("long_view", "like"):
+            for group in headroom.GROUPS:
+                ceiling.append(dict(preset=preset, task=task, group=group, ceiling=0.74))
+                for seed in range(seeds):
+                    wobble = 0.001 * (seed % 3)
+                    models.append(dict(preset=preset, task=task, group=group, model="baseline", seed=seed,
+                                       gauc=0.70 + wobble))
+                    gains = (none_gains if preset == "none" else new_gains if group == "new" else regular_gains)
+                    for model, gain in gains.items():
+                        models.append(dict(preset=preset, task=task, group=group, model=model, seed=seed,
+                                           gauc=0.70 + wobble + gain / 100 + 0.0001 * (seed % 2)))
+    return dict(budget=dict(data_seed=1, rows_per_day=100, new_user_share=0.1, warmup_days=1, train_days=1,
+                            train_steps=3, batch_size=8, learning_rate=0.001),
+                data=[dict(preset=p, eval_date="2022-04-18") for p in headroom.SECTION_PRESETS],
+                ceiling=ceiling, models=models)
+
+
+def test_section_goals_follow_the_numbers():
+    # POSO(all) gains 1.2 of 4 pp (30%) for new users, 0.05 pp for regular ones; on `none` POSO(MLP)
+    # loses 0.3 pp everywhere, POSO(all) nothing.
+    payload = _section_payload({"poso_all": 1.2}, {"poso_all": 0.05}, {"poso_all": 0.0, "poso_mlp": -0.3})
+    summary = headroom.summarize(pd.DataFrame(payload["ceiling"]), pd.DataFrame(payload["models"]))
+    verdicts = {" ".join(g["goal"].split()[:2]): g for g in headroom.goals(summary)}
+    assert verdicts["submergence: POSO(all)"]["met"]
+    assert "closed +30." in verdicts["submergence: POSO(all)"]["figures"]
+    assert verdicts["none: poso_all"]["met"] and not verdicts["none: poso_mlp"]["met"]
+    assert "-0.30 pp" in verdicts["none: poso_mlp"]["figures"]
+    markdown = "\n".join(headroom.render_section(payload))
+    assert "**met**: submergence" in markdown and "**missed**: none: poso_mlp" in markdown
+    assert "| long_view | new | 74.00 |" in markdown
+
+    # Too few seeds, or regular users paying more than 0.1 pp, misses the submergence goal.
+    for payload in (_section_payload({"poso_all": 1.2}, {"poso_all": 0.05}, {}, seeds=4),
+                    _section_payload({"poso_all": 1.2}, {"poso_all": -0.2}, {})):
+        summary = headroom.summarize(pd.DataFrame(payload["ceiling"]), pd.DataFrame(payload["models"]))
+        assert not headroom.goals(summary)[0]["met"]

@@ -235,7 +235,7 @@ def test_cli_rejects_unknown_sections():
     args = parser.parse_args(["bench", "paper", "--sections", "d,b", "--seeds", "3,4"])
     assert args.sections == ["b", "d"] and args.seeds == [3, 4]
     with pytest.raises(SystemExit):
-        parser.parse_args(["bench", "paper", "--sections", "b,f"])
+        parser.parse_args(["bench", "paper", "--sections", "b,g"])
     args = parser.parse_args(["bench", "paper"])
     assert args.seeds == list(paper.DEFAULT_SEEDS) and len(args.headline_seeds) >= 8
     assert args.preset == "default"
@@ -263,3 +263,42 @@ def test_movielens_table_shows_the_returned_frame(tmp_path):
     interval = expected.confidence_interval(0.95)
     assert cells[3] == f"+2.50 [{interval.low:+.2f}, {interval.high:+.2f}] {paper.format_p(expected.pvalue)}"
     assert "fewer than 32 earlier ones" in text
+
+
+def test_section_a_without_the_archive_stops_before_any_work(tmp_path, capsys):
+    from pipeline import cli
+
+    out = tmp_path / "out"
+    missing = tmp_path / "no-such.zip"
+    code = cli.main(["bench", "paper", "--sections", "a,b", "--out", str(out), "--work-dir", str(tmp_path / "w"),
+                     "--movielens-zip", str(missing)])
+    assert code == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_headroom_section_trains_every_row_and_renders_the_goals(tmp_path, monkeypatch):
+    from benchmarks import headroom
+
+    monkeypatch.setattr(headroom, "SECTION_OTHER_MODELS", ("poso_mlp",))  # one is enough to check the rows
+    out, work = str(tmp_path / "out"), str(tmp_path / "work")
+    written = paper.run_sections(["f"], [0], out, work, "poso bench paper --sections f", budget=TINY,
+                                 headline_seeds=[1])
+    models = pd.DataFrame(written["f"]["models"])
+    trained = models.groupby(["preset", "model"])["seed"].agg(lambda s: sorted(set(s))).to_dict()
+    for preset in headroom.SECTION_PRESETS:
+        for model in headroom.SECTION_HEADLINE_MODELS:
+            assert trained[(preset, model)] == [0, 1]
+        for model in headroom.SECTION_OTHER_MODELS:
+            assert trained[(preset, model)] == [0]
+    with open(os.path.join(out, paper.RESULTS_FILE)) as f:
+        section = _section(f.read(), "f")
+    summary = headroom.summarize(pd.DataFrame(written["f"]["ceiling"]), models)
+    row = summary[(summary["preset"] == "submergence") & (summary["task"] == "long_view")
+                  & (summary["group"] == "new")].iloc[0]
+    assert f"| long_view | new | {100 * row['ceiling']:.2f} |" in section
+    assert f"{row['poso_all_gain_pp']:+.2f} [" in section
+    assert section.count("**met**") + section.count("**missed**") == 1 + len(headroom.SECTION_HEADLINE_MODELS) - 1 \
+        + len(headroom.SECTION_OTHER_MODELS)
