@@ -27,22 +27,12 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import pandas as pd
 
-from feature_specs import specs
 
-__all__ = ["subset", "run", "main"]
+__all__ = ["run", "main"]
 
 BUDGET_FACTOR = 4
-
-
-def subset(split, mask: np.ndarray):
-    """The rows of a benchmarks.paper_data.Split where `mask` holds."""
-    return dataclasses.replace(
-        split, features={name: value[mask] for name, value in split.features.items()},
-        user_ids=split.user_ids[mask], user_groups=split.user_groups[mask], avc_buckets=split.avc_buckets[mask],
-        video_groups=None if split.video_groups is None else split.video_groups[mask])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     runner = headroom.HeadroomRunner(args.preset, args.work_dir, budget, log=lambda m: print(m, flush=True))
     ceiling = [dict(preset=args.preset, **row) for row in runner.ceiling]
-    new_only = subset(runner.train, runner.train.user_groups == "new")
+    new_only = runner.train.subset(runner.train.user_groups == "new")
     print(f"training rows {len(runner.train)}, of new users {len(new_only)}", flush=True)
 
     def rows_of(name: str, predictions, seed: int) -> List[Dict[str, Any]]:

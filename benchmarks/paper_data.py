@@ -66,6 +66,13 @@ class Split:
     def __len__(self) -> int:
         return int(self.user_ids.shape[0])
 
+    def subset(self, mask: np.ndarray) -> "Split":
+        """The rows where `mask` holds."""
+        return dataclasses.replace(
+            self, features={name: value[mask] for name, value in self.features.items()},
+            user_ids=self.user_ids[mask], user_groups=self.user_groups[mask], avc_buckets=self.avc_buckets[mask],
+            video_groups=None if self.video_groups is None else self.video_groups[mask])
+
 
 @dataclasses.dataclass
 class SyntheticData:
