@@ -39,7 +39,8 @@ from tensorflow_model_analysis.proto import config_pb2
 from feature_specs import KUAIRAND, USER_ID, FeatureSet
 
 __all__ = ["grouped_auc", "exact_auc", "log_loss", "GroupedAUC", "ExactAUC", "LogLoss",
-           "CountAndMeans", "gauc_metric_config", "ranking_metric_configs", "GAUC_NAME"]
+           "CountAndMeans", "ScoreColumns", "ScoreColumnsMetric", "gauc_metric_config", "ranking_metric_configs",
+           "GAUC_NAME"]
 
 # Metric key names, as TFMA names its own metrics of the same meaning.
 GAUC_NAME = "gauc"
@@ -383,6 +384,11 @@ class _ScoreColumnsCombiner(beam.CombineFn):
         return {self._key: accumulator.columns()}
 
 
+def _values_or_nan(value_fn: Callable[[ScoreColumns], Tuple[float, ...]], columns: ScoreColumns,
+                   count: int) -> Tuple[float, ...]:
+    return tuple(value_fn(columns)) if len(columns) else (float("nan"),) * count
+
+
 def score_columns_computations(
     metric_name: str,
     value_names: Tuple[str, ...],
@@ -407,10 +413,7 @@ def score_columns_computations(
     keys = [key(name) for name in value_names]
 
     def result(metrics: Dict[tfma.metrics.MetricKey, Any]) -> Dict[tfma.metrics.MetricKey, float]:
-        columns = metrics[columns_key]
-        if not len(columns):
-            return {k: float("nan") for k in keys}
-        return dict(zip(keys, value_fn(columns)))
+        return dict(zip(keys, _values_or_nan(value_fn, metrics[columns_key], len(keys))))
 
     # TFMA tells derived computations apart by their result function's name.
     result.__name__ = f"_{metric_name}_from_score_columns"
@@ -427,7 +430,7 @@ def score_columns_computations(
     ]
 
 
-class _ScoreColumnsMetric(tfma.metrics.Metric):
+class ScoreColumnsMetric(tfma.metrics.Metric):
     """A metric computed from the shared score columns of each model output and slice."""
 
     DEFAULT_NAME = ""
@@ -440,6 +443,7 @@ class _ScoreColumnsMetric(tfma.metrics.Metric):
                              "example's group id)")
         value_names = (name,) if len(self.VALUE_NAMES) <= 1 else self.VALUE_NAMES
         value_fn = self._values
+        self.value_names, self.group_key = value_names, group_key
 
         def computations(eval_config=None, model_name="", output_name="", sub_key=None,
                          aggregation_type=None, example_weighted=False, **_):
@@ -450,12 +454,17 @@ class _ScoreColumnsMetric(tfma.metrics.Metric):
         super().__init__(tfma.metrics.merge_per_key_computations(computations), name=name,
                          group_key=group_key)
 
+    def values(self, columns: ScoreColumns) -> Dict[str, float]:
+        """{key name: value} on one model output's examples of one slice: what this metric's TFMA
+        computation reports for them, without TFMA (components/batch_evaluator.py)."""
+        return dict(zip(self.value_names, _values_or_nan(self._values, columns, len(self.value_names))))
+
     @staticmethod
     def _values(columns: ScoreColumns) -> Tuple[float, ...]:
         raise NotImplementedError
 
 
-class GroupedAUC(_ScoreColumnsMetric):
+class GroupedAUC(ScoreColumnsMetric):
     """GAUC as a TFMA metric: computed per model, output and slice like TFMA's AUC.
 
     The group of an example is the value of the raw feature `group_key` (a single id
@@ -473,7 +482,7 @@ class GroupedAUC(_ScoreColumnsMetric):
                                         columns.weights),)
 
 
-class ExactAUC(_ScoreColumnsMetric):
+class ExactAUC(ScoreColumnsMetric):
     """ROC AUC over the slice, exact (sklearn's roc_auc_score; TFMA's AUC bins into 10k
     thresholds); NaN when the slice has one class only."""
 
@@ -484,7 +493,7 @@ class ExactAUC(_ScoreColumnsMetric):
         return (exact_auc(columns.labels, columns.scores, columns.weights),)
 
 
-class LogLoss(_ScoreColumnsMetric):
+class LogLoss(ScoreColumnsMetric):
     """Mean binary cross-entropy (log loss) of the slice; see `log_loss`."""
 
     DEFAULT_NAME = LOG_LOSS_NAME
@@ -494,7 +503,7 @@ class LogLoss(_ScoreColumnsMetric):
         return (log_loss(columns.labels, columns.scores, columns.weights),)
 
 
-class CountAndMeans(_ScoreColumnsMetric):
+class CountAndMeans(ScoreColumnsMetric):
     """example_count (total weight when weighted), mean_label and mean_prediction."""
 
     DEFAULT_NAME = "count_and_means"
