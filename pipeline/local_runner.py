@@ -198,11 +198,17 @@ def note_stop(signal_name: str) -> None:
     _active["stopped_by"] = signal_name
 
 
-def _stop_child_processes(grace_seconds: float = 5) -> None:
-    """Beam's worker processes and anything else this process started."""
+def _stop_child_processes(scratch_dir: Optional[str], grace_seconds: float = 5) -> None:
+    """Beam's worker processes and anything else this process started, including those started
+    in its scratch folder that are no longer its descendants (a worker whose `sh -c` parent
+    ended, or that a Beam thread started after the list of children was taken)."""
     import psutil
 
-    children = psutil.Process().children(recursive=True)
+    children = {p.pid: p for p in psutil.Process().children(recursive=True)}
+    for pid in scratch.processes_started_in(scratch_dir) if scratch_dir else ():
+        with contextlib.suppress(psutil.Error):
+            children.setdefault(pid, psutil.Process(pid))
+    children = list(children.values())
     for child in children:
         with contextlib.suppress(psutil.Error):
             child.terminate()
@@ -219,7 +225,7 @@ def clean_up_after_stop() -> None:
     with _cleanup_guard:
         if _active.get("cleaned"):
             return
-        _stop_child_processes()
+        _stop_child_processes(_active.get("scratch"))
         cfg, known_runs = _active.get("cfg"), _active.get("known_runs")
         if cfg is not None:
             reason = f"stopped by {_active.get('stopped_by', 'a signal')}"
@@ -249,10 +255,11 @@ def _run(cfg: config_lib.RunConfig, label: str) -> None:
     logging.getLogger().addHandler(progress)
     raised: Optional[BaseException] = None
     _active.clear()
-    _active.update(cfg=cfg, known_runs=known_runs)
+    # The scratch folder's path is known before the folder exists: a stop signal while it is being
+    # set up still finds it to remove (clean_up_after_stop).
+    _active.update(cfg=cfg, known_runs=known_runs, scratch=scratch.new_path())
     try:
-        with scratch.run_scratch_dir() as scratch_dir:
-            _active["scratch"] = scratch_dir
+        with scratch.run_scratch_dir(str(_active["scratch"])):
             tfx.orchestration.LocalDagRunner().run(pipeline_lib.create_pipeline(cfg))
     except Exception as error:  # pylint: disable=broad-except
         raised = error

@@ -127,9 +127,19 @@ def _on_stop_signal(number, _frame) -> None:
     # (the main thread blocked in native code), the watchdog cleans up and exits.
     for stop in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(stop, signal.SIG_IGN)
+    # Beam's threads fail as the run's worker processes are ended, each printing a traceback to
+    # stderr, possibly after the command's last line: they go to the log file, as a failure's do.
+    threading.excepthook = lambda failed: _log_after_stop(f"thread {getattr(failed.thread, 'name', '?')}", failed)
+    sys.unraisablehook = lambda ignored: _log_after_stop(f"{ignored.err_msg or 'ignored'} {ignored.object!r}", ignored)
     threading.Thread(target=_watchdog, args=(name,), daemon=True, name="stop-watchdog").start()
     local_runner.note_stop(name)
     raise Stopped(name)
+
+
+def _log_after_stop(where: str, hook_args) -> None:
+    """threading.excepthook / sys.unraisablehook after a stop signal: to the log file only."""
+    logging.info("After the stop, %s: %s", where, hook_args.exc_type.__name__,
+                 exc_info=(hook_args.exc_type, hook_args.exc_value, hook_args.exc_traceback))
 
 
 def _watchdog(signal_name: str) -> None:

@@ -22,13 +22,14 @@ import contextlib
 import fcntl
 import glob
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 PREFIX = "poso-run-"
 _IN_USE = ".in-use"
@@ -88,27 +89,37 @@ def watch(scratch: str) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
+def new_path(parent: Optional[str] = None) -> str:
+    """A path for a new scratch folder in `parent` (the system temp directory), not created yet."""
+    return os.path.join(parent or tempfile.gettempdir(), PREFIX + secrets.token_hex(8))
+
+
 @contextlib.contextmanager
-def run_scratch_dir() -> Iterator[str]:
+def run_scratch_dir(scratch: Optional[str] = None) -> Iterator[str]:
     """Points this process's temporary files (tempfile, and TMPDIR for its child processes) at a
-    new scratch folder, held in use until the block ends, then removed; first removes the
-    scratch folders of runs that were killed. The processes started in the block are ended by a
-    watchdog process if this process dies before the block ends."""
-    parent = tempfile.gettempdir()
-    remove_abandoned(parent)
-    scratch = tempfile.mkdtemp(prefix=PREFIX)
-    # Locked under a temporary name, then renamed: no other run can see the lock file unlocked.
-    partial = os.path.join(scratch, _IN_USE + ".new")
-    lock_fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o600)
-    fcntl.flock(lock_fd, fcntl.LOCK_EX)
-    os.rename(partial, os.path.join(scratch, _IN_USE))
-    watchdog = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[2]); "
-                               "from pipeline import scratch; scratch.watch(sys.argv[1])", scratch, _PROJECT_DIR],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    new scratch folder (`scratch`, from new_path()), held in use until the block ends, then
+    removed; first removes the scratch folders of runs that were killed. The processes started
+    in the block are ended by a watchdog process if this process dies before the block ends.
+
+    A caller that knows the path before the folder exists (pass it in) can remove the folder
+    after a stop signal however far this got: an exception raised while the folder is being set
+    up, before the block is entered, leaves nothing else behind."""
+    scratch = scratch or new_path()
+    remove_abandoned(os.path.dirname(scratch))
+    os.mkdir(scratch, 0o700)
+    lock_fd, watchdog = None, None
     saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
-    tempfile.tempdir = os.environ["TMPDIR"] = scratch
     try:
+        # Locked under a temporary name, then renamed: no other run can see the lock file unlocked.
+        partial = os.path.join(scratch, _IN_USE + ".new")
+        lock_fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        os.rename(partial, os.path.join(scratch, _IN_USE))
+        watchdog = subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[2]); "
+                                   "from pipeline import scratch; scratch.watch(sys.argv[1])", scratch, _PROJECT_DIR],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        tempfile.tempdir = os.environ["TMPDIR"] = scratch
         yield scratch
     finally:
         tempfile.tempdir = saved_tempdir
@@ -117,8 +128,10 @@ def run_scratch_dir() -> Iterator[str]:
         else:
             os.environ["TMPDIR"] = saved_env
         shutil.rmtree(scratch, ignore_errors=True)
-        os.close(lock_fd)
-        with contextlib.suppress(OSError):
-            watchdog.stdin.write(_ENDED)
-            watchdog.stdin.close()
-        watchdog.wait()
+        if lock_fd is not None:
+            os.close(lock_fd)
+        if watchdog is not None:
+            with contextlib.suppress(OSError):
+                watchdog.stdin.write(_ENDED)
+                watchdog.stdin.close()
+            watchdog.wait()

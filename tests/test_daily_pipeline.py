@@ -422,6 +422,20 @@ def test_a_run_keeps_its_temp_files_in_a_directory_removed_at_the_end(tmp_path, 
     assert tempfile.tempdir == str(tmp_path) and "TMPDIR" not in os.environ
 
 
+def test_a_stop_while_the_scratch_folder_is_set_up_leaves_nothing(tmp_path, monkeypatch):
+    """A stop signal (here raised where the watchdog starts) before the block is entered: the
+    folder, whose path the run knew beforehand (scratch.new_path), is removed, TMPDIR untouched."""
+    def stopped(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    path = scratch.new_path(str(tmp_path))
+    monkeypatch.setattr(scratch.subprocess, "Popen", stopped)
+    monkeypatch.delenv("TMPDIR", raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        with scratch.run_scratch_dir(path):
+            pytest.fail("the block ran")
+    assert os.listdir(tmp_path) == [] and "TMPDIR" not in os.environ
+
 def _scratch_holders(tmp_path, count):
     """`count` real processes, each in its own session, inside run_scratch_dir with a child
     process started there (as Beam starts its workers); yields [(process, scratch, child pid)]."""
