@@ -12,6 +12,9 @@ one small JSON file per validated day naming its Examples and UserState URIs.
 - `RegisteredUserState` (first) copies the registered user state through D-1 for AvcExampleGen;
   with none registered it outputs an empty state of span -1, and AvcExampleGen then starts from
   AVC 0 on the first day of the logs, or refuses, naming the days to run first, on a later day.
+  Its cache key holds D-1's input fingerprint and registry entry (components/input_fingerprint.py):
+  it refuses a state ingested from D-1 files that have changed since, and carries a new one once
+  D-1 is run again.
 - `SpanWindowExamples` (after the anomalies gate of day D) gathers the registered spans
   D-7..D-1 into one Examples artifact (their files copied; split `day`, as AvcExampleGen writes
   it), refusing, with the missing dates named, when fewer than `min_spans` are registered; then
@@ -44,10 +47,12 @@ def _entry_path(registry_dir: str, span: int) -> str:
     return os.path.join(registry_dir, f"span-{span}.json")
 
 
-def register_day(registry_dir: str, span: int, examples_uri: str, user_state_uri: str) -> None:
+def register_day(registry_dir: str, span: int, examples_uri: str, user_state_uri: str,
+                 input_fingerprint: str = "") -> None:
+    """`input_fingerprint`: of the log files the day was ingested from (AvcExampleGen's)."""
     fileio.makedirs(registry_dir)
     entry = {"span": span, "date": date_of(span).isoformat(), "examples_uri": examples_uri,
-             "user_state_uri": user_state_uri}
+             "user_state_uri": user_state_uri, "input_fingerprint": input_fingerprint}
     with fileio.open(_entry_path(registry_dir, span), "w") as f:
         f.write(json.dumps(entry))
 
@@ -69,8 +74,14 @@ def _copy_files(source_dir: str, target_dir: str, prefix: str = "") -> None:
         fileio.copy(os.path.join(source_dir, name), os.path.join(target_dir, prefix + name), overwrite=True)
 
 
+class StaleUserStateError(ValueError):
+    """The registered user state of D-1 was ingested from log files that have changed since."""
+
+
 class RegisteredUserStateSpec(ComponentSpec):
-    PARAMETERS = {"registry_dir": ExecutionParameter(type=str), "date": ExecutionParameter(type=str)}
+    # previous_day: its cache key beyond the date (components/input_fingerprint.previous_day_key).
+    PARAMETERS = {"registry_dir": ExecutionParameter(type=str), "date": ExecutionParameter(type=str),
+                  "previous_day": ExecutionParameter(type=str, optional=True)}
     INPUTS: Dict[str, ChannelParameter] = {}
     OUTPUTS = {"user_state": ChannelParameter(type=UserState)}
 
@@ -81,6 +92,14 @@ class RegisteredUserStateExecutor(base_executor.BaseExecutor):
         state = artifact_utils.get_single_instance(output_dict["user_state"])
         wanted = span_of(run_date(str(exec_properties["date"]))) - 1
         entry = registered_days(str(exec_properties["registry_dir"]), wanted, wanted).get(wanted)
+        now = json.loads(exec_properties.get("previous_day") or "{}").get("input_fingerprint")
+        if entry is not None and entry.get("input_fingerprint") and now is not None \
+                and entry["input_fingerprint"] != now:
+            day_before = date_of(wanted).isoformat()
+            raise StaleUserStateError(
+                f"previous_user_state: the log files of {day_before} changed since it was ingested (registered "
+                f"from {entry['input_fingerprint'] or 'no files'}, now {now or 'no files'}); its user state is "
+                f"stale. Run the pipeline for {day_before} again first (date={day_before}), then this day.")
         fileio.makedirs(state.uri)
         if entry is None:
             state.span = -1  # AvcExampleGen decides: the first day of the logs, or days missing
@@ -96,9 +115,9 @@ class RegisteredUserState(base_component.BaseComponent):
     SPEC_CLASS = RegisteredUserStateSpec
     EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(RegisteredUserStateExecutor)
 
-    def __init__(self, registry_dir: str, date):
+    def __init__(self, registry_dir: str, date, previous_day=None):
         super().__init__(spec=RegisteredUserStateSpec(
-            registry_dir=registry_dir, date=date, user_state=types.Channel(type=UserState)))
+            registry_dir=registry_dir, date=date, previous_day=previous_day, user_state=types.Channel(type=UserState)))
 
 
 class SpanWindowExamplesSpec(ComponentSpec):
@@ -135,7 +154,7 @@ class SpanWindowExamplesExecutor(base_executor.BaseExecutor):
         window.split_names = artifact_utils.encode_split_names([SPLIT])
         window.span = last
         window.set_string_custom_property("spans", ",".join(str(s) for s in sorted(found)))
-        register_day(registry, today.span, today.uri, user_state.uri)
+        register_day(registry, today.span, today.uri, user_state.uri, today.get_string_custom_property("input_fingerprint"))
 
 
 class SpanWindowExamples(base_component.BaseComponent):

@@ -50,7 +50,15 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
     span = span_of(cfg.date)
     if for_kubeflow:
         date = tfx.dsl.experimental.RuntimeParameter(name="date", ptype=str)
-        previous_state = RegisteredUserState(registry_dir=registry_dir_of(cfg.home_dir), date=date)
+        # Part of AvcExampleGen's cache key: a changed log file is ingested again. On Kubeflow the
+        # date is known only at run time, so a task computes it then (components/input_fingerprint.py),
+        # and with it previous_user_state's: D-1's input fingerprint and registered state.
+        input_fingerprint = DayInputFingerprint(
+            input_base=cfg.data_dir, date=date, cache_file=cfg.fingerprint_cache_path,
+            registry_dir=registry_dir_of(cfg.home_dir)).with_id(INPUT_FINGERPRINT_ID)
+        previous_state = RegisteredUserState(
+            registry_dir=registry_dir_of(cfg.home_dir), date=date,
+            previous_day=input_fingerprint.outputs["previous_day"].future()[0].value)
     else:
         date = cfg.date.isoformat()
         previous = span_of(cfg.previous_date)  # the day before, or before the skipped days
@@ -59,11 +67,6 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
             config={"first_span": previous, "last_span": previous, "min_spans": 0, "window_name": "user state"},
             user_state=tfx.dsl.Channel(type=UserState, producer_component_id="AvcExampleGen", output_key="user_state"))
     previous_state = previous_state.with_id("previous_user_state")
-    # Part of AvcExampleGen's cache key: a changed log file is ingested again. On Kubeflow the
-    # date is known only at run time, so a task computes it then (components/input_fingerprint.py).
-    input_fingerprint = DayInputFingerprint(
-        input_base=cfg.data_dir, date=date, cache_file=cfg.fingerprint_cache_path,
-    ).with_id(INPUT_FINGERPRINT_ID) if for_kubeflow else None
     example_gen = AvcExampleGen(
         input_base=cfg.data_dir, date=date,
         previous_user_state=previous_state.outputs["user_state"],

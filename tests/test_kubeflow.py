@@ -245,12 +245,24 @@ def test_tfx_container_entrypoint_runs_a_compiled_custom_component(compiled, tmp
     assert open(os.path.join(state.uri, "state-0")).read() == "carried"
 
 
+def _fingerprint_outputs(folder):
+    return {name: str(folder / name / "value") for name in ("fingerprint", "previous_day")}
+
+
+def _fingerprint_artifacts(folder):
+    from tfx.types import standard_artifacts as artifacts
+
+    outputs = {}
+    for name, uri in _fingerprint_outputs(folder).items():
+        outputs[name] = [artifacts.String()]
+        outputs[name][0].uri = uri
+    return outputs
+
+
 def test_the_input_fingerprint_is_computed_at_run_time_and_keys_the_ingest_cache(compiled, tmp_path):
     """As locally, AvcExampleGen's cache key holds the day's input fingerprint: on Kubeflow an
     uncached task computes it when the run starts and passes it as a task output parameter (KFP's
     cache key holds parameter values), so a changed log file is ingested again."""
-    from tfx.types import standard_artifacts as artifacts
-
     from components import impression_logs, input_fingerprint
 
     spec, _ = compiled
@@ -277,18 +289,81 @@ def test_the_input_fingerprint_is_computed_at_run_time_and_keys_the_ingest_cache
     log.write_text("user_id,video_id\n1,2\n")
     parameters = {"input_base": str(tmp_path / "data"), "date": "before:2022-04-13",
                   "cache_file": str(tmp_path / "home" / "input_fingerprints.json")}
-    executor_output, _ = _run_compiled_executor(spec, task, parameters, {"fingerprint": str(tmp_path / "fp" / "value")},
-                                                tmp_path, output_parameters=["fingerprint"])
+    executor_output, _ = _run_compiled_executor(spec, task, parameters, _fingerprint_outputs(tmp_path / "fp"),
+                                                tmp_path, output_parameters=["fingerprint", "previous_day"])
     value = executor_output["parameterValues"]["fingerprint"]
     assert value == impression_logs.day_fingerprint(str(tmp_path / "data"), day) and "part-0.csv:" in value
 
     # A corrected file (same name and size) gives another value, so AvcExampleGen is not cached.
     log.write_text("user_id,video_id\n1,3\n")
-    changed = artifacts.String()
-    changed.uri = str(tmp_path / "fp2" / "value")
-    input_fingerprint.DayInputFingerprintExecutor().Do({}, {"fingerprint": [changed]}, parameters)
+    outputs = _fingerprint_artifacts(tmp_path / "fp2")
+    input_fingerprint.DayInputFingerprintExecutor().Do({}, outputs, parameters)
+    changed = outputs["fingerprint"][0]
     assert changed.read() not in ("", value) and changed.read() == impression_logs.day_fingerprint(
         str(tmp_path / "data"), day)
+
+
+def test_previous_user_state_is_cached_on_the_day_befores_input_and_registered_state(compiled, tmp_path):
+    """As locally (where a changed file of day D-1 is ingested again and D starts from that
+    ingest's state), a corrected D-1 file never leaves day D on the state ingested from the old
+    one: previous_user_state's cache key holds D-1's input fingerprint and registry entry, from the
+    uncached fingerprint task; with the file changed it refuses the registered state, and once D-1
+    is run again (or re-registered because a day before it changed) it carries the new one."""
+    from components import impression_logs
+
+    spec, _ = compiled
+    tasks = spec["pipelineSpec"]["root"]["dag"]["tasks"]
+    previous, task = tasks["previous_user_state"], pipeline_lib.INPUT_FINGERPRINT_ID
+    assert previous["cachingOptions"] == {"enableCache": True}
+    assert previous["inputs"]["parameters"]["previous_day"] == {
+        "taskOutputParameter": {"producerTask": task, "outputParameterKey": "previous_day"}}
+    assert task in previous["dependentTasks"]
+    assert tasks[task]["inputs"]["parameters"]["registry_dir"]["runtimeValue"]["constantValue"]["stringValue"] == \
+        span_registry.registry_dir_of(HOME)
+
+    day_before = datetime.date(2022, 4, 12)
+    log = tmp_path / "data" / "logs" / day_before.isoformat() / "part-0.csv"
+    log.parent.mkdir(parents=True)
+    log.write_text("user_id,video_id\n1,2\n")
+    registry = str(tmp_path / "registry")
+    parameters = {"input_base": str(tmp_path / "data"), "date": "2022-04-13", "registry_dir": registry,
+                  "cache_file": str(tmp_path / "home" / "input_fingerprints.json")}
+
+    def key(name):   # the compiled fingerprint task as a pod runs it
+        outputs, _ = _run_compiled_executor(spec, task, parameters, _fingerprint_outputs(tmp_path / name),
+                                            tmp_path, output_parameters=["fingerprint", "previous_day"])
+        return outputs["parameterValues"]["previous_day"]
+
+    def carried(previous_day, name):
+        state = _artifact(avc_example_gen.UserState, str(tmp_path / name))
+        span_registry.RegisteredUserStateExecutor().Do({}, {"user_state": [state]}, {
+            "registry_dir": registry, "date": "2022-04-13", "previous_day": previous_day})
+        return open(os.path.join(state.uri, "state-0")).read()
+
+    def ingest(state_text, name):   # what D-1's run registers (its training_window task)
+        span_registry.register_day(registry, span_of(day_before), str(tmp_path / "examples"),
+                                   _span_dir(tmp_path, name, {"state-0": state_text}),
+                                   impression_logs.day_fingerprint(str(tmp_path / "data"), day_before))
+
+    not_ingested = key("k0")
+    ingest("from the first file", "state1")
+    ingested = key("k1")
+    assert ingested != not_ingested and key("k1-again") == ingested   # same files and state: cached
+    assert carried(ingested, "out1") == "from the first file"
+
+    log.write_text("user_id,video_id\n1,3\n")   # a corrected file of D-1, same name and size
+    corrected = key("k2")
+    assert corrected not in (ingested, not_ingested)
+    with pytest.raises(span_registry.StaleUserStateError, match="2022-04-12 changed since it was ingested"):
+        carried(corrected, "out2")
+
+    ingest("from the corrected file", "state2")   # D-1 run again
+    rerun = key("k3")
+    assert rerun not in (ingested, corrected)
+    assert carried(rerun, "out3") == "from the corrected file"
+
+    ingest("after a correction of D-2", "state3")   # D-1's files unchanged, its state not
+    assert key("k4") not in (ingested, corrected, rerun)
 
 
 def test_memory_bound_components_run_in_one_beam_process_on_direct_runner():
