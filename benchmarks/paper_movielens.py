@@ -41,8 +41,9 @@ __all__ = ["run_movielens", "summarize", "goal_check", "format_table", "default_
 MELU = "melu"
 # The paper's Table 5 rows, in its order, and the project's other variants: PIN (trained by the
 # Trainer: P(head) measured, stratified batches). MeLU is no models.model variant (benchmark-only,
-# see benchmarks.melu): it meta-trains the baseline's model. MAIL (mail) is not among them: it
-# generates a history from the user's attributes, and MovieLens' user features are the history.
+# see benchmarks.melu): it meta-trains the baseline's model. MAIL (mail): MovieLens has no user
+# profile, so its only attribute is the user id, untrained for every test user (the split is by
+# user); it generates a history only where there is none, at a user's first rating.
 VARIANT_LABELS: Dict[str, str] = {
     "baseline": "Baseline (MLP + MHA + MMoE)",
     "moe": "MoE gated on all features",
@@ -54,6 +55,7 @@ VARIANT_LABELS: Dict[str, str] = {
     "poso_mmoe": "POSO(MMoE)",
     "poso_all": "POSO(all)",
     "pin": "PIN (Lv et al. 2022, our interpretation)",
+    "mail": "MAIL (Feng et al. 2021; the user id as the only attribute)",
 }
 # The user cold-start methods on MovieLens (feature_specs.movielens): the user id is an input of
 # every variant, and the user features they generate / warm it from are the user's history (the

@@ -72,12 +72,12 @@ def check_user_cold_start(method: str, feature_set: fs.FeatureSet) -> None:
 
 
 def check_mail(feature_set: fs.FeatureSet) -> None:
-    """Raises ValueError when `feature_set` has no user attributes (profile) for MAIL to generate
-    behaviour from."""
-    if not _profile_features(feature_set):
+    """Raises ValueError when `feature_set` has no user attributes for MAIL to generate behaviour
+    from: neither a user-id input nor CATEGORICAL user features (a profile)."""
+    if not mail_attribute_names(feature_set):
         raise ValueError(f"MAIL generates behaviour from the user's attributes, and feature set {feature_set.name!r} "
-                         "has none: it declares no CATEGORICAL user_features (a profile; a history is what "
-                         "MAIL generates, not an attribute)")
+                         "has none: its user id is no model input and it declares no CATEGORICAL user_features "
+                         "(a profile; a history is what MAIL generates, not an attribute)")
 
 
 def _profile_features(feature_set: fs.FeatureSet) -> Tuple[str, ...]:
