@@ -117,10 +117,15 @@ def test_stratified_batches_hold_both_groups_evenly():
     source = tf.data.Dataset.from_tensor_slices({fs.PC_BUCKET: tf.constant(buckets, tf.int64),
                                                  fs.IS_NEW_USER: tf.zeros(n)}).batch(100)
     assert pin.head_share(source, fs.KUAIRAND, 6) == pytest.approx(0.1)
-    stratified = pin.stratify(source, 100, fs.KUAIRAND, 6, seed=1)
-    head_share_per_batch = [np.mean(batch[fs.PC_BUCKET].numpy() >= 6) for batch in stratified.take(3)]
-    assert all(0.35 < share < 0.65 for share in head_share_per_batch), head_share_per_batch
-    assert sum(int(tf.size(batch[fs.PC_BUCKET])) for batch in stratified) == n  # no example lost
+    stratified = pin.stratify(source, 160, fs.KUAIRAND, 6, seed=1)
+    first = [batch[fs.PC_BUCKET].numpy() >= 6 for batch in stratified.take(2)]  # before the head (200) runs out
+    assert [len(b) for b in first] == [160, 160]
+    assert 0.35 < np.mean(first) < 0.65, [np.mean(b) for b in first]
+    # Runs of STRATUM_RUN consecutive examples come from one group.
+    runs = np.concatenate(first).reshape(-1, pin.STRATUM_RUN)
+    assert (runs.all(axis=1) | ~runs.any(axis=1)).all()
+    kept = np.sort(np.concatenate([batch[fs.PC_BUCKET].numpy() for batch in stratified]))
+    np.testing.assert_array_equal(kept, np.sort(buckets))  # no example lost or repeated
 
 
 def test_trainer_measures_p_head_and_trains_pin(data, tmp_path):
