@@ -1,10 +1,12 @@
-"""The blessing decision, in a step after the Evaluator: TFMA computes the metrics, this decides.
+"""The blessing decision, in a step after the Evaluator: the Evaluator computes the metrics
+(components/batch_evaluator.py, in TFMA's output format), this decides.
 
 TFMA's thresholds cannot say what the daily gate needs: a margin that depends on how many
 impressions a slice holds, and no verdict at all on a slice too small to tell anything. So the
-Evaluator runs without thresholds (it computes every metric for the candidate and the last
+EvalConfig has no thresholds (the Evaluator computes every metric for the candidate and the last
 blessed model, and its evaluation output is kept as is) and `BlessingGate` reads that output
-and writes the ModelBlessing the Pusher and the next day's baseline resolver read.
+with `tfma.load_eval_result` and writes the ModelBlessing the Pusher and the next day's baseline
+resolver read.
 
 Checks, on each primary task (see `decide`):
 - floor: the candidate's overall AUC above AUC_FLOOR (better than chance on the whole day);

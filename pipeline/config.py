@@ -57,9 +57,8 @@ class RunConfig:
     beam_num_workers: int = 2
     # On DirectRunner these run in one Beam process whatever the mode: each extra worker process
     # holds its own TensorFlow, and for these the day's data as well (AvcExampleGen: the day's
-    # impressions grouped by user; Evaluator: both models and every slice's score columns). At a
-    # 7 x 1M window the Evaluator took 336 s and 8.99 GiB on 2 workers, 614 s and 4.13 GiB in one.
-    beam_single_process_components: Tuple[str, ...] = ("AvcExampleGen", "Evaluator")
+    # impressions grouped by user). (The Evaluator, once TFMA, was here too; it no longer uses Beam.)
+    beam_single_process_components: Tuple[str, ...] = ("AvcExampleGen",)
     extra_beam_args: Tuple[str, ...] = ()
     # ML Metadata in MySQL/MariaDB instead of HOME/metadata.sqlite: mysql_connection(URL) gives it.
     metadata_mysql: Optional[Dict[str, object]] = None  # host, port, database, username, password

@@ -1,4 +1,6 @@
-"""TFMA evaluation of a candidate model: metrics per task, slices, and blessing thresholds."""
+"""The evaluation of a candidate model as a TFMA EvalConfig (metrics per task, slices) and the
+blessing thresholds. The Evaluator (components/batch_evaluator.py) computes this EvalConfig as
+TFMA would, in TFMA's output format; `tfma.run_model_analysis` runs it too (the tests compare)."""
 
 from __future__ import annotations
 

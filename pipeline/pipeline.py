@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
 from components import impression_logs
 from components.avc_example_gen import SPLIT, AvcExampleGen, UserState, quarantine_dir_of, span_of
+from components.batch_evaluator import BatchEvaluator
 from components.exactly_once_pusher import ExactlyOncePusher
 from components.infra_validator import ServingInfraValidator
 from components.input_fingerprint import DayInputFingerprint
@@ -141,12 +141,14 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
             eval_args=tfx.proto.EvalArgs(splits=[SPLIT], num_steps=cfg.eval_steps),
             custom_config={"variant": cfg.variant, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
                            "overrides": dict(cfg.model_overrides), **trainer_config})
-        evaluator = tfx.components.Evaluator(
+        # TFX's Evaluator's inputs and output (a TFMA-format ModelEvaluation), scored in batches
+        # (components/batch_evaluator.py); the id stays "Evaluator" for lineage, gc and reports.
+        evaluator = BatchEvaluator(
             examples=example_gen.outputs["examples"],
             model=trainer.outputs["model"],
             baseline_model=baseline.outputs["model"],
             example_splits=[SPLIT],
-            eval_config=evaluation.make_eval_config())
+            eval_config=evaluation.make_eval_config()).with_id("Evaluator")
         blessing_gate = BlessingGate(
             examples=example_gen.outputs["examples"], evaluation=evaluator.outputs["evaluation"],
             model=trainer.outputs["model"], baseline_model=baseline.outputs["model"],

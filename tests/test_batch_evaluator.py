@@ -114,7 +114,7 @@ def test_metrics_equal_tfma_for_every_task_slice_and_model(day, with_baseline):
             assert actual[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     assert any(not math.isnan(v) for k, v in expected.items() if k[3] == "gauc" and k[0] == (("user_group", "new"),))
     # What the BlessingGate, the summary and the dashboard read (tfma.load_eval_result).
-    for model in (("candidate", "baseline") if with_baseline else (None,)):
+    for model in (("candidate", "baseline", None) if with_baseline else (None,)):
         assert _rows(ours_dir, model) == _rows(tfma_dir, model)
     assert tfma.load_validation_result(ours_dir) == tfma.load_validation_result(tfma_dir)
 
