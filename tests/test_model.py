@@ -239,6 +239,79 @@ def test_serving_default_rejects_bad_payloads(data, export_root):
         np.testing.assert_array_equal(with_labels[name], without[name])
 
 
+# MAIL's served part (models.mail.ZeroShotTower.served_layers) and the parts only its losses run.
+MAIL_SERVED_SCOPES = ("mail_attribute_pooling", "mail_attribute_encoder", "mail_behaviour_decoder")
+MAIL_TRAINING_ONLY_SCOPES = ("mail_behaviour_pooling", "mail_behaviour_encoder", "mail_attribute_decoder")
+
+
+def _traced_rows(session, signature, examples):
+    """serving_default run in `session` with a full trace: (outputs, {scope: {rows}}) where rows are
+    the leading dimensions of the rank-2 tensors E1's and D2's ops produced."""
+    run_metadata = tf.compat.v1.RunMetadata()
+    outputs = session.run({name: info.name for name, info in signature.outputs.items()},
+                          {signature.inputs[export.EXAMPLES_INPUT].name: examples},
+                          options=tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE),
+                          run_metadata=run_metadata)
+    rows = {scope: set() for scope in MAIL_SERVED_SCOPES[1:]}
+    for device in run_metadata.step_stats.dev_stats:
+        for node in device.node_stats:
+            scope = next((scope for scope in rows if f"/{scope}/" in node.node_name), None)
+            if scope and not node.node_name.endswith("ReadVariableOp"):  # those read [in, out] kernels
+                rows[scope].update(int(output.tensor_description.shape.dim[0].size) for output in node.output
+                                   if len(output.tensor_description.shape.dim) == 2)
+    return outputs, rows
+
+
+def test_mail_serving_graph_generates_for_new_users_rows_only(data, export_root, monkeypatch):
+    """The exported MAIL model, run as the model server runs it (a Session over the serve
+    MetaGraphDef): E2, D1 and pool_v are not in the served graph; E1 and D2 run on the new users'
+    rows only (0 rows for users with behaviour), whose predictions are the model's without MAIL."""
+    case = ("mail", "avc_bucket_onehot")
+    ranking = _train_and_export(case, data, export_root)[0]
+    export_dir = os.path.join(export_root, "_".join(case))
+    meta_graph = servable.read_serve_meta_graph(export_dir)
+    signature = meta_graph.signature_def[export.SERVING_DEFAULT]
+    # The variables the signature's call reads (its resource inputs) and the ops of every function.
+    (call,) = {info.name.split(":")[0] for info in signature.outputs.values()}
+    (call_node,) = [node for node in meta_graph.graph_def.node if node.name == call]
+    read = {name for name in call_node.input if name.startswith("mail_")}
+    saved = {node.name for node in meta_graph.graph_def.node if node.op == "VarHandleOp"}
+    function_ops = [node.name for function in meta_graph.graph_def.library.function for node in function.node_def]
+    for scope in MAIL_TRAINING_ONLY_SCOPES:  # saved (for warm starts), never read, never computed
+        assert any(name.startswith(scope + "/") for name in saved), scope
+        assert not any(name.startswith(scope + "/") for name in read), scope
+        assert not any(f"{scope}/" in name for name in function_ops), scope
+    for scope in MAIL_SERVED_SCOPES:
+        assert any(name.startswith(scope + "/") for name in read), scope
+
+    rows = data["rows"]
+    new = [row for row in rows if row[fs.IS_NEW_USER] == 1][:3]
+    old = [row for row in rows if row[fs.IS_NEW_USER] == 0][:8]
+    assert len(new) == 3 and len(old) == 8
+    graph = tf.Graph()
+    with tf.compat.v1.Session(graph=graph) as session:
+        with graph.as_default():
+            tf.compat.v1.saved_model.load(session, [tf.saved_model.SERVING], export_dir)
+        served_old, old_rows = _traced_rows(session, signature, rx.serialize_all(old, drop=LABELS_AND_SLICES))
+        served_mixed, mixed_rows = _traced_rows(session, signature, rx.serialize_all(new + old[:5],
+                                                                                       drop=LABELS_AND_SLICES))
+    assert old_rows == {"mail_attribute_encoder": {0}, "mail_behaviour_decoder": {0}}
+    assert mixed_rows == {"mail_attribute_encoder": {3}, "mail_behaviour_decoder": {3}}
+
+    # The same weights with the zero-shot tower bypassed: the history for every row.
+    transformed = tft.TFTransformOutput(data["transform_dir"]).transform_features_layer()
+    features = transformed(rx.parse_raw(rx.serialize_all(new + old), include_labels=False))
+    monkeypatch.setattr(ranking, "mail_behaviour_sequence",
+                        lambda features, training=False: ranking._behaviour_sequence(features))
+    bypassed = _numpy(ranking(features))
+    for name in TASK_NAMES:
+        np.testing.assert_allclose(served_old[name], bypassed[name][3:], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(served_mixed[name][3:], bypassed[name][3:8], rtol=1e-5, atol=1e-6, err_msg=name)
+    # New users' predictions do read v_hat (a task's tiny tower may be dead for them: any task).
+    assert not all(np.allclose(served_mixed[name][:3], bypassed[name][:3], rtol=1e-5, atol=1e-6)
+                   for name in TASK_NAMES)
+
+
 def _write_spans(root, rows, spans=2):
     """ExampleGen-like layout: <root>/span-<i>/Split-<split>/data.gz, one dir per daily span."""
     patterns = {"train": [], "eval": []}
