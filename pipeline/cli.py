@@ -269,6 +269,8 @@ BENCHMARKS = {
     "train": Command("train-step throughput per model variant", "benchmarks.train_throughput"),
     "serving": Command("gRPC/REST latency and throughput beside the in-process call",
                        "benchmarks.serving_latency"),
+    "variant-latency": Command("in-process serving latency per model variant against the baseline, "
+                               "for users with behaviour and new users", "benchmarks.variant_latency"),
     "rest-parse": Command("MB/s of the server's REST JSON decoding, row and columnar, up to the 64 MiB limit",
                           "benchmarks.rest_parse"),
     "paper": Command("reproduce the POSO paper's tables and figures (writes benchmarks/RESULTS.md)",
