@@ -1,6 +1,7 @@
 """Examples/s of the Trainer against its limits, and of the Evaluator against plain inference.
 
     bin/poso bench components [--rows-per-day 50000] [--sections trainer,evaluator] [--repeats 1]
+                              [--day-copies 1]
 
 The data take the paper benchmark's path once (benchmarks.paper_data.prepare: generator ->
 AvcExampleGen -> tf.Transform analysis, cached under --work-dir): 7 training days and an
@@ -26,7 +27,16 @@ evaluator (issue 22: the Evaluator within 3x of plain batched inference)
                   process as the pipeline runs the Evaluator (RunConfig.beam_single_process_components)
   inference       the same SavedModel's serving_default over the same serialized examples read
                   from the same files, in batches of --inference-batch, the scores fetched
-  The ratio is TFMA's wall time over the inference pass's (the model load printed apart).
+  batch evaluator the pipeline's Evaluator (components/batch_evaluator.py): the same EvalConfig,
+                  day and model, scored in batches of --inference-batch, metrics and slices from
+                  the score columns, TFMA's output files; its whole call, the model load included.
+                  Also with a baseline (the same SavedModel loaded again as "baseline"), as the
+                  daily run evaluates: against twice the inference time
+  The ratios are each evaluator's wall time over the inference pass's (whose model load is printed
+  apart).
+
+--day-copies K reads the evaluation day K times over (e.g. 20 x 50,000 = a 1M-impression day,
+for time and memory at scale), without TFMA. The process's peak RSS is printed at the end.
 
 With --repeats N every measurement runs N times (the sections' measurements one after the other
 within a repeat) and the median is printed. Figures are printed, never asserted.
@@ -38,6 +48,7 @@ import argparse
 import glob
 import logging
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -48,8 +59,8 @@ import numpy as np
 
 from pipeline import argtypes
 
-__all__ = ["input_pipeline_pass", "bare_fit", "trainer_fit", "tfma_evaluation", "batched_inference",
-           "add_arguments", "run"]
+__all__ = ["input_pipeline_pass", "bare_fit", "trainer_fit", "tfma_evaluation", "batch_evaluation",
+           "batched_inference", "add_arguments", "run"]
 
 SECTIONS = ("trainer", "evaluator")
 TRAINER_GOAL, EVALUATOR_GOAL = 0.80, 3.0
@@ -163,6 +174,22 @@ def tfma_evaluation(model_dir: str, eval_files: List[str], output_dir: str) -> D
     return dict(seconds=seconds, examples=int(overall[0]["example_count"]))
 
 
+def batch_evaluation(model_dir: str, eval_files: List[str], output_dir: str, batch_size: int,
+                     with_baseline: bool) -> Dict[str, float]:
+    """components.batch_evaluator.evaluate with the pipeline's EvalConfig, as the Evaluator runs it."""
+    from tfx.utils import proto_utils
+
+    from components import batch_evaluator
+    from pipeline import evaluation
+
+    eval_config = batch_evaluator.completed_eval_config(proto_utils.proto_to_json(evaluation.make_eval_config()),
+                                                        has_baseline=with_baseline)
+    models = {"candidate": model_dir, "baseline": model_dir} if with_baseline else {"": model_dir}
+    started = time.perf_counter()
+    examples = batch_evaluator.evaluate(eval_config, models, eval_files, output_dir, batch_size)
+    return dict(seconds=time.perf_counter() - started, examples=examples)
+
+
 def batched_inference(model_dir: str, eval_files: List[str], batch_size: int) -> Dict[str, float]:
     """serving_default over every serialized example of `eval_files`, in batches; scores fetched."""
     import tensorflow as tf
@@ -190,6 +217,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inference-batch", type=argtypes.positive_int, default=4096,
                         help="examples per call of the plain inference pass (default: %(default)s)")
     parser.add_argument("--repeats", type=argtypes.positive_int, default=1, help="runs of each measurement")
+    parser.add_argument("--day-copies", type=argtypes.positive_int, default=1,
+                        help="evaluator: read the evaluation day's files this many times over, a day that "
+                             "many times larger (TFMA then not run); default: %(default)s")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "poso-bench-components"),
                         help="cache of the prepared data (reused by later runs; default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
@@ -245,10 +275,15 @@ def run(args: argparse.Namespace) -> int:
                 print("  (training the model to evaluate)", flush=True)
                 trainer_fit(data.train_files, data.transform_dir, model_dir, args.variant, args.batch_size,
                             eval_steps, 0, args.seed)
-            with tempfile.TemporaryDirectory() as output_dir:
-                runs.setdefault("tfma", []).append(tfma_evaluation(model_dir, data.eval_files, output_dir))
-            runs.setdefault("inference", []).append(
-                batched_inference(model_dir, data.eval_files, args.inference_batch))
+            eval_files = data.eval_files * args.day_copies
+            if args.day_copies == 1:  # TFMA on a day many times larger: tens of minutes
+                with tempfile.TemporaryDirectory() as output_dir:
+                    runs.setdefault("tfma", []).append(tfma_evaluation(model_dir, eval_files, output_dir))
+            runs.setdefault("inference", []).append(batched_inference(model_dir, eval_files, args.inference_batch))
+            for with_baseline, name in ((False, "batch"), (True, "batch2")):
+                with tempfile.TemporaryDirectory() as output_dir:
+                    runs.setdefault(name, []).append(batch_evaluation(
+                        model_dir, eval_files, output_dir, args.inference_batch, with_baseline))
         print(f"  repeat {repeat + 1}/{args.repeats} done (load average {os.getloadavg()[0]:.1f})", flush=True)
 
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
@@ -262,11 +297,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"  Trainer / bare fit: {trained['rate'] / bare['rate']:.2f} of the examples/s "
               f"(goal >= {TRAINER_GOAL:.2f})")
     if "evaluator" in sections:
-        print("Evaluator (the evaluation day, one model):")
+        copies = f" x {args.day_copies} copies" if args.day_copies > 1 else ""
+        print(f"Evaluator (the evaluation day{copies}, one model):")
         inference = _median_row("inference", runs["inference"], f"batches of {args.inference_batch}; model load "
                                 f"{statistics.median(r['load_seconds'] for r in runs['inference']):.1f} s apart")
-        tfma = _median_row("TFMA Evaluator", runs["tfma"], "run_model_analysis, the pipeline's EvalConfig")
-        print(f"  TFMA / inference time: {tfma['seconds'] / inference['seconds']:.1f}x (goal <= {EVALUATOR_GOAL:.0f}x)")
+        ratios = []
+        if "tfma" in runs:
+            tfma = _median_row("TFMA Evaluator", runs["tfma"], "run_model_analysis, the pipeline's EvalConfig")
+            ratios.append(f"TFMA {tfma['seconds'] / inference['seconds']:.1f}x")
+        batch = _median_row("batch evaluator", runs["batch"], "components.batch_evaluator, model load included")
+        batch2 = _median_row("  + baseline", runs["batch2"], "candidate and baseline (examples: the day's), "
+                             "as the daily run")
+        ratios += [f"batch evaluator {batch['seconds'] / inference['seconds']:.2f}x",
+                   f"with a baseline {batch2['seconds'] / (2 * inference['seconds']):.2f}x of two inference passes"]
+        print(f"  time / inference time: {', '.join(ratios)} (goal <= {EVALUATOR_GOAL:.0f}x)")
+    print(f"peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     return 0
 
 

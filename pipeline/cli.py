@@ -280,7 +280,7 @@ BENCHMARKS = {
     "warm-start": Command("evaluation-day GAUC of a warm start from the day before's model against a cold start",
                           "benchmarks.warm_start"),
     "components": Command("examples/s of the Trainer's input pipeline, a bare Keras fit and the Trainer; "
-                          "the Evaluator (TFMA) beside batched inference", "benchmarks.component_throughput"),
+                          "the Evaluator (and TFMA) beside batched inference", "benchmarks.component_throughput"),
     "headroom": Command("ceiling GAUC from the synthetic generator's true probabilities, per preset, and the "
                         "headroom a model closes", "benchmarks.headroom"),
 }
