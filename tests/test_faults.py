@@ -265,8 +265,8 @@ def test_a_run_killed_at_every_boundary_resumes_to_one_push(faulty_home):
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_kill_9_while_beam_worker_processes_run_then_one_push(tmp_path):
-    """Beam's DirectRunner multi_processing mode (the default; AvcExampleGen and the Evaluator run
-    in one process, see RunConfig.beam_single_process_components): the run's Python process is
+    """Beam's DirectRunner multi_processing mode (the default; AvcExampleGen runs in one process,
+    see RunConfig.beam_single_process_components): the run's Python process is
     killed (SIGKILL, as the OOM killer does) while its SDK worker processes run StatisticsGen (the
     first day's ingest) and then Transform (the evaluated day's run). The workers must end on their
     own, the next run must clear what the killed one left, and the last run pushes once."""
