@@ -1,7 +1,7 @@
 """Served latency of the model variants against the baseline, in-process, side by side.
 
     bin/poso bench variant-latency [--variants baseline,poso_all,mail,pin,meta_emb,mwuf]
-        [--rounds 15] [--calls 24] [--rows 1,100] [--train-steps 5] [--work-dir DIR] [--json OUT]
+        [--rounds 30] [--calls 24] [--block 6] [--rows 1,100] [--train-steps 5] [--work-dir DIR] [--json OUT]
 
 Models: every variant is trained and exported as the pipeline's Trainer does it
 (`models.trainer.train_and_export`: the default ModelConfig, the tf.Transform graph inside the
@@ -24,8 +24,10 @@ the model server runs it (with its malloc thresholds, `serving.allocator`), from
 numpy arrays; one call at a time. A second Session of the baseline's export ("baseline, A/A")
 is measured like a variant: two identical models, so its ratio to the baseline shows the
 method's noise. After --warmup untimed calls per variant and case, --rounds rounds: in each, for
-every case (kind x rows), --calls times one call of every variant, in an order rotated from call
-to call, so that load from other processes falls on all variants alike. Per variant and case:
+every case (kind x rows), --calls calls of every variant, --block consecutive calls of one
+variant after the other's, in an order rotated from block to block, so that load from other
+processes falls on all variants alike (and a model's caches are warm after a block's first
+call, as on a server that serves one model). Per variant and case:
 p50 and p99 over all rounds' calls, and the p50 ratio to the baseline: the median over rounds of
 the ratio of the round's p50s (paired), with its range over rounds and the 95% t interval of the
 geometric mean ratio over rounds (`benchmarks.stats.paired_difference` of the logarithms).
@@ -81,10 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="variants to serve, the baseline among them (default: %s)" % ",".join(DEFAULT_VARIANTS))
     parser.add_argument("--rows", type=_rows_list, default=[1, 100], metavar="N,M,...",
                         help="rows per request (default: 1,100)")
-    parser.add_argument("--rounds", type=argtypes.positive_int, default=15,
+    parser.add_argument("--rounds", type=argtypes.positive_int, default=30,
                         help="timed rounds (the ratios' interval is over rounds)")
     parser.add_argument("--calls", type=argtypes.positive_int, default=24,
                         help="timed calls per variant and case in each round")
+    parser.add_argument("--block", type=argtypes.positive_int, default=6,
+                        help="consecutive calls of one variant before the next variant's")
     parser.add_argument("--warmup", type=argtypes.non_negative_int, default=10,
                         help="untimed calls per variant and case before the rounds")
     parser.add_argument("--train-steps", type=argtypes.positive_int, default=5,
@@ -177,7 +181,7 @@ def _p(samples: Sequence[float], q: float) -> float:
 
 
 def measure(runners: Mapping[str, Any], requests: Mapping[Tuple[str, int], List[Any]], *, rounds: int,
-            calls: int, warmup: int, log: Callable[[str], None] = print) -> Dict[str, Any]:
+            calls: int, warmup: int, block: int = 6, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Times `runners` ({name: SessionSignatures}, BASELINE among them) on every case of `requests`
     ({(kind, rows): [input arrays]}); returns {"cases": {case: {name: figures}}} (see the docstring)."""
     from benchmarks import stats
@@ -199,12 +203,14 @@ def measure(runners: Mapping[str, Any], requests: Mapping[Tuple[str, int], List[
     for round_index in range(rounds):
         for case, batches in requests.items():
             times = {name: [] for name in names}
-            for i in range(calls):
-                # Call by call, every variant in turn (the order rotated each time): a burst of
-                # load from other processes falls on all of them alike.
-                shift = (round_index + i) % len(names)
+            for first in range(0, calls, block):
+                # Block by block, every variant in turn (the order rotated each time): a burst of
+                # load from other processes falls on all of them alike, and all but a block's
+                # first call find the caches warm with their own model, as on a server.
+                shift = (round_index + first // block) % len(names)
                 for name in names[shift:] + names[:shift]:
-                    times[name].append(call(name, batches[i % len(batches)]))
+                    for i in range(first, min(first + block, calls)):
+                        times[name].append(call(name, batches[i % len(batches)]))
             for name in names:
                 samples[case][name] += times[name]
                 round_p50[case][name].append(statistics.median(times[name]))
@@ -230,7 +236,8 @@ def measure(runners: Mapping[str, Any], requests: Mapping[Tuple[str, int], List[
 def format_results(results: Mapping[str, Any]) -> str:
     settings = results["settings"]
     lines = [f"Served latency in-process (serving_default in a SessionSignatures, one call at a time): "
-             f"{settings['rounds']} rounds x {settings['calls']} calls per variant and case, {settings['cpu_count']} "
+             f"{settings['rounds']} rounds x {settings['calls']} calls per variant and case in blocks of "
+             f"{settings['block']}, {settings['cpu_count']} "
              f"CPU cores, TF {settings['tensorflow']}; exports after {settings['train_steps']} training steps",
              "p50 / p99 ms; p50 ratio to the baseline: median over rounds of the paired ratio [its range over rounds] "
              "(95% CI of the geometric mean ratio); 'unchanged' when the CI holds 1", ""]
@@ -273,9 +280,10 @@ def run(args: argparse.Namespace) -> int:
         export_dir = exports[BASELINE if name == CONTROL else name]
         runners[name] = SessionSignatures(export_dir, read_serve_meta_graph(export_dir))
     log(f"Measuring {', '.join(runners)} on {', '.join(f'{k}: {len(v)}' for k, v in examples.items())} examples ...")
-    results = measure(runners, requests, rounds=args.rounds, calls=args.calls, warmup=args.warmup, log=log)
+    results = measure(runners, requests, rounds=args.rounds, calls=args.calls, warmup=args.warmup,
+                      block=args.block, log=log)
     results["settings"] = dict(variants=list(args.variants), rows=list(args.rows), rounds=args.rounds,
-                               calls=args.calls, warmup=args.warmup, train_steps=args.train_steps,
+                               calls=args.calls, block=args.block, warmup=args.warmup, train_steps=args.train_steps,
                                rows_per_day=args.rows_per_day, cpu_count=os.cpu_count(),
                                tensorflow=tf.__version__, exports=exports)
     print()
