@@ -3,7 +3,6 @@
 import math
 import os
 
-import numpy as np
 import pytest
 import tensorflow as tf
 from tfx import v1 as _tfx  # noqa: F401  (TFMA's config protos under tfma.*)
