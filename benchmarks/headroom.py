@@ -25,7 +25,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,13 +39,11 @@ __all__ = ["truth_for_examples", "ceiling_rows", "HeadroomRunner", "summarize", 
 DEFAULT_PRESETS = ("submergence", "none", "default")
 DEFAULT_MODELS = ("baseline",)
 GROUPS = ("new", "regular", "all")
-# `poso bench paper` section (f): the issue-17 goals on the presets they are about, with the
-# servable cold-start methods beside POSO(all) (headline seeds). The other POSO variants (the
-# others' seeds) only on `none`, the one goal about them.
+# `poso bench paper` section (f): the issue-17 goals on the presets they are about. On
+# `submergence` (the synthetic sections' world, so its models are Table 2's, trained once) every
+# Table 2 model; on `none`, the control, the baseline and every POSO variant.
 SECTION_PRESETS = ("submergence", "none")
-SECTION_HEADLINE_MODELS = ("baseline", "poso_all", "mail", "pin")
-SECTION_OTHER_MODELS = ("poso_mlp", "poso_mha", "poso_mmoe")
-SECTION_OTHER_MODELS_PRESETS = ("none",)
+NONE_PRESET_MODELS = ("baseline", "poso_mlp", "poso_mha", "poso_mmoe", "poso_all")
 # Goals: on `submergence` POSO(all) closes >= 25% of the new-user long_view headroom at p < 0.01
 # over >= 8 seeds, regular users' long_view within 0.1 pp of the baseline; on `none` no POSO
 # variant is more than 0.1 pp below the baseline on any task and group.
@@ -236,20 +234,29 @@ def goals(summary: pd.DataFrame) -> List[Dict[str, Any]]:
     return verdicts
 
 
-def run_section(work_dir: str, budget, seeds: Sequence[int], headline_seeds: Sequence[int],
-                log=print) -> Dict[str, Any]:
-    """`poso bench paper` section (f): SECTION_HEADLINE_MODELS with `headline_seeds` and
-    SECTION_OTHER_MODELS with `seeds` on SECTION_OTHER_MODELS_PRESETS; the payload holds every row."""
+def run_section(runner_for: Callable[[str], Any], table2_models: Sequence[Any],
+                seeds_of: Callable[[Any], Sequence[int]]) -> Dict[str, Any]:
+    """`poso bench paper` section (f): the ceiling and each model's GAUC per task and group on each
+    of SECTION_PRESETS. `runner_for(preset)` is that preset's `benchmarks.paper.SyntheticRunner`
+    (which trains each model and seed once, so models Table 2 trained on the same data are reused);
+    `table2_models` run on `submergence`, their NONE_PRESET_MODELS on `none`; `seeds_of(spec)` are a
+    model's seeds. The payload holds every row."""
     ceilings, models, descriptions = [], [], []
     for preset in SECTION_PRESETS:
-        runner = HeadroomRunner(preset, os.path.join(work_dir, "headroom"), budget, log=log)
-        descriptions.append(runner.description)
-        ceilings += [dict(preset=preset, **row) for row in runner.ceiling]
-        for seed in headline_seeds:
-            others = SECTION_OTHER_MODELS if seed in seeds and preset in SECTION_OTHER_MODELS_PRESETS else ()
-            for model in SECTION_HEADLINE_MODELS + others:
-                models += [dict(preset=preset, **row) for row in runner.model_rows(model, seed)]
-    return dict(budget=dataclasses.asdict(budget), data=descriptions, ceiling=ceilings, models=models)
+        runner = runner_for(preset)
+        truth = truth_for_examples(runner.data.eval_files,
+                                   os.path.join(runner.data.logs_dir, "logs", runner.data.eval_date))
+        ceilings += [dict(preset=preset, **row) for row in ceiling_rows(runner.eval, truth)]
+        descriptions.append(dict(preset=preset, eval=runner.description["eval"], eval_date=runner.data.eval_date,
+                                 data_seconds=runner.data_seconds))
+        specs_here = [m for m in table2_models if preset == "submergence" or m.name in NONE_PRESET_MODELS]
+        for spec in specs_here:
+            for seed in seeds_of(spec):
+                models += [dict(preset=preset, model=spec.name, seed=seed, task=r["task"], group=r["group"],
+                                gauc=r["gauc"]) for r in runner.results(spec, seed) if r["group"] in GROUPS]
+    budget = dataclasses.asdict(runner.budget)
+    budget.pop("preset")
+    return dict(budget=budget, data=descriptions, ceiling=ceilings, models=models)
 
 
 def render_section(payload: Mapping[str, Any]) -> List[str]:

@@ -1,12 +1,13 @@
 """One command that reproduces the POSO paper's offline results and writes benchmarks/RESULTS.md.
 
-    bin/poso bench paper [--seeds 0,..,5] [--headline-seeds 0,..,11] [--sections a,b,c,d,e] [--out benchmarks]
+    bin/poso bench paper [--seeds 0,..,3] [--headline-seeds 0,..,7] [--sections a,b,c,d,e,f] [--out benchmarks]
     make bench-paper            (every section)      make bench-paper-b    (one section)
 
 Sections:
   a  MovieLens (ml-latest-small): `benchmarks.paper_movielens.run_movielens`, GAUC per variant.
-  b  The cold-start table (the paper's Table 2) on synthetic KuaiRand-schema logs: GAUC of new and
-     regular users per task; every POSO variant's difference from the baseline in percentage points.
+  b  The cold-start table (the paper's Table 2) on synthetic KuaiRand-schema logs (generator
+     preset `submergence`, like c-e; `--preset`): GAUC of new and regular users per task; every
+     POSO variant's and cold-start method's difference from the baseline in percentage points.
   c  The personalization-code ablation (Table 6): POSO(all) whose gates read all non-sequential
      features (the paper's "All features" row), is_new_user, the user-ID embedding, or the AVC
      bucket (the default PC); and, under its own name, the `moe` variant (a softmax mixture of MLPs
@@ -14,22 +15,21 @@ Sections:
   d  The submergence diagnostic (Fig. 1b) and the gates against AVC (Fig. 4), as PNGs.
   e  Item cold start (Table 3): POSO(all) with PC = item age against the baseline, on impressions
      of new videos (uploaded under feature_specs' NEW_ITEM_DAYS days before) and of the others.
+  f  Headroom closed (benchmarks.headroom): each model against the ceiling of the generator's true
+     probabilities, on `submergence` (Table 2's models, reused when b ran in the same command) and
+     on `none` (the baseline and the POSO variants), with the issue-17 goals' verdicts.
 
 Seeds: headline rows (the baseline, POSO(all) and every cold-start method the project has; in
-(e) POSO with the item-age PC) run with `--headline-seeds` (default 12 seeds), the other rows with
-`--seeds` (default 6); every table says how many seeds each row has. Every difference from the
-baseline is paired by seed and shown with its 95% confidence interval (t distribution) and the
-paired t-test's p-value (`benchmarks.stats`).
+(e) POSO with the item-age PC) run with `--headline-seeds` (default 8 seeds, the issue's minimum),
+the other rows with `--seeds` (default 4); every table says how many seeds each row has. Every
+difference from the baseline is paired by seed and shown with its 95% confidence interval (t
+distribution) and the paired t-test's p-value (`benchmarks.stats`).
 
-Time: about 25-30 s per trained model on 2 cores (RESULTS.md of 2026-11-23: 23-33 s per model
-and seed in every section), so the default run trains 48 MovieLens and 78 synthetic models,
-about 65 min with the data preparation; within 3 hours even at half that speed. PIN and MAIL
-(Table 2 rows, and PIN in (a) with the headline seeds) add 24 synthetic and 6 MovieLens models,
-about 15 min more (MAIL's zero-shot tower costs extra training time, see benchmarks/README.md).
-MeLU (Table 2 and (a)) and Meta-Embedding and MWUF in (a), all with the headline seeds, add 12
-synthetic and 36 MovieLens models, some 30 min more (MeLU trains in memory, without an export,
-in about the baseline's time). RESULTS.md lists every section's wall time, seeds and commit as
-recorded by its last run.
+Time: the default run trains 72 MovieLens models (7 headline variants x 8 seeds, 4 others x 4)
+and 120 synthetic ones of 1,200 steps each (b: 68; c: 16 more; e: 8 more; f: 28 more, on
+`none`), a synthetic model taking about 1-2 min on 2 quiet cores (MAIL, Meta-Embedding, MWUF
+and MeLU the slower ones). RESULTS.md lists every section's wall time, seeds and commit as recorded by its last
+run; benchmarks/README.md says how long the whole run took.
 
 Protocol (b-d): the synthetic logs go through the project's real code path (AvcExampleGen's
 executor, tf.Transform with `preprocessing_fn`, see `benchmarks.paper_data`), computed once and
@@ -176,7 +176,11 @@ class Budget:
     batch_size: int = 512
     learning_rate: float = 1e-3
     # The generator's behaviour (components.synthetic_logs.PRESETS): "default", "none", "submergence".
-    preset: str = "default"
+    # Sections b-e run on `submergence`, the world built (and fixed before any model was compared
+    # on it) so that new users differ learnably and a plain model leaves them headroom; on
+    # `default` the baseline was not submerged (RESULTS.md (d) of 2026-11-23), so no cold-start
+    # method could show anything there. (f) adds `none`, the control.
+    preset: str = "submergence"
 
 
 def _log(message: str) -> None:
@@ -591,10 +595,18 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
             _log(f"  unavailable: {payload['reason']}")
         save("a", payload, started)
 
+    runners: Dict[str, SyntheticRunner] = {}
+
+    def runner_for(preset: str) -> SyntheticRunner:
+        """One runner per generator preset, so (f) reuses what (b-e) trained on the same data."""
+        if preset not in runners:
+            _log(f"Synthetic data, preset {preset}")
+            runners[preset] = SyntheticRunner(work_dir, dataclasses.replace(budget, preset=preset))
+        return runners[preset]
+
     synthetic = [s for s in sections if s in ("b", "c", "d", "e")]
     if synthetic:
-        _log("Synthetic data (shared by b, c, d, e)")
-        runner = SyntheticRunner(work_dir, budget)
+        runner = runner_for(budget.preset)
         for section in synthetic:
             started = time.time()
             _log(SECTION_TITLES[section])
@@ -625,7 +637,7 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
 
         started = time.time()
         _log(SECTION_TITLES["f"])
-        save("f", headroom.run_section(work_dir, budget, seeds, all_headline_seeds, log=_log), started)
+        save("f", headroom.run_section(runner_for, table2_models, seeds_of), started)
     render(out_dir)
     return written
 
@@ -1020,7 +1032,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from components import synthetic_logs
 
     parser.add_argument("--preset", choices=list(synthetic_logs.PRESETS), default=defaults.preset,
-                        help="the synthetic generator's behaviour for sections b-e")
+                        help="the synthetic generator's behaviour for sections b-e (default %(default)s; f adds none)")
     parser.add_argument("--train-steps", type=argtypes.positive_int, default=defaults.train_steps,
                         help="training steps per model")
     parser.add_argument("--batch-size", type=argtypes.positive_int, default=defaults.batch_size,

@@ -240,8 +240,8 @@ def test_cli_rejects_unknown_sections():
         parser.parse_args(["bench", "paper", "--sections", "b,g"])
     args = parser.parse_args(["bench", "paper"])
     assert args.seeds == list(paper.DEFAULT_SEEDS) and len(args.headline_seeds) >= 8
-    assert args.preset == "default"
-    assert parser.parse_args(["bench", "paper", "--preset", "submergence"]).preset == "submergence"
+    assert args.preset == "submergence"
+    assert parser.parse_args(["bench", "paper", "--preset", "default"]).preset == "default"
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "paper", "--preset", "submerged"])
 
@@ -281,20 +281,26 @@ def test_section_a_without_the_archive_stops_before_any_work(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_headroom_section_trains_every_row_and_renders_the_goals(tmp_path, monkeypatch):
+def test_headroom_section_trains_every_row_and_renders_the_goals(tmp_path):
     from benchmarks import headroom
 
-    monkeypatch.setattr(headroom, "SECTION_OTHER_MODELS", ("poso_mlp",))  # one is enough to check the rows
     out, work = str(tmp_path / "out"), str(tmp_path / "work")
-    written = paper.run_sections(["f"], [0], out, work, "poso bench paper --sections f", budget=TINY,
-                                 headline_seeds=[1])
+    # Table 2 cut to its headline pair and one other POSO variant: enough to check the rows.
+    table2 = tuple(m for m in paper.TABLE2_MODELS if m.name in ("baseline", "poso_all", "poso_mlp", "mail"))
+    written = paper.run_sections(["b", "f"], [0], out, work, "poso bench paper --sections b,f", budget=TINY,
+                                 table2_models=table2, headline_seeds=[1])
     models = pd.DataFrame(written["f"]["models"])
     trained = models.groupby(["preset", "model"])["seed"].agg(lambda s: sorted(set(s))).to_dict()
-    for preset in headroom.SECTION_PRESETS:
-        for model in headroom.SECTION_HEADLINE_MODELS:
-            assert trained[(preset, model)] == [0, 1]
-        for model in headroom.SECTION_OTHER_MODELS:
-            assert trained.get((preset, model)) == ([0] if preset in headroom.SECTION_OTHER_MODELS_PRESETS else None)
+    for spec in table2:
+        seeds = [0, 1] if spec.headline else [0]
+        assert trained[("submergence", spec.name)] == seeds
+        assert trained.get(("none", spec.name)) == (seeds if spec.name in headroom.NONE_PRESET_MODELS else None)
+    # (f) reused (b)'s models on the same data: the same GAUCs, not a second training.
+    table2_rows = pd.DataFrame(written["b"]["rows"])
+    poso = table2_rows[(table2_rows["model"] == "poso_all") & (table2_rows["seed"] == 1)
+                       & (table2_rows["task"] == "long_view") & (table2_rows["group"] == "new")]["gauc"].item()
+    assert models[(models["preset"] == "submergence") & (models["model"] == "poso_all") & (models["seed"] == 1)
+                  & (models["task"] == "long_view") & (models["group"] == "new")]["gauc"].item() == poso
     with open(os.path.join(out, paper.RESULTS_FILE)) as f:
         section = _section(f.read(), "f")
     summary = headroom.summarize(pd.DataFrame(written["f"]["ceiling"]), models)
@@ -302,6 +308,5 @@ def test_headroom_section_trains_every_row_and_renders_the_goals(tmp_path, monke
                   & (summary["group"] == "new")].iloc[0]
     assert f"| long_view | new | {100 * row['ceiling']:.2f} |" in section
     assert f"{row['poso_all_gain_pp']:+.2f} [" in section
-    # One verdict on submergence (POSO(all)), one per POSO variant on none (not MAIL or PIN: the goal is POSO's).
-    poso_variants = [m for m in headroom.SECTION_HEADLINE_MODELS + headroom.SECTION_OTHER_MODELS if m.startswith("poso")]
-    assert section.count("**met**") + section.count("**missed**") == 1 + len(poso_variants)
+    # One verdict on submergence (POSO(all)), one per POSO variant on none (not MAIL: the goal is POSO's).
+    assert section.count("**met**") + section.count("**missed**") == 1 + 2
