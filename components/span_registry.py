@@ -92,13 +92,13 @@ class RegisteredUserStateExecutor(base_executor.BaseExecutor):
         state = artifact_utils.get_single_instance(output_dict["user_state"])
         wanted = span_of(run_date(str(exec_properties["date"]))) - 1
         entry = registered_days(str(exec_properties["registry_dir"]), wanted, wanted).get(wanted)
+        # Only changed files make it stale: logs deleted since (retention) do not, as locally.
         now = json.loads(exec_properties.get("previous_day") or "{}").get("input_fingerprint")
-        if entry is not None and entry.get("input_fingerprint") and now is not None \
-                and entry["input_fingerprint"] != now:
+        if entry is not None and entry.get("input_fingerprint") and now and entry["input_fingerprint"] != now:
             day_before = date_of(wanted).isoformat()
             raise StaleUserStateError(
                 f"previous_user_state: the log files of {day_before} changed since it was ingested (registered "
-                f"from {entry['input_fingerprint'] or 'no files'}, now {now or 'no files'}); its user state is "
+                f"from {entry['input_fingerprint']}, now {now}); its user state is "
                 f"stale. Run the pipeline for {day_before} again first (date={day_before}), then this day.")
         fileio.makedirs(state.uri)
         if entry is None:

@@ -364,6 +364,8 @@ def test_previous_user_state_is_cached_on_the_day_befores_input_and_registered_s
 
     ingest("after a correction of D-2", "state3")   # D-1's files unchanged, its state not
     assert key("k4") not in (ingested, corrected, rerun)
+    log.unlink()   # D-1's logs deleted since (retention): not a change, as locally
+    assert carried(key("k5"), "out5") == "after a correction of D-2"
 
 
 def test_memory_bound_components_run_in_one_beam_process_on_direct_runner():
