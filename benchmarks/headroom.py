@@ -34,7 +34,7 @@ from feature_specs import specs
 from pipeline import argtypes
 
 __all__ = ["truth_for_examples", "ceiling_rows", "HeadroomRunner", "summarize", "format_table", "goals",
-           "format_long_table", "run_section", "render_section", "add_arguments", "run", "main"]
+           "format_long_table", "budget_fields", "run_section", "render_section", "add_arguments", "run", "main"]
 
 DEFAULT_PRESETS = ("submergence", "none", "default")
 DEFAULT_MODELS = ("baseline",)
@@ -254,9 +254,7 @@ def run_section(runner_for: Callable[[str], Any], table2_models: Sequence[Any],
             for seed in seeds_of(spec):
                 models += [dict(preset=preset, model=spec.name, seed=seed, task=r["task"], group=r["group"],
                                 gauc=r["gauc"]) for r in runner.results(spec, seed) if r["group"] in GROUPS]
-    budget = dataclasses.asdict(runner.budget)
-    budget.pop("preset")
-    return dict(budget=budget, data=descriptions, ceiling=ceilings, models=models)
+    return dict(budget=budget_fields(runner.budget), data=descriptions, ceiling=ceilings, models=models)
 
 
 def render_section(payload: Mapping[str, Any]) -> List[str]:
@@ -341,10 +339,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows and summary here")
 
 
+def budget_fields(budget) -> Dict[str, Any]:
+    """The budget without its `preset` (the runners name theirs)."""
+    fields = dataclasses.asdict(budget)
+    fields.pop("preset")
+    return fields
+
+
 def run(args: argparse.Namespace) -> int:
     from benchmarks import paper
 
-    budget = paper.Budget()
+    budget = paper.Budget()  # its `preset` is unused: HeadroomRunner takes each preset from --presets
     if args.data_seed is not None:
         budget = dataclasses.replace(budget, data_seed=args.data_seed)
     if args.train_steps is not None:
@@ -362,11 +367,12 @@ def run(args: argparse.Namespace) -> int:
             summary = summarize(pd.DataFrame(ceilings), pd.DataFrame(models), baseline=args.models[0])
             if args.json:
                 with open(args.json, "w") as f:
-                    json.dump(dict(budget=dataclasses.asdict(budget), data=descriptions, ceiling=ceilings,
+                    json.dump(dict(budget=budget_fields(budget), presets=list(args.presets), data=descriptions,
+                                   ceiling=ceilings,
                                    models=models, summary=summary.to_dict("records"),
                                    wall_seconds=round(time.time() - started, 1)), f, indent=1)
         print(format_table(summary[summary["preset"] == preset]), flush=True)
-    print(f"\nHeadroom (budget {dataclasses.asdict(budget)}; {time.time() - started:.0f} s)\n")
+    print(f"\nHeadroom (budget {budget_fields(budget)}; {time.time() - started:.0f} s)\n")
     print(format_table(summary))
     return 0
 

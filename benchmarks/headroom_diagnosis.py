@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                      for base in ("baseline", f"baseline@{BUDGET_FACTOR}x") if base in set(frame["model"])}
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(budget=dataclasses.asdict(budget), data=runner.description, ceiling=ceiling,
+                json.dump(dict(budget=headroom.budget_fields(budget), data=runner.description, ceiling=ceiling,
                                models=models, wall_seconds=round(time.time() - started, 1),
                                summaries={k: v.to_dict("records") for k, v in summaries.items()}), f, indent=1)
     for base, summary in summaries.items():

@@ -16,8 +16,9 @@ Sections:
   e  Item cold start (Table 3): POSO(all) with PC = item age against the baseline, on impressions
      of new videos (uploaded under feature_specs' NEW_ITEM_DAYS days before) and of the others.
   f  Headroom closed (benchmarks.headroom): each model against the ceiling of the generator's true
-     probabilities, on `submergence` (Table 2's models, reused when b ran in the same command) and
-     on `none` (the baseline and the POSO variants), with the issue-17 goals' verdicts.
+     probabilities, always on `submergence` (Table 2's models) and on `none` (the baseline and the
+     POSO variants), with the issue-17 goals' verdicts; it reuses b's trained models when b ran in
+     the same command on one of those presets (the default).
 
 Seeds: headline rows (the baseline, POSO(all) and every cold-start method the project has; in
 (e) POSO with the item-age PC) run with `--headline-seeds` (default 8 seeds, the issue's minimum),
@@ -1034,7 +1035,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from components import synthetic_logs
 
     parser.add_argument("--preset", choices=list(synthetic_logs.PRESETS), default=defaults.preset,
-                        help="the synthetic generator's behaviour for sections b-e (default %(default)s; f adds none)")
+                        help="the synthetic generator's behaviour for sections b-e (default %(default)s; f always runs "
+                             "submergence and none)")
     parser.add_argument("--train-steps", type=argtypes.positive_int, default=defaults.train_steps,
                         help="training steps per model")
     parser.add_argument("--batch-size", type=argtypes.positive_int, default=defaults.batch_size,
