@@ -33,7 +33,7 @@ import pandas as pd
 from feature_specs import specs
 from pipeline import argtypes
 
-__all__ = ["truth_for_examples", "ceiling_rows", "HeadroomRunner", "summarize", "format_table", "goals",
+__all__ = ["truth_for_examples", "ceiling_rows", "ceiling_of", "HeadroomRunner", "summarize", "format_table", "goals",
            "format_long_table", "budget_fields", "run_section", "render_section", "add_arguments", "run", "main"]
 
 DEFAULT_PRESETS = ("submergence", "none", "default")
@@ -110,6 +110,13 @@ def ceiling_rows(split, truth: Mapping[str, np.ndarray]) -> List[Dict[str, Any]]
     return rows
 
 
+def ceiling_of(data, evaluation) -> List[Dict[str, Any]]:
+    """ceiling_rows of a prepared dataset (benchmarks.paper_data.SyntheticData) and its loaded
+    evaluation split, from the generator's truth file of the evaluation day."""
+    truth = truth_for_examples(data.eval_files, os.path.join(data.logs_dir, "logs", data.eval_date))
+    return ceiling_rows(evaluation, truth)
+
+
 class HeadroomRunner:
     """One preset's data (prepared once, cached under work_dir) and its ceiling; trains models."""
 
@@ -123,8 +130,7 @@ class HeadroomRunner:
         self.data = paper_data.prepare(work_dir, settings, log=log, preset=preset)
         self.train = paper_data.load_split(self.data.train_files, self.data.transform_dir)
         self.eval = paper_data.load_split(self.data.eval_files, self.data.transform_dir)
-        truth = truth_for_examples(self.data.eval_files, os.path.join(self.data.logs_dir, "logs", self.data.eval_date))
-        self.ceiling = ceiling_rows(self.eval, truth)
+        self.ceiling = ceiling_of(self.data, self.eval)
         self.description = dict(preset=preset, eval=paper_data.describe(self.eval), eval_date=self.data.eval_date,
                                 data_seconds=round(time.time() - started, 1))
 
@@ -244,9 +250,7 @@ def run_section(runner_for: Callable[[str], Any], table2_models: Sequence[Any],
     ceilings, models, descriptions = [], [], []
     for preset in SECTION_PRESETS:
         runner = runner_for(preset)
-        truth = truth_for_examples(runner.data.eval_files,
-                                   os.path.join(runner.data.logs_dir, "logs", runner.data.eval_date))
-        ceilings += [dict(preset=preset, **row) for row in ceiling_rows(runner.eval, truth)]
+        ceilings += [dict(preset=preset, **row) for row in ceiling_of(runner.data, runner.eval)]
         descriptions.append(dict(preset=preset, eval=runner.description["eval"], eval_date=runner.data.eval_date,
                                  data_seconds=runner.data_seconds))
         specs_here = [m for m in table2_models if preset == "submergence" or m.name in NONE_PRESET_MODELS]

@@ -169,9 +169,13 @@ class _Codes:
     """A string or int column kept as int32 codes into the values seen so far (-1: absent)."""
 
     def __init__(self):
-        self.values: List[object] = []
         self._index: Dict[object, int] = {}
         self.chunks: List[np.ndarray] = []
+
+    @property
+    def values(self) -> List[object]:
+        """The values in code order."""
+        return list(self._index)
 
     def add(self, values: np.ndarray, present: np.ndarray) -> None:
         codes = np.full(present.size, -1, dtype=np.int32)
@@ -181,7 +185,6 @@ class _Codes:
                                                       len(self._index)) for v in unique], dtype=np.int32)
             codes[present] = mapped[inverse.reshape(-1)]
         self.chunks.append(codes)
-        self.values = list(self._index)
 
     def column(self) -> np.ndarray:
         return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int32)
@@ -269,6 +272,18 @@ def score_examples(plan: Plan, models: Dict[str, str], example_files: Sequence[s
 # ---------------------------------------------------------------------------
 # Metrics per slice from the columns
 # ---------------------------------------------------------------------------
+def check_columns(day: ScoredDay, plan: Plan) -> None:
+    """EvaluationError when a label is not 0/1 or a prediction is not finite, once over the day
+    (not per slice)."""
+    for (model, output), label in plan.labels.items():
+        labels, scores = day.labels[label], day.scores[(model, output)]
+        if np.any((labels != 0) & (labels != 1)):
+            raise EvaluationError(f"output {output!r}: label {label!r} must be 0 "
+                                  f"or 1; found {labels[(labels != 0) & (labels != 1)][0]}")
+        if not np.all(np.isfinite(scores)):
+            raise EvaluationError(f"output {output!r} of the {model or 'model'}: a prediction is not finite")
+
+
 def slices_of(day: ScoredDay, plan: Plan) -> Iterator[Tuple[tuple, np.ndarray]]:
     """(TFMA slice key, row indices) of every slice of every slicing spec."""
     for keys in plan.slices:
@@ -297,15 +312,10 @@ def slice_metrics(day: ScoredDay, plan: Plan) -> Iterator[Tuple[tuple, Dict[obje
         for spec in plan.metrics_specs:
             for model in spec.models:
                 for output in spec.outputs:
-                    labels = day.labels[plan.labels[(model, output)]][rows]
+                    labels = day.labels[plan.labels[(model, output)]][rows].astype(np.int8)
                     scores = day.scores[(model, output)][rows].astype(np.float64)
-                    if np.any((labels != 0) & (labels != 1)):
-                        raise EvaluationError(f"output {output!r}: label {plan.labels[(model, output)]!r} must be 0 "
-                                              f"or 1; found {labels[(labels != 0) & (labels != 1)][0]}")
-                    if not np.all(np.isfinite(scores)):
-                        raise EvaluationError(f"output {output!r} of the {model or 'model'}: a prediction is not finite")
                     for metric in spec.metrics:
-                        columns = ScoreColumns(day.groups[metric.group_key][rows], labels.astype(np.int8), scores, None)
+                        columns = ScoreColumns(day.groups[metric.group_key][rows], labels, scores, None)
                         for name, value in metric.values(columns).items():
                             values[tfma.metrics.MetricKey(name=name, model_name=model, output_name=output,
                                                           example_weighted=False)] = value
@@ -352,6 +362,7 @@ def evaluate(eval_config, models: Dict[str, str], example_files: Sequence[str], 
     day = score_examples(plan, models, example_files, batch_size)
     if not len(day):
         raise EvaluationError(f"no examples in {', '.join(example_files)}")
+    check_columns(day, plan)
     write_evaluation(output_dir, eval_config, slice_metrics(day, plan), ",".join(example_files), models)
     return len(day)
 
