@@ -52,6 +52,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
+import glob
+import hashlib
+import inspect
 import json
 import os
 import platform
@@ -338,8 +342,31 @@ def gauc_rows(predictions: Mapping[str, np.ndarray], split) -> List[Dict[str, An
     return rows
 
 
+@functools.lru_cache(maxsize=None)
+def training_fingerprint() -> str:
+    """A hash of the code a synthetic result depends on: the model and feature packages, MeLU, and
+    this module's training and scoring functions (not its rendering), so that a text change keeps
+    cached results and a change to how models train or are scored discards them. Computed once:
+    the code this process runs."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha1()
+    for pattern in ("models/**/*.py", "feature_specs/**/*.py", "benchmarks/melu.py"):
+        for path in sorted(glob.glob(os.path.join(root, pattern), recursive=True)):
+            digest.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    for code in (ModelSpec, Budget, train_model, train_and_predict_melu, predict, _support, gauc_rows):
+        digest.update(inspect.getsource(code).encode())
+    return digest.hexdigest()[:12]
+
+
 class SyntheticRunner:
-    """Prepares the synthetic data once and trains each (model, seed) at most once."""
+    """Prepares the synthetic data once and trains each (model, seed) at most once.
+
+    Each (model, seed)'s result rows are also written to `<data dir>/results/<key>.json`, keyed by
+    the budget, the model spec, the seed and `training_fingerprint()`: a run that is stopped (or
+    killed) and started again with the same settings and code trains only what it had not
+    finished. Deleting that folder (or the work dir) discards them."""
 
     def __init__(self, work_dir: str, budget: Budget):
         from benchmarks import paper_data
@@ -358,11 +385,39 @@ class SyntheticRunner:
                                 budget=dataclasses.asdict(budget), data_seconds=self.data_seconds)
         self._results: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
         self._models: Dict[Tuple[str, int], Any] = {}
+        self._results_dir = os.path.join(self.data.root, "results")
+        self._fingerprint = training_fingerprint()
         _log(f"  data ready in {self.data_seconds:.0f} s: train {self.description['train']}, "
              f"eval {self.description['eval']}")
 
+    def _cache_path(self, spec: ModelSpec, seed: int) -> str:
+        # What training depends on (not the row's label or seed count), as the in-memory key.
+        trained = dict(name=spec.name, variant=spec.variant, overrides=spec.overrides, melu=spec.melu)
+        key = json.dumps([dataclasses.asdict(self.budget), trained, seed, self._fingerprint], sort_keys=True,
+                         default=str)
+        return os.path.join(self._results_dir, f"{spec.name}-seed{seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json")
+
+    def _cached(self, spec: ModelSpec, seed: int) -> Optional[List[Dict[str, Any]]]:
+        try:
+            with open(self._cache_path(spec, seed)) as f:
+                return json.load(f)
+        except (OSError, ValueError):  # not there, or cut short by a kill: train again
+            return None
+
+    def _store(self, spec: ModelSpec, seed: int, rows: List[Dict[str, Any]]) -> None:
+        os.makedirs(self._results_dir, exist_ok=True)
+        path = self._cache_path(spec, seed)
+        with open(path + ".tmp", "w") as f:
+            json.dump(rows, f, default=_json_default)
+        os.replace(path + ".tmp", path)  # whole or absent, whenever the run is killed
+
     def results(self, spec: ModelSpec, seed: int, keep_model: bool = False) -> List[Dict[str, Any]]:
         key = (spec.name, seed)
+        if key not in self._results and not keep_model:
+            cached = self._cached(spec, seed)
+            if cached is not None:
+                self._results[key] = cached
+                _log(f"  {spec.name} seed {seed}: from {os.path.relpath(self._cache_path(spec, seed), self._results_dir)}")
         if key not in self._results or (keep_model and key not in self._models):
             started = time.time()
             if spec.melu:
@@ -375,6 +430,7 @@ class SyntheticRunner:
             self._results[key] = [dict(model=spec.name, label=spec.label, variant=spec.variant,
                                        pc_source=spec.pc_source, seed=seed, train_seconds=round(seconds, 1), **row)
                                   for row in rows]
+            self._store(spec, seed, self._results[key])
             summary = ", ".join(f"{r['task']} {r['gauc']:.4f}" for r in rows if r["group"] == "new")
             _log(f"  {spec.name} seed {seed}: {seconds:.0f} s; new-user GAUC {summary}")
             if keep_model:
@@ -613,7 +669,7 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
             _log(SECTION_TITLES[section])
             if section in ("b", "c", "e"):
                 models = {"b": table2_models, "c": ablation_models, "e": item_models}[section]
-                if section == "b":
+                if section == "b" and "d" in synthetic:
                     # Keep seed 0's baseline and POSO for (d) instead of training them again.
                     for spec in models:
                         if spec in SUBMERGENCE_MODELS:
@@ -1022,7 +1078,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=here, help="where RESULTS.md, the PNGs and results/*.json go "
                                                     "(default: %(default)s)")
     parser.add_argument("--work-dir", default=os.path.join("poso_home", "paper"),
-                        help="cache of generated data and models (default: %(default)s)")
+                        help="cache of generated data and of each synthetic model's results, so that a stopped run "
+                             "resumes (default: %(default)s)")
     parser.add_argument("--rows-per-day", type=argtypes.positive_int, default=defaults.rows_per_day,
                         help="synthetic impressions per day")
     parser.add_argument("--train-days", type=argtypes.positive_int, default=defaults.train_days,

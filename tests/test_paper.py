@@ -7,6 +7,7 @@ numbers that were computed, and that the plots exist.
 """
 
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -172,6 +173,36 @@ def test_rerunning_one_section_keeps_the_others(run):
     assert "`poso bench paper --sections a`" in _section(after, "a")
     assert after.count("## Diagnosis on ml-latest-small") == 1 and after.rstrip().endswith(findings.rstrip())
     assert after.index("## Diagnosis") > after.index(f"## {paper.SECTION_TITLES['d']}")
+
+
+def test_a_rerun_reuses_each_finished_model_and_retrains_a_broken_one(run, monkeypatch):
+    """A stopped `bench paper` started again trains only what it had not finished."""
+    first = run["written"]["b"]["rows"]
+    cached = sorted(glob.glob(os.path.join(run["work"], "synthetic-*", "results", "*.json")))
+    # (b)'s baseline seeds 0 and 1 and POSO(all) seed 0, (e)'s POSO(all) with the item-age PC.
+    assert sorted(os.path.basename(path).split("-")[0] + "-" + os.path.basename(path).split("-")[1]
+                  for path in cached) == ["baseline-seed0", "baseline-seed1", "poso_all-seed0",
+                                          "poso_all[item_age]-seed0"], cached
+    broken = next(path for path in cached if os.path.basename(path).startswith(f"{paper.POSO}-seed0-"))
+    with open(broken, "w") as f:
+        f.write('[{"model": "poso_a')  # as a kill mid-write would leave it, were it not written atomically
+    trained = []
+    real_train = paper.train_model
+    monkeypatch.setattr(paper, "train_model", lambda spec, *a: trained.append(spec.name) or real_train(spec, *a))
+    out = os.path.join(run["work"], "rerun")
+    again = paper.run_sections(["b"], [0], out, run["work"], COMMAND, budget=TINY, table2_models=MODELS,
+                               headline_seeds=[1])["b"]["rows"]
+    assert trained == [paper.POSO]
+    # The same rows (NaN, no support, equals NaN); POSO(all) trained again from the same seed.
+    pd.testing.assert_frame_equal(pd.DataFrame(again).drop(columns="train_seconds"),
+                                  pd.DataFrame(first).drop(columns="train_seconds"))
+    with open(broken) as f:
+        assert len(json.load(f)) == len([r for r in first if r["model"] == paper.POSO])
+    # Another budget is another key: nothing is reused.
+    trained.clear()
+    paper.run_sections(["b"], [0], out, run["work"], COMMAND, budget=dataclasses.replace(TINY, train_steps=2),
+                       table2_models=MODELS[:1], headline_seeds=[])
+    assert trained == [paper.BASELINE]
 
 
 def test_summarize_gives_the_paired_t_interval_and_p():
