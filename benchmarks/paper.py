@@ -344,29 +344,42 @@ def gauc_rows(predictions: Mapping[str, np.ndarray], split) -> List[Dict[str, An
 
 @functools.lru_cache(maxsize=None)
 def training_fingerprint() -> str:
-    """A hash of the code a synthetic result depends on: the model and feature packages, MeLU, and
-    this module's training and scoring functions (not its rendering), so that a text change keeps
-    cached results and a change to how models train or are scored discards them. Computed once:
-    the code this process runs."""
+    """A hash of what a synthetic result depends on besides its budget, model and seed: the model
+    and feature packages, MeLU, the split loading (paper_data), this module's training, scoring
+    and row-building code and groups (not its rendering), and the TensorFlow version, so that a
+    text change keeps cached results and a change to how models train or are scored discards
+    them. Computed once, when the first runner starts: the code this process runs."""
+    import tensorflow as tf
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    digest = hashlib.sha1()
-    for pattern in ("models/**/*.py", "feature_specs/**/*.py", "benchmarks/melu.py"):
+    digest = hashlib.sha1(tf.__version__.encode())
+    for pattern in ("models/**/*.py", "feature_specs/**/*.py", "benchmarks/melu.py", "benchmarks/paper_data.py"):
         for path in sorted(glob.glob(os.path.join(root, pattern), recursive=True)):
             digest.update(os.path.relpath(path, root).encode())
             with open(path, "rb") as f:
                 digest.update(f.read())
-    for code in (ModelSpec, Budget, train_model, train_and_predict_melu, predict, _support, gauc_rows):
+    for code in (ModelSpec, Budget, train_model, train_and_predict_melu, predict, _support, gauc_rows,
+                 SyntheticRunner.results):
         digest.update(inspect.getsource(code).encode())
+    digest.update(repr((GROUPS, VIDEO_GROUPS, AFTER_SUPPORT, TASK_NAMES)).encode())
     return digest.hexdigest()[:12]
+
+
+def result_key(budget: Budget, spec: ModelSpec, seed: int, fingerprint: str) -> str:
+    """The cache key of a (model, seed)'s result rows: what its training depends on (not the row's
+    label or seed count, as the in-memory key)."""
+    trained = dict(name=spec.name, variant=spec.variant, overrides=spec.overrides, melu=spec.melu)
+    key = json.dumps([dataclasses.asdict(budget), trained, seed, fingerprint], sort_keys=True, default=str)
+    return f"{spec.name}-seed{seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
 class SyntheticRunner:
     """Prepares the synthetic data once and trains each (model, seed) at most once.
 
     Each (model, seed)'s result rows are also written to `<data dir>/results/<key>.json`, keyed by
-    the budget, the model spec, the seed and `training_fingerprint()`: a run that is stopped (or
-    killed) and started again with the same settings and code trains only what it had not
-    finished. Deleting that folder (or the work dir) discards them."""
+    `result_key`: a run that is stopped (or killed) and started again with the same settings and
+    code trains only what it had not finished (but the models (d) inspects, which it keeps in
+    memory). Deleting that folder (or the work dir) discards them; regenerating the data does."""
 
     def __init__(self, work_dir: str, budget: Budget):
         from benchmarks import paper_data
@@ -387,15 +400,12 @@ class SyntheticRunner:
         self._models: Dict[Tuple[str, int], Any] = {}
         self._results_dir = os.path.join(self.data.root, "results")
         self._fingerprint = training_fingerprint()
+        self.cached: List[str] = []  # the (model, seed)s whose rows came from an earlier run
         _log(f"  data ready in {self.data_seconds:.0f} s: train {self.description['train']}, "
              f"eval {self.description['eval']}")
 
     def _cache_path(self, spec: ModelSpec, seed: int) -> str:
-        # What training depends on (not the row's label or seed count), as the in-memory key.
-        trained = dict(name=spec.name, variant=spec.variant, overrides=spec.overrides, melu=spec.melu)
-        key = json.dumps([dataclasses.asdict(self.budget), trained, seed, self._fingerprint], sort_keys=True,
-                         default=str)
-        return os.path.join(self._results_dir, f"{spec.name}-seed{seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json")
+        return os.path.join(self._results_dir, result_key(self.budget, spec, seed, self._fingerprint) + ".json")
 
     def _cached(self, spec: ModelSpec, seed: int) -> Optional[List[Dict[str, Any]]]:
         try:
@@ -407,16 +417,18 @@ class SyntheticRunner:
     def _store(self, spec: ModelSpec, seed: int, rows: List[Dict[str, Any]]) -> None:
         os.makedirs(self._results_dir, exist_ok=True)
         path = self._cache_path(spec, seed)
-        with open(path + ".tmp", "w") as f:
+        partial = f"{path}.{os.getpid()}.tmp"  # one per process: two runs may share a work dir
+        with open(partial, "w") as f:
             json.dump(rows, f, default=_json_default)
-        os.replace(path + ".tmp", path)  # whole or absent, whenever the run is killed
+        os.replace(partial, path)  # whole or absent, whenever the run is killed
 
     def results(self, spec: ModelSpec, seed: int, keep_model: bool = False) -> List[Dict[str, Any]]:
         key = (spec.name, seed)
         if key not in self._results and not keep_model:
             cached = self._cached(spec, seed)
             if cached is not None:
-                self._results[key] = cached
+                self._results[key] = [dict(row, label=spec.label) for row in cached]  # the label as now
+                self.cached.append(f"{spec.name} seed {seed}")
                 _log(f"  {spec.name} seed {seed}: from {os.path.relpath(self._cache_path(spec, seed), self._results_dir)}")
         if key not in self._results or (keep_model and key not in self._models):
             started = time.time()
@@ -654,6 +666,9 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
 
     runners: Dict[str, SyntheticRunner] = {}
 
+    def cached_so_far() -> List[str]:
+        return [f"{preset}: {model}" for preset, runner in runners.items() for model in runner.cached]
+
     def runner_for(preset: str) -> SyntheticRunner:
         """One runner per generator preset, so (f) reuses what (b-e) trained on the same data."""
         if preset not in runners:
@@ -665,7 +680,7 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
     if synthetic:
         runner = runner_for(budget.preset)
         for section in synthetic:
-            started = time.time()
+            started, cached_before = time.time(), len(cached_so_far())
             _log(SECTION_TITLES[section])
             if section in ("b", "c", "e"):
                 models = {"b": table2_models, "c": ablation_models, "e": item_models}[section]
@@ -678,7 +693,7 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
                 save(section, dict(models=[dataclasses.asdict(m) | {"pc_source": m.pc_source, "seeds": seeds_of(m)}
                                            for m in models],
                                    rows=frame.to_dict(orient="records")),
-                     started, data=runner.description)
+                     started, data=runner.description, cached_models=cached_so_far()[cached_before:])
             else:
                 seed = seeds[0]
                 trained = {spec.name: runner.model(spec, seed) for spec in SUBMERGENCE_MODELS}
@@ -692,9 +707,10 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
     if "f" in sections:
         from benchmarks import headroom
 
-        started = time.time()
+        started, cached_before = time.time(), len(cached_so_far())
         _log(SECTION_TITLES["f"])
-        save("f", headroom.run_section(runner_for, table2_models, seeds_of), started)
+        payload = headroom.run_section(runner_for, table2_models, seeds_of)
+        save("f", payload, started, cached_models=cached_so_far()[cached_before:])
     render(out_dir)
     return written
 
@@ -803,10 +819,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     return lines
 
 
+def _cached_text(meta: Mapping[str, Any]) -> str:
+    cached = meta.get("cached_models") or []
+    return f" (not counting {len(cached)} models whose rows an earlier, stopped run had written)" if cached else ""
+
+
 def _meta_lines(meta: Mapping[str, Any]) -> List[str]:
     m = meta["machine"]
     return [f"- Command: `{meta['command']}`",
-            f"- Date: {meta['date']}; wall time {meta['wall_seconds'] / 60:.1f} min",
+            f"- Date: {meta['date']}; wall time {meta['wall_seconds'] / 60:.1f} min{_cached_text(meta)}",
             f"- Machine: {m['cores']} cores, {m['cpu']}, {m['memory_gib']} GiB memory; {m['os']}; "
             f"Python {m['python']}, TensorFlow {meta['tensorflow']}",
             f"- Git commit: {meta['commit']}",
@@ -1007,7 +1028,9 @@ def render(out_dir: str) -> str:
         lines += [f"Sections not run yet: {', '.join(SECTION_TITLES[s] for s in missing)}.", ""]
     if payloads:
         # The synthetic sections share one data preparation, counted in the first of them that ran.
-        overview = [[SECTION_TITLES[section], f"{p['meta']['wall_seconds'] / 60:.1f}", _seed_text(p["meta"]),
+        overview = [[SECTION_TITLES[section],
+                     f"{p['meta']['wall_seconds'] / 60:.1f}" + (" (resumed)" if p["meta"].get("cached_models") else ""),
+                     _seed_text(p["meta"]),
                      p["meta"]["commit"][:12], p["meta"]["date"]] for section, p in payloads.items()]
         lines += ["How long each section took when it last ran (wall time on the machine below each title):", ""]
         lines += _table(["Section", "Wall time (min)", "Seeds", "Commit", "Date"], overview) + [""]

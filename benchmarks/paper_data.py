@@ -150,7 +150,8 @@ def prepare(work_dir: str, settings: SyntheticSettings = SyntheticSettings(),
     logs_dir = os.path.join(root, "logs")
     # Caches from before the generator wrote its truth files are made again.
     if not os.path.exists(done) or not glob.glob(os.path.join(logs_dir, "logs", "*", synthetic_logs.TRUTH_FILE)):
-        for stale in (examples_dir, transform_dir):
+        # And the result rows of models trained on the data this replaces (benchmarks.paper).
+        for stale in (examples_dir, transform_dir, os.path.join(root, "results")):
             maybe_remove(stale)
         log(f"  generating {settings.days} days x {settings.rows_per_day:,} impressions "
             f"(new-user share {settings.new_user_share}, preset {preset}) ...")

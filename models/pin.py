@@ -78,26 +78,30 @@ def stratify(batches: tf.data.Dataset, batch_size: int, feature_set: fs.FeatureS
     comes from the head or the tail stream with probability 1/2 (until one stream ends; the other
     then fills the batches). Batches are split by group and re-cut into runs (`rebatch`), never
     unbatched, and `batch_size / run` runs make a batch; `run` shrinks to the largest divisor of
-    `batch_size` not above it. A finite stream loses its last partial run of each group (fewer
-    than 2 * run examples an epoch).
+    `batch_size` not above it (slower when that is small). On a finite stream each group's last,
+    shorter run is kept, so a batch may hold fewer examples.
 
-    The runs are stacked and flattened rather than re-cut by a second `rebatch`, which logs
-    "Tensor RefCount not reliable if buf_ points to a SubBuffer" for every slice of the first
-    (about 200 lines a training step) at the same speed."""
-    run = max(r for r in range(1, min(run, batch_size) + 1) if batch_size % r == 0)
+    The runs are stacked (`ragged_batch`) and flattened rather than re-cut by a second `rebatch`,
+    which logs "Tensor RefCount not reliable if buf_ points to a SubBuffer" for every slice of
+    the first (about 200 lines a training step) at the same speed."""
+    divisor = max(r for r in range(1, min(run, batch_size) + 1) if batch_size % r == 0)
+    if divisor < run and batch_size >= run:
+        _log.warning("PIN: batch size %d is not a multiple of %d: strata alternate in runs of %d examples "
+                     "(slower input)", batch_size, run, divisor)
+    run = divisor
 
     def group(head: bool) -> tf.data.Dataset:
         def rows(batch):
             mask = head_mask(batch, feature_set, head_min_pc_bucket)
             return {name: tf.boolean_mask(value, mask if head else ~mask) for name, value in batch.items()}
-        return (batches.map(rows, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-                .rebatch(run, drop_remainder=True))
+        return batches.map(rows, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).rebatch(run)
 
-    def flatten(runs):  # [runs, run, ...] -> [runs * run, ...]
-        return {name: tf.reshape(value, tf.concat([[-1], tf.shape(value)[2:]], 0)) for name, value in runs.items()}
+    def flatten(runs):  # [runs, (run), ...] -> [examples, ...]
+        return {name: value.flat_values if isinstance(value, tf.RaggedTensor)
+                else tf.reshape(value, tf.concat([[-1], tf.shape(value)[2:]], 0)) for name, value in runs.items()}
 
     mixed = tf.data.Dataset.sample_from_datasets([group(False), group(True)], weights=[0.5, 0.5], seed=seed)
-    return (mixed.batch(batch_size // run)
+    return (mixed.ragged_batch(batch_size // run)
             .map(flatten, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE))
 
 

@@ -190,19 +190,32 @@ def test_a_rerun_reuses_each_finished_model_and_retrains_a_broken_one(run, monke
     real_train = paper.train_model
     monkeypatch.setattr(paper, "train_model", lambda spec, *a: trained.append(spec.name) or real_train(spec, *a))
     out = os.path.join(run["work"], "rerun")
-    again = paper.run_sections(["b"], [0], out, run["work"], COMMAND, budget=TINY, table2_models=MODELS,
-                               headline_seeds=[1])["b"]["rows"]
+    payload = paper.run_sections(["b"], [0], out, run["work"], COMMAND, budget=TINY, table2_models=MODELS,
+                                 headline_seeds=[1])["b"]
+    again = payload["rows"]
     assert trained == [paper.POSO]
+    assert payload["meta"]["cached_models"] == ["submergence: baseline seed 0", "submergence: baseline seed 1"]
+    with open(os.path.join(out, paper.RESULTS_FILE)) as f:
+        assert "not counting 2 models whose rows an earlier, stopped run had written" in _section(f.read(), "b")
     # The same rows (NaN, no support, equals NaN); POSO(all) trained again from the same seed.
     pd.testing.assert_frame_equal(pd.DataFrame(again).drop(columns="train_seconds"),
                                   pd.DataFrame(first).drop(columns="train_seconds"))
     with open(broken) as f:
         assert len(json.load(f)) == len([r for r in first if r["model"] == paper.POSO])
-    # Another budget is another key: nothing is reused.
-    trained.clear()
-    paper.run_sections(["b"], [0], out, run["work"], COMMAND, budget=dataclasses.replace(TINY, train_steps=2),
-                       table2_models=MODELS[:1], headline_seeds=[])
-    assert trained == [paper.BASELINE]
+
+
+def test_result_key_changes_with_what_training_depends_on():
+    spec, seed, fingerprint = paper.TABLE2_MODELS[1], 0, "code-a"
+    key = paper.result_key(TINY, spec, seed, fingerprint)
+    assert key == paper.result_key(TINY, dataclasses.replace(spec, label="renamed", headline=True), seed, fingerprint)
+    others = [paper.result_key(dataclasses.replace(TINY, train_steps=4), spec, seed, fingerprint),
+              paper.result_key(TINY, dataclasses.replace(spec, variant="poso_mha"), seed, fingerprint),
+              paper.result_key(TINY, dataclasses.replace(spec, overrides=(("pc_source", "is_new_user"),)), seed,
+                               fingerprint),
+              paper.result_key(TINY, dataclasses.replace(spec, melu=True), seed, fingerprint),
+              paper.result_key(TINY, spec, seed + 1, fingerprint),
+              paper.result_key(TINY, spec, seed, "code-b")]
+    assert len({key, *others}) == 1 + len(others)
 
 
 def test_summarize_gives_the_paired_t_interval_and_p():
