@@ -41,9 +41,11 @@ DEFAULT_MODELS = ("baseline",)
 GROUPS = ("new", "regular", "all")
 # `poso bench paper` section (f): the issue-17 goals on the presets they are about. On
 # `submergence` (the synthetic sections' world, so its models are Table 2's, trained once) every
-# Table 2 model; on `none`, the control, the baseline and every POSO variant.
+# Table 2 model; on `none`, the control, the baseline, every POSO variant and the two methods that
+# change every user's path (MAIL's generated history, PIN's towers), to show what each costs when
+# there is nothing to personalize.
 SECTION_PRESETS = ("submergence", "none")
-NONE_PRESET_MODELS = ("baseline", "poso_mlp", "poso_mha", "poso_mmoe", "poso_all")
+NONE_PRESET_MODELS = ("baseline", "poso_mlp", "poso_mha", "poso_mmoe", "poso_all", "mail", "pin")
 # Goals: on `submergence` POSO(all) closes >= 25% of the new-user long_view headroom at p < 0.01
 # over >= 8 seeds, regular users' long_view within 0.1 pp of the baseline; on `none` no POSO
 # variant is more than 0.1 pp below the baseline on any task and group.

@@ -16,8 +16,8 @@ Sections:
   e  Item cold start (Table 3): POSO(all) with PC = item age against the baseline, on impressions
      of new videos (uploaded under feature_specs' NEW_ITEM_DAYS days before) and of the others.
   f  Headroom closed (benchmarks.headroom): each model against the ceiling of the generator's true
-     probabilities, always on `submergence` (Table 2's models) and on `none` (the baseline and the
-     POSO variants), with the issue-17 goals' verdicts; it reuses b's trained models when b ran in
+     probabilities, always on `submergence` (Table 2's models) and on `none` (the baseline, the
+     POSO variants, MAIL and PIN), with the issue-17 goals' verdicts; it reuses b's trained models when b ran in
      the same command on one of those presets (the default).
 
 Seeds: headline rows (the baseline, POSO(all) and every cold-start method the project has; in
