@@ -185,6 +185,12 @@ def summarize(ceiling: pd.DataFrame, models: pd.DataFrame, baseline: str = "base
     return out
 
 
+def _count(value: Any) -> str:
+    """A seed count as a whole number: a model missing on one preset leaves NaN in its column,
+    which makes pandas store every count of that column as a float."""
+    return "n/a" if pd.isna(value) else str(int(value))
+
+
 def format_table(summary: pd.DataFrame) -> str:
     """The summary as a Markdown table (GAUC in %, differences in pp, headroom closed in %; each
     model's gain and share closed with their 95% CI over the paired seeds)."""
@@ -196,11 +202,11 @@ def format_table(summary: pd.DataFrame) -> str:
     for row in summary.to_dict("records"):
         cells = [row["preset"], row["task"], row["group"], f"{100 * row['ceiling']:.2f}",
                  f"{100 * row['baseline']:.2f}", f"{row['headroom_pp']:+.2f} ± {row['headroom_pp_std']:.2f} "
-                                                 f"({row['seeds']} seeds)"]
+                                                 f"({_count(row['seeds'])} seeds)"]
         for m in models:
             cells += [f"{100 * row[f'{m}_gauc']:.2f}",
                       f"{row[f'{m}_gain_pp']:+.2f} [{row[f'{m}_gain_low']:+.2f}, {row[f'{m}_gain_high']:+.2f}], "
-                      f"p={row[f'{m}_p']:.2g} ({row[f'{m}_seeds']} seeds)",
+                      f"p={row[f'{m}_p']:.2g} ({_count(row[f'{m}_seeds'])} seeds)",
                       f"{100 * row[f'{m}_closed']:+.1f}% [{100 * row[f'{m}_closed_low']:+.1f}, "
                       f"{100 * row[f'{m}_closed_high']:+.1f}]"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -226,7 +232,7 @@ def goals(summary: pd.DataFrame) -> List[Dict[str, Any]]:
                              met=met,
                              figures=f"closed {100 * new['poso_all_closed']:+.1f}% [{100 * new['poso_all_closed_low']:+.1f}, "
                                      f"{100 * new['poso_all_closed_high']:+.1f}], new {new['poso_all_gain_pp']:+.2f} pp "
-                                     f"p={new['poso_all_p']:.2g} ({new['poso_all_seeds']} seeds); regular "
+                                     f"p={new['poso_all_p']:.2g} ({_count(new['poso_all_seeds'])} seeds); regular "
                                      f"{regular['poso_all_gain_pp']:+.2f} pp [{regular['poso_all_gain_low']:+.2f}, "
                                      f"{regular['poso_all_gain_high']:+.2f}]"))
     none = summary[(summary["preset"] == "none") & summary["task"].isin(GOAL_TASKS)]
@@ -238,7 +244,7 @@ def goals(summary: pd.DataFrame) -> List[Dict[str, Any]]:
                                   f"task and group", met=bool(worst[f"{model}_gain_pp"] >= -GOAL_TOLERANCE_PP),
                              figures=f"lowest: {worst['task']} {worst['group']} {worst[f'{model}_gain_pp']:+.2f} pp "
                                      f"[{worst[f'{model}_gain_low']:+.2f}, {worst[f'{model}_gain_high']:+.2f}], "
-                                     f"p={worst[f'{model}_p']:.2g} ({worst[f'{model}_seeds']} seeds)"))
+                                     f"p={worst[f'{model}_p']:.2g} ({_count(worst[f'{model}_seeds'])} seeds)"))
     return verdicts
 
 
@@ -296,9 +302,9 @@ def format_long_table(summary: pd.DataFrame) -> str:
             lines.append("| " + " | ".join([
                 row["task"], row["group"], f"{100 * row['ceiling']:.2f}",
                 f"{100 * row['baseline']:.2f} ({row['headroom_pp']:+.2f} ± {row['headroom_pp_std']:.2f}, "
-                f"{row['seeds']} seeds)", m, f"{100 * row[f'{m}_gauc']:.2f}",
+                f"{_count(row['seeds'])} seeds)", m, f"{100 * row[f'{m}_gauc']:.2f}",
                 f"{row[f'{m}_gain_pp']:+.2f} [{row[f'{m}_gain_low']:+.2f}, {row[f'{m}_gain_high']:+.2f}], "
-                f"p={row[f'{m}_p']:.2g} ({row[f'{m}_seeds']} seeds)",
+                f"p={row[f'{m}_p']:.2g} ({_count(row[f'{m}_seeds'])} seeds)",
                 f"{100 * row[f'{m}_closed']:+.1f}% [{100 * row[f'{m}_closed_low']:+.1f}, "
                 f"{100 * row[f'{m}_closed_high']:+.1f}]"]) + " |")
     return "\n".join(lines)

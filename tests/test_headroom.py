@@ -35,6 +35,15 @@ def test_summary_states_headroom_and_the_share_closed_paired_by_seed():
            "(2 seeds) | +37.5% [-121.3, +196.3] |" in headroom.format_table(headroom.summarize(ceiling, models))
 
 
+def test_a_model_missing_on_one_preset_keeps_whole_seed_counts():
+    ceiling = pd.DataFrame([dict(preset=p, task="long_view", group="new", ceiling=0.70) for p in ("a", "b")])
+    models = pd.DataFrame([dict(preset=preset, task="long_view", group="new", model=model, seed=seed, gauc=0.66 + seed / 100)
+                           for preset, model in (("a", "baseline"), ("a", "mail"), ("b", "baseline"))
+                           for seed in (0, 1)])
+    table = headroom.format_long_table(headroom.summarize(ceiling, models))
+    assert "(2 seeds) | +0.0% " in table and ".0 seeds" not in table
+
+
 def test_summary_pairs_only_the_seeds_both_models_have():
     ceiling = pd.DataFrame([dict(preset="p", task="long_view", group="new", ceiling=0.70)])
     models = pd.DataFrame([dict(preset="p", task="long_view", group="new", model=model, seed=seed, gauc=gauc)
