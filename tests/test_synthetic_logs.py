@@ -19,7 +19,9 @@ from feature_specs import specs
 VIDEO_UPLOAD_DT_INDEX = specs.VIDEO_TABLE_COLUMNS.index(specs.UPLOAD_DT)
 
 START = datetime.date(2022, 4, 8)
-KUAIRAND_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "kuairand-pure")
+# The real KuaiRand-Pure feature tables: $POSO_KUAIRAND_DIR, else ../shared/data beside the checkout.
+KUAIRAND_DIR = os.environ.get("POSO_KUAIRAND_DIR") or os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                                                   "data", "kuairand-pure")
 NEW_USER_MS = specs.NEW_USER_HOURS * 3_600_000
 
 
