@@ -716,9 +716,9 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
 
 
 def default_movielens_zip() -> str:
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.environ.get(MOVIELENS_ENV) or os.path.normpath(
-        os.path.join(checkout, "..", "shared", "data", "ml-latest-small", "ml-latest-small.zip"))
+    from benchmarks import paper_movielens
+
+    return paper_movielens.default_data_zip()
 
 
 def _json_default(value):
