@@ -904,6 +904,7 @@ def _goal_lines(goal: Mapping[str, Any], label: str) -> List[str]:
 MOVIELENS_METRICS = {
     "gauc": "GAUC on the test users",
     "gauc_avc_lt_32": "GAUC on test ratings with fewer than 32 earlier ones (the new-user regime)",
+    "gauc_avc_ge_32": "GAUC on test ratings with 32 or more earlier ones (the regular-user regime)",
     "gauc_after_support": "GAUC on test ratings after the user's first 8 (MeLU's protocol: it adapts on the first "
                           "8 and scores the rest; in the other tables it scores the first 8 unadapted)",
     "auc": "global AUC",

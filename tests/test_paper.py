@@ -294,8 +294,10 @@ def test_movielens_table_shows_the_returned_frame(tmp_path):
     rows = []
     for seed, (base, poso) in enumerate([(0.70, 0.72), (0.68, 0.71)]):
         for task, shift in (("favorite", 0.0), ("satisfied", -0.05)):
-            rows += [dict(variant=paper.BASELINE, seed=seed, task=task, gauc=base + shift, gauc_avc_lt_32=base - 0.1),
-                     dict(variant=paper.POSO, seed=seed, task=task, gauc=poso + shift, gauc_avc_lt_32=poso - 0.1)]
+            rows += [dict(variant=paper.BASELINE, seed=seed, task=task, gauc=base + shift, gauc_avc_lt_32=base - 0.1,
+                          gauc_avc_ge_32=base + 0.1),
+                     dict(variant=paper.POSO, seed=seed, task=task, gauc=poso + shift, gauc_avc_lt_32=poso - 0.1,
+                          gauc_avc_ge_32=poso + 0.1)]
     payload = dict(available=True, zip="ml.zip", variants=[paper.BASELINE, paper.POSO], budget={}, rows=rows,
                    meta=dict(command="c", date="d", wall_seconds=60, commit="x", tensorflow="t", seeds=[0, 1],
                              machine=dict(cores=2, cpu="cpu", memory_gib=1, os="os", python="3")))
@@ -308,7 +310,7 @@ def test_movielens_table_shows_the_returned_frame(tmp_path):
     expected = scipy_stats.ttest_rel([72.0, 71.0], [70.0, 68.0])
     interval = expected.confidence_interval(0.95)
     assert cells[3] == f"+2.50 [{interval.low:+.2f}, {interval.high:+.2f}] {paper.format_p(expected.pvalue)}"
-    assert "fewer than 32 earlier ones" in text
+    assert "fewer than 32 earlier ones" in text and "32 or more earlier ones" in text
 
 
 def test_section_a_without_the_archive_stops_before_any_work(tmp_path, capsys):
