@@ -1,4 +1,5 @@
-"""Resolving by daily span: the training window, the baseline model, and the anomalies gate.
+"""Resolving by daily span: the training window, the baseline model, Transform's analyzer cache,
+and the anomalies gate.
 
 `SpanWindowStrategy` is a TFX ResolverStrategy: for every channel it returns the latest
 artifact of each span in [first_span, last_span], oldest first. Given an `anomalies`
@@ -10,6 +11,12 @@ channel too, it leaves out spans whose ExampleValidator found anomalies, and it 
 LatestBlessedModelStrategy it does not depend on runs of later days or on the run's own
 result, so a rerun of a day (after a crash, or in a backfill) resolves the same baseline,
 finds the Evaluator and Pusher cached, and pushes nothing twice.
+
+`EarlierWindowCacheStrategy` returns the analyzer cache Transform wrote on the latest run whose
+training window ended before this run's: tf.Transform then analyzes only the spans that cache
+lacks (the newest day, in a daily rolling window) and takes the others' per-span analyzer
+results from it. For the same reason as above it never picks the cache of a run of the same
+day, so a rerun resolves the same cache and finds Transform cached.
 """
 
 
@@ -103,9 +110,10 @@ class SpanWindowStrategy(resolver.ResolverStrategy):
         return result
 
 
-def _evaluation_spans(store, blessings: List[types.Artifact]) -> Dict[int, int]:
-    """{blessing id: span of the Examples its Evaluator read} from MLMD lineage."""
-    events = store.get_events_by_artifact_ids([b.id for b in blessings])
+def _input_spans(store, outputs: List[types.Artifact]) -> Dict[int, int]:
+    """{artifact id: latest span of the Examples its producer read} from MLMD lineage: for a
+    ModelBlessing the evaluation day, for a TransformCache the last day of the window."""
+    events = store.get_events_by_artifact_ids([b.id for b in outputs])
     producer = {e.artifact_id: e.execution_id for e in events if e.type == metadata_store_pb2.Event.OUTPUT}
     inputs: Dict[int, List[int]] = {}
     for event in store.get_events_by_execution_ids(sorted(set(producer.values()))):
@@ -116,10 +124,10 @@ def _evaluation_spans(store, blessings: List[types.Artifact]) -> Dict[int, int]:
     span_of_examples = {a.id: a.properties["span"].int_value for a in store.get_artifacts_by_id(wanted)
                         if a.type_id == examples_type and "span" in a.properties}
     spans = {}
-    for blessing_id, execution_id in producer.items():
+    for artifact_id, execution_id in producer.items():
         found = [span_of_examples[a] for a in inputs.get(execution_id, []) if a in span_of_examples]
         if found:
-            spans[blessing_id] = max(found)
+            spans[artifact_id] = max(found)
     return spans
 
 
@@ -140,12 +148,28 @@ class BaselineModelStrategy(resolver.ResolverStrategy):
         blessings = [b for b in input_dict["model_blessing"]
                      if b.get_int_custom_property("blessed") == 1
                      and b.get_int_custom_property("current_model_id") in models]
-        spans = _evaluation_spans(store, blessings) if blessings else {}
+        spans = _input_spans(store, blessings) if blessings else {}
         earlier = [b for b in blessings if spans.get(b.id, self._span) < self._span]
         if not earlier:
             return {"model": [], "model_blessing": []}
         best = max(earlier, key=lambda b: (spans[b.id], b.get_int_custom_property("current_model_id")))
         return {"model": [models[best.get_int_custom_property("current_model_id")]], "model_blessing": [best]}
+
+
+class EarlierWindowCacheStrategy(resolver.ResolverStrategy):
+    """The TransformCache of the latest run whose window ended before `window_last_span`; see the
+    module docstring. Input and output `cache`; empty on the first run (Transform then analyzes
+    every span and writes the first cache)."""
+
+    def __init__(self, window_last_span: int):
+        self._last = window_last_span
+
+    def resolve_artifacts(self, store, input_dict: Dict[str, List[types.Artifact]]
+                          ) -> Optional[Dict[str, List[types.Artifact]]]:
+        caches = input_dict["cache"]
+        spans = _input_spans(store, caches) if caches else {}
+        earlier = [c for c in caches if spans.get(c.id, self._last) < self._last]
+        return {"cache": [max(earlier, key=lambda c: (spans[c.id], c.id))] if earlier else []}
 
 
 @component

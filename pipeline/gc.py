@@ -11,7 +11,9 @@ Kept, whatever N:
   windows and the user state of later days are made from them.
 
 Deleted: the outputs of Transform, Trainer, Evaluator, ServingInfraValidator and Pusher in other
-runs (models never pushed, pushes no longer kept, what killed runs left). Each deleted artifact
+runs (models never pushed, pushes no longer kept, what killed runs left). Transform's analyzer
+cache goes with its run; the latest daily run's is kept, and a next day that finds none
+analyzes its whole window again (slower, the same result). Each deleted artifact
 is marked DELETED in ML Metadata, so TFX neither resolves nor reuses it from the cache: rerunning
 such a day recomputes it. A dry run (the default) lists what would go and how much space it frees;
 `--delete` deletes. Run it between daily runs, not during one.

@@ -3,7 +3,8 @@
 For the run date D:
   previous_user_state (state through D-1) -> AvcExampleGen(D) -> StatisticsGen -> ExampleValidator
   (against the schema derived from feature_specs) -> SchemaAnomaliesGate;
-  training_window (spans D-7..D-1, each validated) -> Transform -> Trainer -> Evaluator on span D
+  training_window (spans D-7..D-1, each validated) -> Transform (analyzing only the spans the
+  previous window's analyzer cache lacks) -> Trainer -> Evaluator on span D
   (metrics of the candidate and the last blessed model) -> BlessingGate (pipeline/blessing.py)
   + ServingInfraValidator -> Pusher (blessed models only, one version per day) ->
   ServingConfigWriter (models.config beside TF Serving's base directory; a rollback's pin holds).
@@ -12,8 +13,9 @@ For the run date D:
 `for_kubeflow=True` builds the same DAG for KubeflowV2DagRunner, which compiles only TFX's
 LatestArtifactStrategy and LatestBlessedModelStrategy resolvers: the user state through D-1 and
 the training window come from the span registry (`RegisteredUserState`, `SpanWindowExamples` in
-components/span_registry.py) instead of `SpanWindowStrategy`, and the baseline is TFX's latest
-blessed model (a rerun of a day may then compare against that day's own earlier push). The date
+components/span_registry.py) instead of `SpanWindowStrategy`, the baseline is TFX's latest
+blessed model (a rerun of a day may then compare against that day's own earlier push), and the
+analyzer cache is the latest one (a rerun's may be its own: the same spans, the same analysis). The date
 is the runtime parameter `date`, so one compiled spec serves every daily run; the day's input
 fingerprint, part of AvcExampleGen's cache key, is then computed by a task at run time
 (`DayInputFingerprint`) instead of when the pipeline is built.
@@ -33,7 +35,8 @@ from components.infra_validator import ServingInfraValidator
 from components.input_fingerprint import DayInputFingerprint
 from components.serving_config_writer import ServingConfigWriter
 from components.span_registry import RegisteredUserState, SpanWindowExamples, registry_dir_of
-from components.span_window import BaselineModelStrategy, SchemaAnomaliesGate, SpanWindowStrategy
+from components.span_window import (BaselineModelStrategy, EarlierWindowCacheStrategy, SchemaAnomaliesGate,
+                                    SpanWindowStrategy)
 from pipeline import config as config_lib
 from pipeline import evaluation
 from pipeline.blessing import BlessingGate
@@ -96,6 +99,9 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
                 model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
                 model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
             ).with_id("baseline_model")
+            analyzer_cache = tfx.dsl.Resolver(
+                strategy_class=tfx.dsl.experimental.LatestArtifactStrategy,
+                cache=tfx.dsl.Channel(type=tfx.types.standard_artifacts.TransformCache))
         else:
             training_window = tfx.dsl.Resolver(
                 strategy_class=SpanWindowStrategy,
@@ -120,6 +126,14 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
                 model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing,
                                                producer_component_id="BlessingGate", output_key="blessing"),
             ).with_id("baseline_model")
+            # tf.Transform's per-span analyzer results from an earlier day's window: only the new
+            # span is read and analyzed; tf.Transform merges the per-span accumulators (see EarlierWindowCacheStrategy).
+            analyzer_cache = tfx.dsl.Resolver(
+                strategy_class=EarlierWindowCacheStrategy,
+                config={"window_last_span": span - 1},
+                cache=tfx.dsl.Channel(type=tfx.types.standard_artifacts.TransformCache,
+                                      producer_component_id="Transform", output_key="updated_analyzer_cache"))
+        analyzer_cache = analyzer_cache.with_id("analyzer_cache")
         transform = tfx.components.Transform(
             examples=window_examples,
             schema=schema_gen.outputs["schema"],
@@ -128,7 +142,8 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
             # StatisticsGen already describes every day; Transform's own pre- and
             # post-transform statistics of the whole window were the run's largest memory peak.
             disable_statistics=True,
-            materialize=False)
+            materialize=False,
+            analyzer_cache=analyzer_cache.outputs["cache"])
         transform.add_upstream_node(anomalies_gate)
         trainer_class, trainer_config = _trainer(cfg, for_kubeflow, image)
         trainer = trainer_class(
@@ -165,7 +180,7 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
         config_writer = ServingConfigWriter(
             pushed_model=pusher.outputs["pushed_model"], models_config_path=cfg.models_config_path,
             model_name=config_lib.MODEL_NAME, base_path=cfg.serving_model_dir, pin_path=cfg.pin_path)
-        components += [training_window, transform, baseline, trainer, evaluator, blessing_gate,
+        components += [training_window, analyzer_cache, transform, baseline, trainer, evaluator, blessing_gate,
                        infra_validator, pusher, config_writer]
 
     for component in components:

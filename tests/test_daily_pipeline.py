@@ -279,6 +279,48 @@ def test_corrupted_evaluation_day_is_not_blessed_nor_pushed(corrupted_day, resum
     assert result["baseline_metrics"]
 
 
+def _window_examples(artifacts):
+    """Every tf.Example of a training window's Examples artifacts, serialized."""
+    import tensorflow as tf
+
+    files = sorted(os.path.join(a.uri, "Split-day", name) for a in artifacts
+                   for name in os.listdir(os.path.join(a.uri, "Split-day")))
+    return [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+
+
+def test_next_day_takes_the_earlier_windows_analyzer_cache_and_the_same_z_scores(corrupted_day, resumed, killed):
+    """Day 9's Transform reads the analyzer cache day 8's wrote, whose per-span entries cover 6 of
+    its 7 spans (only the new day is analyzed); its z-scores equal a NumPy analysis of day 9's
+    whole window."""
+    import numpy as np
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    with Store(killed) as s:
+        day8, day9 = sorted((e for e in s.executions_of("Transform") if e.last_known_state == COMPLETE),
+                            key=lambda e: e.id)
+        assert s.inputs(day8, "analyzer_cache") == []   # the first window: nothing earlier to reuse
+        (day8_cache,) = s.outputs(day8, "updated_analyzer_cache")
+        assert [a.id for a in s.inputs(day9, "analyzer_cache")] == [day8_cache.id]
+        (day9_cache,) = s.outputs(day9, "updated_analyzer_cache")
+        window = s.inputs(day9, "examples")
+        graph_uri = s.outputs(day9, "transform_graph")[0].uri
+    assert sorted(a.properties["span"].int_value for a in window) == list(range(span_of(START) + 1, span_of(CORRUPTED)))
+    entries = lambda cache: {e for e in os.listdir(cache.uri) if os.path.isdir(os.path.join(cache.uri, e))}
+    assert len(entries(day8_cache)) == len(entries(day9_cache)) == config_lib.TRAIN_DAYS
+    assert len(entries(day8_cache) & entries(day9_cache)) == config_lib.TRAIN_DAYS - 1
+
+    output = tft.TFTransformOutput(graph_uri)
+    serialized = _window_examples(window)
+    raw = tf.io.parse_example(tf.constant(serialized), output.raw_feature_spec())
+    transformed = output.transform_raw_features(raw)
+    for feature in specs.features_of_kind(specs.Kind.NUMERIC):
+        values = np.log1p(np.maximum(raw[feature.name].numpy().astype(np.float64).reshape(-1), 0.0))
+        expected = (values - values.mean()) / (values.std() or 1.0)
+        np.testing.assert_allclose(transformed[feature.name].numpy().reshape(-1), expected, rtol=1e-3, atol=1e-3,
+                                   err_msg=feature.name)
+
+
 def test_rerun_of_an_earlier_day_pushes_nothing_and_reports_that_day(earlier_day_rerun, resumed, killed):
     """A backfill over day 8 after day 9 ran: nothing is recomputed, the served version stays."""
     (result, runs), versions_before = earlier_day_rerun
