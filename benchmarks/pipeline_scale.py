@@ -19,7 +19,8 @@ records, and the peak resident set size of this process plus every child process
 multi-processing workers, the infra validator's server) sampled every 0.25 s within that span.
 A run's wall time also counts the runner's own work between components (resolvers, MLMD).
 And the examples each component went through, from the run summary: the day's rows for
-AvcExampleGen, StatisticsGen and ExampleValidator, the window's rows for Transform, the training
+AvcExampleGen, StatisticsGen and ExampleValidator, the rows Transform analyzed (those of the days
+its analyzer cache lacked: the whole window on the first run, the newest day after), the training
 examples seen for the Trainer (the window's rows times the passes, checked against the steps the
 Trainer counted: models.trainer.StepProgress's last line; or steps x batch with --train-steps), and
 the day's rows times the models scored for the Evaluator; with examples/s over the component's time.
@@ -137,8 +138,8 @@ def count_examples(span: Span, summary: Dict[str, object], epochs: int, train_st
     day, window = int(summary.get("eval_rows") or 0), int(summary.get("train_rows") or 0)
     if span.name in DAY_READERS:
         return day
-    if span.name == "Transform":
-        return window
+    if span.name == "Transform":  # the spans it analyzed; the others came from the analyzer cache
+        return int(summary.get("transform_analyzed_rows", window))
     if span.name == "Evaluator":
         return day * (2 if summary.get("baseline_metrics") else 1)  # the candidate, and the baseline
     if span.name == "Trainer":

@@ -82,6 +82,36 @@ def _artifacts(store, type_name: str):
         return []
 
 
+def _analysis_from_cache(store, cache_output) -> Dict[str, object]:
+    """The days of this run's window whose tf.Transform analysis came from the analyzer cache an
+    earlier run wrote (components/span_window.py, EarlierWindowCacheStrategy), and the rows
+    Transform read and analyzed itself: {} when the run wrote no cache (an older run)."""
+    from ml_metadata.proto import metadata_store_pb2
+
+    def inputs_of(artifact_id: int) -> Dict[str, List[int]]:
+        producers = [e.execution_id for e in store.get_events_by_artifact_ids([artifact_id])
+                     if e.type == metadata_store_pb2.Event.OUTPUT]
+        found: Dict[str, List[int]] = {}
+        for event in store.get_events_by_execution_ids([min(producers)] if producers else []):
+            if event.type == metadata_store_pb2.Event.INPUT and event.path.steps:
+                found.setdefault(event.path.steps[0].key, []).append(event.artifact_id)
+        return found
+
+    def spans_and_rows(examples_ids: List[int]) -> Dict[int, int]:
+        return {a.properties["span"].int_value: _custom(a, "rows", 0)
+                for a in store.get_artifacts_by_id(examples_ids) if "span" in a.properties}
+
+    if cache_output is None:
+        return {}
+    own = inputs_of(cache_output.id)
+    window = spans_and_rows(own.get("examples", []))
+    cached = set()
+    for cache_id in own.get("analyzer_cache", []):
+        cached |= set(window) & set(spans_and_rows(inputs_of(cache_id).get("examples", [])))
+    return {"transform_cached_days": len(cached),
+            "transform_analyzed_rows": sum(rows for span, rows in window.items() if span not in cached)}
+
+
 def _input_checks(store, examples) -> Dict[str, object]:
     """What ingest found in the evaluation day's logs, and whether they changed since the day's
     previous ingest (a corrected or late file: the day was ingested and validated again)."""
@@ -120,12 +150,14 @@ def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
             artifact = _latest(store, tfx.types.standard_artifacts.Examples.TYPE_NAME, span_of(date))
             train_rows.append(_custom(artifact, "rows", 0))
         input_checks = _input_checks(store, examples)
+        analysis = _analysis_from_cache(store, run.get(artifacts.TransformCache.TYPE_NAME))
     summary: Dict[str, object] = {
         "date": cfg.date.isoformat(),
         "train_window": [cfg.train_dates[0].isoformat(), cfg.train_dates[-1].isoformat()],
         "train_rows": sum(train_rows), "eval_rows": _custom(examples, "rows", 0),
         "eval_examples_uri": examples.uri if examples is not None else None,
         **input_checks,
+        **analysis,
         "skipped_days": {d.isoformat(): reason for d, reason in sorted(
             skip_day.read_skipped_days(cfg).items()) if cfg.train_dates[0] <= d < cfg.date},
         "blessed": bool(_custom(blessing, "blessed", 0)),
@@ -161,6 +193,9 @@ def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
 def format_summary(summary: Dict[str, object]) -> str:
     lines = [f"Run {summary['date']}: trained on {summary['train_window'][0]}..{summary['train_window'][1]} "
              f"({summary['train_rows']} impressions), evaluated on {summary['eval_rows']} impressions"]
+    if summary.get("transform_cached_days"):
+        lines.append(f"  Transform: {summary['transform_cached_days']} of the window's days analyzed from the "
+                     f"analyzer cache of an earlier run; {summary['transform_analyzed_rows']} impressions analyzed")
     if summary.get("input_changed"):
         lines.append(f"  Input changed: {summary['date']}'s log files differ from an earlier ingest; ingested "
                      f"and validated again")

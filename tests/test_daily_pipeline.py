@@ -309,6 +309,14 @@ def test_next_day_takes_the_earlier_windows_analyzer_cache_and_the_same_z_scores
     entries = lambda cache: {e for e in os.listdir(cache.uri) if os.path.isdir(os.path.join(cache.uri, e))}
     assert len(entries(day8_cache)) == len(entries(day9_cache)) == config_lib.TRAIN_DAYS
     assert len(entries(day8_cache) & entries(day9_cache)) == config_lib.TRAIN_DAYS - 1
+    # The run summaries say so: day 8 analyzed its whole window, day 9 only its newest day.
+    assert resumed[0]["transform_cached_days"] == 0
+    assert resumed[0]["transform_analyzed_rows"] == config_lib.TRAIN_DAYS * ROWS_PER_DAY
+    day9_summary = corrupted_day[0][0]
+    assert day9_summary["transform_cached_days"] == config_lib.TRAIN_DAYS - 1
+    assert day9_summary["transform_analyzed_rows"] == ROWS_PER_DAY
+    assert (f"Transform: {config_lib.TRAIN_DAYS - 1} of the window's days analyzed from the analyzer cache"
+            in summary.format_summary(day9_summary))
 
     output = tft.TFTransformOutput(graph_uri)
     serialized = _window_examples(window)

@@ -46,6 +46,9 @@ def test_trainer_steps_counted_in_its_span_and_examples_seen():
     assert count("Trainer", train_steps=7) == 28
     assert count("Evaluator") == 10  # the candidate and the baseline
     assert count("Transform") == 11 and count("AvcExampleGen") == 5 and count("Pusher") is None
+    # With an analyzer cache Transform analyzed only the days the cache lacked.
+    summary["transform_analyzed_rows"] = 2
+    assert count("Transform") == 2
 
 
 def test_a_step_count_that_disagrees_with_the_window_is_reported(capsys):
