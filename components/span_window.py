@@ -13,14 +13,16 @@ result, so a rerun of a day (after a crash, or in a backfill) resolves the same 
 finds the Evaluator and Pusher cached, and pushes nothing twice.
 
 `EarlierWindowCacheStrategy` returns the analyzer cache Transform wrote on the latest run whose
-training window ended before this run's: tf.Transform then analyzes only the spans that cache
-lacks (the newest day, in a daily rolling window) and takes the others' per-span analyzer
-results from it. For the same reason as above it never picks the cache of a run of the same
-day, so a rerun resolves the same cache and finds Transform cached.
+training window ended before this run's, with the same analysis code: tf.Transform then
+analyzes only the spans that cache lacks (the newest day, in a daily rolling window) and takes
+the others' per-span analyzer results from it. For the same reason as above it never picks the
+cache of a run of the same day, so a rerun resolves the same cache and finds Transform cached
+(as long as `poso gc` keeps it: it keeps the caches its kept runs read).
 """
 
 
 import datetime
+import json
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -156,19 +158,37 @@ class BaselineModelStrategy(resolver.ResolverStrategy):
         return {"model": [models[best.get_int_custom_property("current_model_id")]], "model_blessing": [best]}
 
 
-class EarlierWindowCacheStrategy(resolver.ResolverStrategy):
-    """The TransformCache of the latest run whose window ended before `window_last_span`; see the
-    module docstring. Input and output `cache`; empty on the first run (Transform then analyzes
-    every span and writes the first cache)."""
+def _producer_custom_config(store, artifacts: List[types.Artifact]) -> Dict[int, dict]:
+    """{artifact id: the custom_config execution property of the execution that produced it}."""
+    events = store.get_events_by_artifact_ids([a.id for a in artifacts])
+    producer: Dict[int, int] = {}
+    for e in events:
+        if e.type == metadata_store_pb2.Event.OUTPUT:
+            producer[e.artifact_id] = min(producer.get(e.artifact_id, e.execution_id), e.execution_id)
+    configs = {}
+    for execution in store.get_executions_by_id(sorted(set(producer.values()))):
+        # TFX keeps an execution property in `properties` when the type declares it, else in `custom_properties`.
+        value = execution.properties.get("custom_config") or execution.custom_properties.get("custom_config")
+        configs[execution.id] = json.loads(value.string_value) if value is not None and value.string_value else {}
+    return {artifact_id: configs.get(execution_id) or {} for artifact_id, execution_id in producer.items()}
 
-    def __init__(self, window_last_span: int):
-        self._last = window_last_span
+
+class EarlierWindowCacheStrategy(resolver.ResolverStrategy):
+    """The TransformCache of the latest run whose window ended before `window_last_span` and whose
+    Transform ran the same analysis code (`analysis_fingerprint`, in its custom_config); see the
+    module docstring. Input and output `cache`; empty on the first run, or after the analysis code
+    changed (Transform then analyzes every span and writes a new cache)."""
+
+    def __init__(self, window_last_span: int, analysis_fingerprint: str):
+        self._last, self._fingerprint = window_last_span, analysis_fingerprint
 
     def resolve_artifacts(self, store, input_dict: Dict[str, List[types.Artifact]]
                           ) -> Optional[Dict[str, List[types.Artifact]]]:
         caches = input_dict["cache"]
         spans = _input_spans(store, caches) if caches else {}
-        earlier = [c for c in caches if spans.get(c.id, self._last) < self._last]
+        configs = _producer_custom_config(store, caches) if caches else {}
+        earlier = [c for c in caches if spans.get(c.id, self._last) < self._last
+                   and configs.get(c.id, {}).get("analysis_fingerprint") == self._fingerprint]
         return {"cache": [max(earlier, key=lambda c: (spans[c.id], c.id))] if earlier else []}
 
 

@@ -32,9 +32,26 @@ from tensorflow_transform.tf_metadata import schema_utils
 import feature_specs as fs
 from feature_specs import schema as fs_schema
 
-__all__ = ["preprocessing_fn", "raw_feature_spec", "transformed_feature_names"]
+__all__ = ["preprocessing_fn", "raw_feature_spec", "transformed_feature_names", "analysis_fingerprint"]
 
 _RAW_INPUT_KINDS = (fs.Kind.CATEGORICAL, fs.Kind.NUMERIC, fs.Kind.SEQUENCE, fs.Kind.PERSONALIZATION)
+
+
+def analysis_fingerprint() -> str:
+    """SHA-256 of the code the analysis depends on (this module and feature_specs/): the pipeline
+    passes it to Transform, so that a change reruns Transform and no analyzer cache written by
+    other code is reused (tf.Transform's cache keys hash op attributes, not every op's kind)."""
+    import hashlib
+    import os
+
+    digest = hashlib.sha256()
+    specs_dir = os.path.dirname(os.path.abspath(fs.__file__))
+    paths = [os.path.abspath(__file__)] + sorted(os.path.join(specs_dir, name) for name in os.listdir(specs_dir)
+                                                 if name.endswith(".py"))
+    for path in paths:
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
+    return digest.hexdigest()
 
 
 def raw_feature_spec(include_labels: bool = True, feature_set: fs.FeatureSet = fs.KUAIRAND

@@ -12,8 +12,9 @@ Kept, whatever N:
 
 Deleted: the outputs of Transform, Trainer, Evaluator, ServingInfraValidator and Pusher in other
 runs (models never pushed, pushes no longer kept, what killed runs left). Transform's analyzer
-cache goes with its run; the latest daily run's is kept, and a next day that finds none
-analyzes its whole window again (slower, the same result). Each deleted artifact
+cache goes with its run, except the caches kept runs' Transforms read (rerunning such a day
+resolves the same one); a later day that then finds only an older cache, or none, analyzes the
+days it lacks (slower, the same result). Each deleted artifact
 is marked DELETED in ML Metadata, so TFX neither resolves nor reuses it from the cache: rerunning
 such a day recomputes it. A dry run (the default) lists what would go and how much space it frees;
 `--delete` deletes. Run it between daily runs, not during one.
@@ -133,6 +134,8 @@ def plan(home: str, keep: int, store=None) -> Plan:
     for run in kept_runs:
         for execution in executions_of_run[run]:
             keep_ids.update(outputs.get(execution, []))
+            # and the analyzer cache its Transform read: a rerun of that day resolves it again
+            keep_ids.update(inputs.get(execution, {}).get("analyzer_cache", []))
 
     doomed = []
     root = cfg.pipeline_root.rstrip("/") + "/"

@@ -14,8 +14,9 @@ For the run date D:
 LatestArtifactStrategy and LatestBlessedModelStrategy resolvers: the user state through D-1 and
 the training window come from the span registry (`RegisteredUserState`, `SpanWindowExamples` in
 components/span_registry.py) instead of `SpanWindowStrategy`, the baseline is TFX's latest
-blessed model (a rerun of a day may then compare against that day's own earlier push), and the
-analyzer cache is the latest one (a rerun's may be its own: the same spans, the same analysis). The date
+blessed model (a rerun of a day may then compare against that day's own earlier push), and
+Transform analyzes the whole window (the registry copies each day's window into one new
+artifact, so tf.Transform's per-dataset cache would never match). The date
 is the runtime parameter `date`, so one compiled spec serves every daily run; the day's input
 fingerprint, part of AvcExampleGen's cache key, is then computed by a task at run time
 (`DayInputFingerprint`) instead of when the pipeline is built.
@@ -87,6 +88,9 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
         components.insert(0, input_fingerprint)
 
     if not cfg.ingest_only:
+        from models import preprocessing  # here: tf.Transform is slow to import for commands that build no pipeline
+
+        analysis_fingerprint = preprocessing.analysis_fingerprint()
         if for_kubeflow:
             training_window = SpanWindowExamples(
                 examples=example_gen.outputs["examples"], user_state=example_gen.outputs["user_state"],
@@ -99,9 +103,7 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
                 model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
                 model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
             ).with_id("baseline_model")
-            analyzer_cache = tfx.dsl.Resolver(
-                strategy_class=tfx.dsl.experimental.LatestArtifactStrategy,
-                cache=tfx.dsl.Channel(type=tfx.types.standard_artifacts.TransformCache))
+            analyzer_cache = None
         else:
             training_window = tfx.dsl.Resolver(
                 strategy_class=SpanWindowStrategy,
@@ -130,10 +132,10 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
             # span is read and analyzed; tf.Transform merges the per-span accumulators (see EarlierWindowCacheStrategy).
             analyzer_cache = tfx.dsl.Resolver(
                 strategy_class=EarlierWindowCacheStrategy,
-                config={"window_last_span": span - 1},
+                config={"window_last_span": span - 1, "analysis_fingerprint": analysis_fingerprint},
                 cache=tfx.dsl.Channel(type=tfx.types.standard_artifacts.TransformCache,
-                                      producer_component_id="Transform", output_key="updated_analyzer_cache"))
-        analyzer_cache = analyzer_cache.with_id("analyzer_cache")
+                                      producer_component_id="Transform", output_key="updated_analyzer_cache"),
+            ).with_id("analyzer_cache")
         transform = tfx.components.Transform(
             examples=window_examples,
             schema=schema_gen.outputs["schema"],
@@ -143,7 +145,10 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
             # post-transform statistics of the whole window were the run's largest memory peak.
             disable_statistics=True,
             materialize=False,
-            analyzer_cache=analyzer_cache.outputs["cache"])
+            # Part of Transform's cache key, and only caches written by the same code are reused.
+            custom_config={"analysis_fingerprint": analysis_fingerprint},
+            analyzer_cache=analyzer_cache.outputs["cache"] if analyzer_cache else None,
+            disable_analyzer_cache=analyzer_cache is None)
         transform.add_upstream_node(anomalies_gate)
         trainer_class, trainer_config = _trainer(cfg, for_kubeflow, image)
         trainer = trainer_class(
@@ -180,8 +185,8 @@ def create_pipeline(cfg: config_lib.RunConfig, for_kubeflow: bool = False,
         config_writer = ServingConfigWriter(
             pushed_model=pusher.outputs["pushed_model"], models_config_path=cfg.models_config_path,
             model_name=config_lib.MODEL_NAME, base_path=cfg.serving_model_dir, pin_path=cfg.pin_path)
-        components += [training_window, analyzer_cache, transform, baseline, trainer, evaluator, blessing_gate,
-                       infra_validator, pusher, config_writer]
+        components += [training_window] + ([analyzer_cache] if analyzer_cache else [])
+        components += [transform, baseline, trainer, evaluator, blessing_gate, infra_validator, pusher, config_writer]
 
     for component in components:
         beam_args = cfg.component_beam_args(component.id)

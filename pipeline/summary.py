@@ -97,19 +97,15 @@ def _analysis_from_cache(store, cache_output) -> Dict[str, object]:
                 found.setdefault(event.path.steps[0].key, []).append(event.artifact_id)
         return found
 
-    def spans_and_rows(examples_ids: List[int]) -> Dict[int, int]:
-        return {a.properties["span"].int_value: _custom(a, "rows", 0)
-                for a in store.get_artifacts_by_id(examples_ids) if "span" in a.properties}
-
     if cache_output is None:
         return {}
     own = inputs_of(cache_output.id)
-    window = spans_and_rows(own.get("examples", []))
-    cached = set()
+    window = {a.id: _custom(a, "rows", 0) for a in store.get_artifacts_by_id(own.get("examples", []))}
+    cached = set()  # the same Examples artifacts (a day ingested again is a new one, analyzed afresh)
     for cache_id in own.get("analyzer_cache", []):
-        cached |= set(window) & set(spans_and_rows(inputs_of(cache_id).get("examples", [])))
+        cached |= set(window) & set(inputs_of(cache_id).get("examples", []))
     return {"transform_cached_days": len(cached),
-            "transform_analyzed_rows": sum(rows for span, rows in window.items() if span not in cached)}
+            "transform_analyzed_rows": sum(rows for artifact_id, rows in window.items() if artifact_id not in cached)}
 
 
 def _input_checks(store, examples) -> Dict[str, object]:

@@ -11,20 +11,23 @@ import dataclasses
 import datetime
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import pytest
 from ml_metadata.proto import metadata_store_pb2
 from tfx.orchestration import metadata
 
-from components import avc, impression_logs, synthetic_logs
+from components import avc, impression_logs, span_window, synthetic_logs
 from components.avc_example_gen import span_of
 from feature_specs import specs
+from models import preprocessing
 from pipeline import config as config_lib
 from pipeline import local_runner, scratch, summary
 from pipeline import pipeline as pipeline_lib
@@ -308,7 +311,23 @@ def test_next_day_takes_the_earlier_windows_analyzer_cache_and_the_same_z_scores
     assert sorted(a.properties["span"].int_value for a in window) == list(range(span_of(START) + 1, span_of(CORRUPTED)))
     entries = lambda cache: {e for e in os.listdir(cache.uri) if os.path.isdir(os.path.join(cache.uri, e))}
     assert len(entries(day8_cache)) == len(entries(day9_cache)) == config_lib.TRAIN_DAYS
-    assert len(entries(day8_cache) & entries(day9_cache)) == config_lib.TRAIN_DAYS - 1
+    shared = entries(day8_cache) & entries(day9_cache)
+    assert len(shared) == config_lib.TRAIN_DAYS - 1
+    # Each entry's MANIFEST lists the analyzer-cache keys written for that day. The one day
+    # analyzed now has the same keys as the 6 taken from day 8's cache, so this analysis looked
+    # up exactly the keys those hold: they were hits, not re-analyses.
+    def manifest_keys(entry):
+        with open(os.path.join(day9_cache.uri, entry, "MANIFEST"), "rb") as f:
+            return set(pickle.loads(f.read()))
+    (new_day,) = entries(day9_cache) - shared
+    assert manifest_keys(new_day) and all(manifest_keys(entry) == manifest_keys(new_day) for entry in shared)
+    # Only a cache of the same analysis code is taken (a changed preprocessing_fn analyzes afresh).
+    with Store(killed) as s:
+        caches = [types.SimpleNamespace(id=a.id) for a in s.store.get_artifacts_by_type("TransformCache")]
+        resolve = lambda fingerprint: span_window.EarlierWindowCacheStrategy(
+            span_of(CORRUPTED), fingerprint).resolve_artifacts(s.store, {"cache": caches})["cache"]
+        assert [c.id for c in resolve(preprocessing.analysis_fingerprint())] == [day9_cache.id]
+        assert resolve("another analysis") == []
     # The run summaries say so: day 8 analyzed its whole window, day 9 only its newest day.
     assert resumed[0]["transform_cached_days"] == 0
     assert resumed[0]["transform_analyzed_rows"] == config_lib.TRAIN_DAYS * ROWS_PER_DAY
