@@ -102,13 +102,18 @@ class _ValidateRows(beam.DoFn):
     """Reads one log file; yields (user_id, [Impression, ...]) per chunk of rows, and bad rows.
 
     Grouping a chunk's rows by user here keeps the number of elements Beam shuffles close to the
-    number of users rather than of rows.
+    number of users rather than of rows. The video table is read in `setup`, not pickled with the
+    DoFn: Beam pickles (and bz2-compresses) a DoFn several times while it builds and runs the
+    pipeline, which for a production-size table cost more than reading it.
     """
 
-    def __init__(self, date: datetime.date, known_videos: frozenset):
-        self._date, self._known_videos = date, known_videos
+    def __init__(self, date: datetime.date, videos_path: str):
+        self._date, self._videos_path = date, videos_path
         self._good = beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, "good_rows")
         self._bad = beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, "bad_rows")
+
+    def setup(self):
+        self._known_videos = frozenset(impression_logs.read_table(self._videos_path, specs.VIDEO_ID))
 
     def process(self, path: str):
         by_user: Dict[int, List] = {}
@@ -133,14 +138,17 @@ class _ProcessUser(beam.DoFn):
     the user's exact duplicate rows (`bad`): a user's rows of every file meet only here.
 
     Examples are encoded in batches (see avc.encode_examples), flushed at the end of each bundle.
+    The feature tables are read in `setup` (see _ValidateRows).
     """
 
-    def __init__(self, users: Dict[int, Dict[str, str]], videos: Dict[int, Dict[str, str]],
-                 users_path: str = impression_logs.USER_TABLE_FILE, videos_path: str = impression_logs.VIDEO_TABLE_FILE):
-        self._users, self._videos = users, videos
+    def __init__(self, users_path: str, videos_path: str):
         self._users_path, self._videos_path = users_path, videos_path
         self._duplicates = beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, "duplicate_rows")
         self._without_profile = beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, "rows_without_user_profile")
+
+    def setup(self):
+        self._users = impression_logs.read_table(self._users_path, specs.USER_ID)
+        self._videos = impression_logs.read_table(self._videos_path, specs.VIDEO_ID)
 
     def start_bundle(self):
         self._pending: List[Dict[str, Any]] = []
@@ -245,8 +253,9 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                 + ": a second copy of the day's log would count every impression twice; remove the copy")
         users_path = os.path.join(input_base, impression_logs.USER_TABLE_FILE)
         videos_path = os.path.join(input_base, impression_logs.VIDEO_TABLE_FILE)
-        users = impression_logs.read_table(users_path, specs.USER_ID)
-        videos = impression_logs.read_table(videos_path, specs.VIDEO_ID)
+        # Read here too, so that a broken table stops the day before Beam starts.
+        impression_logs.read_table(users_path, specs.USER_ID)
+        impression_logs.read_table(videos_path, specs.VIDEO_ID)
 
         examples = artifact_utils.get_single_instance(output_dict["examples"])
         state_out = artifact_utils.get_single_instance(output_dict["user_state"])
@@ -255,14 +264,14 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         pipeline = self._make_beam_pipeline()
         rows = (pipeline
                 | "LogFiles" >> beam.Create(files)
-                | "Validate" >> beam.ParDo(_ValidateRows(date, frozenset(videos))).with_outputs("bad", main="good"))
+                | "Validate" >> beam.ParDo(_ValidateRows(date, videos_path)).with_outputs("bad", main="good"))
         by_user = {
             "impressions": rows.good,
             "state": _read_state(pipeline, previous) | "KeyState" >> beam.Map(lambda s: (s.user_id, s)),
         }
         processed = (by_user
                      | "GroupByUser" >> beam.CoGroupByKey()
-                     | "ComputeAvc" >> beam.ParDo(_ProcessUser(users, videos, users_path, videos_path)).with_outputs(
+                     | "ComputeAvc" >> beam.ParDo(_ProcessUser(users_path, videos_path)).with_outputs(
                          "state", "bad", main="examples"))
         ((rows.bad, processed.bad)
          | "AllBadRows" >> beam.Flatten()
