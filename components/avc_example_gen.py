@@ -98,13 +98,30 @@ class AvcExampleGenSpec(ComponentSpec):
     }
 
 
+# The feature tables of the running executor, by (path, key, mtime, size). The executor reads them
+# before Beam starts (a broken table stops the day early); DoFns running in the same process (the
+# in_memory runner) take them from here in setup(), workers in other processes read them once each.
+_TABLES: Dict[tuple, Dict[int, Dict[str, str]]] = {}
+
+
+def _table(path: str, key: str) -> Dict[int, Dict[str, str]]:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return impression_logs.read_table(path, key)  # names what is wrong
+    cache_key = (path, key, stat.st_mtime_ns, stat.st_size)
+    if cache_key not in _TABLES:
+        _TABLES[cache_key] = impression_logs.read_table(path, key)
+    return _TABLES[cache_key]
+
+
 class _ValidateRows(beam.DoFn):
     """Reads one log file; yields (user_id, [Impression, ...]) per chunk of rows, and bad rows.
 
     Grouping a chunk's rows by user here keeps the number of elements Beam shuffles close to the
-    number of users rather than of rows. The video table is read in `setup`, not pickled with the
-    DoFn: Beam pickles (and bz2-compresses) a DoFn several times while it builds and runs the
-    pipeline, which for a production-size table cost more than reading it.
+    number of users rather than of rows. The video table is taken in `setup` (see _TABLES), not
+    pickled with the DoFn: Beam pickles (and bz2-compresses) a DoFn several times while it builds
+    and runs the pipeline, which for a production-size table cost more than reading it.
     """
 
     def __init__(self, date: datetime.date, videos_path: str):
@@ -113,7 +130,7 @@ class _ValidateRows(beam.DoFn):
         self._bad = beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, "bad_rows")
 
     def setup(self):
-        self._known_videos = frozenset(impression_logs.read_table(self._videos_path, specs.VIDEO_ID))
+        self._known_videos = frozenset(_table(self._videos_path, specs.VIDEO_ID))
 
     def process(self, path: str):
         by_user: Dict[int, List] = {}
@@ -147,8 +164,8 @@ class _ProcessUser(beam.DoFn):
         self._without_profile = beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, "rows_without_user_profile")
 
     def setup(self):
-        self._users = impression_logs.read_table(self._users_path, specs.USER_ID)
-        self._videos = impression_logs.read_table(self._videos_path, specs.VIDEO_ID)
+        self._users = _table(self._users_path, specs.USER_ID)
+        self._videos = _table(self._videos_path, specs.VIDEO_ID)
 
     def start_bundle(self):
         self._pending: List[Dict[str, Any]] = []
@@ -253,9 +270,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                 + ": a second copy of the day's log would count every impression twice; remove the copy")
         users_path = os.path.join(input_base, impression_logs.USER_TABLE_FILE)
         videos_path = os.path.join(input_base, impression_logs.VIDEO_TABLE_FILE)
-        # Read here too, so that a broken table stops the day before Beam starts.
-        impression_logs.read_table(users_path, specs.USER_ID)
-        impression_logs.read_table(videos_path, specs.VIDEO_ID)
+        _table(users_path, specs.USER_ID)  # read before Beam starts: a broken table stops the day here
+        _table(videos_path, specs.VIDEO_ID)
 
         examples = artifact_utils.get_single_instance(output_dict["examples"])
         state_out = artifact_utils.get_single_instance(output_dict["user_state"])
@@ -290,6 +306,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                                                compression_type=beam.io.filesystem.CompressionTypes.GZIP))
         result = pipeline.run()
         result.wait_until_finish()
+        _TABLES.clear()  # large, and needed no more (after a failed run the next one clears them)
 
         duplicates = _counter(result, "duplicate_rows")
         good = _counter(result, "good_rows") - duplicates  # duplicates passed validation first

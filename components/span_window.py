@@ -24,7 +24,7 @@ cache of a run of the same day, so a rerun resolves the same cache and finds Tra
 import datetime
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ml_metadata.proto import metadata_store_pb2
 from tensorflow_metadata.proto.v0 import anomalies_pb2
@@ -112,25 +112,44 @@ class SpanWindowStrategy(resolver.ResolverStrategy):
         return result
 
 
-def _input_spans(store, outputs: List[types.Artifact]) -> Dict[int, int]:
-    """{artifact id: latest span of the Examples its producer read} from MLMD lineage: for a
-    ModelBlessing the evaluation day, for a TransformCache the last day of the window."""
-    events = store.get_events_by_artifact_ids([b.id for b in outputs])
-    producer = {e.artifact_id: e.execution_id for e in events if e.type == metadata_store_pb2.Event.OUTPUT}
-    inputs: Dict[int, List[int]] = {}
-    for event in store.get_events_by_execution_ids(sorted(set(producer.values()))):
-        if event.type == metadata_store_pb2.Event.INPUT:
-            inputs.setdefault(event.execution_id, []).append(event.artifact_id)
+def producer_lineage(store, artifact_ids: Sequence[int]) -> Dict[int, Tuple[metadata_store_pb2.Execution,
+                                                                          Dict[str, List[int]]]]:
+    """{artifact id: (the execution that produced it, its input artifact ids by input key)} from
+    MLMD. The first producer: a cached execution that reuses an output records the same inputs."""
+    producer: Dict[int, int] = {}
+    for e in store.get_events_by_artifact_ids(list(artifact_ids)):
+        if e.type == metadata_store_pb2.Event.OUTPUT:
+            producer[e.artifact_id] = min(producer.get(e.artifact_id, e.execution_id), e.execution_id)
+    execution_ids = sorted(set(producer.values()))
+    inputs: Dict[int, Dict[str, List[int]]] = {i: {} for i in execution_ids}
+    for e in store.get_events_by_execution_ids(execution_ids):
+        if e.type == metadata_store_pb2.Event.INPUT and e.path.steps:
+            inputs[e.execution_id].setdefault(e.path.steps[0].key, []).append(e.artifact_id)
+    executions = {x.id: x for x in store.get_executions_by_id(execution_ids)}
+    return {a: (executions[x], inputs[x]) for a, x in producer.items()}
+
+
+def _input_spans(store, lineage) -> Dict[int, int]:
+    """{artifact id: latest span of the Examples its producer read}, from `producer_lineage`: for
+    a ModelBlessing the evaluation day, for a TransformCache the last day of the window."""
+    read = {artifact_id: [a for ids in by_key.values() for a in ids] for artifact_id, (_, by_key) in lineage.items()}
     examples_type = store.get_artifact_type(standard_artifacts.Examples.TYPE_NAME).id
-    wanted = sorted({a for ids in inputs.values() for a in ids})
-    span_of_examples = {a.id: a.properties["span"].int_value for a in store.get_artifacts_by_id(wanted)
+    span_of_examples = {a.id: a.properties["span"].int_value
+                        for a in store.get_artifacts_by_id(sorted({a for ids in read.values() for a in ids}))
                         if a.type_id == examples_type and "span" in a.properties}
     spans = {}
-    for artifact_id, execution_id in producer.items():
-        found = [span_of_examples[a] for a in inputs.get(execution_id, []) if a in span_of_examples]
+    for artifact_id, ids in read.items():
+        found = [span_of_examples[a] for a in ids if a in span_of_examples]
         if found:
             spans[artifact_id] = max(found)
     return spans
+
+
+def _custom_config(execution: metadata_store_pb2.Execution) -> dict:
+    """An execution's custom_config property (TFX keeps a property in `properties` when the type
+    declares it, else in `custom_properties`)."""
+    value = execution.properties.get("custom_config") or execution.custom_properties.get("custom_config")
+    return json.loads(value.string_value) if value is not None and value.string_value else {}
 
 
 class BaselineModelStrategy(resolver.ResolverStrategy):
@@ -150,27 +169,12 @@ class BaselineModelStrategy(resolver.ResolverStrategy):
         blessings = [b for b in input_dict["model_blessing"]
                      if b.get_int_custom_property("blessed") == 1
                      and b.get_int_custom_property("current_model_id") in models]
-        spans = _input_spans(store, blessings) if blessings else {}
+        spans = _input_spans(store, producer_lineage(store, [b.id for b in blessings])) if blessings else {}
         earlier = [b for b in blessings if spans.get(b.id, self._span) < self._span]
         if not earlier:
             return {"model": [], "model_blessing": []}
         best = max(earlier, key=lambda b: (spans[b.id], b.get_int_custom_property("current_model_id")))
         return {"model": [models[best.get_int_custom_property("current_model_id")]], "model_blessing": [best]}
-
-
-def _producer_custom_config(store, artifacts: List[types.Artifact]) -> Dict[int, dict]:
-    """{artifact id: the custom_config execution property of the execution that produced it}."""
-    events = store.get_events_by_artifact_ids([a.id for a in artifacts])
-    producer: Dict[int, int] = {}
-    for e in events:
-        if e.type == metadata_store_pb2.Event.OUTPUT:
-            producer[e.artifact_id] = min(producer.get(e.artifact_id, e.execution_id), e.execution_id)
-    configs = {}
-    for execution in store.get_executions_by_id(sorted(set(producer.values()))):
-        # TFX keeps an execution property in `properties` when the type declares it, else in `custom_properties`.
-        value = execution.properties.get("custom_config") or execution.custom_properties.get("custom_config")
-        configs[execution.id] = json.loads(value.string_value) if value is not None and value.string_value else {}
-    return {artifact_id: configs.get(execution_id) or {} for artifact_id, execution_id in producer.items()}
 
 
 class EarlierWindowCacheStrategy(resolver.ResolverStrategy):
@@ -185,10 +189,10 @@ class EarlierWindowCacheStrategy(resolver.ResolverStrategy):
     def resolve_artifacts(self, store, input_dict: Dict[str, List[types.Artifact]]
                           ) -> Optional[Dict[str, List[types.Artifact]]]:
         caches = input_dict["cache"]
-        spans = _input_spans(store, caches) if caches else {}
-        configs = _producer_custom_config(store, caches) if caches else {}
+        lineage = producer_lineage(store, [c.id for c in caches]) if caches else {}
+        spans = _input_spans(store, lineage)
         earlier = [c for c in caches if spans.get(c.id, self._last) < self._last
-                   and configs.get(c.id, {}).get("analysis_fingerprint") == self._fingerprint]
+                   and _custom_config(lineage[c.id][0]).get("analysis_fingerprint") == self._fingerprint]
         return {"cache": [max(earlier, key=lambda c: (spans[c.id], c.id))] if earlier else []}
 
 

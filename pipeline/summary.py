@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 
 from tfx import v1 as tfx
 
-from components import serving_config
+from components import serving_config, span_window
 from components.avc_example_gen import span_of
 from feature_specs import specs
 from pipeline import blessing as blessing_lib
@@ -86,19 +86,9 @@ def _analysis_from_cache(store, cache_output) -> Dict[str, object]:
     """The days of this run's window whose tf.Transform analysis came from the analyzer cache an
     earlier run wrote (components/span_window.py, EarlierWindowCacheStrategy), and the rows
     Transform read and analyzed itself: {} when the run wrote no cache (an older run)."""
-    from ml_metadata.proto import metadata_store_pb2
-
-    def inputs_of(artifact_id: int) -> Dict[str, List[int]]:
-        producers = [e.execution_id for e in store.get_events_by_artifact_ids([artifact_id])
-                     if e.type == metadata_store_pb2.Event.OUTPUT]
-        found: Dict[str, List[int]] = {}
-        for event in store.get_events_by_execution_ids([min(producers)] if producers else []):
-            if event.type == metadata_store_pb2.Event.INPUT and event.path.steps:
-                found.setdefault(event.path.steps[0].key, []).append(event.artifact_id)
-        return found
-
     if cache_output is None:
         return {}
+    inputs_of = lambda artifact_id: span_window.producer_lineage(store, [artifact_id]).get(artifact_id, (None, {}))[1]
     own = inputs_of(cache_output.id)
     window = {a.id: _custom(a, "rows", 0) for a in store.get_artifacts_by_id(own.get("examples", []))}
     cached = set()  # the same Examples artifacts (a day ingested again is a new one, analyzed afresh)
