@@ -126,10 +126,11 @@ def bare_fit(batches, examples: int, variant: str, batch_size: int, seed: int) -
 
     from models import trainer
     from models.model import RankingModel, make_config
+    from models.optimizers import FusedAdam
 
     tf.keras.utils.set_random_seed(seed)
     model = RankingModel(make_config(variant))
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=model.config.learning_rate))
+    model.compile(optimizer=FusedAdam(learning_rate=model.config.learning_rate))
     logger, handler = _listening()
     try:
         model.fit(batches, epochs=1, verbose=0, callbacks=[trainer.StepProgress(examples // batch_size)])

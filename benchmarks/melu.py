@@ -125,6 +125,7 @@ def make_trainer(config, feature_set, features: Mapping[str, np.ndarray], user_i
     import tensorflow as tf
 
     from models import melu, model as model_lib
+    from models.optimizers import FusedAdam
 
     episode_size = settings.support_size + settings.query_size
     users_per_step = batch_size // episode_size
@@ -137,7 +138,7 @@ def make_trainer(config, feature_set, features: Mapping[str, np.ndarray], user_i
     ranking({name: tf.constant(value[:2]) for name, value in features.items()})  # builds every layer
     towers = [ranking.towers[task.name] for task in feature_set.tasks]
     loss_weights = [task.loss_weight for task in feature_set.tasks]
-    optimizer = tf.keras.optimizers.Adam(learning_rate=config.learning_rate)
+    optimizer = FusedAdam(learning_rate=config.learning_rate)
     support_examples = users_per_step * settings.support_size
 
     @tf.function(reduce_retracing=True)
@@ -256,6 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import feature_specs as fs
     from models import model as model_lib, model_summary
+    from models.optimizers import FusedAdam
 
     parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model per round")
@@ -269,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _, melu_run = make_trainer(config, fs.KUAIRAND, features, users, order, args.batch_size, seed=0)
     tf.keras.utils.set_random_seed(0)
     baseline = model_lib.RankingModel(config)
-    baseline.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
+    baseline.compile(optimizer=FusedAdam(config.learning_rate))
     data = iter(tf.data.Dataset.from_tensor_slices(features).repeat().batch(args.batch_size))
     train_function = baseline.make_train_function()
 

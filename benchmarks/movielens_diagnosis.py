@@ -237,6 +237,7 @@ def train_and_score(prepared: Mapping[str, Any], arm: Arm, seed: int) -> List[Di
 
     from feature_specs import movielens as ml
     from models import metrics, model as model_lib, trainer
+    from models.optimizers import FusedAdam
 
     config = model_lib.make_config(arm.variant, feature_set=ml.MOVIELENS, **arm.config_overrides())
     train_pattern, train_examples = training_subset(prepared, arm.user_fraction, arm.max_avc)
@@ -246,7 +247,7 @@ def train_and_score(prepared: Mapping[str, Any], arm: Arm, seed: int) -> List[Di
                                       arm.batch_size, shuffle=True, shuffle_buffer=train_examples, seed=seed,
                                       feature_set=ml.MOVIELENS)
     model = model_lib.RankingModel(config, ml.MOVIELENS)
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate))
+    model.compile(optimizer=FusedAdam(learning_rate=config.learning_rate))
     scored = prepared["scored"]
     users, avc = scored[ml.USER_ID], scored[ml.AVC]
     regimes = {"gauc": np.ones_like(avc, bool), "gauc_new": avc < NEW_USER_AVC, "gauc_regular": avc >= NEW_USER_AVC}

@@ -274,6 +274,7 @@ def train_model(spec: ModelSpec, train, seed: int, budget: Budget):
 
     from models import model as model_lib
     from models import pin
+    from models.optimizers import FusedAdam
 
     tf.keras.utils.set_random_seed(seed)
     config = model_lib.make_config(spec.variant, learning_rate=budget.learning_rate, **dict(spec.overrides))
@@ -283,7 +284,7 @@ def train_model(spec: ModelSpec, train, seed: int, budget: Budget):
     if config.pin:  # as the Trainer: P(head) measured on the training data, stratified batches
         dataset, config = pin.training_data(dataset, config, budget.batch_size, specs.KUAIRAND, seed)
     model = model_lib.RankingModel(config)
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate))
+    model.compile(optimizer=FusedAdam(learning_rate=config.learning_rate))
     model.fit(dataset, epochs=1, steps_per_epoch=budget.train_steps, verbose=0)
     return model
 

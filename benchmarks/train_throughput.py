@@ -84,6 +84,7 @@ class _Trainee:
         import feature_specs as fs
         from models import model as model_lib
         from models import model_summary, pin
+        from models.optimizers import FusedAdam
 
         tf.keras.utils.set_random_seed(seed)
         self.name = name
@@ -94,7 +95,7 @@ class _Trainee:
             config = config.replace(pin_head_share=pin.head_share(dataset, fs.KUAIRAND, config.pin_head_min_pc_bucket,
                                                                   max_batches=DISTINCT_BATCHES))
         self.model = model_lib.RankingModel(config)
-        self.model.compile(optimizer=tf.keras.optimizers.Adam(self.model.config.learning_rate))
+        self.model.compile(optimizer=FusedAdam(self.model.config.learning_rate))
         self.batches = iter(dataset)
         self.train_function = self.model.make_train_function()
         started = time.perf_counter()

@@ -36,6 +36,7 @@ import tensorflow_recommenders as tfrs
 
 import feature_specs as fs
 from models import cold_start, layers, mail, melu, pin
+from models.optimizers import FusedAdam
 
 __all__ = ["ModelConfig", "VARIANTS", "PC_SOURCES", "make_config", "variants_for", "RankingModel"]
 
@@ -372,7 +373,7 @@ class RankingModel(tfrs.Model):
             hidden_units=config.mail_hidden_units, latent_dim=config.mail_latent_dim,
             attention_units=config.mail_attention_units, dropout=config.mail_dropout,
             alignment=config.mail_alignment, mmd_sigma=config.mail_mmd_sigma, name="mail")
-        return tower, tf.keras.optimizers.Adam(config.learning_rate * config.mail_learning_rate_ratio)
+        return tower, FusedAdam(config.learning_rate * config.mail_learning_rate_ratio)
 
     # -- inputs --------------------------------------------------------------------------
 

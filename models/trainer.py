@@ -40,6 +40,7 @@ from tensorflow.core.framework import summary_pb2
 import feature_specs as fs
 from models import export, pin, preprocessing
 from models.model import ModelConfig, RankingModel, make_config
+from models.optimizers import FusedAdam
 
 __all__ = ["run_fn", "train_and_export", "make_dataset", "warm_start", "parse_custom_config",
            "distribution_strategy", "EpochSummaries", "TrainingResult", "TRAINER_KEYS", "DEFAULT_BATCH_SIZE"]
@@ -264,7 +265,7 @@ def train_and_export(train_files: Sequence[str] | str, eval_files: Sequence[str]
         train_data, eval_data = train_data.with_options(options), eval_data.with_options(options)
     with strategy.scope():
         model = RankingModel(config, feature_set)
-        model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate))
+        model.compile(optimizer=FusedAdam(learning_rate=config.learning_rate))
         for batch in train_data.take(1):
             model(batch)  # build the variables so they can be warm started
         warm_started = warm_start(model, base_model)
