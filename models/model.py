@@ -496,18 +496,25 @@ class RankingModel(tfrs.Model):
         new users' rows (`cold_start.new_user_mask`) hold v_hat = D2(E1(pool_a(a))), all positions
         real, gradient stopped (the ranking loss never trains the zero-shot tower). The generator
         runs on the new users' rows only, gathered (tf.where / tf.gather) and scattered back
-        (tf.tensor_scatter_nd_update), so a batch of users with behaviour runs it on 0 rows; and
-        without dropout, in training too, so the ranking tower trains on what serving serves.
+        (tf.tensor_scatter_nd_update); outside training, only when the batch has a new user
+        (`mail.if_any`). Without dropout in training too, so the ranking tower trains on what
+        serving serves.
         """
         sequence, mask = self._behaviour_sequence(features)
         if self.zero_shot is None or (training and not self.config.mail_fill_in_training):
             return sequence, mask
-        rows = tf.where(cold_start.new_user_mask(features, self.feature_set))
-        gathered = {name: tf.gather_nd(features[name], rows) for name in mail_attribute_names(self.feature_set)}
-        generated = tf.stop_gradient(self.zero_shot.generate(self._mail_attribute_tokens(gathered)[0]))
-        sequence = tf.tensor_scatter_nd_update(sequence, rows, tf.cast(generated, sequence.dtype))
-        mask = tf.tensor_scatter_nd_update(mask, rows, tf.ones_like(generated[:, :, 0], dtype=tf.bool))
-        return sequence, mask
+        new_users = cold_start.new_user_mask(features, self.feature_set)
+
+        def substitute():
+            rows = tf.where(new_users)
+            gathered = {name: tf.gather_nd(features[name], rows) for name in mail_attribute_names(self.feature_set)}
+            generated = tf.stop_gradient(self.zero_shot.generate(self._mail_attribute_tokens(gathered)[0]))
+            return (tf.tensor_scatter_nd_update(sequence, rows, tf.cast(generated, sequence.dtype)),
+                    tf.tensor_scatter_nd_update(mask, rows, tf.ones_like(generated[:, :, 0], dtype=tf.bool)))
+
+        if training:  # nearly every training batch has new users: no branch to skip
+            return substitute()
+        return mail.if_any(new_users, substitute, lambda: (tf.identity(sequence), tf.identity(mask)))
 
     def mail_rows(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
         """[B] bool: the rows MAIL's zero-shot tower learns from: users with behaviour (not new, and
@@ -693,4 +700,3 @@ class RankingModel(tfrs.Model):
     def from_config(cls, config: Mapping[str, Any]) -> "RankingModel":
         return cls(ModelConfig.from_dict(config["config"]), fs.feature_set(config.get("feature_set", "kuairand")),
                    name=config.get("name", "ranking_model"))
-
