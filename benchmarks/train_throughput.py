@@ -1,12 +1,13 @@
 """Train-step throughput (examples/s) of the model variants, measured side by side.
 
     bin/poso-env python -m benchmarks.train_throughput [--steps 30] [--batch-size 512] [--repeats 5]
-        [--variants baseline,poso_all] [--warmup 5] [--config JSON] [--json OUT]
+        [--variants baseline,poso_all] [--warmup 5] [--config JSON] [--optimizer fused_adam] [--json OUT]
 
 Every variant of `models.model.VARIANTS` (or --variants) is built with the same
 hyper-parameters (the default `ModelConfig`, or --config overrides), compiled as the trainer
-compiles it (Adam) and trained with Keras' own train function (`make_train_function`, what
-`fit` runs per step) on the same in-memory batches of random transformed features (valid per
+compiles it (`models.optimizers.FusedAdam`; `--optimizer keras_adam`: tf_keras' own Adam, the
+same update in separate ops, the Trainer's until issue 22) and trained with Keras' own train
+function (`make_train_function`, what `fit` runs per step) on the same in-memory batches of random transformed features (valid per
 `feature_specs`; see `models.model_summary.random_transformed_features`). The data pipeline
 is therefore not measured, only the training step.
 
@@ -38,6 +39,7 @@ from pipeline import argtypes
 DISTINCT_BATCHES = 8  # the batches cycle; more distinct rows than this buys nothing for timing
 BASELINE, POSO_ALL = "baseline", "poso_all"
 STEP_TIME_GOAL, PARAMETER_GOAL = 1.05, 1.10
+OPTIMIZERS = ("fused_adam", "keras_adam")
 
 
 def _variant_list(value: str) -> List[str]:
@@ -72,13 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=_config_overrides, default=None, metavar="JSON",
                         help="ModelConfig overrides for every variant, e.g. '{\"gate_hidden_units\": 8}'")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the initial weights")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZERS[0],
+                        help="fused_adam: the Trainer's; keras_adam: tf_keras' Adam, the same math (default: %(default)s)")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the results here")
 
 
 class _Trainee:
     """One variant: its model, its Keras train function and an iterator over the shared batches."""
 
-    def __init__(self, name: str, overrides: Mapping[str, Any], dataset, seed: int):
+    def __init__(self, name: str, overrides: Mapping[str, Any], dataset, seed: int, optimizer: str):
         import tensorflow as tf
 
         import feature_specs as fs
@@ -95,7 +99,8 @@ class _Trainee:
             config = config.replace(pin_head_share=pin.head_share(dataset, fs.KUAIRAND, config.pin_head_min_pc_bucket,
                                                                   max_batches=DISTINCT_BATCHES))
         self.model = model_lib.RankingModel(config)
-        self.model.compile(optimizer=FusedAdam(self.model.config.learning_rate))
+        adam = FusedAdam if optimizer == "fused_adam" else tf.keras.optimizers.Adam
+        self.model.compile(optimizer=adam(self.model.config.learning_rate))
         self.batches = iter(dataset)
         self.train_function = self.model.make_train_function()
         started = time.perf_counter()
@@ -110,7 +115,7 @@ class _Trainee:
 
 
 def measure(variants: Sequence[str], *, steps: int = 30, batch_size: int = 512, repeats: int = 5,
-            warmup: int = 5, overrides: Optional[Mapping[str, Any]] = None, seed: int = 0,
+            warmup: int = 5, overrides: Optional[Mapping[str, Any]] = None, seed: int = 0, optimizer: str = OPTIMIZERS[0],
             log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Times training steps of `variants` side by side; returns JSON-friendly results (see `run`)."""
     import tensorflow as tf
@@ -125,7 +130,7 @@ def measure(variants: Sequence[str], *, steps: int = 30, batch_size: int = 512, 
 
     trainees = []
     for name in variants:
-        trainee = _Trainee(name, overrides, dataset, seed)
+        trainee = _Trainee(name, overrides, dataset, seed, optimizer)
         for _ in range(max(warmup - 1, 0)):
             trainee.step()
         log(f"  {name}: built, traced and warmed up in {trainee.first_step_seconds:.1f} s (first step)")
@@ -187,7 +192,7 @@ def measure(variants: Sequence[str], *, steps: int = 30, batch_size: int = 512, 
             params_ratio=results[POSO_ALL]["params"] / results[BASELINE]["params"])
     return dict(
         settings=dict(variants=list(variants), steps=steps, batch_size=batch_size, repeats=repeats, warmup=warmup,
-                      overrides=overrides, seed=seed, cpu_count=os.cpu_count(), tensorflow=tf.__version__),
+                      overrides=overrides, seed=seed, optimizer=optimizer, cpu_count=os.cpu_count(), tensorflow=tf.__version__),
         variants=results, vs_baseline=vs_baseline, poso_all_vs_baseline=comparison)
 
 
@@ -209,7 +214,7 @@ def format_results(results: Mapping[str, Any]) -> str:
 
     text = [f"Train-step throughput: batch {settings['batch_size']}, {settings['steps']} timed steps x "
             f"{settings['repeats']} interleaved rounds per variant, {settings['warmup']} warm-up steps, "
-            f"{settings['cpu_count']} CPU cores, TF {settings['tensorflow']}"
+            f"{settings['cpu_count']} CPU cores, TF {settings['tensorflow']}, {settings.get('optimizer', 'keras_adam')}"
             + (f", overrides {json.dumps(settings['overrides'])}" if settings["overrides"] else ""),
             "", render(header), "-" * len(render(header))]
     text += [render(line) for line in lines]
@@ -238,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     variants = args.variants or list(model_lib.VARIANTS)
     print(f"Measuring {', '.join(variants)} ...", flush=True)
     results = measure(variants, steps=args.steps, batch_size=args.batch_size, repeats=args.repeats,
-                      warmup=args.warmup, overrides=args.config, seed=args.seed,
+                      warmup=args.warmup, overrides=args.config, seed=args.seed, optimizer=args.optimizer,
                       log=lambda message: print(message, flush=True))
     print()
     print(format_results(results))

@@ -179,14 +179,17 @@ def test_random_transformed_features_are_valid():
         assert set(np.unique(features[feature.name])) <= {0.0, 1.0}
 
 
-def test_train_throughput_smoke(tmp_path, capsys):
+@pytest.mark.parametrize("optimizer", train_throughput.OPTIMIZERS)
+def test_train_throughput_smoke(tmp_path, capsys, optimizer):
     parser = argparse.ArgumentParser()
     train_throughput.add_arguments(parser)
     out = tmp_path / "throughput.json"
     args = parser.parse_args(["--variants", "baseline,poso_all", "--steps", "3", "--batch-size", "32",
-                              "--repeats", "2", "--warmup", "1", "--config", json.dumps(TINY), "--json", str(out)])
+                              "--repeats", "2", "--warmup", "1", "--config", json.dumps(TINY), "--json", str(out),
+                              "--optimizer", optimizer])
     assert train_throughput.run(args) == 0
     results = json.loads(out.read_text())
+    assert results["settings"]["optimizer"] == optimizer
     assert set(results["variants"]) == {"baseline", "poso_all"}
     for name, r in results["variants"].items():
         assert r["examples_per_second_median"] > 0 and len(r["step_ms_rounds"]) == 2, name
