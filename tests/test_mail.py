@@ -146,11 +146,14 @@ def test_new_users_behaviour_is_generated_on_their_rows_only(batch, monkeypatch)
     np.testing.assert_allclose(official.mail_behaviour_sequence(batch, training=True)[0].numpy(),
                                _np_inputs(official, batch)[2], rtol=1e-6)
 
-    # A batch without new users: the generator runs on 0 rows and the predictions are the plain model's.
+    # A batch without new users: the generator does not run and the predictions are the plain model's.
     generated_rows.clear()
     old = dict(batch, **{fs.IS_NEW_USER: tf.zeros([BATCH])})
     unchanged, _ = ranking.mail_behaviour_sequence(old)
     np.testing.assert_allclose(unchanged.numpy(), sequence, rtol=1e-6)
+    assert generated_rows == []
+    # In training it runs on every batch, on the new users' rows: none here.
+    ranking.mail_behaviour_sequence(old, training=True)
     assert generated_rows == [0]
     # The predictions of old users do not depend on the new users in the batch.
     with_new, without_new = ranking(batch), ranking(old)
