@@ -39,9 +39,9 @@ training, where the generator runs without dropout so that training sees what se
 Served graph: `RankingModel.mail_behaviour_sequence` gathers the new users' rows (tf.where),
 runs pool_a, E1 and D2 on those rows only and scatters v_hat back (tf.tensor_scatter_nd_update):
 users with behaviour never go through the decoders. In a traced (served) graph the substitution
-is one functional `If` node (`if_any`) run only when the batch has a new user, so a request of
-users with behaviour skips its ~115 ops entirely; in training it runs on every batch, on the new
-users' rows. E2, D1 and pool_v run only in training (the losses).
+is one functional `If` node (`control_flow.if_any`) run only when the batch has a new user, so a
+request of users with behaviour skips its ~115 ops entirely; in training it runs on every batch,
+on the new users' rows. E2, D1 and pool_v run only in training (the losses).
 """
 
 from __future__ import annotations
@@ -50,36 +50,12 @@ from typing import Any, Dict, Sequence
 
 import tensorflow as tf
 
-__all__ = ["ALIGNMENTS", "AttentionPooling", "ResidualCoder", "ZeroShotTower", "attribute_tokens", "if_any", "mmd",
+__all__ = ["ALIGNMENTS", "AttentionPooling", "ResidualCoder", "ZeroShotTower", "attribute_tokens", "mmd",
            "masked_squared_error"]
 
 ALIGNMENTS = ("mmd", "mse")
 _NEG_INF = -1e9
 
-
-def if_any(condition: tf.Tensor, true_fn, false_fn):
-    """true_fn() if any element of `condition` is true, else false_fn(), kept a functional `If`.
-
-    tf.cond marks its `If` node to be lowered to Switch/Merge when a graph is loaded, which a
-    Session (TF Serving's) then executes node by node, the untaken branch's nodes as dead ones:
-    MAIL's generator on 0 rows still cost every request of users with behaviour +13-20% latency
-    (benchmarks/README.md, "Serving latency"). Left functional, the untaken branch is never
-    visited. TensorFlow has no public switch for this: the node's `_lower_using_switch_merge`
-    attribute (set by tf.cond itself) is set to false, as TF does under XLA;
-    tests/test_model.py checks the exported graph keeps the `If`. Eagerly, a plain tf.cond."""
-    predicate = tf.reduce_any(condition)
-    if tf.executing_eagerly():
-        return tf.cond(predicate, true_fn, false_fn)
-    from tensorflow.core.framework import attr_value_pb2
-
-    graph = tf.compat.v1.get_default_graph()
-    existing = {op.name for op in graph.get_operations()}
-    outputs = tf.cond(predicate, true_fn, false_fn)
-    conds = [op for op in graph.get_operations() if op.name not in existing and op.type in ("If", "StatelessIf")]
-    if len(conds) != 1:
-        raise RuntimeError(f"if_any: expected tf.cond to add one If node, found {len(conds)}")
-    conds[0]._set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
-    return outputs
 
 
 def attribute_tokens(embeddings: Sequence[tf.Tensor]) -> tf.Tensor:

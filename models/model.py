@@ -35,7 +35,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 import feature_specs as fs
-from models import cold_start, layers, mail, melu, pin
+from models import cold_start, control_flow, layers, mail, melu, pin
 from models.optimizers import FusedAdam
 
 __all__ = ["ModelConfig", "VARIANTS", "PC_SOURCES", "make_config", "variants_for", "RankingModel"]
@@ -464,17 +464,26 @@ class RankingModel(tfrs.Model):
     def _predict(self, features: Mapping[str, tf.Tensor],
                  user_embedding: Optional[tf.Tensor] = None, training: bool = False) -> Dict[str, tf.Tensor]:
         per_task = self.tower_inputs(features, user_embedding, training)
-        return self.task_probabilities(features, per_task)
+        return self.task_probabilities(features, per_task, training)
 
-    def task_probabilities(self, features: Mapping[str, tf.Tensor], per_task: List[tf.Tensor]) -> Dict[str, tf.Tensor]:
-        """{task: p [B]} from the towers' inputs; with PIN, each example's from its group's tower."""
+    def task_probabilities(self, features: Mapping[str, tf.Tensor], per_task: List[tf.Tensor],
+                           training: bool = False) -> Dict[str, tf.Tensor]:
+        """{task: p [B]} from the towers' inputs; with PIN, each example's from its group's tower.
+        Outside training PIN's tail towers run only when the batch has a tail row (`control_flow.if_any`):
+        a request of a head user is one user's rows, all head."""
         outputs = {task.name: tf.squeeze(self.towers[task.name](x), axis=-1)
                    for task, x in zip(self.feature_set.tasks, per_task)}
         if self.tail_towers is None:
             return outputs
         head = self.pin_head_mask(features)
-        return {task.name: tf.where(head, outputs[task.name], tf.squeeze(self.tail_towers[task.name](x), axis=-1))
-                for task, x in zip(self.feature_set.tasks, per_task)}
+
+        def routed():
+            return {task.name: tf.where(head, outputs[task.name], tf.squeeze(self.tail_towers[task.name](x), axis=-1))
+                    for task, x in zip(self.feature_set.tasks, per_task)}
+
+        if training:
+            return routed()
+        return control_flow.if_any(~head, routed, lambda: {name: tf.identity(p) for name, p in outputs.items()})
 
     def pin_head_mask(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
         """[B] bool: PIN's head users (see models.pin.head_mask)."""
@@ -497,7 +506,7 @@ class RankingModel(tfrs.Model):
         real, gradient stopped (the ranking loss never trains the zero-shot tower). The generator
         runs on the new users' rows only, gathered (tf.where / tf.gather) and scattered back
         (tf.tensor_scatter_nd_update); outside training, only when the batch has a new user
-        (`mail.if_any`). Without dropout in training too, so the ranking tower trains on what
+        (`control_flow.if_any`). Without dropout in training too, so the ranking tower trains on what
         serving serves.
         """
         sequence, mask = self._behaviour_sequence(features)
@@ -514,7 +523,7 @@ class RankingModel(tfrs.Model):
 
         if training:  # nearly every training batch has new users: no branch to skip
             return substitute()
-        return mail.if_any(new_users, substitute, lambda: (tf.identity(sequence), tf.identity(mask)))
+        return control_flow.if_any(new_users, substitute, lambda: (tf.identity(sequence), tf.identity(mask)))
 
     def mail_rows(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
         """[B] bool: the rows MAIL's zero-shot tower learns from: users with behaviour (not new, and
