@@ -57,7 +57,6 @@ ALIGNMENTS = ("mmd", "mse")
 _NEG_INF = -1e9
 
 
-
 def attribute_tokens(embeddings: Sequence[tf.Tensor]) -> tf.Tensor:
     """[B, d_i] per field -> [B, F, max d_i], each field zero-padded on the right."""
     width = max(int(e.shape[-1]) for e in embeddings)
