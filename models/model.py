@@ -464,26 +464,19 @@ class RankingModel(tfrs.Model):
     def _predict(self, features: Mapping[str, tf.Tensor],
                  user_embedding: Optional[tf.Tensor] = None, training: bool = False) -> Dict[str, tf.Tensor]:
         per_task = self.tower_inputs(features, user_embedding, training)
-        return self.task_probabilities(features, per_task, training)
+        return self.task_probabilities(features, per_task)
 
-    def task_probabilities(self, features: Mapping[str, tf.Tensor], per_task: List[tf.Tensor],
-                           training: bool = False) -> Dict[str, tf.Tensor]:
+    def task_probabilities(self, features: Mapping[str, tf.Tensor], per_task: List[tf.Tensor]) -> Dict[str, tf.Tensor]:
         """{task: p [B]} from the towers' inputs; with PIN, each example's from its group's tower.
-        Outside training PIN's tail towers run only when the batch has a tail row (`control_flow.if_any`):
-        a request of a head user is one user's rows, all head."""
+        Both towers run on every row: skipping the tail towers for head-only requests with
+        `control_flow.if_any` made PIN's served latency worse, not better (benchmarks/README.md)."""
         outputs = {task.name: tf.squeeze(self.towers[task.name](x), axis=-1)
                    for task, x in zip(self.feature_set.tasks, per_task)}
         if self.tail_towers is None:
             return outputs
         head = self.pin_head_mask(features)
-
-        def routed():
-            return {task.name: tf.where(head, outputs[task.name], tf.squeeze(self.tail_towers[task.name](x), axis=-1))
-                    for task, x in zip(self.feature_set.tasks, per_task)}
-
-        if training:
-            return routed()
-        return control_flow.if_any(~head, routed, lambda: {name: tf.identity(p) for name, p in outputs.items()})
+        return {task.name: tf.where(head, outputs[task.name], tf.squeeze(self.tail_towers[task.name](x), axis=-1))
+                for task, x in zip(self.feature_set.tasks, per_task)}
 
     def pin_head_mask(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
         """[B] bool: PIN's head users (see models.pin.head_mask)."""

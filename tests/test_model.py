@@ -320,52 +320,6 @@ def test_mail_serving_graph_generates_for_new_users_rows_only(data, export_root,
                    for name in TASK_NAMES)
 
 
-def _executed_nodes(session, signature, examples, fragment):
-    """serving_default's outputs, and how many nodes with `fragment` in their name ran (variable
-    reads aside), from a full Session trace."""
-    run_metadata = tf.compat.v1.RunMetadata()
-    outputs = session.run({name: info.name for name, info in signature.outputs.items()},
-                          {signature.inputs[export.EXAMPLES_INPUT].name: examples},
-                          options=tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE),
-                          run_metadata=run_metadata)
-    ran = sum(1 for device in run_metadata.step_stats.dev_stats for node in device.node_stats
-              if fragment in node.node_name and "/ReadVariableOp" not in node.node_name)
-    return outputs, ran
-
-
-def test_pin_serving_graph_runs_the_tail_towers_only_for_requests_with_tail_rows(data, export_root):
-    """PIN's exported model in a Session: a request of head users never runs the tail towers (a
-    functional If), one with a tail row does; the predictions are the eager model's either way."""
-    case = ("pin", "avc_bucket_onehot")
-    ranking = _train_and_export(case, data, export_root)[0]
-    export_dir = os.path.join(export_root, "_".join(case))
-    meta_graph = servable.read_serve_meta_graph(export_dir)
-    signature = meta_graph.signature_def[export.SERVING_DEFAULT]
-    ifs = [node for function in meta_graph.graph_def.library.function for node in function.node_def
-           if node.op in ("If", "StatelessIf")]
-    assert ifs and all(node.attr["_lower_using_switch_merge"].b is False for node in ifs)
-
-    rows = data["rows"]
-    head = ranking.pin_head_mask(data["transformed"]).numpy()
-    head_rows = [row for row, is_head in zip(rows, head) if is_head][:6]
-    tail_rows = [row for row, is_head in zip(rows, head) if not is_head][:2]
-    assert len(head_rows) == 6 and len(tail_rows) == 2
-    graph = tf.Graph()
-    with tf.compat.v1.Session(graph=graph) as session:
-        with graph.as_default():
-            tf.compat.v1.saved_model.load(session, [tf.saved_model.SERVING], export_dir)
-        served_head, head_ran = _executed_nodes(session, signature, rx.serialize_all(head_rows, drop=LABELS_AND_SLICES),
-                                                "/tail_")
-        served_mixed, mixed_ran = _executed_nodes(
-            session, signature, rx.serialize_all(tail_rows + head_rows, drop=LABELS_AND_SLICES), "/tail_")
-    assert head_ran == 0 and mixed_ran > 0
-    transformed = tft.TFTransformOutput(data["transform_dir"]).transform_features_layer()
-    expected = _numpy(ranking(transformed(rx.parse_raw(rx.serialize_all(tail_rows + head_rows), include_labels=False))))
-    for name in TASK_NAMES:
-        np.testing.assert_allclose(served_mixed[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
-        np.testing.assert_allclose(served_head[name], expected[name][2:], rtol=1e-5, atol=1e-6, err_msg=name)
-
-
 def _write_spans(root, rows, spans=2):
     """ExampleGen-like layout: <root>/span-<i>/Split-<split>/data.gz, one dir per daily span."""
     patterns = {"train": [], "eval": []}
