@@ -20,7 +20,7 @@ import traceback
 from typing import Callable, Iterable, Optional
 
 from pipeline import exit_codes
-from pipeline import home_lock
+from pipeline import home_lock, quiet
 
 # After a stop signal the run has this long to clean up (mark its steps cancelled, stop its worker
 # processes, remove its scratch folder) through the ordinary exception path before it is done
@@ -149,6 +149,9 @@ def _watchdog(signal_name: str) -> None:
 
     time.sleep(STOP_GRACE_SECONDS)
     local_runner.clean_up_after_stop()
+    # os._exit runs no atexit hooks: flush the stderr filter's pipe first, or the lines the main
+    # thread wrote last (its own "stopped by" line among them) die with the copying thread.
+    quiet.restore_stderr()
     print(f"poso: stopped by {signal_name} (cleaned up by the watchdog)", file=sys.stderr, flush=True)
     logging.shutdown()
     os._exit(exit_codes.STOPPED)

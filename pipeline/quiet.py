@@ -26,6 +26,7 @@ NOISE = re.compile(rb"^(I\d{4} [\d:.]+ +\d+ [\w./-]+:\d+\] "
                    rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR)")
 
 _installed = False
+_restore = None  # set while the filter is installed: puts the real stderr back on fd 2
 
 
 def is_noise(line: bytes) -> bool:
@@ -34,7 +35,7 @@ def is_noise(line: bytes) -> bool:
 
 def filter_native_stderr() -> None:
     """From now on, drop NOISE lines written to fd 2 by this process and its children."""
-    global _installed
+    global _installed, _restore
     if _installed:
         return
     _installed = True
@@ -69,4 +70,15 @@ def filter_native_stderr() -> None:
         os.dup2(real_stderr, 2)
         thread.join(timeout=5)
 
-    atexit.register(restore)
+    _restore = restore
+    atexit.register(restore_stderr)
+
+
+def restore_stderr() -> None:
+    """Copies what is still in the filter's pipe to the real stderr and puts that back on fd 2;
+    then no-op. At exit, and before os._exit (which runs no atexit hooks: the stop watchdog), so
+    the command's last lines are not lost with the copying thread."""
+    global _restore
+    restore, _restore = _restore, None
+    if restore is not None:
+        restore()

@@ -86,6 +86,19 @@ def test_native_banners_are_dropped_from_stderr_of_the_process_and_its_children(
     assert sorted(done.stderr.splitlines()) == ["child problem", "done", "real problem"]
 
 
+def test_lines_written_just_before_os_exit_reach_stderr_once_the_filter_is_restored():
+    # The stop watchdog ends the process with os._exit, which runs no atexit hook: the lines still
+    # in the filter's pipe (the command's last ones) would die with the copying thread.
+    lines = "".join(f"line {i}\n" for i in range(200))
+    done = _in_a_fresh_interpreter(
+        "import os, sys\nfrom pipeline import quiet\nquiet.filter_native_stderr()\n"
+        f"sys.stderr.write({(BANNER + lines)!r}); sys.stderr.flush()\n"
+        "quiet.restore_stderr(); quiet.restore_stderr()\n"   # the second call is a no-op
+        "print('last', file=sys.stderr, flush=True)\nos._exit(5)\n")
+    assert done.returncode == 5
+    assert done.stderr.splitlines() == [f"line {i}" for i in range(200)] + ["last"]
+
+
 def test_generate_says_what_it_wrote_and_where(tmp_path, capsys):
     assert cli.main(["generate", "--out", str(tmp_path), "--start", "2022-04-08", "--days", "2",
                      "--rows-per-day", "50"]) == 0
