@@ -7,9 +7,10 @@ Every variant of `models.model.VARIANTS` (or --variants) is built with the same
 hyper-parameters (the default `ModelConfig`, or --config overrides), compiled as the trainer
 compiles it (`models.optimizers.FusedAdam`; `--optimizer keras_adam`: tf_keras' own Adam, the
 same update in separate ops, the Trainer's until issue 22) and trained with Keras' own train
-function (`make_train_function`, what `fit` runs per step) on the same in-memory batches of random transformed features (valid per
-`feature_specs`; see `models.model_summary.random_transformed_features`). The data pipeline
-is therefore not measured, only the training step.
+function (`make_train_function`, what `fit` runs per step) on the same in-memory batches of
+random transformed features (valid per `feature_specs`; see
+`models.model_summary.random_transformed_features`). The data pipeline is therefore not
+measured, only the training step.
 
 Each variant first runs --warmup steps (the first traces the step function), then one
 untimed round of --steps steps per variant (so that no timed round starts on caches the other
@@ -75,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ModelConfig overrides for every variant, e.g. '{\"gate_hidden_units\": 8}'")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the initial weights")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZERS[0],
-                        help="fused_adam: the Trainer's; keras_adam: tf_keras' Adam, the same math (default: %(default)s)")
+                        help="fused_adam: the Trainer's; keras_adam: tf_keras' Adam, the same math "
+                             "(default: %(default)s)")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the results here")
 
 
@@ -115,7 +117,8 @@ class _Trainee:
 
 
 def measure(variants: Sequence[str], *, steps: int = 30, batch_size: int = 512, repeats: int = 5,
-            warmup: int = 5, overrides: Optional[Mapping[str, Any]] = None, seed: int = 0, optimizer: str = OPTIMIZERS[0],
+            warmup: int = 5, overrides: Optional[Mapping[str, Any]] = None, seed: int = 0,
+            optimizer: str = OPTIMIZERS[0],
             log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Times training steps of `variants` side by side; returns JSON-friendly results (see `run`)."""
     import tensorflow as tf
@@ -192,7 +195,8 @@ def measure(variants: Sequence[str], *, steps: int = 30, batch_size: int = 512, 
             params_ratio=results[POSO_ALL]["params"] / results[BASELINE]["params"])
     return dict(
         settings=dict(variants=list(variants), steps=steps, batch_size=batch_size, repeats=repeats, warmup=warmup,
-                      overrides=overrides, seed=seed, optimizer=optimizer, cpu_count=os.cpu_count(), tensorflow=tf.__version__),
+                      overrides=overrides, seed=seed, optimizer=optimizer, cpu_count=os.cpu_count(),
+                      tensorflow=tf.__version__),
         variants=results, vs_baseline=vs_baseline, poso_all_vs_baseline=comparison)
 
 
@@ -214,7 +218,7 @@ def format_results(results: Mapping[str, Any]) -> str:
 
     text = [f"Train-step throughput: batch {settings['batch_size']}, {settings['steps']} timed steps x "
             f"{settings['repeats']} interleaved rounds per variant, {settings['warmup']} warm-up steps, "
-            f"{settings['cpu_count']} CPU cores, TF {settings['tensorflow']}, {settings.get('optimizer', 'keras_adam')}"
+            f"{settings['cpu_count']} CPU cores, TF {settings['tensorflow']}, {settings['optimizer']}"
             + (f", overrides {json.dumps(settings['overrides'])}" if settings["overrides"] else ""),
             "", render(header), "-" * len(render(header))]
     text += [render(line) for line in lines]

@@ -88,7 +88,11 @@ def _analysis_from_cache(store, cache_output) -> Dict[str, object]:
     Transform read and analyzed itself: {} when the run wrote no cache (an older run)."""
     if cache_output is None:
         return {}
-    inputs_of = lambda artifact_id: span_window.producer_lineage(store, [artifact_id]).get(artifact_id, (None, {}))[1]
+
+    def inputs_of(artifact_id: int) -> Dict[str, List[int]]:
+        lineage = span_window.producer_lineage(store, [artifact_id])
+        return lineage[artifact_id][1] if artifact_id in lineage else {}
+
     own = inputs_of(cache_output.id)
     window = {a.id: _custom(a, "rows", 0) for a in store.get_artifacts_by_id(own.get("examples", []))}
     cached = set()  # the same Examples artifacts (a day ingested again is a new one, analyzed afresh)

@@ -24,7 +24,8 @@ def test_sparse_gradient_with_repeated_rows_matches_keras_adam():
     # out must still decay (Adam, not LazyAdam), and repeated rows must be summed.
     rng = np.random.default_rng(0)
     initial = rng.normal(size=(6, 3)).astype(np.float32)
-    gradients = [tf.IndexedSlices(tf.constant(rng.normal(size=(3, 3)), tf.float32), tf.constant(rows), tf.constant([6, 3]))
+    gradients = [tf.IndexedSlices(tf.constant(rng.normal(size=(3, 3)), tf.float32), tf.constant(rows),
+                                  tf.constant([6, 3]))
                  for rows in ([0, 2, 2], [5, 1, 0], [2, 2, 2], [4, 0, 1])]
     expected = _apply(tf.keras.optimizers.Adam(0.05), gradients, initial)
     fused = _apply(FusedAdam(0.05), gradients, initial)
