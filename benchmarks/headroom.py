@@ -262,6 +262,7 @@ def run_section(runner_for: Callable[[str], Any], table2_models: Sequence[Any],
         descriptions.append(dict(preset=preset, eval=runner.description["eval"], eval_date=runner.data.eval_date,
                                  data_seconds=runner.data_seconds))
         specs_here = [m for m in table2_models if preset == "submergence" or m.name in NONE_PRESET_MODELS]
+        runner.train_all([(spec, seed) for spec in specs_here for seed in seeds_of(spec)])
         for spec in specs_here:
             for seed in seeds_of(spec):
                 models += [dict(preset=preset, model=spec.name, seed=seed, task=r["task"], group=r["group"],

@@ -68,7 +68,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from benchmarks import stats as paired_stats
+from benchmarks import parallel, stats as paired_stats
 from feature_specs import specs
 from pipeline import argtypes
 
@@ -382,10 +382,10 @@ class SyntheticRunner:
     code trains only what it had not finished (but the models (d) inspects, which it keeps in
     memory). Deleting that folder (or the work dir) discards them; regenerating the data does."""
 
-    def __init__(self, work_dir: str, budget: Budget):
+    def __init__(self, work_dir: str, budget: Budget, jobs: int = 1):
         from benchmarks import paper_data
 
-        self.budget = budget
+        self.work_dir, self.budget, self.jobs = work_dir, budget, jobs
         started = time.time()
         # The budget holds every field the data depends on (the settings are its cache key).
         settings = paper_data.SyntheticSettings(**{field.name: getattr(budget, field.name)
@@ -450,12 +450,37 @@ class SyntheticRunner:
                 self._models[key] = model
         return self._results[key]
 
+    def train_all(self, pairs: Sequence[Tuple[ModelSpec, int]]) -> None:
+        """Trains the (model, seed)s of `pairs` that have no results yet in `jobs` worker processes
+        (benchmarks.parallel); `results` then returns theirs. With one job, `results` trains each."""
+        todo = [(spec, seed) for spec, seed in dict.fromkeys(pairs)
+                if (spec.name, seed) not in self._results and self._cached(spec, seed) is None]
+        if self.jobs == 1 or len(todo) < 2:
+            return
+        from benchmarks import parallel
+
+        _log(f"  training {len(todo)} models, {min(self.jobs, len(todo))} at a time")
+        calls = [(self.work_dir, self.budget, spec, seed) for spec, seed in todo]
+        for (spec, seed), rows in zip(todo, parallel.run_all(_results_in_worker, calls, self.jobs)):
+            self._results[(spec.name, seed)] = [dict(row, label=spec.label) for row in rows]
+
     def model(self, spec: ModelSpec, seed: int):
         self.results(spec, seed, keep_model=True)
         return self._models[(spec.name, seed)]
 
     def table(self, models: Sequence[ModelSpec], seeds_of: Callable[[ModelSpec], Sequence[int]]) -> pd.DataFrame:
+        self.train_all([(spec, seed) for spec in models for seed in seeds_of(spec)])
         return pd.DataFrame([row for spec in models for seed in seeds_of(spec) for row in self.results(spec, seed)])
+
+
+_worker_runners: Dict[Tuple[str, Budget], SyntheticRunner] = {}
+
+
+def _results_in_worker(work_dir: str, budget: Budget, spec: ModelSpec, seed: int) -> List[Dict[str, Any]]:
+    """`SyntheticRunner.results` in a worker process; the data, prepared by the parent, loads once per worker."""
+    if (work_dir, budget) not in _worker_runners:
+        _worker_runners[(work_dir, budget)] = SyntheticRunner(work_dir, budget)
+    return _worker_runners[(work_dir, budget)].results(spec, seed)
 
 
 # ---------------------------------------------------------------------------
@@ -592,8 +617,8 @@ def gates_by_avc(model, tft_output_dir: str, example_files: Sequence[str], work_
 # Sections
 # ---------------------------------------------------------------------------
 def run_movielens_section(zip_path: str, seeds: Sequence[int], variants: Sequence[str], work_dir: str,
-                          budget: Mapping[str, Any], headline_seeds: Optional[Sequence[int]] = None
-                          ) -> Dict[str, Any]:
+                          budget: Mapping[str, Any], headline_seeds: Optional[Sequence[int]] = None,
+                          jobs: int = 1) -> Dict[str, Any]:
     """(a): the headline variants with `headline_seeds` (and `seeds`), the others with `seeds`."""
     try:
         from benchmarks.paper_movielens import run_movielens
@@ -605,7 +630,7 @@ def run_movielens_section(zip_path: str, seeds: Sequence[int], variants: Sequenc
     all_seeds = _headline_seeds(seeds, headline_seeds)
     runs = [([v for v in variants if v in HEADLINE_VARIANTS], all_seeds),
             ([v for v in variants if v not in HEADLINE_VARIANTS], list(seeds))]
-    frame = pd.concat([run_movielens(zip_path, run_seeds, run_variants, work_dir, **budget)
+    frame = pd.concat([run_movielens(zip_path, run_seeds, run_variants, work_dir, jobs=jobs, **budget)
                        for run_variants, run_seeds in runs if run_variants], ignore_index=True)
     missing = {"variant", "seed", "task", "gauc"} - set(frame.columns)
     if missing:
@@ -627,11 +652,11 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
                  table2_models: Sequence[ModelSpec] = TABLE2_MODELS,
                  ablation_models: Sequence[ModelSpec] = ABLATION_MODELS,
                  item_models: Sequence[ModelSpec] = ITEM_COLD_START_MODELS,
-                 headline_seeds: Optional[Sequence[int]] = None) -> Dict[str, Dict[str, Any]]:
+                 headline_seeds: Optional[Sequence[int]] = None, jobs: int = 1) -> Dict[str, Dict[str, Any]]:
     """Runs `sections`, writes OUT/results/<section>.json and renders OUT/RESULTS.md.
 
     Headline models (`ModelSpec.headline`) run with `seeds` and `headline_seeds`, the others with
-    `seeds`."""
+    `seeds`. `jobs` models train at once (benchmarks.parallel)."""
     results_dir = os.path.join(out_dir, RESULTS_DIR)
     os.makedirs(results_dir, exist_ok=True)
     os.makedirs(work_dir, exist_ok=True)
@@ -643,7 +668,7 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
         return all_headline_seeds if spec.headline else list(seeds)
 
     def save(section: str, payload: Dict[str, Any], started: float, **meta: Any) -> None:
-        payload = dict(section=section, meta=_meta(command, seeds, started, commit,
+        payload = dict(section=section, meta=_meta(command, seeds, started, commit, jobs=jobs,
                                                    headline_seeds=all_headline_seeds, **meta), **payload)
         with open(os.path.join(results_dir, f"{section}.json"), "w") as f:
             json.dump(payload, f, indent=1, default=_json_default)
@@ -660,7 +685,7 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
             movielens_variants = list(model_lib.variants_for(fs.feature_set("movielens"))) + ["melu"]
         payload = run_movielens_section(movielens_zip or default_movielens_zip(), seeds, movielens_variants,
                                         os.path.join(work_dir, "movielens"), dict(movielens_budget or {}),
-                                        headline_seeds=all_headline_seeds)
+                                        headline_seeds=all_headline_seeds, jobs=jobs)
         if not payload["available"]:
             _log(f"  unavailable: {payload['reason']}")
         save("a", payload, started)
@@ -674,7 +699,7 @@ def run_sections(sections: Sequence[str], seeds: Sequence[int], out_dir: str, wo
         """One runner per generator preset, so (f) reuses what (b-e) trained on the same data."""
         if preset not in runners:
             _log(f"Synthetic data, preset {preset}")
-            runners[preset] = SyntheticRunner(work_dir, dataclasses.replace(budget, preset=preset))
+            runners[preset] = SyntheticRunner(work_dir, dataclasses.replace(budget, preset=preset), jobs=jobs)
         return runners[preset]
 
     synthetic = [s for s in sections if s in ("b", "c", "d", "e")]
@@ -825,10 +850,16 @@ def _cached_text(meta: Mapping[str, Any]) -> str:
     return f" (not counting {len(cached)} models whose rows an earlier, stopped run had written)" if cached else ""
 
 
+def _jobs_text(meta: Mapping[str, Any]) -> str:
+    jobs = meta.get("jobs", 1)  # results from before --jobs trained one model at a time
+    return f", {jobs} models at a time" if jobs > 1 else ""
+
+
 def _meta_lines(meta: Mapping[str, Any]) -> List[str]:
     m = meta["machine"]
     return [f"- Command: `{meta['command']}`",
-            f"- Date: {meta['date']}; wall time {meta['wall_seconds'] / 60:.1f} min{_cached_text(meta)}",
+            f"- Date: {meta['date']}; wall time {meta['wall_seconds'] / 60:.1f} min{_cached_text(meta)}"
+            f"{_jobs_text(meta)}",
             f"- Machine: {m['cores']} cores, {m['cpu']}, {m['memory_gib']} GiB memory; {m['os']}; "
             f"Python {m['python']}, TensorFlow {meta['tensorflow']}",
             f"- Git commit: {meta['commit']}",
@@ -1131,6 +1162,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="variants for (a) (default: every variant of models.model.VARIANTS MovieLens allows, and melu)")
     parser.add_argument("--movielens-budget", type=argtypes.json_object, default=None, metavar="JSON",
                         help="keyword arguments for run_movielens, e.g. '{\"epochs\": 2}'")
+    parser.add_argument("--jobs", type=argtypes.positive_int, default=parallel.default_jobs(),
+                        help="models trained at once, one process and one TensorFlow thread each (default: one per "
+                             "core, at most 4: %(default)s)")
     parser.add_argument("--render-only", action="store_true",
                         help="only render OUT/RESULTS.md again from OUT/results/*.json")
 
@@ -1156,7 +1190,7 @@ def run(args: argparse.Namespace) -> int:
                  movielens_zip=movielens_zip,
                  movielens_variants=([v.strip() for v in args.movielens_variants.split(",") if v.strip()]
                                      if args.movielens_variants else None),
-                 movielens_budget=args.movielens_budget, headline_seeds=args.headline_seeds)
+                 movielens_budget=args.movielens_budget, headline_seeds=args.headline_seeds, jobs=args.jobs)
     _log(f"Wrote {os.path.join(args.out, RESULTS_FILE)} in {(time.time() - started) / 60:.1f} min")
     return 0
 

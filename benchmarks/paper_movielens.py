@@ -22,6 +22,8 @@ MeLU 76.16 / 74.51, Meta-E 76.13 / 74.53, MWUF 76.20 / 74.51, POSO 76.89 / 75.29
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import sys
@@ -33,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from feature_specs import movielens as ml_specs
+from pipeline import argtypes
 
 __all__ = ["run_movielens", "summarize", "goal_check", "format_table", "default_data_zip", "analyze",
            "read_test_examples", "VARIANT_LABELS", "VARIANT_OVERRIDES", "MELU",
@@ -159,8 +162,11 @@ def _serve(serving_model_dir: str, serialized: Sequence[bytes]) -> Dict[str, np.
 
 def run_movielens(data_zip: Optional[str] = None, seeds: Sequence[int] = (0, 1, 2),
                   variants: Sequence[str] = tuple(VARIANT_LABELS), work_dir: Optional[str] = None,
-                  verbose: int = 0, **budget: Any) -> pd.DataFrame:
+                  verbose: int = 0, jobs: int = 1, **budget: Any) -> pd.DataFrame:
     """Trains every variant with every seed; one row per (variant, seed, task).
+
+    jobs: models trained at once, each in its own process with one TensorFlow thread
+      (benchmarks.parallel); 1 trains them one after the other in this process.
 
     budget: epochs, batch_size, test_fraction, split_seed (the user split, the same for
       every run), validation (True: evaluate on validation users drawn from the training
@@ -172,12 +178,9 @@ def run_movielens(data_zip: Optional[str] = None, seeds: Sequence[int] = (0, 1, 
       gauc_after_support (test ratings after the user's first 8: MeLU's query set, see benchmarks.melu),
       train_seconds, test_examples, test_users.
     """
-    from sklearn.metrics import roc_auc_score
-
-    from benchmarks import melu
+    from benchmarks import parallel
     from components import movielens as ml_data
-    from feature_specs import movielens as ml
-    from models import metrics, model as model_lib, trainer
+    from models import model as model_lib
 
     unknown = sorted(set(budget) - set(DEFAULT_BUDGET))
     if unknown:
@@ -185,6 +188,8 @@ def run_movielens(data_zip: Optional[str] = None, seeds: Sequence[int] = (0, 1, 
     unknown = sorted(set(variants) - set(model_lib.VARIANTS) - {MELU})
     if unknown:
         raise ValueError(f"run_movielens: unknown variant(s) {unknown}; known: {sorted(model_lib.VARIANTS) + [MELU]}")
+    if not (isinstance(jobs, int) and jobs >= 1):
+        raise ValueError(f"run_movielens: jobs={jobs!r}; expected an int >= 1")
     budget = {**DEFAULT_BUDGET, **budget}
     configs = {variant: _config(variant, budget["overrides"]) for variant in variants}  # bad ones said now
     data_zip = data_zip or default_data_zip()
@@ -196,48 +201,79 @@ def run_movielens(data_zip: Optional[str] = None, seeds: Sequence[int] = (0, 1, 
     train_pattern = os.path.join(examples_dir, ml_data.TRAIN, "*.tfrecord.gz")
     test_pattern = os.path.join(examples_dir, ml_data.TEST, "*.tfrecord.gz")
     transform_dir = analyze(train_pattern, os.path.join(work_dir, "transform"), os.path.join(work_dir, "tft_tmp"))
-    serialized, test = read_test_examples(test_pattern)
-    new_user_regime = test[ml.AVC] < 32
-    after_support = melu.after_support(test[ml.USER_ID], test[ml.AVC])
+    data = _Data(train_pattern, test_pattern, transform_dir, summary[ml_data.TRAIN]["examples"])
+    calls = [(data, variant, seed, configs[variant], budget, os.path.join(work_dir, "models"), verbose)
+             for variant in variants for seed in seeds]
+    return pd.DataFrame([row for rows in parallel.run_all(_train_and_score, calls, jobs) for row in rows])
 
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """Where `run_movielens` wrote the examples and the transform graph (what a worker needs)."""
+
+    train_pattern: str
+    test_pattern: str
+    transform_dir: str
+    train_examples: int
+
+
+@functools.lru_cache(maxsize=2)
+def _test_set(test_pattern: str):
+    """(serialized examples, their columns, the AVC < 32 mask, MeLU's after-support mask), read once per process."""
+    serialized, test = read_test_examples(test_pattern)
+    from benchmarks import melu
+
+    return serialized, test, test[ml_specs.AVC] < 32, melu.after_support(test[ml_specs.USER_ID], test[ml_specs.AVC])
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_melu_data(data: _Data):
+    return _melu_data(data.train_pattern, data.test_pattern, data.transform_dir,
+                      _test_set(data.test_pattern)[1][ml_specs.USER_ID])
+
+
+def _train_and_score(data: _Data, variant: str, seed: int, config, budget: Mapping[str, Any], models_dir: str,
+                     verbose: int) -> List[Dict[str, Any]]:
+    """One (variant, seed) of `run_movielens`: trained, exported, served on the test users, scored."""
+    from sklearn.metrics import roc_auc_score
+
+    from models import metrics, trainer
+
+    serialized, test, new_user_regime, after_support = _test_set(data.test_pattern)
+    serving_dir = os.path.join(models_dir, f"{variant}_seed{seed}")
+    started = time.perf_counter()
+    if variant == MELU:
+        predictions = _train_and_predict_melu(config, _cached_melu_data(data), budget, seed)
+        train_seconds = time.perf_counter() - started  # with the scoring: it adapts per user
+    else:
+        trainer.train_and_export(
+            data.train_pattern, data.test_pattern, data.transform_dir, serving_dir, config,
+            batch_size=budget["batch_size"], epochs=budget["epochs"], eval_steps=1, seed=seed,
+            shuffle_buffer=data.train_examples, verbose=verbose, feature_set=ml_specs.MOVIELENS)
+        train_seconds = time.perf_counter() - started
+        predictions = _serve(serving_dir, serialized)
+    users = test[ml_specs.USER_ID]
     rows = []
-    melu_data = None
-    for variant in variants:
-        config = configs[variant]
-        for seed in seeds:
-            serving_dir = os.path.join(work_dir, "models", f"{variant}_seed{seed}")
-            started = time.perf_counter()
-            if variant == MELU:
-                melu_data = melu_data or _melu_data(train_pattern, test_pattern, transform_dir, test[ml.USER_ID])
-                predictions = _train_and_predict_melu(config, melu_data, budget, seed)
-                train_seconds = time.perf_counter() - started  # with the scoring: it adapts per user
-            else:
-                trainer.train_and_export(
-                    train_pattern, test_pattern, transform_dir, serving_dir, config,
-                    batch_size=budget["batch_size"], epochs=budget["epochs"], eval_steps=1, seed=seed,
-                    shuffle_buffer=summary[ml_data.TRAIN]["examples"], verbose=verbose, feature_set=ml.MOVIELENS)
-                train_seconds = time.perf_counter() - started
-                predictions = _serve(serving_dir, serialized)
-            for task in ml.MOVIELENS.tasks:
-                labels, scores = test[task.label], predictions[task.name]
-                rows.append(dict(
-                    variant=variant, seed=seed, task=task.name,
-                    gauc=metrics.grouped_auc(labels, scores, test[ml.USER_ID]),
-                    auc=float(roc_auc_score(labels, scores)),
-                    gauc_avc_lt_32=metrics.grouped_auc(labels[new_user_regime], scores[new_user_regime],
-                                                       test[ml.USER_ID][new_user_regime]),
-                    gauc_avc_ge_32=metrics.grouped_auc(labels[~new_user_regime], scores[~new_user_regime],
-                                                       test[ml.USER_ID][~new_user_regime]),
-                    gauc_after_support=metrics.grouped_auc(labels[after_support], scores[after_support],
-                                                           test[ml.USER_ID][after_support]),
-                    train_seconds=train_seconds,
-                    test_examples=int(labels.size),
-                    test_users=int(np.unique(test[ml.USER_ID]).size)))
-            if verbose >= 0:
-                last = {r["task"]: round(100 * r["gauc"], 2) for r in rows[-len(ml.MOVIELENS.tasks):]}
-                print(f"[paper_movielens] {variant} seed {seed}: GAUC % {last} ({train_seconds:.0f} s)",
-                      file=sys.stderr, flush=True)
-    return pd.DataFrame(rows)
+    for task in ml_specs.MOVIELENS.tasks:
+        labels, scores = test[task.label], predictions[task.name]
+        rows.append(dict(
+            variant=variant, seed=seed, task=task.name,
+            gauc=metrics.grouped_auc(labels, scores, users),
+            auc=float(roc_auc_score(labels, scores)),
+            gauc_avc_lt_32=metrics.grouped_auc(labels[new_user_regime], scores[new_user_regime],
+                                               users[new_user_regime]),
+            gauc_avc_ge_32=metrics.grouped_auc(labels[~new_user_regime], scores[~new_user_regime],
+                                               users[~new_user_regime]),
+            gauc_after_support=metrics.grouped_auc(labels[after_support], scores[after_support],
+                                                   users[after_support]),
+            train_seconds=train_seconds,
+            test_examples=int(labels.size),
+            test_users=int(np.unique(users).size)))
+    if verbose >= 0:
+        last = {r["task"]: round(100 * r["gauc"], 2) for r in rows}
+        print(f"[paper_movielens] {variant} seed {seed}: GAUC % {last} ({train_seconds:.0f} s)",
+              file=sys.stderr, flush=True)
+    return rows
 
 
 def _config(variant: str, overrides: Mapping[str, Any]):
@@ -361,12 +397,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--overrides", type=json.loads, default=DEFAULT_BUDGET["overrides"],
                         help="ModelConfig fields for every variant, as JSON (default: %(default)s)")
     parser.add_argument("--csv", default=None, help="also write the per-run rows to this CSV file")
+    parser.add_argument("--jobs", type=argtypes.positive_int, default=1,
+                        help="models trained at once, one process and one TensorFlow thread each (default: %(default)s)")
     args = parser.parse_args(argv)
 
     data_zip = args.data or default_data_zip()
     started = time.perf_counter()
     results = run_movielens(data_zip, args.seeds, args.variants, args.work_dir,
-                            epochs=args.epochs, batch_size=args.batch_size, overrides=args.overrides)
+                            epochs=args.epochs, batch_size=args.batch_size, overrides=args.overrides, jobs=args.jobs)
     if args.csv:
         results.to_csv(args.csv, index=False)
     minutes = (time.perf_counter() - started) / 60

@@ -330,3 +330,11 @@ def test_run_movielens_gives_one_row_per_variant_seed_and_task(fabricated, tmp_p
     assert "POSO(MLP)" in table and "Baseline" in table and "± " in table
     with pytest.raises(ValueError, match="unknown budget key"):
         paper_movielens.run_movielens(fabricated["path"], [0], ["baseline"], str(tmp_path), epoch=1)
+    with pytest.raises(ValueError, match="jobs=0"):
+        paper_movielens.run_movielens(fabricated["path"], [0], ["baseline"], str(tmp_path), jobs=0)
+    # Two at a time, each in a worker process: the same rows, up to the float order of one thread.
+    in_workers = paper_movielens.run_movielens(fabricated["path"], seeds=[0, 1], variants=["baseline", "poso_mlp"],
+                                               work_dir=str(tmp_path / "jobs"), epochs=1, batch_size=64,
+                                               test_fraction=0.3, overrides=TINY, verbose=-1, jobs=2)
+    columns = ["variant", "seed", "task", "gauc", "gauc_avc_lt_32", "test_examples"]
+    pd.testing.assert_frame_equal(in_workers[columns], results[columns], atol=1e-3)

@@ -204,6 +204,26 @@ def test_a_rerun_reuses_each_finished_model_and_retrains_a_broken_one(run, monke
         assert len(json.load(f)) == len([r for r in first if r["model"] == paper.POSO])
 
 
+def test_two_jobs_train_the_same_models_in_workers(run, tmp_path):
+    """`--jobs 2`: every model of a table trains in a worker process, and the rows are the ones
+    a single process computes (up to the float order of one thread instead of two)."""
+    import shutil
+
+    work = str(tmp_path / "work")
+    for data in glob.glob(os.path.join(run["work"], "synthetic-*")):  # the data, not the trained models' rows
+        shutil.copytree(data, os.path.join(work, os.path.basename(data)), ignore=shutil.ignore_patterns("results"))
+    out = str(tmp_path / "out")
+    payload = paper.run_sections(["b"], [0], out, work, COMMAND, budget=TINY, table2_models=MODELS,
+                                 headline_seeds=[1], jobs=2)["b"]
+    assert payload["meta"]["jobs"] == 2 and payload["meta"]["cached_models"] == []
+    assert len(glob.glob(os.path.join(work, "synthetic-*", "results", "*.json"))) == 3  # written by the workers
+    columns = ["model", "seed", "group", "task", "gauc", "users"]
+    pd.testing.assert_frame_equal(pd.DataFrame(payload["rows"])[columns],
+                                  pd.DataFrame(run["written"]["b"]["rows"])[columns], atol=1e-3)
+    with open(os.path.join(out, paper.RESULTS_FILE)) as f:
+        assert ", 2 models at a time" in _section(f.read(), "b")
+
+
 def test_result_key_changes_with_what_training_depends_on():
     spec, seed, fingerprint = paper.TABLE2_MODELS[1], 0, "code-a"
     key = paper.result_key(TINY, spec, seed, fingerprint)
