@@ -320,7 +320,8 @@ COMMANDS = {
                                 flags=_HERE),
     "model-summary": Command("parameters and FLOPs per module, plain vs POSO (Table 1)",
                              _HERE, "add_model_summary_arguments", "cmd_model_summary", quiet=True),
-    "bench": Command("benchmarks (print figures; loopback only)", subcommands=BENCHMARKS),
+    # Quiet too: `bench paper` starts a TensorFlow worker per job, each with its banners.
+    "bench": Command("benchmarks (print figures; loopback only)", subcommands=BENCHMARKS, quiet=True),
 }
 
 
