@@ -332,9 +332,8 @@ class RankingModel(tfrs.Model):
             gate_units, hidden_units=config.gate_hidden_units, scale=config.gate_scale,
             stop_gradient=config.gate_stop_gradient, one_hot_code=config.pc_source == "avc_bucket_onehot",
             name="gates") if gate_units else None)
-        self.towers = self._make_towers("")
-        # PIN's tail-user plugin towers (`towers` serve the head users then); None without PIN.
-        self.tail_towers = self._make_towers("tail_") if config.pin else None
+        # {task: its tower}; with PIN, its head and tail plugin towers in one `pin.PluginTowers`.
+        self.towers = self._make_pin_towers() if config.pin else self._make_towers()
         user_dim = config.embedding_dim or feature_set.feature(feature_set.user_id).embedding_dim
         cold_start_layers = {"meta_emb": cold_start.MetaEmbeddingGenerator, "mwuf": cold_start.MetaWarmUp}
         # The user cold-start method's layer (None without one): its variables train on its meta loss only.
@@ -352,17 +351,21 @@ class RankingModel(tfrs.Model):
             for task in feature_set.tasks
         }
 
-    def _make_towers(self, prefix: str) -> Dict[str, tf.keras.Sequential]:
+    def _make_towers(self) -> Dict[str, tf.keras.Sequential]:
         return {
             task.name: tf.keras.Sequential(
                 # Task-prefixed names: a Sequential builds outside the model's name scope, and
                 # warm starts match variables by name.
-                [tf.keras.layers.Dense(units, activation="relu", name=f"{prefix}{task.name}_hidden_{i}")
+                [tf.keras.layers.Dense(units, activation="relu", name=f"{task.name}_hidden_{i}")
                  for i, units in enumerate(self.config.tower_units)]
-                + [tf.keras.layers.Dense(1, activation="sigmoid", name=f"{prefix}{task.name}_probability")],
-                name=f"{prefix}{task.name}_tower")
+                + [tf.keras.layers.Dense(1, activation="sigmoid", name=f"{task.name}_probability")],
+                name=f"{task.name}_tower")
             for task in self.feature_set.tasks
         }
+
+    def _make_pin_towers(self) -> Dict[str, pin.PluginTowers]:
+        return {task.name: pin.PluginTowers(self.config.tower_units, name=f"{task.name}_plugin_towers")
+                for task in self.feature_set.tasks}
 
     def _make_zero_shot(self) -> Tuple[mail.ZeroShotTower, tf.keras.optimizers.Optimizer]:
         config = self.config
@@ -468,14 +471,16 @@ class RankingModel(tfrs.Model):
 
     def task_probabilities(self, features: Mapping[str, tf.Tensor], per_task: List[tf.Tensor]) -> Dict[str, tf.Tensor]:
         """{task: p [B]} from the towers' inputs; with PIN, each example's from its group's tower.
-        Both towers run on every row: skipping the tail towers for head-only requests with
-        `control_flow.if_any` made PIN's served latency worse, not better (benchmarks/README.md)."""
-        outputs = {task.name: tf.squeeze(self.towers[task.name](x), axis=-1)
-                   for task, x in zip(self.feature_set.tasks, per_task)}
-        if self.tail_towers is None:
-            return outputs
+        PIN runs a task's head and tail towers as one `pin.PluginTowers` on every row: one MatMul
+        per layer for both groups, the other group's units masked to zero (about the baseline's
+        op count; a separate Dense tower per group and a `tf.where` cost 79 more nodes a call, and
+        skipping the tail towers for head-only requests with `control_flow.if_any` was slower
+        still: benchmarks/README.md)."""
+        if not self.config.pin:
+            return {task.name: tf.squeeze(self.towers[task.name](x), axis=-1)
+                    for task, x in zip(self.feature_set.tasks, per_task)}
         head = self.pin_head_mask(features)
-        return {task.name: tf.where(head, outputs[task.name], tf.squeeze(self.tail_towers[task.name](x), axis=-1))
+        return {task.name: tf.squeeze(self.towers[task.name](x, head), axis=-1)
                 for task, x in zip(self.feature_set.tasks, per_task)}
 
     def pin_head_mask(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:

@@ -54,7 +54,7 @@ import numpy as np
 import tensorflow as tf
 
 import feature_specs as fs
-from models import cold_start, layers
+from models import cold_start, layers, pin
 from models import model as model_lib
 
 __all__ = [
@@ -143,11 +143,6 @@ def _model_gates(ranking: model_lib.RankingModel, attribute: str, per_gate: Sequ
     return sum(per_gate[i] for i in ranking.gates_by_module().get(attribute, ()))
 
 
-def _all_towers(ranking: model_lib.RankingModel) -> List[tf.keras.Model]:
-    """Every task tower: the task towers and, with PIN, the tail-user plugin towers."""
-    return list(ranking.towers.values()) + list((ranking.tail_towers or {}).values())
-
-
 def parameter_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
     """Parameters of a built `RankingModel` by row of `ROWS` (all rows but the sums are parts).
 
@@ -161,7 +156,7 @@ def parameter_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
     counts = {row: getattr(ranking, attribute).count_params()
               + _model_gates(ranking, attribute, gate_parameters)
               for row, attribute in _MODULE_ATTRIBUTES.items()}
-    counts["Towers"] = sum(tower.count_params() for tower in _all_towers(ranking))
+    counts["Towers"] = sum(tower.count_params() for tower in ranking.towers.values())
     counts["User cold start"] = sum(method.count_params() for method in (ranking.cold_start, ranking.zero_shot)
                                     if method is not None)
     counts["Dense network"] = sum(counts[row] for row in _DENSE_PARTS)
@@ -259,6 +254,14 @@ _FLOP_RULES: Dict[type, Callable[[Any, int], int]] = {
 }
 
 
+def _tower_macs(tower: Union[tf.keras.Sequential, pin.PluginTowers]) -> int:
+    """A task tower's Dense kernels; PIN's head and tail towers (one `pin.PluginTowers`) run on
+    every example: both groups' kernels and, from the second layer, the bias rows its MatMuls hold."""
+    if isinstance(tower, pin.PluginTowers):
+        return tower.matmul_macs()
+    return sum(_dense_macs(layer) for layer in tower.layers)
+
+
 def module_flops(module: tf.keras.layers.Layer, sequence_length: int) -> int:
     """Multiply-adds per example of a built module from `models.layers` (see the module docstring)."""
     rule = _FLOP_RULES.get(type(module))
@@ -306,8 +309,7 @@ def flop_counts(ranking: model_lib.RankingModel) -> Dict[str, int]:
     counts = {row: module_flops(getattr(ranking, attribute), length)
               + _model_gates(ranking, attribute, gate_macs)
               for row, attribute in _MODULE_ATTRIBUTES.items()}
-    # PIN's graph runs the head and the tail tower on every example and selects: both count.
-    counts["Towers"] = sum(_dense_macs(layer) for tower in _all_towers(ranking) for layer in tower.layers)
+    counts["Towers"] = sum(_tower_macs(tower) for tower in ranking.towers.values())
     counts["User cold start"] = _cold_start_macs(ranking, length)
     counts["Dense network"] = sum(counts[row] for row in _DENSE_PARTS)
     # Lookups are free; the masked mean of each pooled (non-behaviour) sequence is not.

@@ -24,18 +24,26 @@ users. Our reading, as `RankingModel` with `ModelConfig.pin`:
   loss, i.e. ordinary training. In expectation L still has the population gradient; what
   changes is that each group's mean gradient is estimated from half the batch, the tail's
   far more precisely than in an i.i.d. batch.
-- Plugin towers: every task has a head tower (`RankingModel.towers`) and a tail tower
-  (`RankingModel.tail_towers`) of the same shape on the shared backbone's output; an example
-  goes through its group's tower, in training and at serving, so each tower trains on its own
-  users only (weighted by P(z_k)). Interpretation: one joint stage, not a backbone stage then
-  a tower stage with the backbone frozen or slower.
+- Plugin towers: every task has a head tower and a tail tower of the same shape (`tower_units`
+  hidden ReLU layers, a sigmoid output) on the shared backbone's output; an example goes
+  through its group's tower, in training and at serving, so each tower trains on its own users
+  only (weighted by P(z_k)). Interpretation: one joint stage, not a backbone stage then a
+  tower stage with the backbone frozen or slower.
+- The two towers of a task are one `PluginTowers` layer (`RankingModel.towers[task]`): each
+  layer's head and tail weights are one variable, so both towers cost one MatMul per layer and
+  the served graph has about the baseline's op count for its towers; the output is exactly the
+  row's group's tower's, and its gradient reaches that group's weights only.
+  A warm start (models.trainer.warm_start, by variable name) from a PIN export before the
+  fused layout (per-group `{task}_hidden_i` and `tail_{task}_hidden_i` Dense layers) restores
+  everything but the towers, which keep their initial values; the log names them.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 import feature_specs as fs
@@ -43,7 +51,9 @@ from models import cold_start
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["head_mask", "backdoor_weights", "stratify", "head_share", "training_data"]
+__all__ = ["head_mask", "backdoor_weights", "PluginTowers", "stratify", "head_share", "training_data"]
+
+TAIL, HEAD = 0, 1  # the activity groups' indices in PluginTowers' stacked weights
 
 
 def head_mask(features: Mapping[str, tf.Tensor], feature_set: fs.FeatureSet, head_min_pc_bucket: int) -> tf.Tensor:
@@ -64,6 +74,104 @@ def backdoor_weights(is_head: tf.Tensor, head_share: float) -> tf.Tensor:
     shares /= tf.reduce_sum(shares)
     per_group = batch * tf.math.divide_no_nan(shares, counts)
     return tf.gather(per_group, tf.cast(is_head, tf.int32))
+
+
+@tf.keras.utils.register_keras_serializable(package="poso")
+class PluginTowers(tf.keras.layers.Layer):
+    """A task's tail and head plugin towers, run as one computation; row i gets its group's.
+
+    Group k's tower (k = TAIL 0, HEAD 1; `units` = u_1..u_L hidden widths):
+
+        h^0 = x,   h^l = relu(h^{l-1} W_k^l + b_k^l)   (l = 1..L),   p = sigmoid(h^L W_k^{L+1} + b_k^{L+1})
+
+    Fused, with g_i the row's group, e_i = onehot(g_i) [B, 2] and M^l_i [B, 2 u_l] the row's
+    e_i with each entry repeated u_l times (1 on its group's units, 0 on the other's):
+
+        layer 1:   H^1 = act(x [W_0^1 | W_1^1] + [b_0^1 | b_1^1])        both groups' units, one MatMul
+                   Z^1 = H^1 * M^1                                        the other group's zeroed
+        layer l>1: h^l = act([Z^{l-1}, e] [W_0^l; W_1^l; b_0^l; b_1^l])   [B, u_l]: the row's group's
+                   Z^l = [h^l, h^l] * M^l
+
+    (act = relu, sigmoid at the output; with no hidden layer p = sigmoid(sum(H^1 * e, axis=1)).)
+    Zeros times the other group's weights add exactly nothing, so p_i is group g_i's tower's
+    output, and a row's loss has zero gradient on the other group's weights: their inputs are
+    that row's zeros (M, e), as with two towers and a per-row select. Each layer's weights are
+    one variable, the tail's block then the head's (layer 1: `layer_0_kernel` [d, 2 u_1] and
+    `layer_0_bias` [2 u_1]; layer l > 1: `layer_{l-1}_weights` [2 u_{l-1} + 2, u_l], the bias
+    rows last); `tower_weights(k)` gives group k's (W_k^l, b_k^l). Initialised as two Dense
+    towers are: each W_k^l Glorot-uniform over its own [fan_in, fan_out], biases zero.
+    """
+
+    def __init__(self, units: Sequence[int], **kwargs):
+        super().__init__(**kwargs)
+        self.units = tuple(int(u) for u in units)
+        self._widths = self.units + (1,)  # every layer's width, the output's last
+
+    def build(self, input_shape):
+        fan_in = int(input_shape[-1])
+        self.first_kernel = self.add_weight(
+            name="layer_0_kernel", shape=[fan_in, 2 * self._widths[0]],
+            initializer=_glorot_blocks(fan_in, self._widths[0]))
+        self.first_bias = self.add_weight(name="layer_0_bias", shape=[2 * self._widths[0]], initializer="zeros")
+        # Layer l > 1: the two groups' kernels stacked, then the two biases as rows.
+        self.stacked = [
+            self.add_weight(name=f"layer_{index}_weights", shape=[2 * n_in + 2, n_out],
+                            initializer=_glorot_blocks(n_in, n_out, stacked=True))
+            for index, (n_in, n_out) in enumerate(zip(self._widths, self._widths[1:]), start=1)]
+        super().build(input_shape)
+
+    def call(self, inputs: tf.Tensor, is_head: tf.Tensor) -> tf.Tensor:
+        """x [B, d], is_head [B] bool -> p [B, 1]."""
+        groups = tf.one_hot(tf.cast(is_head, tf.int32), 2, dtype=inputs.dtype)  # e [B, 2]
+        last = len(self._widths) - 1
+        hidden = tf.nn.bias_add(tf.matmul(inputs, self.first_kernel), self.first_bias)
+        if last == 0:
+            return tf.sigmoid(tf.reduce_sum(hidden * groups, axis=1, keepdims=True))
+        hidden = tf.nn.relu(hidden) * _unit_mask(groups, self._widths[0])
+        for index, weights in enumerate(self.stacked, start=1):
+            logits = tf.matmul(tf.concat([hidden, groups], axis=1), weights)
+            if index == last:
+                return tf.sigmoid(logits)
+            hidden = tf.concat([tf.nn.relu(logits)] * 2, axis=1) * _unit_mask(groups, self._widths[index])
+
+    def tower_weights(self, group: int, values: Optional[Sequence[Any]] = None) -> List[Tuple[Any, Any]]:
+        """Group `group`'s [(W^l, b^l)] for l = 1..L+1, sliced from `values` (tensors shaped like
+        the layer's `weights`, e.g. their gradients; default: the weights)."""
+        first_kernel, first_bias, *stacked = self.weights if values is None else values
+        n = self._widths[0]
+        layers = [(first_kernel[:, group * n:(group + 1) * n], first_bias[group * n:(group + 1) * n])]
+        for weights, n_in in zip(stacked, self._widths):
+            layers.append((weights[group * n_in:(group + 1) * n_in], weights[2 * n_in + group]))
+        return layers
+
+    def matmul_macs(self) -> int:
+        """Multiply-adds per example of the MatMuls that run (both groups' blocks, the bias rows)."""
+        return sum(int(np.prod(w.shape)) for w in [self.first_kernel, *self.stacked])
+
+    def get_config(self) -> Dict[str, Any]:
+        config = super().get_config()
+        config["units"] = list(self.units)
+        return config
+
+
+def _unit_mask(groups: tf.Tensor, units: int) -> tf.Tensor:
+    """M [B, 2 units]: e's tail column repeated `units` times, then its head column."""
+    return tf.gather(groups, [TAIL] * units + [HEAD] * units, axis=1)
+
+
+def _glorot_blocks(fan_in: int, fan_out: int, stacked: bool = False):
+    """Initializer of a fused layer's variable: uniform +-sqrt(6 / (fan_in + fan_out)) -- each
+    group's block Glorot-uniform over its own fans, as a Dense layer's kernel -- and, when
+    `stacked`, the two bias rows (last) zero."""
+    limit = (6.0 / (fan_in + fan_out)) ** 0.5
+
+    def initialize(shape, dtype=None, **kwargs):
+        del kwargs
+        kernels = tf.keras.initializers.RandomUniform(-limit, limit)(
+            [shape[0] - 2, shape[1]] if stacked else shape, dtype or tf.float32)
+        return tf.concat([kernels, tf.zeros([2, shape[1]], kernels.dtype)], axis=0) if stacked else kernels
+
+    return initialize
 
 
 # Examples are drawn from the two streams in runs of this many, not one by one: tf.data's

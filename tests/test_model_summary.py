@@ -148,6 +148,17 @@ def test_other_pairs_and_overrides(capsys):
     assert rows["Embedding tables"]["plain_params"] >= fs.PC.num_buckets * TINY["pc_embedding_dim"]
 
 
+def test_pin_counts_its_fused_towers():
+    """PIN's head and tail towers are one layer per task: twice the baseline's tower kernels and
+    biases, FLOPs both groups' kernels plus the two bias rows of the output MatMul."""
+    summary = model_summary.summarize(TINY, variant_pair=("baseline", "pin"))
+    towers, tasks, width, units = summary["rows"]["Towers"], len(fs.TASKS), TINY["expert_units"][-1], 4
+    assert towers["plain_params"] == tasks * (width * units + units + units + 1)
+    assert towers["poso_params"] == 2 * towers["plain_params"]
+    assert towers["plain_flops"] == tasks * (width * units + units)
+    assert towers["poso_flops"] == tasks * (2 * width * units + 2 * units + 2)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="'nope'"):
         model_summary.summarize(variant_pair=("baseline", "nope"))

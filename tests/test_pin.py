@@ -104,11 +104,85 @@ def test_towers_are_chosen_by_avc_and_new_users_go_to_the_tail(data):
     per_task = ranking.tower_inputs(features)
     served = ranking(features)
     for task, x in zip(fs.TASKS, per_task):
-        head_out = tf.squeeze(ranking.towers[task.name](x), -1).numpy()
-        tail_out = tf.squeeze(ranking.tail_towers[task.name](x), -1).numpy()
+        towers = ranking.towers[task.name]
+        head_out, tail_out = (_numpy_tower(x.numpy(), towers.tower_weights(group))[:, 0] for group in (pin.HEAD, pin.TAIL))
         assert not np.allclose(head_out, tail_out)  # two different towers
         np.testing.assert_allclose(served[task.name].numpy(), np.where(expected_head, head_out, tail_out),
                                    rtol=1e-6, err_msg=task.name)
+
+
+def _numpy_tower(x, weights):
+    """A Dense tower in NumPy: ReLU hidden layers, a sigmoid output."""
+    for i, (kernel, bias) in enumerate(weights):
+        x = x @ np.asarray(kernel) + np.asarray(bias)
+        x = np.maximum(x, 0) if i < len(weights) - 1 else 1 / (1 + np.exp(-x))
+    return x
+
+
+def _plugin_towers(units, rows=12, dim=6, seed=0):
+    """A built PluginTowers with random weights (biases too), inputs and a mixed is_head."""
+    rng = np.random.default_rng(seed)
+    towers = pin.PluginTowers(units)
+    x = tf.constant(rng.normal(size=(rows, dim)), tf.float32)
+    is_head = tf.constant(np.arange(rows) % 3 == 0)
+    towers(x, is_head)
+    for weight in towers.weights:
+        weight.assign(rng.normal(size=weight.shape))
+    return towers, x, is_head
+
+
+@pytest.mark.parametrize("units", [(5,), (5, 3), ()])
+def test_plugin_towers_give_each_row_its_groups_tower(units):
+    towers, x, is_head = _plugin_towers(units)
+    widths = [6, *units, 1]
+    for group in (pin.TAIL, pin.HEAD):  # Dense layers' shapes
+        assert [(tuple(k.shape), tuple(b.shape)) for k, b in towers.tower_weights(group)] == [
+            ((n_in, n_out), (n_out,)) for n_in, n_out in zip(widths, widths[1:])]
+    head_out, tail_out = (_numpy_tower(x.numpy(), towers.tower_weights(group)) for group in (pin.HEAD, pin.TAIL))
+    assert not np.allclose(head_out, tail_out)
+    expected = np.where(is_head.numpy()[:, np.newaxis], head_out, tail_out)
+    np.testing.assert_allclose(towers(x, is_head).numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert pin.PluginTowers.from_config(towers.get_config()).units == tuple(units)
+
+
+@pytest.mark.parametrize("units", [(5,), (5, 3), ()])
+def test_plugin_towers_gradient_is_two_towers_and_a_select(units):
+    """The fused layer's gradient equals that of two separate towers (variables holding its
+    blocks) and a per-row select: each group's weights learn from its own rows only."""
+    towers, x, is_head = _plugin_towers(units, seed=1)
+    upstream = tf.constant(np.random.default_rng(2).normal(size=(x.shape[0], 1)), tf.float32)
+    with tf.GradientTape() as tape:
+        fused = tf.reduce_sum(towers(x, is_head) * upstream)
+    gradients = tape.gradient(fused, towers.weights)
+
+    separate = {group: [[tf.Variable(w) for w in layer] for layer in towers.tower_weights(group)]
+                for group in (pin.TAIL, pin.HEAD)}
+
+    def tower(weights):
+        h = x
+        for i, (kernel, bias) in enumerate(weights):
+            h = h @ kernel + bias
+            h = tf.nn.relu(h) if i < len(weights) - 1 else tf.sigmoid(h)
+        return h
+
+    with tf.GradientTape() as tape:
+        selected = tf.reduce_sum(tf.where(is_head[:, tf.newaxis], tower(separate[pin.HEAD]),
+                                          tower(separate[pin.TAIL])) * upstream)
+    np.testing.assert_allclose(fused.numpy(), selected.numpy(), rtol=1e-5)
+    expected = tape.gradient(selected, separate)
+    for group in (pin.TAIL, pin.HEAD):
+        for got, want in zip(towers.tower_weights(group, gradients), expected[group]):
+            for got_part, want_part in zip(got, want):
+                np.testing.assert_allclose(got_part.numpy(), want_part.numpy(), rtol=1e-4, atol=1e-6)
+
+    # A head row's loss reaches the head's weights only, a tail row's the tail's only.
+    for row, own, other in ((0, pin.HEAD, pin.TAIL), (1, pin.TAIL, pin.HEAD)):
+        assert bool(is_head[row]) == (own == pin.HEAD)
+        with tf.GradientTape() as tape:
+            one_row = towers(x, is_head)[row, 0]
+        gradients = tape.gradient(one_row, towers.weights)
+        assert all(not np.any(g.numpy()) for layer in towers.tower_weights(other, gradients) for g in layer)
+        assert all(np.any(kernel.numpy()) for kernel, _ in towers.tower_weights(own, gradients))
 
 
 def test_stratified_batches_hold_both_groups_evenly(capfd):
