@@ -203,7 +203,8 @@ def warm_start(model: tf.keras.Model, base_model_dir: Optional[str]) -> int:
     """Copies variables with the same name and shape from a model exported by `export`.
 
     `model` must be built. Returns how many variables were restored; 0 (with a log line)
-    when there is no usable base model, e.g. the first run or another architecture.
+    when there is no usable base model, e.g. the first run or another architecture. The
+    variables left at their initial values are named in a warning.
     """
     if not base_model_dir:
         return 0
@@ -215,14 +216,19 @@ def warm_start(model: tf.keras.Model, base_model_dir: Optional[str]) -> int:
     names = collections.Counter(variable.name for variable in base_variables)
     # A name that occurs twice is ambiguous: leave such variables at their initial values.
     by_name = {variable.name: variable for variable in base_variables if names[variable.name] == 1}
-    restored = 0
+    restored, kept = 0, []
     for variable in model.variables:
         source = by_name.get(variable.name)
         if source is not None and source.shape == variable.shape and source.dtype == variable.dtype:
             variable.assign(source)
             restored += 1
+        else:
+            kept.append(variable.name)
     _log.info("warm start from %s: restored %d of %d variables",
               base_model_dir, restored, len(model.variables))
+    if restored and kept:  # e.g. PIN's towers from an export before they were fused (models.pin)
+        _log.warning("warm start: %d variables not in %s (by name and shape) keep their initial values: %s",
+                     len(kept), base_model_dir, ", ".join(kept))
     return restored
 
 

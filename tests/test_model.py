@@ -380,6 +380,30 @@ def test_warm_start_restores_matching_variables_only(data, export_root, tmp_path
     assert trainer.warm_start(wider, str(tmp_path / "no_such_model")) == 0
 
 
+def test_pin_warm_starts_from_pin_and_its_towers_not_from_other_towers(data, export_root, caplog):
+    """PIN's fused towers restore from a PIN export; from an export with per-task Dense towers
+    (the baseline's, named as PIN's head towers were before the fusion) everything but the
+    towers is restored, and the log names the towers' variables left at their initial values."""
+    features = {k: v[:10] for k, v in data["transformed"].items()}
+    pin_case, baseline_case = ("pin", "avc_bucket_onehot"), ("baseline", "avc_bucket_onehot")
+    base = _train_and_export(pin_case, data, export_root)[0]
+    _train_and_export(baseline_case, data, export_root)
+    same = model.RankingModel(base.config)
+    same(features)
+    assert trainer.warm_start(same, os.path.join(export_root, "_".join(pin_case))) == len(same.variables)
+    for name, value in _numpy(same(features)).items():
+        np.testing.assert_allclose(value, base(features)[name].numpy(), rtol=1e-6, err_msg=name)
+
+    fresh = model.RankingModel(base.config)
+    fresh(features)
+    towers = {v.name for tower in fresh.towers.values() for v in tower.variables}
+    with caplog.at_level("WARNING", logger=trainer.__name__):
+        restored = trainer.warm_start(fresh, os.path.join(export_root, "_".join(baseline_case)))
+    assert restored == len(fresh.variables) - len(towers)
+    (warning,) = [r.getMessage() for r in caplog.records if "keep their initial values" in r.getMessage()]
+    assert all(name in warning for name in towers)
+
+
 def test_custom_config_validation():
     with pytest.raises(ValueError, match="learning_rate"):
         trainer.parse_custom_config({"learning_rate": 0.1})  # belongs in overrides
