@@ -472,10 +472,9 @@ class RankingModel(tfrs.Model):
     def task_probabilities(self, features: Mapping[str, tf.Tensor], per_task: List[tf.Tensor]) -> Dict[str, tf.Tensor]:
         """{task: p [B]} from the towers' inputs; with PIN, each example's from its group's tower.
         PIN runs a task's head and tail towers as one `pin.PluginTowers` on every row: one MatMul
-        per layer for both groups, the other group's units masked to zero. Its served graph
-        executes 442 nodes a call against the baseline's 423 (a separate Dense tower per group
-        and a `tf.where`: 502); skipping the tail towers for head-only requests with
-        `control_flow.if_any` was slower still (benchmarks/README.md)."""
+        per layer for both groups, the other group's units masked to zero, so its served graph
+        has about the baseline's node count (benchmarks/README.md: two Dense towers and a
+        `tf.where` cost more, and skipping the tail towers with `control_flow.if_any` more still)."""
         if not self.config.pin:
             return {task.name: tf.squeeze(self.towers[task.name](x), axis=-1)
                     for task, x in zip(self.feature_set.tasks, per_task)}
