@@ -77,10 +77,15 @@ def wait_passing_on_stops(child: subprocess.Popen) -> int:
             signal.signal(sig, handler)
 
 
+_MTIME_SLACK_SECONDS = 1.0
+
+
 def outcome(summary_path: str, started: float, exit_code: int) -> str:
     """pushed | not-blessed | failed, from the summary this run wrote (if it wrote one)."""
     summary = None
-    if os.path.exists(summary_path) and os.path.getmtime(summary_path) >= started:
+    # A file's mtime comes from the kernel's coarse clock, a few ms behind time.time(): a summary
+    # written right after `started` can look older. An earlier run's is minutes older.
+    if os.path.exists(summary_path) and os.path.getmtime(summary_path) >= started - _MTIME_SLACK_SECONDS:
         with open(summary_path) as f:
             summary = json.load(f)
     if summary is not None and not summary.get("pushed"):
