@@ -78,6 +78,8 @@ def test_outcome_is_read_from_the_summary_this_run_wrote(tmp_path):
     assert daily.outcome(str(summary), started, 1) == "failed"
     summary.write_text(json.dumps({"pushed": False}))
     assert daily.outcome(str(summary), started, 3) == "not-blessed"
+    os.utime(summary, (started - 0.005,) * 2)  # the file clock lags time.time() by a few ms
+    assert daily.outcome(str(summary), started, 3) == "not-blessed"
     summary.write_text(json.dumps({"pushed": True}))
     assert daily.outcome(str(summary), started, 0) == "pushed"
     assert daily.outcome(str(summary), time.time() + 60, 0) == "failed"  # an earlier run's summary
