@@ -457,8 +457,6 @@ class SyntheticRunner:
                 if (spec.name, seed) not in self._results and self._cached(spec, seed) is None]
         if self.jobs == 1 or len(todo) < 2:
             return
-        from benchmarks import parallel
-
         _log(f"  training {len(todo)} models, {min(self.jobs, len(todo))} at a time")
         calls = [(self.work_dir, self.budget, spec, seed) for spec, seed in todo]
         for (spec, seed), rows in zip(todo, parallel.run_all(_results_in_worker, calls, self.jobs)):

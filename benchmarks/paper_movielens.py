@@ -202,6 +202,9 @@ def run_movielens(data_zip: Optional[str] = None, seeds: Sequence[int] = (0, 1, 
     test_pattern = os.path.join(examples_dir, ml_data.TEST, "*.tfrecord.gz")
     transform_dir = analyze(train_pattern, os.path.join(work_dir, "transform"), os.path.join(work_dir, "tft_tmp"))
     data = _Data(train_pattern, test_pattern, transform_dir, summary[ml_data.TRAIN]["examples"])
+    # The files were just (re)written: what an earlier run in this process read from them is stale.
+    _test_set.cache_clear()
+    _cached_melu_data.cache_clear()
     calls = [(data, variant, seed, configs[variant], budget, os.path.join(work_dir, "models"), verbose)
              for variant in variants for seed in seeds]
     return pd.DataFrame([row for rows in parallel.run_all(_train_and_score, calls, jobs) for row in rows])
