@@ -19,7 +19,7 @@ test: env       ## the default suite (about 10-15 minutes)
 test-slow: env  ## the long runs too
 	bin/with-mysql $(ENV) python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
-bench-paper: env  ## every section of the paper's tables and plots into benchmarks/RESULTS.md (hours on 2 cores: benchmarks/README.md; PAPER_ARGS=...)
+bench-paper: env  ## every section of the paper's tables and plots into benchmarks/RESULTS.md (about 2.5 h on 2 cores, 2 models at a time: benchmarks/README.md; PAPER_ARGS=...)
 	bin/poso bench paper $(PAPER_ARGS)
 
 bench-paper-%: env  ## one section: bench-paper-a (MovieLens) .. bench-paper-f (headroom on the synthetic presets)

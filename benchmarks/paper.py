@@ -1115,7 +1115,7 @@ def _sections(value: str) -> List[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     unknown = [v for v in items if v not in SECTIONS]
     if not items or unknown:
-        raise argparse.ArgumentTypeError(f"--sections: unknown section(s) {unknown or value!r}; "
+        raise argparse.ArgumentTypeError(f"unknown section(s) {unknown or value!r}; "
                                          f"known: {','.join(SECTIONS)}")
     return [s for s in SECTIONS if s in items]
 

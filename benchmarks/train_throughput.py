@@ -49,10 +49,10 @@ def _variant_list(value: str) -> List[str]:
     names = [name.strip() for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in model_lib.VARIANTS]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"--variants: unknown or no variant(s) {unknown or value!r}; "
+        raise argparse.ArgumentTypeError(f"unknown or no variant(s) {unknown or value!r}; "
                                          f"known: {', '.join(model_lib.VARIANTS)}")
     if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"--variants: {value!r} names a variant twice")
+        raise argparse.ArgumentTypeError(f"{value!r} names a variant twice")
     return names
 
 
@@ -202,8 +202,10 @@ def measure(variants: Sequence[str], *, steps: int = 30, batch_size: int = 512, 
 
 def format_results(results: Mapping[str, Any]) -> str:
     settings = results["settings"]
+    # Two ratios to the baseline: this column divides the medians; the lines under the table give
+    # the median of the per-round (paired) ratios, the figure benchmarks/README.md quotes.
     header = ["variant", "dense params", "step ms (median)", "spread (min-max)", "examples/s (median)",
-              f"vs {BASELINE}"]
+              f"median / {BASELINE}'s"]
     base = results["variants"].get(BASELINE)
     lines = []
     for name, r in results["variants"].items():
@@ -224,7 +226,8 @@ def format_results(results: Mapping[str, Any]) -> str:
     text += [render(line) for line in lines]
     text.append("")
     for name, ratios in results.get("vs_baseline", {}).items():
-        text.append(f"{name} vs {BASELINE}: step time {ratios['step_time_ratio']:.3f} (paired; fastest rounds "
+        text.append(f"{name} vs {BASELINE}: step time {ratios['step_time_ratio']:.3f} (median of the per-round "
+                    f"ratios; fastest rounds "
                     f"{ratios['fastest_round_ratio']:.3f}), dense parameters {ratios['dense_params_ratio']:.3f}, "
                     f"all parameters {ratios['params_ratio']:.3f}, dense FLOPs per example "
                     f"{ratios['dense_flops_ratio']:.3f}")

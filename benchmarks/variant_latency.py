@@ -64,7 +64,7 @@ def _variant_list(value: str) -> List[str]:
 
     names = train_throughput._variant_list(value)
     if BASELINE not in names:
-        raise argparse.ArgumentTypeError(f"--variants: {value!r} lacks {BASELINE!r}, the reference of every ratio")
+        raise argparse.ArgumentTypeError(f"{value!r} lacks {BASELINE!r}, the reference of every ratio")
     return names
 
 
@@ -74,7 +74,7 @@ def _rows_list(value: str) -> List[int]:
     except ValueError:
         rows = []
     if not rows or min(rows) < 1:
-        raise argparse.ArgumentTypeError(f"--rows: expected positive ints separated by commas, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected positive ints separated by commas, got {value!r}")
     return rows
 
 

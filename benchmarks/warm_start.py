@@ -41,7 +41,7 @@ def _seeds(value: str) -> List[int]:
     except ValueError:
         seeds = []
     if not seeds:
-        raise argparse.ArgumentTypeError(f"--seeds: expected integers separated by commas, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {value!r}")
     return seeds
 
 

@@ -362,7 +362,8 @@ def summarize(config: Union[None, model_lib.ModelConfig, Mapping[str, Any]] = No
 
     Returns a JSON-friendly dict: "variants" {"plain": name, "poso": name}, "configs" (both
     full configs), "sequence_length", "pc_dim", "one_hot_gates" (the POSO variant's gates are
-    table lookups), "gate_table_macs_per_batch" (what computing those tables costs), "rows" {row: {"plain_params", "poso_params",
+    table lookups), "gate_table_macs_per_batch" (what computing those tables costs), "gated"
+    (either variant has POSO gates), "rows" {row: {"plain_params", "poso_params",
     "params_increase_pct", "plain_flops", "poso_flops", "flops_increase_pct"}} in `ROWS`
     order, and "overhead" {"dense_params_pct", "params_pct", "flops_pct"} of POSO over plain
     (dense network params, whole-model params, whole-model FLOPs).
@@ -377,7 +378,7 @@ def summarize(config: Union[None, model_lib.ModelConfig, Mapping[str, Any]] = No
         measured[role] = dict(config=ranking.config.to_dict(), params=parameter_counts(ranking),
                               flops=flop_counts(ranking), pc_dim=pc_dim,
                               one_hot_gates=bool(ranking.gate_network and ranking.gate_network.one_hot_code),
-                              gate_table_macs=sum(table_macs))
+                              gate_table_macs=sum(table_macs), gated=ranking.gate_network is not None)
     rows = {}
     for row in ROWS:
         plain_params, poso_params = measured["plain"]["params"][row], measured["poso"]["params"][row]
@@ -393,6 +394,7 @@ def summarize(config: Union[None, model_lib.ModelConfig, Mapping[str, Any]] = No
         pc_dim=measured["poso"]["pc_dim"],
         one_hot_gates=measured["poso"]["one_hot_gates"],
         gate_table_macs_per_batch=measured["poso"]["gate_table_macs"],
+        gated=measured["plain"]["gated"] or measured["poso"]["gated"],
         rows=rows,
         overhead=dict(dense_params_pct=rows["Dense network"]["params_increase_pct"],
                       params_pct=rows["Whole model"]["params_increase_pct"],
@@ -428,10 +430,11 @@ def format_table(summary: Mapping[str, Any]) -> str:
         f"{poso} = {summary['variants']['poso']}",
         f"FLOPs = forward multiply-adds per example (behaviour sequence length {summary['sequence_length']}); "
         "embedding lookups count 0.",
-        f"Gates: pc_source={config['pc_source']} (pc_dim {summary['pc_dim']}), "
-        f"gate_hidden_units={config['gate_hidden_units']}"
-        + (f"; one-hot code: each gate is a row lookup (0 MACs per example) in tables computed once per "
-           f"batch ({summary['gate_table_macs_per_batch']:,} MACs per batch)." if summary["one_hot_gates"] else "."),
+        (f"Gates: pc_source={config['pc_source']} (pc_dim {summary['pc_dim']}), "
+         f"gate_hidden_units={config['gate_hidden_units']}"
+         + (f"; one-hot code: each gate is a row lookup (0 MACs per example) in tables computed once per "
+            f"batch ({summary['gate_table_macs_per_batch']:,} MACs per batch)." if summary["one_hot_gates"] else ".")
+         if summary.get("gated", True) else "Gates: none (neither variant has POSO gates)."),
         "",
         render(header),
         rule,

@@ -42,14 +42,19 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training batch size (examples per step)")
 
 
+def _add_variant_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--variant", default=config_lib.DEFAULT_VARIANT,
+                        help="model variant: baseline, moe, poso_mlp, poso_mha, poso_mmoe, poso_all, "
+                             "meta_emb (Meta-Embedding), mwuf (MWUF), pin (PIN), mail (MAIL); MeLU is benchmark-only "
+                             "(poso bench paper) (default: %(default)s)")
+
+
 def _add_pipeline_args(parser: argparse.ArgumentParser, home: Optional[str] = None, data: Optional[str] = None) -> None:
     parser.add_argument("--data", default=data,
                         help="daily raw logs: DATA/logs/YYYY-MM-DD/*.csv|*.parquet plus user_features.csv "
                              "and video_features.csv" + ("" if data else " (default: HOME/data)"))
     argtypes.add_home_argument(parser, "pipeline root, metadata store and serving base directory", home)
-    parser.add_argument("--variant", default=config_lib.DEFAULT_VARIANT,
-                        help="model variant: baseline, moe, poso_mlp, poso_mha, poso_mmoe, poso_all, "
-                             "meta_emb (Meta-Embedding), mwuf (MWUF), pin (PIN), mail (MAIL); MeLU is benchmark-only (poso bench paper)")
+    _add_variant_arg(parser)
     parser.add_argument("--train-days", type=argtypes.positive_int, default=config_lib.TRAIN_DAYS,
                         help="days of logs before the evaluation day that the model trains on")
     parser.add_argument("--min-train-days", type=argtypes.positive_int, default=None,
@@ -186,6 +191,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows-per-day", type=argtypes.positive_int, default=4000,
                         help="synthetic impressions per day")
     parser.add_argument("--train-steps", type=argtypes.positive_int, default=300, help="Trainer steps")
+    _add_variant_arg(parser)
     parser.add_argument("--beam-mode", default="in_memory", choices=["multi_processing", "multi_threading", "in_memory"],
                         help="DirectRunner running mode")
     parser.add_argument("--verbose", action="store_true", help="show TFX, TensorFlow and Beam logs")
@@ -220,13 +226,13 @@ def cmd_model_summary(args) -> int:
 def cmd_demo(args) -> int:
     from pipeline import demo, operation
 
-    bad = _checked("demo", lambda: operation.check_home(args.home))
+    bad = _checked("demo", lambda: operation.check_variant(args.variant), lambda: operation.check_home(args.home))
     if bad is not None:
         return bad
     return operation.operate(
         "demo", args.home, "demo",
         lambda: demo.run_demo(home=args.home, rows_per_day=args.rows_per_day, train_steps=args.train_steps,
-                              verbose=args.verbose, beam_mode=args.beam_mode),
+                              verbose=args.verbose, beam_mode=args.beam_mode, variant=args.variant),
         verbose=args.verbose, wait_for_lock=args.wait_for_lock)
 
 
@@ -314,7 +320,8 @@ COMMANDS = {
                   "pipeline.gc"),
     "serve": Command("serve pushed models over TF Serving's gRPC and REST APIs", "serving.server",
                      run="run_and_exit", flags="serving.server_flags"),
-    "predict": Command("send a predict request over gRPC or REST", "serving.client", flags="serving.client_flags"),
+    "predict": Command("send a predict request over gRPC or REST", "serving.client", flags="serving.client_flags",
+                       quiet=True),
     "compile-kubeflow": Command("compile the daily pipeline for Kubeflow Pipelines v2 / Vertex (JSON)",
                                 "pipeline.kubeflow_v2_runner", "add_compile_kubeflow_arguments", quiet=True,
                                 flags=_HERE),

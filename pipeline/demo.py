@@ -44,7 +44,7 @@ def _fresh_home(home: str) -> None:
 
 
 def run_demo(home: str, rows_per_day: int, train_steps: int, verbose: bool = False,
-             beam_mode: str = "in_memory") -> int:
+             beam_mode: str = "in_memory", variant: str = config_lib.DEFAULT_VARIANT) -> int:
     from components import synthetic_logs
     from components.infra_validator import sample_request_examples
     from pipeline import local_runner, report, summary
@@ -60,8 +60,8 @@ def run_demo(home: str, rows_per_day: int, train_steps: int, verbose: bool = Fal
 
     date = START + datetime.timedelta(days=DAYS - 1)
     cfg = config_lib.RunConfig(date=date, data_dir=data, home=home, train_steps=train_steps,
-                               beam_direct_running_mode=beam_mode)
-    print(f"[2/4] Daily TFX run (LocalDagRunner, metadata in {cfg.metadata_path})", flush=True)
+                               beam_direct_running_mode=beam_mode, variant=variant)
+    print(f"[2/4] Daily TFX run of model {variant} (LocalDagRunner, metadata in {cfg.metadata_path})", flush=True)
     result = local_runner.run_day(cfg)
     print(summary.format_summary(result), flush=True)
     summary.write_summary(result, home)

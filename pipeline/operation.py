@@ -99,6 +99,16 @@ def check_training_windows(cfg, first: datetime.date, last: datetime.date) -> No
         day += datetime.timedelta(days=1)
 
 
+def check_variant(variant: str) -> None:
+    """--variant names a model the pipeline trains (MeLU is benchmark-only)."""
+    from models import melu, model as model_lib
+
+    if variant == "melu":
+        raise BadInput(f"--variant melu: {melu.BENCHMARK_ONLY_REASON}")
+    if variant not in model_lib.VARIANTS:
+        raise BadInput(f"--variant {variant}: unknown; known: {', '.join(sorted(model_lib.VARIANTS))}")
+
+
 def check_run_args(args, cfg, first: datetime.date, last: datetime.date) -> None:
     """Every check of `poso run` / `backfill` arguments that needs no TFX run (`cfg`: the first
     day's RunConfig)."""
@@ -106,12 +116,7 @@ def check_run_args(args, cfg, first: datetime.date, last: datetime.date) -> None
         raise BadInput(f"--from {first.isoformat()} is after --to {last.isoformat()}")
     if cfg.min_train_days > cfg.train_days:
         raise BadInput(f"--min-train-days {cfg.min_train_days} is more than --train-days {cfg.train_days}")
-    from models import melu, model as model_lib
-
-    if args.variant == "melu":
-        raise BadInput(f"--variant melu: {melu.BENCHMARK_ONLY_REASON}")
-    if args.variant not in model_lib.VARIANTS:
-        raise BadInput(f"--variant {args.variant}: unknown; known: {', '.join(sorted(model_lib.VARIANTS))}")
+    check_variant(args.variant)
     check_home(cfg.home)
     check_data(cfg.data_dir, first, last)
 

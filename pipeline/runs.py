@@ -24,6 +24,7 @@ def rows(home: str, last=None):
         run = day.latest_run
         found.append({
             "date": day.date, "status": day.status,
+            "model": summary.get("variant"),  # None for an ingest-only day or a summary from before it was kept
             "blessed": summary.get("blessed") if summary else None,
             "pushed_version": int(summary["pushed_version"]) if summary.get("pushed") else None,
             "cached_steps": run.cached if run else None, "steps": len(run.components) if run else None,
@@ -40,11 +41,12 @@ def run(args: argparse.Namespace) -> int:
     found = rows(args.home, args.last)
     if versions.printed_as_json_or_empty(found, args.json, f"No runs in {args.home} yet."):
         return 0
-    print(f"{'DATE':<11} {'STATUS':<12} {'BLESSED':<8} {'PUSHED':<11} {'CACHED':<7} {'TIME':>7} {'ROWS':>9} "
-          f"{'QUARANTINED':>11}")
+    print(f"{'DATE':<11} {'STATUS':<12} {'MODEL':<10} {'BLESSED':<8} {'PUSHED':<11} {'CACHED':<7} {'TIME':>7} "
+          f"{'ROWS':>9} {'QUARANTINED':>11}")
     for row in found:
         blessed = {True: "yes", False: "NO"}.get(row["blessed"], "-")
         cached = f"{row['cached_steps']}/{row['steps']}" if row["steps"] is not None else "-"
-        print(f"{row['date']:<11} {row['status']:<12} {blessed:<8} {_cell(row['pushed_version']):<11} {cached:<7} "
+        print(f"{row['date']:<11} {row['status']:<12} {_cell(row['model']):<10} {blessed:<8} "
+              f"{_cell(row['pushed_version']):<11} {cached:<7} "
               f"{_cell(row['seconds'], '{:.0f}s'):>7} {_cell(row['rows']):>9} {_cell(row['quarantined']):>11}")
     return 0

@@ -143,6 +143,7 @@ def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
         analysis = _analysis_from_cache(store, run.get(artifacts.TransformCache.TYPE_NAME))
     summary: Dict[str, object] = {
         "date": cfg.date.isoformat(),
+        "variant": cfg.variant,
         "train_window": [cfg.train_dates[0].isoformat(), cfg.train_dates[-1].isoformat()],
         "train_rows": sum(train_rows), "eval_rows": _custom(examples, "rows", 0),
         "eval_examples_uri": examples.uri if examples is not None else None,
@@ -181,7 +182,8 @@ def summarize(cfg: config_lib.RunConfig) -> Dict[str, object]:
 
 
 def format_summary(summary: Dict[str, object]) -> str:
-    lines = [f"Run {summary['date']}: trained on {summary['train_window'][0]}..{summary['train_window'][1]} "
+    model = f" (model {summary['variant']})" if summary.get("variant") else ""  # older summaries lack it
+    lines = [f"Run {summary['date']}{model}: trained on {summary['train_window'][0]}..{summary['train_window'][1]} "
              f"({summary['train_rows']} impressions), evaluated on {summary['eval_rows']} impressions"]
     if summary.get("transform_cached_days"):
         lines.append(f"  Transform: {summary['transform_cached_days']} of the window's days analyzed from the "

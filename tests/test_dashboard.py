@@ -170,6 +170,8 @@ def test_day_page_shows_the_blessing_decision_with_values_thresholds_and_sizes(h
     result = json.load(open(os.path.join(home, "runs", f"{date}.json")))
     text = _load(browser, f"{dashboard}/runs/{date}")
     assert ("BLESSED" if result["blessed"] else "NOT blessed") in text
+    facts = browser.find_element("css selector", "table.facts").text
+    assert f"Model {result['variant']}" in facts, facts
     table = browser.find_element("xpath", "//h2[.='Blessing decision']/following-sibling::table[1]")
     cells = [[c.text for c in r.find_elements("tag name", "td")] for r in table.find_elements("tag name", "tr")[1:]]
     # BlessingGate's checks (pipeline/blessing.py), in its order: per primary task the floor, then,
@@ -321,6 +323,6 @@ def test_values_from_the_home_are_escaped():
     evil = '<script>alert("x")</script>'
     summary = {"date": "2022-04-09", "train_window": ["2022-04-08", "2022-04-08"], "train_rows": 1, "eval_rows": 1,
                "blessed": False, "blessing_failures": [evil], "metrics": [{"slice": evil, "task": "click", "auc": 0.5}],
-               "a_new_field": evil}
+               "a_new_field": evil, "variant": evil}
     page = pages.day_page("2022-04-09", summary, None, {}, links=False)
-    assert "<script>" not in page and page.count("&lt;script&gt;") == 3
+    assert "<script>" not in page and page.count("&lt;script&gt;") == 4

@@ -35,6 +35,9 @@ def test_progress_says_which_day_which_step_and_the_trainers_steps(demo_home):
     assert "Component Trainer is running." in printed and "Component Trainer is finished." in printed
     assert "Trainer: step 15 of 150, loss" in printed and "Trainer: step 150 of 150, loss" in printed
     assert re.search(r"\] \d+ steps, \d+ from the cache", printed)
+    # The model it trains is named, in the progress and in the run's summary.
+    assert f"Daily TFX run of model {config_lib.DEFAULT_VARIANT} " in printed
+    assert re.search(rf"^Run \S+ \(model {config_lib.DEFAULT_VARIANT}\): trained on", printed, re.M)
 
 
 def _pushed_versions(home):
@@ -89,6 +92,7 @@ def test_runs_and_versions_show_the_demo_day_pushed_and_serving(demo_home, capsy
     daily = days[0]
     assert daily["date"] == (demo.START + datetime.timedelta(days=demo.DAYS - 1)).isoformat()
     assert (daily["status"], daily["blessed"], daily["pushed_version"]) == ("complete", True, version)
+    assert daily["model"] == config_lib.DEFAULT_VARIANT and days[1]["model"] is None
     assert daily["steps"] > 0 and daily["seconds"] > 0 and daily["rows"] > 0
     assert [d["status"] for d in days[1:]] == ["ingested"] * (demo.DAYS - 1)
     assert cli.main(["versions", "--home", demo_home, "--json"]) == 0

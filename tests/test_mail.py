@@ -280,7 +280,7 @@ def test_daily_run_trains_validates_and_serves_the_variant(variant, tmp_path):
 
     from components import synthetic_logs
     from pipeline import config as config_lib
-    from pipeline import local_runner
+    from pipeline import local_runner, summary
 
     start = datetime.date(2022, 4, 8)
     # Train on day 2 (on day 1 every user is new: no behaviour rows for MAIL, no head for PIN);
@@ -293,6 +293,7 @@ def test_daily_run_trains_validates_and_serves_the_variant(variant, tmp_path):
                                beam_num_workers=1)
     result = local_runner.run_day(cfg)
     assert result["infra_blessed"], result["infra_reason"]  # served by the model server, same signatures
+    assert f"(model {variant})" in summary.format_summary(result).splitlines()[0]
     with open(os.path.join(result["candidate_model_dir"], "assets.extra", "model_config.json")) as f:
         config = json.load(f)
     assert config[variant] is True

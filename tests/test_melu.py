@@ -70,13 +70,31 @@ def test_adapted_weights_after_k_steps_match_numpy_per_user(problem, steps):
     assert not np.allclose(first_kernel[0], weights[0][0][0]) and not np.allclose(first_kernel[0], first_kernel[1])
 
 
+def _numpy_logits(layers, x):
+    for position, (kernel, bias) in enumerate(layers):
+        x = x @ kernel + bias
+        x = np.maximum(x, 0) if position < len(layers) - 1 else x
+    return x[:, 0]
+
+
 def test_scoring_with_per_user_weights_reads_each_examples_user(problem):
     weights, inputs, _, user_index, users = problem
     shared = [[(tf.constant(k), tf.constant(b)) for k, b in layers] for layers in weights]
+    # Unadapted per-user copies score as the shared towers (to float32 rounding: the per-user
+    # product sums in another order).
     per_user = melu.shared_for_users(shared, users)
-    # Unadapted per-user copies score exactly as the shared towers.
     for got, want in zip(melu.tower_logits(per_user, inputs, tf.constant(user_index)), melu.tower_logits(shared, inputs)):
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    # Users with different weights (user u's scaled by 1 + u): row i is scored with its user's.
+    scaled = [[(k * (1.0 + tf.range(users, dtype=tf.float32))[:, None, None],
+                b * (1.0 + tf.range(users, dtype=tf.float32))[:, None]) for k, b in layers] for layers in per_user]
+    got = melu.tower_logits(scaled, inputs, tf.constant(user_index))
+    for task, layers in enumerate(weights):
+        want = np.empty(len(user_index), np.float32)
+        for user in range(users):
+            mine = user_index == user
+            want[mine] = _numpy_logits([(k * (1 + user), b * (1 + user)) for k, b in layers], inputs[task][mine])
+        np.testing.assert_allclose(got[task].numpy(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("first_order", [False, True])

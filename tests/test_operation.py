@@ -108,12 +108,16 @@ def _bad_cases(tmp_path, data):
         "window before the data": (["run", "--date", DAY.isoformat(), *common], "needs at least 1 of those days"),
         "unknown variant": (["run", "--date", day2, *common, "--variant", "posox"], "--variant posox: unknown"),
         "benchmark-only variant": (["run", "--date", day2, *common, "--variant", "melu"], "cannot do"),
+        "demo, unknown variant": (["demo", "--home", str(tmp_path / "home"), "--variant", "posox"],
+                                  "--variant posox: unknown"),
+        "demo, benchmark-only variant": (["demo", "--home", str(tmp_path / "home"), "--variant", "melu"], "cannot do"),
     }
 
 
 @pytest.mark.parametrize("case", ["from after to", "train days 0", "negative steps", "home is a file",
                                   "home not creatable", "missing data", "date beyond the data",
-                                  "window before the data", "unknown variant", "benchmark-only variant"])
+                                  "window before the data", "unknown variant", "benchmark-only variant",
+                                  "demo, unknown variant", "demo, benchmark-only variant"])
 def test_bad_arguments_are_refused_before_any_work_with_one_line(tmp_path, data, capsys, case):
     argv, words = _bad_cases(tmp_path, data)[case]
     code, err = _cli(argv, capsys)

@@ -171,7 +171,7 @@ def trend_charts(summaries: Dict[str, Dict[str, object]]) -> str:
 
 
 # --- one day -----------------------------------------------------------------------------------
-_SHOWN_FIELDS = {"date", "train_window", "train_rows", "eval_rows", "eval_examples_uri", "blessed",
+_SHOWN_FIELDS = {"date", "variant", "train_window", "train_rows", "eval_rows", "eval_examples_uri", "blessed",
                  "infra_blessed", "infra_reason", "pushed", "pushed_version", "pushed_destination",
                  "serving_base_directory", "models_config", "pinned_version", "pipeline_root", "metadata",
                  "candidate_model_dir",
@@ -203,7 +203,8 @@ def _facts(date: str, summary: Dict[str, object], day: Optional[data_lib.Day], m
                                      f"the cause is in the run's log)"))
     if summary:
         window = summary.get("train_window") or ["?", "?"]
-        facts += [("Training window", f"{_e(window[0])} .. {_e(window[-1])}, {_count(summary.get('train_rows'))} rows"),
+        facts += [("Model", _e(summary.get("variant") or "-")),
+                  ("Training window", f"{_e(window[0])} .. {_e(window[-1])}, {_count(summary.get('train_rows'))} rows"),
                   ("Evaluated on", f"{_e(date)}, {_count(summary.get('eval_rows'))} rows"),
                   ("Blessed", _yes_no(summary.get("blessed"))),
                   ("Infra validation", _yes_no(summary.get("infra_blessed"), "passed", "FAILED")
