@@ -271,24 +271,35 @@ def test_paper_benchmark_trains_mail_and_pin(variant):
     assert all(np.all(np.isfinite(p)) for p in paper.predict(trained, Split.features).values())
 
 
-# In the default suite (issue 18 asks for it): a whole daily run per variant, about 45 s each.
+@pytest.fixture(scope="module")
+def daily_data(tmp_path_factory):
+    """Three days of tiny logs and one home for both variants' runs: the second run takes the
+    ingest and Transform from the first one's cache, so only training onwards runs again."""
+    import datetime
+
+    from components import synthetic_logs
+
+    start, root = datetime.date(2022, 4, 8), tmp_path_factory.mktemp("daily")
+    # Train on day 2 (on day 1 every user is new: no behaviour rows for MAIL, no head for PIN).
+    synthetic_logs.generate(str(root / "data"), start, 3, seed=42, impressions_per_day=400)
+    return start, root
+
+
+@pytest.mark.slow  # a daily run per variant (TFX, Beam, a model server): about 80 s together
 @pytest.mark.parametrize("variant", ["mail", "pin"])
-def test_daily_run_trains_validates_and_serves_the_variant(variant, tmp_path):
+def test_daily_run_trains_validates_and_serves_the_variant(variant, daily_data):
     import datetime
     import json
     import os
 
-    from components import synthetic_logs
     from pipeline import config as config_lib
     from pipeline import local_runner, summary
 
-    start = datetime.date(2022, 4, 8)
-    # Train on day 2 (on day 1 every user is new: no behaviour rows for MAIL, no head for PIN);
-    # at 400 rows a day nobody reaches AVC 32, so PIN's head starts at bucket 1 (AVC >= 1, not new).
-    synthetic_logs.generate(str(tmp_path / "data"), start, 3, seed=42, impressions_per_day=400)
+    start, root = daily_data
+    # At 400 rows a day nobody reaches AVC 32, so PIN's head starts at bucket 1 (AVC >= 1, not new).
     overrides = (("pin_head_min_pc_bucket", 1),) if variant == "pin" else ()
-    cfg = config_lib.RunConfig(date=start + datetime.timedelta(days=2), data_dir=str(tmp_path / "data"),
-                               home=str(tmp_path / "home"), variant=variant, train_days=1, min_train_days=1,
+    cfg = config_lib.RunConfig(date=start + datetime.timedelta(days=2), data_dir=str(root / "data"),
+                               home=str(root / "home"), variant=variant, train_days=1, min_train_days=1,
                                train_steps=20, model_overrides=overrides, beam_direct_running_mode="in_memory",
                                beam_num_workers=1)
     result = local_runner.run_day(cfg)
