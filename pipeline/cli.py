@@ -309,7 +309,7 @@ COMMANDS = {
                         "pipeline.schedule"),
     "runs": Command("each day's run: status, blessed, pushed version, cached steps, duration, rows",
                     "pipeline.runs"),
-    "versions": Command("pushed model versions: when, which day's run pushed them, which one serves",
+    "versions": Command("pushed model versions: when, which day's run pushed them with which model, which one serves",
                         "pipeline.versions", "add_versions_arguments", "cmd_versions"),
     "rollback": Command("serve an earlier pushed version, pinned until `poso rollback --release`",
                         "pipeline.versions", "add_rollback_arguments", "cmd_rollback"),

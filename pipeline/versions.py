@@ -45,9 +45,9 @@ def serving_versions(home: str) -> List[int]:
     return sorted(serving_config_lib.aspired_versions(pushed_versions(home), model)) if model else []
 
 
-def pushing_days(home: str) -> Dict[int, str]:
-    """{version: the day whose run pushed it}, from the run summaries."""
-    days = {}
+def pushing_runs(home: str) -> Dict[int, dict]:
+    """{version: the summary of the run that pushed it}, from HOME/runs/*.json."""
+    runs = {}
     for path in sorted(glob.glob(os.path.join(os.path.abspath(home), "runs", "*.json"))):
         try:
             with open(path) as f:
@@ -55,8 +55,8 @@ def pushing_days(home: str) -> Dict[int, str]:
         except (OSError, ValueError):
             continue
         if summary.get("pushed") and str(summary.get("pushed_version", "")).isdigit():
-            days[int(summary["pushed_version"])] = summary.get("date", "?")
-    return days
+            runs[int(summary["pushed_version"])] = summary
+    return runs
 
 
 def add_versions_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,17 +88,20 @@ def _pushed_at(base_directory: str, version: int) -> str:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    versions, serving, days = pushed_versions(args.home), serving_versions(args.home), pushing_days(args.home)
+    versions, serving, runs = pushed_versions(args.home), serving_versions(args.home), pushing_runs(args.home)
     pinned = serving_config.read_pin(_paths(args.home).pin_path)
     base_directory = _paths(args.home).serving_model_dir
-    rows = [{"version": v, "pushed_at": _pushed_at(base_directory, v), "pushed_by_run": days.get(v), "serving": v in serving,
-             "pinned": v == pinned} for v in versions]
+    rows = [{"version": v, "pushed_at": _pushed_at(base_directory, v),
+             "pushed_by_run": runs[v].get("date", "?") if v in runs else None,
+             "model": runs.get(v, {}).get("variant"),  # the variant its run trained (summaries since 2026-12)
+             "serving": v in serving, "pinned": v == pinned} for v in versions]
     if printed_as_json_or_empty(rows, args.json, f"No pushed version under {_paths(args.home).serving_model_dir} yet."):
         return 0
-    print(f"{'VERSION':<12} {'PUSHED':<21} {'BLESSED BY RUN':<15} SERVING")
+    print(f"{'VERSION':<12} {'PUSHED':<21} {'BLESSED BY RUN':<15} {'MODEL':<10} SERVING")
     for row in rows:
         state = ("yes (pinned by poso rollback)" if row["pinned"] else "yes") if row["serving"] else ""
-        print(f"{row['version']:<12} {row['pushed_at']:<21} {row['pushed_by_run'] or '-':<15} {state}")
+        print(f"{row['version']:<12} {row['pushed_at']:<21} {row['pushed_by_run'] or '-':<15} "
+              f"{row['model'] or '-':<10} {state}")
     if pinned is not None and pinned not in serving:
         print(f"Pinned version {pinned} is missing from the base directory: nothing serves.")
     return 0

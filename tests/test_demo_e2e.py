@@ -97,5 +97,5 @@ def test_runs_and_versions_show_the_demo_day_pushed_and_serving(demo_home, capsy
     assert [d["status"] for d in days[1:]] == ["ingested"] * (demo.DAYS - 1)
     assert cli.main(["versions", "--home", demo_home, "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert (row["version"], row["pushed_by_run"], row["serving"], row["pinned"]) == (
-        version, daily["date"], True, False)
+    assert (row["version"], row["pushed_by_run"], row["model"], row["serving"], row["pinned"]) == (
+        version, daily["date"], config_lib.DEFAULT_VARIANT, True, False)

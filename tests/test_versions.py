@@ -13,14 +13,15 @@ from serving import config as serving_config_lib
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _push(home, version, day=None):
+def _push(home, version, day=None, variant="poso_all"):
     """What the Pusher and the end-of-run summary leave for one pushed version."""
     folder = home / "serving" / config_lib.MODEL_NAME / str(version)
     folder.mkdir(parents=True)
     (folder / "saved_model.pb").write_bytes(b"")
     if day:
         (home / "runs").mkdir(exist_ok=True)
-        (home / "runs" / f"{day}.json").write_text(json.dumps({"date": day, "pushed": True, "pushed_version": version}))
+        (home / "runs" / f"{day}.json").write_text(json.dumps({"date": day, "pushed": True, "pushed_version": version,
+                                                                "variant": variant}))
 
 
 def _pipeline_writes_config(home):
@@ -45,7 +46,7 @@ def _versions(home, capsys):
 def test_rollback_pins_a_version_that_later_pushes_do_not_undo(tmp_path, capsys):
     home = tmp_path / "home"
     _push(home, 1700000000, "2022-04-15")
-    _push(home, 1700086400, "2022-04-16")
+    _push(home, 1700086400, "2022-04-16", variant="pin")
     _pipeline_writes_config(home)
     assert _served(home) == {1700086400}
 
@@ -53,8 +54,13 @@ def test_rollback_pins_a_version_that_later_pushes_do_not_undo(tmp_path, capsys)
     assert "now serves version 1700000000 (pinned" in capsys.readouterr().out
     assert _served(home) == {1700000000}
     rows = _versions(home, capsys)
-    assert [(r["version"], r["pushed_by_run"], r["serving"], r["pinned"]) for r in rows] == [
-        (1700000000, "2022-04-15", True, True), (1700086400, "2022-04-16", False, False)]
+    assert [(r["version"], r["pushed_by_run"], r["model"], r["serving"], r["pinned"]) for r in rows] == [
+        (1700000000, "2022-04-15", "poso_all", True, True), (1700086400, "2022-04-16", "pin", False, False)]
+    # The table says the same.
+    assert cli.main(["versions", "--home", str(home)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["VERSION", "PUSHED", "BLESSED", "BY", "RUN", "MODEL", "SERVING"]
+    assert "pin" in table[2].split() and "(pinned by poso rollback)" in table[1]
 
     _push(home, 1700172800, "2022-04-17")   # the next daily run pushes
     _pipeline_writes_config(home)
