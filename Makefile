@@ -13,7 +13,7 @@ demo: env       ## synthetic logs -> daily TFX run -> serve -> gRPC and REST pre
 
 # bin/with-mysql starts a throw-away MariaDB on 127.0.0.1 (when the host has mariadb-server) for the
 # tests that keep ML Metadata in MySQL; without one they are skipped, with the reason.
-test: env       ## the default suite (about 10-15 minutes)
+test: env       ## the default suite (about 10-18 minutes on 2 cores)
 	bin/with-mysql $(ENV) python -m pytest $(PYTEST_ARGS)
 
 test-slow: env  ## the long runs too

@@ -205,7 +205,7 @@ def format_results(results: Mapping[str, Any]) -> str:
     # Two ratios to the baseline: this column divides the medians; the lines under the table give
     # the median of the per-round (paired) ratios, the figure benchmarks/README.md quotes.
     header = ["variant", "dense params", "step ms (median)", "spread (min-max)", "examples/s (median)",
-              f"median / {BASELINE}'s"]
+              f"step ms median / {BASELINE}'s"]
     base = results["variants"].get(BASELINE)
     lines = []
     for name, r in results["variants"].items():
@@ -230,7 +230,9 @@ def format_results(results: Mapping[str, Any]) -> str:
                     f"ratios; fastest rounds "
                     f"{ratios['fastest_round_ratio']:.3f}), dense parameters {ratios['dense_params_ratio']:.3f}, "
                     f"all parameters {ratios['params_ratio']:.3f}, dense FLOPs per example "
-                    f"{ratios['dense_flops_ratio']:.3f}")
+                    f"{ratios['dense_flops_ratio']:.3f}"
+                    + (" (a new user's row, with the generator; a row with behaviour skips it)"
+                       if name == "mail" else ""))
     comparison = results["poso_all_vs_baseline"]
     if comparison is None:
         text.append(f"(no POSO(all) vs baseline ratios: measure both {POSO_ALL} and {BASELINE} for them)")

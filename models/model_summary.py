@@ -448,4 +448,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
         f"{poso} vs {plain}: {_pct(overhead['dense_params_pct'])} parameters, {_pct(overhead['flops_pct'])} FLOPs "
         f"(dense network; whole model with embedding tables: {_pct(overhead['params_pct'])} parameters)",
     ]
+    if any(summary["configs"][role].get("mail") for role in ("plain", "poso")):
+        text.append("MAIL: the FLOPs are a new user's row's, with the generator (pool_a, E1, D2); a row with "
+                    "behaviour skips it. The parameters include pool_v, E2 and D1, which only training runs.")
     return "\n".join(text)

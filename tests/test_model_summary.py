@@ -157,6 +157,16 @@ def test_pin_counts_its_fused_towers():
     assert towers["poso_params"] == 2 * towers["plain_params"]
     assert towers["plain_flops"] == tasks * (width * units + units)
     assert towers["poso_flops"] == tasks * (2 * width * units + 2 * units + 2)
+    # Neither model has POSO gates, and the table says so rather than describe gates.
+    table = model_summary.format_table(summary)
+    assert "Gates: none (neither variant has POSO gates)." in table.splitlines()
+    assert "MAIL:" not in table
+
+
+def test_mail_table_says_what_its_flops_and_parameters_cover():
+    table = model_summary.format_table(model_summary.summarize(TINY, variant_pair=("baseline", "mail")))
+    assert table.splitlines()[-1].startswith("MAIL: the FLOPs are a new user's row's")
+    assert "Gates: none" in table
 
 
 def test_bad_arguments_are_named():
