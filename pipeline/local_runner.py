@@ -38,6 +38,7 @@ class _ProgressHandler(logging.Handler):
     def __init__(self, label: str):
         super().__init__(level=logging.INFO)
         self._label, self._start = label, time.time()
+        self.resolvers: frozenset = frozenset()  # node ids not counted as steps (nor by `poso runs`, the dashboard)
         self._cached = False
         self.steps = self.cached_steps = 0
 
@@ -54,8 +55,9 @@ class _ProgressHandler(logging.Handler):
             self._cached = False
             self._print(message)
         elif message.startswith("Component ") and message.endswith(" is finished."):
-            self.steps += 1
-            self.cached_steps += self._cached
+            if message[len("Component "):-len(" is finished.")] not in self.resolvers:
+                self.steps += 1
+                self.cached_steps += self._cached
             self._print(message[:-1] + (" (cached)." if self._cached else "."))
         if message.startswith("Component ") and message.endswith((" is running.", " is finished.")):
             component, when = message[len("Component "):].rstrip(".").split(" is ")
@@ -260,7 +262,10 @@ def _run(cfg: config_lib.RunConfig, label: str) -> None:
     _active.update(cfg=cfg, known_runs=known_runs, scratch=scratch.new_path())
     try:
         with scratch.run_scratch_dir(str(_active["scratch"])):
-            tfx.orchestration.LocalDagRunner().run(pipeline_lib.create_pipeline(cfg))
+            pipeline = pipeline_lib.create_pipeline(cfg)
+            # Resolvers only pick inputs: the steps counted are the components that run an executor.
+            progress.resolvers = frozenset(node.id for node in pipeline.components if isinstance(node, tfx.dsl.Resolver))
+            tfx.orchestration.LocalDagRunner().run(pipeline)
     except Exception as error:  # pylint: disable=broad-except
         raised = error
     finally:

@@ -94,6 +94,10 @@ def test_runs_and_versions_show_the_demo_day_pushed_and_serving(demo_home, capsy
     assert (daily["status"], daily["blessed"], daily["pushed_version"]) == ("complete", True, version)
     assert daily["model"] == config_lib.DEFAULT_VARIANT and days[1]["model"] is None
     assert daily["steps"] > 0 and daily["seconds"] > 0 and daily["rows"] > 0
+    # The run's own last progress line counts the same steps (components, not resolvers).
+    printed = open(os.path.join(demo_home, "demo_output.txt")).read()
+    steps, cached = map(int, re.findall(r"\] (\d+) steps, (\d+) from the cache", printed)[-1])
+    assert (steps, cached) == (daily["steps"], daily["cached_steps"])
     assert [d["status"] for d in days[1:]] == ["ingested"] * (demo.DAYS - 1)
     assert cli.main(["versions", "--home", demo_home, "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
