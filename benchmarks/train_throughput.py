@@ -201,6 +201,8 @@ def measure(variants: Sequence[str], *, steps: int = 30, batch_size: int = 512, 
 
 
 def format_results(results: Mapping[str, Any]) -> str:
+    from models import model as model_lib, model_summary
+
     settings = results["settings"]
     # Two ratios to the baseline: this column divides the medians; the lines under the table give
     # the median of the per-round (paired) ratios, the figure benchmarks/README.md quotes.
@@ -231,8 +233,7 @@ def format_results(results: Mapping[str, Any]) -> str:
                     f"{ratios['fastest_round_ratio']:.3f}), dense parameters {ratios['dense_params_ratio']:.3f}, "
                     f"all parameters {ratios['params_ratio']:.3f}, dense FLOPs per example "
                     f"{ratios['dense_flops_ratio']:.3f}"
-                    + (" (a new user's row, with the generator; a row with behaviour skips it)"
-                       if name == "mail" else ""))
+                    + (f" ({model_summary.MAIL_FLOPS_NOTE})" if model_lib.VARIANTS[name].mail else ""))
     comparison = results["poso_all_vs_baseline"]
     if comparison is None:
         text.append(f"(no POSO(all) vs baseline ratios: measure both {POSO_ALL} and {BASELINE} for them)")

@@ -402,6 +402,10 @@ def summarize(config: Union[None, model_lib.ModelConfig, Mapping[str, Any]] = No
     )
 
 
+# What MAIL's FLOPs per example are (model-summary's table and `bench train` say it).
+MAIL_FLOPS_NOTE = "a new user's row's, with the generator (pool_a, E1, D2); a row with behaviour skips it"
+
+
 def _label(variant: str) -> str:
     return _LABELS.get(variant, variant)
 
@@ -434,7 +438,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
          f"gate_hidden_units={config['gate_hidden_units']}"
          + (f"; one-hot code: each gate is a row lookup (0 MACs per example) in tables computed once per "
             f"batch ({summary['gate_table_macs_per_batch']:,} MACs per batch)." if summary["one_hot_gates"] else ".")
-         if summary.get("gated", True) else "Gates: none (neither variant has POSO gates)."),
+         if summary["gated"] else "Gates: none (neither variant has POSO gates)."),
         "",
         render(header),
         rule,
@@ -449,6 +453,6 @@ def format_table(summary: Mapping[str, Any]) -> str:
         f"(dense network; whole model with embedding tables: {_pct(overhead['params_pct'])} parameters)",
     ]
     if any(summary["configs"][role].get("mail") for role in ("plain", "poso")):
-        text.append("MAIL: the FLOPs are a new user's row's, with the generator (pool_a, E1, D2); a row with "
-                    "behaviour skips it. The parameters include pool_v, E2 and D1, which only training runs.")
+        text.append(f"MAIL: the FLOPs are {MAIL_FLOPS_NOTE}. The parameters include pool_v, E2 and D1, "
+                    "which only training runs.")
     return "\n".join(text)

@@ -55,12 +55,12 @@ class _ProgressHandler(logging.Handler):
             self._cached = False
             self._print(message)
         elif message.startswith("Component ") and message.endswith(" is finished."):
-            if message[len("Component "):-len(" is finished.")] not in self.resolvers:
-                self.steps += 1
-                self.cached_steps += self._cached
             self._print(message[:-1] + (" (cached)." if self._cached else "."))
         if message.startswith("Component ") and message.endswith((" is running.", " is finished.")):
             component, when = message[len("Component "):].rstrip(".").split(" is ")
+            if when == "finished" and component not in self.resolvers:
+                self.steps += 1
+                self.cached_steps += self._cached
             fault_injection.reached(f"{component}:{when}")
 
 

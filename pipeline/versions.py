@@ -92,9 +92,10 @@ def cmd_versions(args: argparse.Namespace) -> int:
     pinned = serving_config.read_pin(_paths(args.home).pin_path)
     base_directory = _paths(args.home).serving_model_dir
     rows = [{"version": v, "pushed_at": _pushed_at(base_directory, v),
-             "pushed_by_run": runs[v].get("date", "?") if v in runs else None,
-             "model": runs.get(v, {}).get("variant"),  # the variant its run trained (summaries since 2026-12)
-             "serving": v in serving, "pinned": v == pinned} for v in versions]
+             "pushed_by_run": run.get("date", "?") if run else None,
+             "model": run.get("variant"),  # the variant its run trained (summaries since 2026-12)
+             "serving": v in serving, "pinned": v == pinned}
+            for v, run in ((v, runs.get(v, {})) for v in versions)]
     if printed_as_json_or_empty(rows, args.json, f"No pushed version under {_paths(args.home).serving_model_dir} yet."):
         return 0
     print(f"{'VERSION':<12} {'PUSHED':<21} {'BLESSED BY RUN':<15} {'MODEL':<10} SERVING")
